@@ -1,0 +1,12 @@
+//! Cairn storage node.
+//!
+//! A node plays three roles at once: member of the Raft metadata group
+//! (`meta`), holder of erasure-coded shards (`shard_store`), and gateway for
+//! clients (`gateway`), which encodes packs (`erasure`) and decides where their
+//! shards go (`placement`). Nodes only ever see ciphertext.
+
+pub mod erasure;
+pub mod kv;
+pub mod meta;
+pub mod placement;
+pub mod shard_store;

@@ -1,0 +1,2 @@
+//! The Raft metadata group.
+pub mod types;

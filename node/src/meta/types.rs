@@ -1,0 +1,143 @@
+//! The metadata group's data model: what the Raft log carries and the state
+//! machine holds. Bulk data never appears here, only ids, placement and sealed
+//! records the node cannot read.
+
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies a node for the lifetime of the cluster; never reused.
+pub type NodeId = u64;
+
+/// A 32-byte content id (blob id, pack id, snapshot id, tree id).
+pub type Id32 = [u8; 32];
+
+/// A member of the cluster map, carried in openraft's membership.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Failure domain (datacenter) this node lives in.
+    pub region: String,
+    /// `host:port` other nodes and clients dial.
+    pub addr: String,
+}
+
+impl fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.region, self.addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft type configuration of the Cairn metadata group.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = NodeInfo,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// Where one shard of a pack lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPlacement {
+    /// Index of the shard in the Reed-Solomon codeword: `0..k` data, `k..k+m` parity.
+    pub index: u32,
+    pub node: NodeId,
+    /// blake3 of the shard payload (without header).
+    pub checksum: Id32,
+}
+
+/// One erasure-coded pack: its code, length and where its shards are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackRecord {
+    pub id: Id32,
+    pub tenant: String,
+    pub data_shards: u32,
+    pub parity_shards: u32,
+    /// Length of the pack before padding and encoding.
+    pub pack_len: u64,
+    /// Length of every shard payload.
+    pub shard_len: u64,
+    /// Durable shards, at most one entry per shard index.
+    pub shards: Vec<ShardPlacement>,
+    /// Written while part of the cluster was unreachable: fewer than k+m
+    /// shards, or more than m in one region. Repair brings it back.
+    pub needs_rebalance: bool,
+}
+
+/// Where one blob lives inside a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobLocation {
+    pub pack_id: Id32,
+    pub offset: u64,
+    pub length: u32,
+}
+
+/// One committed snapshot in the catalog. Names, paths and tags the user
+/// typed live in `sealed_info`, encrypted by the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: Id32,
+    pub dataset: String,
+    pub parent: Option<Id32>,
+    pub time_unix_ms: i64,
+    /// `full`, `incremental` or `differential`.
+    pub kind: String,
+    /// Blob id of the root tree.
+    pub root_tree: Id32,
+    pub sealed_info: Vec<u8>,
+    pub files: u64,
+    pub bytes: u64,
+    pub bytes_added: u64,
+    /// Operator tags (plaintext: they label snapshots for retention and drills).
+    pub tags: Vec<String>,
+}
+
+/// A state-machine command: the only way metadata changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Stores the tenant's first key slot; refused if the tenant has one.
+    InitTenant { tenant: String, key_slot: Vec<u8> },
+    /// Records a durable pack and the blobs it holds. Idempotent: a pack
+    /// already present is left as is (its blobs are already indexed).
+    AddPack {
+        pack: PackRecord,
+        blobs: Vec<(Id32, BlobLocation)>,
+    },
+    /// Replaces the shard placement of a pack (repair and rebalance).
+    SetPlacement {
+        pack_id: Id32,
+        shards: Vec<ShardPlacement>,
+        needs_rebalance: bool,
+    },
+    /// Adds a snapshot to the catalog. Refused if the root tree is not indexed.
+    CommitSnapshot {
+        tenant: String,
+        snapshot: SnapshotRecord,
+    },
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// Applied (also for a membership or blank entry).
+    Ok,
+    /// `InitTenant` for a tenant that already has a key slot; `AddPack` for a
+    /// pack already stored.
+    AlreadyExists,
+    /// `SetPlacement` for an unknown pack.
+    UnknownPack,
+    /// `CommitSnapshot` whose root tree blob is not in the index.
+    MissingRootTree,
+}
+
+/// Counts kept by the state machine for status pages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaStats {
+    pub tenants: u64,
+    pub packs: u64,
+    pub packs_needing_rebalance: u64,
+    pub blobs: u64,
+    pub snapshots: u64,
+}

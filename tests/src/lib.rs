@@ -1,0 +1,1 @@
+//! Cluster harness for the multi-node tests.
