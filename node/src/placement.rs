@@ -1,1 +1,528 @@
-//! TODO
+//! Where the shards of a pack go, and in which order a reader tries them.
+//!
+//! This module owns two decisions: the placement plan of a new pack
+//! ([`place`]) and the read order of a stored one ([`read_order`]). It is pure:
+//! inputs in, decisions out, no I/O, no clock, no randomness. It must not
+//! talk to nodes or know how liveness is measured; callers pass in who is up.
+//!
+//! Invariants of a plan:
+//! - all `k + m` shard indices are assigned, each exactly once, to up nodes;
+//! - whenever the up nodes allow it, at most one shard per node and at most
+//!   `m` shards per region, so losing any one region (or any `m` nodes) loses
+//!   nothing; `Plan::degraded` is false exactly when the plan meets both;
+//! - when they do not allow it, all shards are still placed (writes go on
+//!   while a region is down), at most `m` per region whenever the number of
+//!   live regions allows, spread as evenly as possible over nodes, and the
+//!   plan is marked degraded so repair rebalances it later;
+//! - the choice is deterministic for a pack id and spreads load evenly:
+//!   nodes are ranked by rendezvous hashing of (pack id, node id), so a node
+//!   a plan does not use can come and go without changing that plan.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+
+use crate::erasure::{Code, ErasureError};
+use crate::meta::types::{Id32, NodeId, ShardPlacement};
+
+/// A node that may receive shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub node: NodeId,
+    /// Failure domain of the node.
+    pub region: String,
+    /// Whether the node is believed reachable now; down nodes get nothing.
+    pub up: bool,
+}
+
+/// The nodes chosen for the shards of one pack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// `(shard index, node)` for every index `0..k+m`, in index order.
+    pub shards: Vec<(u32, NodeId)>,
+    /// The plan breaks "≤ 1 shard per node and ≤ m per region" because the up
+    /// nodes did not allow better; the pack needs rebalancing later.
+    pub degraded: bool,
+}
+
+/// Why no plan could be made.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlacementError {
+    /// The code is invalid.
+    #[error(transparent)]
+    InvalidCode(#[from] ErasureError),
+    /// Fewer distinct up nodes than `k + 1`: no write could be acknowledged.
+    #[error(
+        "only {up} node(s) are up but code {code} needs at least {needed} distinct up nodes \
+         to make a pack durable; bring nodes back or use a smaller code"
+    )]
+    TooFewNodes { up: usize, needed: u32, code: Code },
+    /// The same node id appears twice among the candidates.
+    #[error("node {node} appears more than once among placement candidates")]
+    DuplicateNode { node: NodeId },
+}
+
+/// Rendezvous (highest random weight) score of a node for a pack. Domain
+/// separated so it never collides with any other use of blake3 on pack ids.
+fn score(pack_id: &Id32, node: NodeId) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"cairn placement v1\0");
+    h.update(pack_id);
+    h.update(&node.to_le_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// Plans where the `k + m` shards of a pack go.
+///
+/// Shards are assigned one index at a time to the node that minimises, in
+/// order: (would its region exceed `m`, shards already on the node, shards
+/// already in its region, rendezvous rank). Region capacity comes first
+/// because losing a region is the failure the code is sized for; spreading
+/// over nodes comes next. With capacities `min(up nodes, m)` per region this
+/// is water-filling, which meets the healthy constraints whenever any
+/// assignment can. One hard floor overrides the order: the plan always uses
+/// at least `k + 1` distinct nodes, since a pack is acknowledged only once
+/// `k + 1` shards are durable on distinct nodes. The region cap therefore
+/// holds whenever `regions * m >= k + m` and
+/// `sum over regions of min(up nodes, m) >= k + 1`.
+pub fn place(code: Code, pack_id: &Id32, candidates: &[Candidate]) -> Result<Plan, PlacementError> {
+    code.validate()?;
+    let mut seen = std::collections::BTreeSet::new();
+    for c in candidates {
+        if !seen.insert(c.node) {
+            return Err(PlacementError::DuplicateNode { node: c.node });
+        }
+    }
+    let up: Vec<&Candidate> = candidates.iter().filter(|c| c.up).collect();
+    let needed = code.data + 1;
+    if up.len() < needed as usize {
+        return Err(PlacementError::TooFewNodes {
+            up: up.len(),
+            needed,
+            code,
+        });
+    }
+
+    let scores: Vec<u64> = up.iter().map(|c| score(pack_id, c.node)).collect();
+    let mut on_node = vec![0u32; up.len()];
+    let mut in_region: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut distinct = 0u32;
+    let mut shards = Vec::with_capacity(code.total() as usize);
+    for index in 0..code.total() {
+        // Hard floor: k+1 distinct nodes, or the write can never be
+        // acknowledged. Once the remaining indices are just enough to reach
+        // it, only nodes without a shard qualify (there are enough: checked).
+        let fresh_only = distinct + (code.total() - index) <= needed;
+        let best = (0..up.len())
+            .filter(|&i| !fresh_only || on_node[i] == 0)
+            .min_by_key(|&i| {
+                let region = in_region.get(up[i].region.as_str()).copied().unwrap_or(0);
+                (
+                    region >= code.parity,
+                    on_node[i],
+                    region,
+                    Reverse(scores[i]),
+                    up[i].node,
+                )
+            })
+            .expect("at least k+1 up nodes, fewer than k+1 of them used so far");
+        if on_node[best] == 0 {
+            distinct += 1;
+        }
+        on_node[best] += 1;
+        *in_region.entry(up[best].region.as_str()).or_default() += 1;
+        shards.push((index, up[best].node));
+    }
+
+    let mut plan = Plan {
+        shards,
+        degraded: false,
+    };
+    plan.degraded = !plan.is_healthy(code, candidates);
+    Ok(plan)
+}
+
+impl Plan {
+    /// Whether the plan meets the healthy constraints: every index `0..k+m`
+    /// exactly once, only up candidate nodes, at most one shard per node and
+    /// at most `m` per region. The second half of "check placement when
+    /// planned and when applied".
+    pub fn is_healthy(&self, code: Code, candidates: &[Candidate]) -> bool {
+        let mut indices: Vec<u32> = self.shards.iter().map(|(i, _)| *i).collect();
+        indices.sort_unstable();
+        if indices != (0..code.total()).collect::<Vec<_>>() {
+            return false;
+        }
+        let all_up = self
+            .shards
+            .iter()
+            .all(|(_, n)| candidates.iter().any(|c| c.node == *n && c.up));
+        all_up
+            && node_counts(self).values().all(|&n| n <= 1)
+            && region_counts(self, candidates)
+                .values()
+                .all(|&n| n <= code.parity)
+    }
+}
+
+/// Shards per node in a plan.
+pub fn node_counts(plan: &Plan) -> BTreeMap<NodeId, u32> {
+    let mut counts = BTreeMap::new();
+    for (_, node) in &plan.shards {
+        *counts.entry(*node).or_default() += 1;
+    }
+    counts
+}
+
+/// Shards per region in a plan. Shards on nodes that are not among the
+/// candidates are counted under the empty region name.
+pub fn region_counts(plan: &Plan, candidates: &[Candidate]) -> BTreeMap<String, u32> {
+    let mut counts = BTreeMap::new();
+    for (_, node) in &plan.shards {
+        let region = candidates
+            .iter()
+            .find(|c| c.node == *node)
+            .map(|c| c.region.clone())
+            .unwrap_or_default();
+        *counts.entry(region).or_default() += 1;
+    }
+    counts
+}
+
+/// Whether the up candidates allow a healthy plan: `sum over regions of
+/// min(up nodes, m) >= k + m`. Configuration uses it to refuse a code too
+/// wide for the cluster.
+pub fn healthy_possible(code: Code, candidates: &[Candidate]) -> bool {
+    let mut per_region: BTreeMap<&str, u32> = BTreeMap::new();
+    for c in candidates.iter().filter(|c| c.up) {
+        *per_region.entry(c.region.as_str()).or_default() += 1;
+    }
+    let capacity: u64 = per_region
+        .values()
+        .map(|&n| u64::from(n.min(code.parity)))
+        .sum();
+    capacity >= u64::from(code.total())
+}
+
+/// The order in which a reader should try the shards of a pack.
+///
+/// Shards on nodes in `excluded_regions` are dropped. The rest are ordered:
+/// up nodes before down ones (nodes missing from `nodes` count as down),
+/// then the preferred region before the others, then by shard index, so data
+/// shards (indices `0..k`) come before parity within each group and a reader
+/// taking the first k good shards decodes as little as possible.
+pub fn read_order(
+    placement: &[ShardPlacement],
+    nodes: &BTreeMap<NodeId, (String, bool)>,
+    preferred_region: &str,
+    excluded_regions: &[String],
+) -> Vec<ShardPlacement> {
+    let mut order: Vec<(bool, bool, &ShardPlacement)> = placement
+        .iter()
+        .filter_map(|p| match nodes.get(&p.node) {
+            Some((region, _)) if excluded_regions.iter().any(|r| r == region) => None,
+            Some((region, up)) => Some((!*up, region != preferred_region, p)),
+            None => Some((true, true, p)),
+        })
+        .collect();
+    order.sort_by_key(|(down, far, p)| (*down, *far, p.index, p.node));
+    order.into_iter().map(|(_, _, p)| p.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    fn topology(regions: &[(&str, u64, bool)]) -> Vec<Candidate> {
+        // (region, node count, up) -> nodes numbered region-major.
+        let mut out = Vec::new();
+        let mut id = 1;
+        for (region, count, up) in regions {
+            for _ in 0..*count {
+                out.push(Candidate {
+                    node: id,
+                    region: region.to_string(),
+                    up: *up,
+                });
+                id += 1;
+            }
+        }
+        out
+    }
+
+    fn pid(n: u64) -> Id32 {
+        *blake3::hash(&n.to_le_bytes()).as_bytes()
+    }
+
+    /// The checks every plan must pass, whatever the topology.
+    fn must_be_valid(code: Code, plan: &Plan, candidates: &[Candidate]) {
+        let indices: Vec<u32> = plan.shards.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indices, (0..code.total()).collect::<Vec<_>>());
+        for (_, node) in &plan.shards {
+            assert!(
+                candidates.iter().any(|c| c.node == *node && c.up),
+                "shard on a down or unknown node {node}"
+            );
+        }
+        let distinct: BTreeSet<NodeId> = plan.shards.iter().map(|(_, n)| *n).collect();
+        assert!(
+            distinct.len() > code.data as usize,
+            "fewer than k+1 distinct nodes"
+        );
+    }
+
+    #[test]
+    fn three_regions_two_nodes_each_is_one_per_node_two_per_region() {
+        let code = Code::default();
+        let nodes = topology(&[("r1", 2, true), ("r2", 2, true), ("r3", 2, true)]);
+        for p in 0..50 {
+            let plan = place(code, &pid(p), &nodes).expect("placeable");
+            must_be_valid(code, &plan, &nodes);
+            assert!(!plan.degraded);
+            assert!(region_counts(&plan, &nodes).values().all(|&n| n == 2));
+            assert!(node_counts(&plan).values().all(|&n| n == 1));
+        }
+    }
+
+    #[test]
+    fn region_down_places_everything_on_survivors_and_marks_degraded() {
+        let code = Code::default();
+        let nodes = topology(&[("r1", 3, true), ("r2", 3, true), ("r3", 2, false)]);
+        for p in 0..20 {
+            let plan = place(code, &pid(p), &nodes).expect("6 up nodes");
+            must_be_valid(code, &plan, &nodes);
+            assert!(plan.degraded);
+            assert!(region_counts(&plan, &nodes).values().all(|&n| n == 3));
+            assert!(node_counts(&plan).values().all(|&n| n == 1));
+        }
+    }
+
+    #[test]
+    fn prefers_region_cap_over_node_cap_when_only_one_can_hold() {
+        // 5 up nodes over 3 regions (2, 2, 1): the region cap (≤ 2) can hold if
+        // the lone node of r3 takes two shards; losing any region still leaves 4.
+        let code = Code::default();
+        let nodes = topology(&[("r1", 2, true), ("r2", 2, true), ("r3", 1, true)]);
+        for p in 0..20 {
+            let plan = place(code, &pid(p), &nodes).expect("placeable");
+            must_be_valid(code, &plan, &nodes);
+            assert!(plan.degraded, "6 shards on 5 nodes cannot be healthy");
+            assert!(region_counts(&plan, &nodes).values().all(|&n| n <= 2));
+            assert_eq!(node_counts(&plan).values().max(), Some(&2));
+        }
+    }
+
+    #[test]
+    fn too_few_up_nodes_is_an_error_naming_counts() {
+        let code = Code::default();
+        let nodes = topology(&[("r1", 2, true), ("r2", 2, true), ("r3", 2, false)]);
+        let err = place(code, &pid(1), &nodes[..4])
+            .map(|_| ())
+            .expect_err("4 < 5");
+        assert_eq!(
+            err,
+            PlacementError::TooFewNodes {
+                up: 4,
+                needed: 5,
+                code
+            }
+        );
+        assert!(err.to_string().contains("only 4 node(s) are up"));
+        let mut dup = nodes.clone();
+        dup.push(nodes[0].clone());
+        assert_eq!(
+            place(code, &pid(1), &dup),
+            Err(PlacementError::DuplicateNode { node: 1 })
+        );
+        assert!(matches!(
+            place(Code { data: 4, parity: 0 }, &pid(1), &nodes),
+            Err(PlacementError::InvalidCode(_))
+        ));
+    }
+
+    #[test]
+    fn deterministic_and_load_is_spread() {
+        let code = Code::default();
+        let nodes = topology(&[("r1", 3, true), ("r2", 3, true), ("r3", 3, true)]);
+        let mut load: BTreeMap<NodeId, u32> = BTreeMap::new();
+        let packs = 3000;
+        for p in 0..packs {
+            let plan = place(code, &pid(p), &nodes).expect("placeable");
+            assert_eq!(plan, place(code, &pid(p), &nodes).expect("placeable"));
+            for (_, n) in plan.shards {
+                *load.entry(n).or_default() += 1;
+            }
+        }
+        // 6 of 9 nodes per pack: 2000 shards per node on average.
+        let expected = packs as f64 * 6.0 / 9.0;
+        for (node, n) in load {
+            let ratio = f64::from(n) / expected;
+            assert!((0.85..1.15).contains(&ratio), "node {node} got {n} shards");
+        }
+    }
+
+    #[test]
+    fn data_shards_spread_over_regions() {
+        // Indices are handed out to the least-loaded region first, so the k data
+        // shards of a 4+2 pack over 3 regions are never all in two regions.
+        let code = Code::default();
+        let nodes = topology(&[("r1", 3, true), ("r2", 3, true), ("r3", 3, true)]);
+        for p in 0..50 {
+            let plan = place(code, &pid(p), &nodes).expect("placeable");
+            let data_regions: BTreeSet<String> = plan.shards[..3]
+                .iter()
+                .map(|(_, n)| {
+                    nodes
+                        .iter()
+                        .find(|c| c.node == *n)
+                        .expect("known")
+                        .region
+                        .clone()
+                })
+                .collect();
+            assert_eq!(data_regions.len(), 3);
+        }
+    }
+
+    #[test]
+    fn read_order_prefers_up_near_data() {
+        let sp = |index, node| ShardPlacement {
+            index,
+            node,
+            checksum: [0; 32],
+        };
+        let placement = vec![sp(0, 1), sp(1, 2), sp(2, 3), sp(3, 4), sp(4, 5), sp(5, 6)];
+        let nodes: BTreeMap<NodeId, (String, bool)> = [
+            (1, ("r1".to_string(), true)),
+            (2, ("r2".to_string(), false)),
+            (3, ("r3".to_string(), true)),
+            (4, ("r1".to_string(), true)),
+            (5, ("r2".to_string(), true)),
+            // node 6 unknown: treated as down
+        ]
+        .into_iter()
+        .collect();
+        let order: Vec<u32> = read_order(&placement, &nodes, "r3", &[])
+            .iter()
+            .map(|p| p.index)
+            .collect();
+        assert_eq!(order, vec![2, 0, 3, 4, 1, 5]);
+        let order: Vec<u32> = read_order(&placement, &nodes, "r1", &["r2".to_string()])
+            .iter()
+            .map(|p| p.index)
+            .collect();
+        assert_eq!(order, vec![0, 3, 2, 5]);
+    }
+
+    /// Random topologies: regions 1..=6, 1..=5 nodes each, each node up or down.
+    fn arb_topology() -> impl Strategy<Value = Vec<Candidate>> {
+        prop::collection::vec(prop::collection::vec(any::<bool>(), 1..=5), 1..=6).prop_map(
+            |regions| {
+                let mut out = Vec::new();
+                let mut id = 100;
+                for (r, nodes) in regions.iter().enumerate() {
+                    for up in nodes {
+                        out.push(Candidate {
+                            node: id,
+                            region: format!("r{r}"),
+                            up: *up,
+                        });
+                        id += 7;
+                    }
+                }
+                out
+            },
+        )
+    }
+
+    fn arb_code() -> impl Strategy<Value = Code> {
+        prop_oneof![
+            3 => Just(Code::default()),
+            1 => (1u32..=6, 1u32..=3).prop_map(|(data, parity)| Code { data, parity }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn plans_meet_the_constraints_whenever_possible(
+            code in arb_code(),
+            nodes in arb_topology(),
+            p in any::<u64>(),
+        ) {
+            let up = nodes.iter().filter(|c| c.up).count();
+            let plan = match place(code, &pid(p), &nodes) {
+                Err(PlacementError::TooFewNodes { up: u, needed, .. }) => {
+                    prop_assert_eq!(u, up);
+                    prop_assert!(up < needed as usize);
+                    return Ok(());
+                }
+                Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                Ok(plan) => plan,
+            };
+            prop_assert!(up > code.data as usize);
+            must_be_valid(code, &plan, &nodes);
+
+            // Satisfiability, checked independently of the planner.
+            let mut per_region: BTreeMap<&str, u32> = BTreeMap::new();
+            for c in nodes.iter().filter(|c| c.up) {
+                *per_region.entry(&c.region).or_default() += 1;
+            }
+            let satisfiable = per_region.values().map(|&n| n.min(code.parity)).sum::<u32>() >= code.total();
+            prop_assert_eq!(satisfiable, healthy_possible(code, &nodes));
+
+            let per_node_ok = node_counts(&plan).values().all(|&n| n <= 1);
+            let regions = region_counts(&plan, &nodes);
+            let per_region_ok = regions.values().all(|&n| n <= code.parity);
+            prop_assert_eq!(plan.degraded, !(per_node_ok && per_region_ok));
+            prop_assert_eq!(plan.degraded, !satisfiable);
+
+            // The region cap holds, even degraded, whenever it is compatible
+            // with the k+1 distinct nodes floor.
+            let distinct_under_cap: u32 = per_region.values().map(|&n| n.min(code.parity)).sum();
+            if per_region.len() as u64 * u64::from(code.parity) >= u64::from(code.total())
+                && distinct_under_cap > code.data
+            {
+                prop_assert!(per_region_ok, "region cap broken: {:?}", regions);
+            }
+            // Never piles up on a node beyond what the region cap forces.
+            let most = node_counts(&plan).values().copied().max().unwrap_or(0);
+            prop_assert!(most <= code.parity.max(code.total().div_ceil(up as u32)), "{} on one node", most);
+            // With 3 regions of 2+ up nodes, 4+2 is never degraded.
+            if code == Code::default() && per_region.values().filter(|&&n| n >= 2).count() >= 3 {
+                prop_assert!(!plan.degraded);
+            }
+            // Losing any one region leaves at least k shards when not degraded.
+            if !plan.degraded {
+                for region in per_region.keys() {
+                    let left = plan.shards.iter().filter(|(_, n)| {
+                        nodes.iter().find(|c| c.node == *n).is_some_and(|c| c.region != *region)
+                    }).count();
+                    prop_assert!(left >= code.data as usize, "losing {} leaves {}", region, left);
+                }
+            }
+        }
+
+        #[test]
+        fn an_unused_node_coming_or_going_leaves_the_plan_alone(
+            nodes in arb_topology(),
+            p in any::<u64>(),
+            pick in any::<prop::sample::Index>(),
+        ) {
+            let code = Code::default();
+            let Ok(plan) = place(code, &pid(p), &nodes) else { return Ok(()) };
+            let used: BTreeSet<NodeId> = plan.shards.iter().map(|(_, n)| *n).collect();
+            let unused: Vec<&Candidate> = nodes.iter().filter(|c| !used.contains(&c.node)).collect();
+            if unused.is_empty() {
+                return Ok(());
+            }
+            let gone = unused[pick.index(unused.len())].node;
+            let fewer: Vec<Candidate> = nodes.iter().filter(|c| c.node != gone).cloned().collect();
+            prop_assert_eq!(place(code, &pid(p), &fewer).ok(), Some(plan));
+        }
+    }
+}
