@@ -1,0 +1,624 @@
+//! Backup: walk → chunk → id → dedup → compress+seal → pack → upload → commit.
+//!
+//! Files are processed in parallel (bounded); each file is chunked in a
+//! blocking thread, its new chunks are sealed there and appended to the one
+//! shared pack builder; full packs go through a bounded channel to the
+//! uploader. Unchanged files (same size, mtime and mode as in the parent
+//! snapshot) are not read at all. The snapshot is committed only after every
+//! pack is acknowledged, so an interrupted backup leaves no snapshot, and a
+//! rerun finds its uploaded chunks in the index.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use tokio::sync::{Semaphore, mpsc};
+use tracing::warn;
+
+use crate::chunker::Chunker;
+use crate::error::{ClientError, Result};
+use crate::pack::{BlobKind, PACK_TARGET_BYTES, Pack, PackBuilder};
+use crate::repo::{Repository, Snapshot, SnapshotInfo};
+use crate::seal::BlobId;
+use crate::tree::{ChunkRef, EntryKind, Tree, TreeEntry};
+
+/// Chunks looked up in the index per request while reading a file.
+const DEDUP_BATCH_CHUNKS: usize = 256;
+/// Packs waiting for upload (each up to a pack of memory).
+const PACKS_QUEUED_MAX: usize = 1;
+/// Packs uploading at once.
+const UPLOADS_IN_FLIGHT_MAX: usize = 2;
+
+/// Live counters a progress display can read.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
+    pub bytes_added: AtomicU64,
+    pub packs: AtomicU64,
+}
+
+/// What to back up into which dataset.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub dataset: String,
+    pub tags: Vec<String>,
+    /// Compare against the latest snapshot of the dataset to skip unchanged files.
+    pub use_parent: bool,
+    /// Files read in parallel.
+    pub files_in_flight_max: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        Self {
+            dataset: "default".into(),
+            tags: Vec::new(),
+            use_parent: true,
+            files_in_flight_max: std::thread::available_parallelism()
+                .map(|n| n.get() * 2)
+                .unwrap_or(4),
+        }
+    }
+}
+
+/// The result of a committed backup.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupSummary {
+    pub snapshot_id: String,
+    pub dataset: String,
+    pub parent: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+    /// Bytes stored for this snapshot: new blobs, compressed and sealed.
+    pub bytes_added: u64,
+    pub packs: u64,
+    pub duration_s: f64,
+}
+
+/// State shared by every file worker of one backup.
+struct Session {
+    repo: Arc<Repository>,
+    runtime: tokio::runtime::Handle,
+    /// Blob ids claimed by this session: the first claimant uploads.
+    seen: Mutex<HashSet<BlobId>>,
+    builder: Mutex<PackBuilder>,
+    packs: mpsc::Sender<Pack>,
+    progress: Arc<Progress>,
+    files: AtomicU64,
+}
+
+impl Session {
+    /// Dedups a batch of chunks and seals the new ones into the pack.
+    fn store_chunks(&self, chunks: &mut Vec<(BlobId, Vec<u8>)>, kind: BlobKind) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let claimed: Vec<usize> = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            (0..chunks.len()).filter(|&i| seen.insert(chunks[i].0)).collect()
+        };
+        if !claimed.is_empty() {
+            let ids: Vec<BlobId> = claimed.iter().map(|&i| chunks[i].0).collect();
+            let present = self.runtime.block_on(self.repo.find_blobs(&ids))?;
+            for (&i, known) in claimed.iter().zip(present) {
+                if known {
+                    continue;
+                }
+                let (id, data) = &chunks[i];
+                let encoded = self.repo.key().encode_blob(id, data)?;
+                self.add_to_pack(*id, kind, &encoded)?;
+            }
+        }
+        chunks.clear();
+        Ok(())
+    }
+
+    fn add_to_pack(&self, id: BlobId, kind: BlobKind, encoded: &[u8]) -> Result<()> {
+        self.progress
+            .bytes_added
+            .fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        let full = {
+            let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
+            builder.add(id, kind, encoded);
+            if builder.is_full() {
+                Some(std::mem::replace(&mut *builder, PackBuilder::new(PACK_TARGET_BYTES)))
+            } else {
+                None
+            }
+        };
+        if let Some(full) = full {
+            self.send_pack(full)?;
+        }
+        Ok(())
+    }
+
+    fn send_pack(&self, builder: PackBuilder) -> Result<()> {
+        let pack = builder.finish(self.repo.key())?;
+        self.packs
+            .blocking_send(pack)
+            .map_err(|_| ClientError::BadInput {
+                what: "upload stopped (see the upload error)".into(),
+            })
+    }
+
+    /// Chunks a reader, storing new chunks; returns the chunk ids and size.
+    fn chunk_reader(&self, reader: impl Read, path: &Path) -> Result<(Vec<ChunkRef>, u64)> {
+        let mut ids = Vec::new();
+        let mut size = 0u64;
+        let mut batch = Vec::with_capacity(DEDUP_BATCH_CHUNKS);
+        for chunk in Chunker::new(reader) {
+            let chunk = chunk.map_err(|e| ClientError::io(path, std::io::Error::other(e)))?;
+            let id = self.repo.key().blob_id(&chunk);
+            size += chunk.len() as u64;
+            self.progress
+                .bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            ids.push(ChunkRef {
+                id,
+                len: chunk.len() as u32,
+            });
+            batch.push((id, chunk));
+            if batch.len() >= DEDUP_BATCH_CHUNKS {
+                self.store_chunks(&mut batch, BlobKind::Data)?;
+            }
+        }
+        self.store_chunks(&mut batch, BlobKind::Data)?;
+        Ok((ids, size))
+    }
+
+    fn store_tree(&self, tree: &Tree, parent_id: Option<BlobId>) -> Result<BlobId> {
+        let encoded = tree.encode();
+        let id = self.repo.key().blob_id(&encoded);
+        if parent_id == Some(id) {
+            return Ok(id); // unchanged directory: the parent's tree is stored
+        }
+        self.store_chunks(&mut vec![(id, encoded)], BlobKind::Tree)?;
+        Ok(id)
+    }
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
+}
+
+fn utf8_name(name: std::ffi::OsString, dir: &Path) -> Result<String> {
+    name.into_string().map_err(|raw| ClientError::BadInput {
+        what: format!(
+            "{}: file name is not UTF-8 ({:?}); rename it or exclude it",
+            dir.display(),
+            raw
+        ),
+    })
+}
+
+/// Backs up files and directories into a new snapshot of `options.dataset`.
+pub async fn backup_paths(
+    repo: Arc<Repository>,
+    paths: &[PathBuf],
+    options: &BackupOptions,
+    progress: Arc<Progress>,
+) -> Result<BackupSummary> {
+    if paths.is_empty() {
+        return Err(ClientError::BadInput {
+            what: "nothing to back up: give at least one path".into(),
+        });
+    }
+    let mut tops = Vec::new();
+    for path in paths {
+        let meta = std::fs::symlink_metadata(path).map_err(|e| ClientError::io(path, e))?;
+        let absolute = std::path::absolute(path).map_err(|e| ClientError::io(path, e))?;
+        let name = absolute
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "root".into());
+        if tops.iter().any(|(n, _, _): &(String, PathBuf, std::fs::Metadata)| *n == name) {
+            return Err(ClientError::BadInput {
+                what: format!("two paths end in the same name {name:?}; back them up separately"),
+            });
+        }
+        tops.push((name, path.clone(), meta));
+    }
+    let info_paths = paths.iter().map(|p| p.display().to_string()).collect();
+    let files_max = options.files_in_flight_max.max(1);
+    run_backup(repo, options, progress, info_paths, move |session, parent| {
+        Box::pin(async move {
+            let mut entries = Vec::new();
+            let permits = Arc::new(Semaphore::new(files_max));
+            for (name, path, meta) in tops {
+                let parent_entry = parent.as_ref().and_then(|t| find_entry(t, &name));
+                let entry =
+                    backup_entry(session.clone(), permits.clone(), name, path, meta, parent_entry)
+                        .await?;
+                entries.extend(entry);
+            }
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(Tree { entries })
+        })
+    })
+    .await
+}
+
+/// Backs up a stream (a database dump) as one file named `filename`.
+pub async fn backup_stream(
+    repo: Arc<Repository>,
+    reader: impl Read + Send + 'static,
+    filename: &str,
+    options: &BackupOptions,
+    progress: Arc<Progress>,
+) -> Result<BackupSummary> {
+    crate::path_guard::check_name(filename)?;
+    let name = filename.to_string();
+    run_backup(
+        repo,
+        options,
+        progress,
+        vec![format!("<stdin> as {filename}")],
+        move |session, _parent| {
+            Box::pin(async move {
+                let worker = session.clone();
+                let (chunks, size) = tokio::task::spawn_blocking(move || {
+                    worker.chunk_reader(reader, Path::new("<stdin>"))
+                })
+                .await
+                .map_err(|e| ClientError::BadInput {
+                    what: format!("reading stdin: {e}"),
+                })??;
+                session.files.fetch_add(1, Ordering::Relaxed);
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos() as i64;
+                Ok(Tree {
+                    entries: vec![TreeEntry {
+                        name,
+                        kind: EntryKind::File { size, chunks },
+                        mode: 0o100644,
+                        mtime_ns: now,
+                        uid: 0,
+                        gid: 0,
+                    }],
+                })
+            })
+        },
+    )
+    .await
+}
+
+async fn run_backup<F>(
+    repo: Arc<Repository>,
+    options: &BackupOptions,
+    progress: Arc<Progress>,
+    info_paths: Vec<String>,
+    build_root: F,
+) -> Result<BackupSummary>
+where
+    F: FnOnce(Arc<Session>, Option<Tree>) -> BoxFuture<'static, Result<Tree>> + Send + 'static,
+{
+    let started = Instant::now();
+    let parent = if options.use_parent {
+        repo.snapshots(Some(&options.dataset)).await?.pop()
+    } else {
+        None
+    };
+    let parent_tree = match &parent {
+        Some(p) => Some(repo.load_tree(&p.root_tree).await?),
+        None => None,
+    };
+    let (tx, rx) = mpsc::channel::<Pack>(PACKS_QUEUED_MAX);
+    let session = Arc::new(Session {
+        repo: repo.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        seen: Mutex::new(HashSet::new()),
+        builder: Mutex::new(PackBuilder::new(PACK_TARGET_BYTES)),
+        packs: tx,
+        progress: progress.clone(),
+        files: AtomicU64::new(0),
+    });
+    let uploader = {
+        let repo = repo.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            let mut uploads = tokio_stream_from(rx)
+                .map(|pack| {
+                    let repo = repo.clone();
+                    async move { repo.put_pack(&pack).await }
+                })
+                .buffer_unordered(UPLOADS_IN_FLIGHT_MAX);
+            while let Some(result) = uploads.next().await {
+                result?;
+                progress.packs.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<(), ClientError>(())
+        })
+    };
+
+    let root = build_root(session.clone(), parent_tree).await;
+    // Whatever happened, close the pack stream so the uploader ends.
+    let finished = match root {
+        Ok(root) => {
+            let worker = session.clone();
+            let parent_root = parent.as_ref().map(|p| p.root_tree);
+            tokio::task::spawn_blocking(move || -> Result<BlobId> {
+                let root_id = worker.store_tree(&root, parent_root)?;
+                let last = std::mem::replace(
+                    &mut *worker.builder.lock().unwrap_or_else(|p| p.into_inner()),
+                    PackBuilder::new(PACK_TARGET_BYTES),
+                );
+                if !last.is_empty() {
+                    worker.send_pack(last)?;
+                }
+                Ok(root_id)
+            })
+            .await
+            .map_err(|e| ClientError::BadInput {
+                what: format!("backup worker: {e}"),
+            })
+            .and_then(|r| r)
+        }
+        Err(e) => Err(e),
+    };
+    let files = session.files.load(Ordering::Relaxed);
+    drop(session);
+    let uploaded = uploader.await.map_err(|e| ClientError::BadInput {
+        what: format!("upload task: {e}"),
+    })?;
+    // An upload error explains a closed channel better than the channel does.
+    uploaded?;
+    let root_id = finished?;
+
+    let mut id = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut id[..]);
+    let snapshot = Snapshot {
+        id,
+        dataset: options.dataset.clone(),
+        parent: parent.as_ref().map(|p| p.id),
+        time_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as i64,
+        kind: if parent.is_some() { "incremental" } else { "full" }.into(),
+        root_tree: root_id,
+        info: SnapshotInfo {
+            paths: info_paths,
+            hostname: hostname(),
+        },
+        files,
+        bytes: progress.bytes.load(Ordering::Relaxed),
+        bytes_added: progress.bytes_added.load(Ordering::Relaxed),
+        tags: options.tags.clone(),
+    };
+    repo.commit_snapshot(&snapshot).await?;
+    Ok(BackupSummary {
+        snapshot_id: snapshot.id_hex(),
+        dataset: snapshot.dataset,
+        parent: parent.map(|p| p.id_hex()),
+        files,
+        bytes: snapshot.bytes,
+        bytes_added: snapshot.bytes_added,
+        packs: progress.packs.load(Ordering::Relaxed),
+        duration_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn find_entry(tree: &Tree, name: &str) -> Option<TreeEntry> {
+    tree.entries
+        .binary_search_by(|e| e.name.as_str().cmp(name))
+        .ok()
+        .map(|i| tree.entries[i].clone())
+}
+
+/// Backs up one filesystem entry; `None` for kinds that are skipped.
+fn backup_entry(
+    session: Arc<Session>,
+    permits: Arc<Semaphore>,
+    name: String,
+    path: PathBuf,
+    meta: std::fs::Metadata,
+    parent: Option<TreeEntry>,
+) -> BoxFuture<'static, Result<Option<TreeEntry>>> {
+    Box::pin(async move {
+        let file_type = meta.file_type();
+        let base = |kind| TreeEntry {
+            name: name.clone(),
+            kind,
+            mode: meta.mode(),
+            mtime_ns: mtime_ns(&meta),
+            uid: meta.uid(),
+            gid: meta.gid(),
+        };
+        if file_type.is_symlink() {
+            let target = std::fs::read_link(&path).map_err(|e| ClientError::io(&path, e))?;
+            let target = target.into_os_string().into_string().map_err(|_| {
+                ClientError::BadInput {
+                    what: format!("{}: symlink target is not UTF-8", path.display()),
+                }
+            })?;
+            return Ok(Some(base(EntryKind::Symlink { target })));
+        }
+        if file_type.is_dir() {
+            let parent_tree = match parent.as_ref().map(|p| &p.kind) {
+                Some(EntryKind::Dir { subtree }) => {
+                    Some((*subtree, session.repo.load_tree(subtree).await?))
+                }
+                _ => None,
+            };
+            let mut children = Vec::new();
+            let read = std::fs::read_dir(&path).map_err(|e| ClientError::io(&path, e))?;
+            for item in read {
+                let item = item.map_err(|e| ClientError::io(&path, e))?;
+                let child_name = utf8_name(item.file_name(), &path)?;
+                let child_path = item.path();
+                let child_meta = std::fs::symlink_metadata(&child_path)
+                    .map_err(|e| ClientError::io(&child_path, e))?;
+                let child_parent = parent_tree
+                    .as_ref()
+                    .and_then(|(_, t)| find_entry(t, &child_name));
+                children.push(tokio::spawn(backup_entry(
+                    session.clone(),
+                    permits.clone(),
+                    child_name,
+                    child_path,
+                    child_meta,
+                    child_parent,
+                )));
+            }
+            let mut entries = Vec::with_capacity(children.len());
+            for child in children {
+                let entry = child.await.map_err(|e| ClientError::BadInput {
+                    what: format!("backup task: {e}"),
+                })??;
+                entries.extend(entry);
+            }
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
+            let tree = Tree { entries };
+            let worker = session.clone();
+            let parent_id = parent_tree.map(|(id, _)| id);
+            let subtree = tokio::task::spawn_blocking(move || worker.store_tree(&tree, parent_id))
+                .await
+                .map_err(|e| ClientError::BadInput {
+                    what: format!("tree task: {e}"),
+                })??;
+            return Ok(Some(base(EntryKind::Dir { subtree })));
+        }
+        if file_type.is_file() {
+            session.files.fetch_add(1, Ordering::Relaxed);
+            if let Some(TreeEntry {
+                kind: EntryKind::File { size, chunks },
+                mode,
+                mtime_ns: old_mtime,
+                ..
+            }) = &parent
+                && *size == meta.len()
+                && *mode == meta.mode()
+                && *old_mtime == mtime_ns(&meta)
+            {
+                session.progress.bytes.fetch_add(*size, Ordering::Relaxed);
+                session.progress.files.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(base(EntryKind::File {
+                    size: *size,
+                    chunks: chunks.clone(),
+                })));
+            }
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .expect("the file semaphore is never closed");
+            let worker = session.clone();
+            let file_path = path.clone();
+            let (chunks, size) = tokio::task::spawn_blocking(move || {
+                let file =
+                    std::fs::File::open(&file_path).map_err(|e| ClientError::io(&file_path, e))?;
+                worker.chunk_reader(file, &file_path)
+            })
+            .await
+            .map_err(|e| ClientError::BadInput {
+                what: format!("file task: {e}"),
+            })??;
+            session.progress.files.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(base(EntryKind::File { size, chunks })));
+        }
+        warn!(path = %path.display(), "skipping special file (device, socket or fifo)");
+        Ok(None)
+    })
+}
+
+/// Shown on a terminal while a backup runs.
+pub fn progress_ticker(progress: Arc<Progress>, total_hint: Option<u64>) -> ProgressDisplay {
+    ProgressDisplay::start(progress, total_hint)
+}
+
+/// An indicatif bar fed from the counters, drawn only on a terminal.
+pub struct ProgressDisplay {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ProgressDisplay {
+    fn start(progress: Arc<Progress>, total_hint: Option<u64>) -> Self {
+        let bar = match total_hint {
+            Some(total) => indicatif::ProgressBar::new(total),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            loop {
+                bar.set_position(progress.bytes.load(Ordering::Relaxed));
+                bar.set_message(format!(
+                    "{} files, {} packs",
+                    progress.files.load(Ordering::Relaxed),
+                    progress.packs.load(Ordering::Relaxed)
+                ));
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+            bar.finish_and_clear();
+        });
+        Self {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn finish(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Total size of regular files under `paths` (for the progress bar).
+pub fn measure(paths: &[PathBuf]) -> u64 {
+    fn walk(path: &Path, total: &mut u64, seen: &mut HashMap<(u64, u64), ()>) {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        if meta.is_file() {
+            *total += meta.len();
+        } else if meta.is_dir() && seen.insert((meta.dev(), meta.ino()), ()).is_none() {
+            if let Ok(read) = std::fs::read_dir(path) {
+                for item in read.flatten() {
+                    walk(&item.path(), total, seen);
+                }
+            }
+        }
+    }
+    let mut total = 0;
+    let mut seen = HashMap::new();
+    for path in paths {
+        walk(path, &mut total, &mut seen);
+    }
+    total
+}

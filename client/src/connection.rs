@@ -1,0 +1,146 @@
+//! The client's view of the cluster: several node addresses, in any
+//! regions, and failover between them.
+//!
+//! Calls go to the preferred node; when it does not answer (transport error,
+//! `Unavailable`, deadline) the call moves to the next address, and keeps
+//! cycling with a short backoff for a bounded time, so an election or a lost
+//! region costs a pause, not an error. Answers that are real refusals
+//! (`InvalidArgument`, `AlreadyExists`...) are returned at once. Only
+//! idempotent operations go through [`Cluster::call`].
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cairn_proto::MAX_MESSAGE_BYTES;
+use cairn_proto::v1::cairn_client::CairnClient;
+use tonic::transport::Channel;
+use tonic::{Code, Response, Status};
+use tracing::debug;
+
+use crate::error::{ClientError, Result};
+
+/// Time to keep retrying an operation across nodes before giving up.
+pub const FAILOVER_BUDGET: Duration = Duration::from_secs(30);
+/// Deadline of one attempt (a pack upload of 16 MiB included).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Connections to every configured node.
+pub struct Cluster {
+    endpoints: Vec<(String, Channel)>,
+    preferred: AtomicUsize,
+    budget: Duration,
+}
+
+impl Cluster {
+    /// Prepares channels to `addrs` (`host:port`); nothing connects yet.
+    pub fn new(addrs: &[String]) -> Result<Self> {
+        let mut endpoints = Vec::new();
+        for addr in addrs.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
+            let channel = cairn_node::peers::lazy_channel(addr, Duration::from_secs(2)).map_err(
+                |e| ClientError::BadAddress {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                },
+            )?;
+            endpoints.push((addr.to_string(), channel));
+        }
+        if endpoints.is_empty() {
+            return Err(ClientError::NoAddresses);
+        }
+        Ok(Self {
+            endpoints,
+            preferred: AtomicUsize::new(0),
+            budget: FAILOVER_BUDGET,
+        })
+    }
+
+    /// Sets how long an operation may keep failing over before it errors.
+    pub fn with_failover_budget(mut self, budget: Duration) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// The configured addresses.
+    pub fn addrs(&self) -> Vec<String> {
+        self.endpoints.iter().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// Runs `op` against a node, failing over to the others on transport
+    /// errors and `Unavailable`, for at most the failover budget.
+    pub async fn call<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T>
+    where
+        F: Fn(CairnClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        let started = Instant::now();
+        let n = self.endpoints.len();
+        let mut tried: Vec<(String, String)> = Vec::new();
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 0usize;
+        loop {
+            let start = self.preferred.load(Ordering::Relaxed);
+            let index = (start + attempt) % n;
+            let (addr, channel) = &self.endpoints[index];
+            let client = CairnClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let result = tokio::time::timeout(ATTEMPT_TIMEOUT, op(client)).await;
+            let status = match result {
+                Ok(Ok(response)) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok(response.into_inner());
+                }
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded("no answer in time"),
+            };
+            if !retryable(&status) {
+                return Err(ClientError::Server {
+                    op: name,
+                    addr: addr.clone(),
+                    code: status.code(),
+                    message: status.message().to_string(),
+                });
+            }
+            debug!(op = name, addr = %addr, code = ?status.code(), "failing over");
+            let reason = describe(&status);
+            match tried.iter_mut().find(|(a, _)| a == addr) {
+                Some(entry) => entry.1 = reason,
+                None => tried.push((addr.clone(), reason)),
+            }
+            attempt += 1;
+            if started.elapsed() >= self.budget {
+                return Err(ClientError::NoNodeReachable { tried });
+            }
+            if attempt % n == 0 {
+                // A full round failed: wait a little (an election, a restart).
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// The node did not serve this call, another one may.
+fn retryable(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => true,
+        // Transport failures surface as Unknown with a transport source.
+        Code::Unknown => std::error::Error::source(status).is_some() || status.message().contains("transport"),
+        _ => false,
+    }
+}
+
+fn describe(status: &Status) -> String {
+    let message = status.message();
+    if message.is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        let mut text = message.to_string();
+        if text.len() > 160 {
+            text.truncate(160);
+            text.push('…');
+        }
+        text
+    }
+}

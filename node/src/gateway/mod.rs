@@ -1,0 +1,527 @@
+//! The client-facing service: every node is a gateway.
+//!
+//! It turns a client's pack into durable shards and index entries
+//! (`write`), serves byte ranges of packs back (`read`), and fronts the
+//! metadata group for key slots, dedup look-ups and the snapshot catalog.
+//! It never sees plaintext: packs, trees and key slots arrive sealed.
+//! Errors become gRPC statuses in exactly one place, [`GatewayError::into_status`].
+
+mod read;
+mod write;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_proto::v1 as pb;
+use cairn_proto::v1::cairn_server::{Cairn, CairnServer};
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+
+use crate::erasure::Code;
+use crate::meta::types::{Command, CommandResult, Id32, NodeId, NodeInfo, SnapshotRecord};
+use crate::meta::{Meta, MetaError};
+use crate::peers::{Peers, addressed};
+use crate::placement::PlacementError;
+use crate::shard_store::ShardStore;
+
+/// Most ids one FindBlobs/LocateBlobs request may carry.
+pub const IDS_PER_REQUEST_MAX: usize = 100_000;
+/// Longest tenant or dataset name.
+pub const NAME_LEN_MAX: usize = 128;
+
+/// Settings of the gateway role.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub code: Code,
+    /// Deadline of one shard RPC to a peer.
+    pub rpc_timeout: Duration,
+    /// Packs encoded at once; bounds memory (each holds ~2.5× a pack).
+    pub packs_in_flight_max: usize,
+}
+
+/// Everything one gateway request may fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("invalid request: {what}")]
+    InvalidArgument { what: String },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{what} already exists")]
+    AlreadyExists { what: String },
+    #[error("snapshot refused: its root tree {tree} is not stored; upload it first")]
+    MissingRootTree { tree: String },
+    #[error("metadata group: {0}")]
+    Meta(#[from] MetaError),
+    #[error("cannot place pack: {0}")]
+    Placement(#[from] PlacementError),
+    #[error(
+        "only {durable} shard(s) of pack {pack} became durable, {needed} needed ({failures}); nothing was acknowledged"
+    )]
+    TooFewShards {
+        pack: String,
+        durable: usize,
+        needed: usize,
+        failures: String,
+    },
+    #[error(
+        "pack {pack} cannot be read: {good} good shard(s) reachable, {needed} needed ({failures})"
+    )]
+    Unrecoverable {
+        pack: String,
+        good: usize,
+        needed: usize,
+        failures: String,
+    },
+}
+
+impl GatewayError {
+    /// The one mapping from gateway errors to gRPC codes.
+    fn into_status(self) -> Status {
+        let message = self.to_string();
+        match self {
+            GatewayError::InvalidArgument { .. } => Status::invalid_argument(message),
+            GatewayError::NotFound { .. } => Status::not_found(message),
+            GatewayError::AlreadyExists { .. } => Status::already_exists(message),
+            GatewayError::MissingRootTree { .. } => Status::failed_precondition(message),
+            GatewayError::Meta(_) => Status::unavailable(message),
+            GatewayError::Placement(_) | GatewayError::TooFewShards { .. } => {
+                Status::unavailable(message)
+            }
+            GatewayError::Unrecoverable { .. } => Status::data_loss(message),
+        }
+    }
+}
+
+fn invalid(what: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidArgument { what: what.into() }
+}
+
+/// Parses a 32-byte id from the wire.
+pub(crate) fn id32(bytes: &[u8], field: &str) -> Result<Id32, GatewayError> {
+    bytes
+        .try_into()
+        .map_err(|_| invalid(format!("{field} must be 32 bytes, got {}", bytes.len())))
+}
+
+fn check_name(name: &str, field: &str) -> Result<(), GatewayError> {
+    if name.is_empty() || name.len() > NAME_LEN_MAX || name.chars().any(|c| c.is_control()) {
+        return Err(invalid(format!(
+            "{field} must be 1..={NAME_LEN_MAX} printable characters"
+        )));
+    }
+    Ok(())
+}
+
+/// The gateway: shared by every request on this node.
+pub struct Gateway {
+    node_id: NodeId,
+    region: String,
+    config: GatewayConfig,
+    meta: Meta,
+    store: Arc<ShardStore>,
+    peers: Arc<Peers>,
+    pack_permits: Semaphore,
+}
+
+impl Gateway {
+    pub fn new(
+        node_id: NodeId,
+        region: String,
+        config: GatewayConfig,
+        meta: Meta,
+        store: Arc<ShardStore>,
+        peers: Arc<Peers>,
+    ) -> Self {
+        let pack_permits = Semaphore::new(config.packs_in_flight_max.max(1));
+        Self {
+            node_id,
+            region,
+            config,
+            meta,
+            store,
+            peers,
+            pack_permits,
+        }
+    }
+
+    pub fn into_server(self) -> CairnServer<Self> {
+        CairnServer::new(self)
+            .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
+    }
+
+    fn members(&self) -> BTreeMap<NodeId, (NodeInfo, bool)> {
+        self.meta.members()
+    }
+
+    /// Reads one whole shard file from whichever node holds it.
+    async fn fetch_shard(
+        &self,
+        node: NodeId,
+        pack_id: &Id32,
+        index: u32,
+        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
+    ) -> Result<Vec<u8>, String> {
+        if node == self.node_id {
+            return self.store.get(pack_id, index).await.map_err(|e| e.to_string());
+        }
+        let (info, _) = members
+            .get(&node)
+            .ok_or_else(|| format!("node {node} is not a member"))?;
+        let mut client = self.peers.shards(&info.addr).map_err(|e| e.to_string())?;
+        let request = pb::GetShardRequest {
+            pack_id: pack_id.to_vec(),
+            index,
+        };
+        match client
+            .get_shard(addressed(node, request, self.config.rpc_timeout))
+            .await
+        {
+            Ok(reply) => {
+                self.peers.record_ok(node);
+                Ok(reply.into_inner().shard)
+            }
+            Err(status) => {
+                if is_unreachable(&status) {
+                    self.peers.record_failure(node);
+                }
+                Err(format!("node {node}: {}", status.message()))
+            }
+        }
+    }
+
+    /// Writes one whole shard file to a node, durable when this returns Ok.
+    async fn store_shard(
+        &self,
+        node: NodeId,
+        file: Vec<u8>,
+        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
+    ) -> Result<(), String> {
+        if node == self.node_id {
+            return self.store.put(file).await.map(|_| ()).map_err(|e| e.to_string());
+        }
+        let (info, _) = members
+            .get(&node)
+            .ok_or_else(|| format!("node {node} is not a member"))?;
+        let mut client = self.peers.shards(&info.addr).map_err(|e| e.to_string())?;
+        let request = pb::PutShardRequest { shard: file };
+        match client
+            .put_shard(addressed(node, request, self.config.rpc_timeout))
+            .await
+        {
+            Ok(_) => {
+                self.peers.record_ok(node);
+                Ok(())
+            }
+            Err(status) => {
+                if is_unreachable(&status) {
+                    self.peers.record_failure(node);
+                }
+                Err(format!("node {node}: {}", status.message()))
+            }
+        }
+    }
+
+    async fn node_stats(&self, node: NodeId, info: &NodeInfo) -> Option<(u64, u64)> {
+        if node == self.node_id {
+            return Some(self.store.stats());
+        }
+        let mut client = self.peers.shards(&info.addr).ok()?;
+        let request = addressed(node, pb::ShardStatsRequest {}, self.config.rpc_timeout);
+        match client.shard_stats(request).await {
+            Ok(reply) => {
+                self.peers.record_ok(node);
+                let reply = reply.into_inner();
+                Some((reply.shards, reply.bytes))
+            }
+            Err(status) => {
+                if is_unreachable(&status) {
+                    self.peers.record_failure(node);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Statuses that mean "the node did not answer", as opposed to "it answered no".
+fn is_unreachable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    )
+}
+
+fn snapshot_to_wire(s: SnapshotRecord) -> pb::SnapshotRecord {
+    pb::SnapshotRecord {
+        id: s.id.to_vec(),
+        dataset: s.dataset,
+        parent: s.parent.map(|p| p.to_vec()).unwrap_or_default(),
+        time_unix_ms: s.time_unix_ms,
+        kind: s.kind,
+        root_tree: s.root_tree.to_vec(),
+        sealed_info: s.sealed_info,
+        files: s.files,
+        bytes: s.bytes,
+        bytes_added: s.bytes_added,
+        tags: s.tags,
+    }
+}
+
+fn snapshot_from_wire(s: pb::SnapshotRecord) -> Result<SnapshotRecord, GatewayError> {
+    check_name(&s.dataset, "dataset")?;
+    if !matches!(s.kind.as_str(), "full" | "incremental" | "differential") {
+        return Err(invalid(format!("unknown snapshot kind {:?}", s.kind)));
+    }
+    if s.sealed_info.len() > 1024 * 1024 || s.tags.len() > 64 {
+        return Err(invalid("snapshot info too large"));
+    }
+    for tag in &s.tags {
+        check_name(tag, "tag")?;
+    }
+    Ok(SnapshotRecord {
+        id: id32(&s.id, "snapshot id")?,
+        dataset: s.dataset,
+        parent: if s.parent.is_empty() {
+            None
+        } else {
+            Some(id32(&s.parent, "parent")?)
+        },
+        time_unix_ms: s.time_unix_ms,
+        kind: s.kind,
+        root_tree: id32(&s.root_tree, "root tree")?,
+        sealed_info: s.sealed_info,
+        files: s.files,
+        bytes: s.bytes,
+        bytes_added: s.bytes_added,
+        tags: s.tags,
+    })
+}
+
+fn ids(raw: &[Vec<u8>]) -> Result<Vec<Id32>, GatewayError> {
+    if raw.len() > IDS_PER_REQUEST_MAX {
+        return Err(invalid(format!(
+            "{} ids in one request, at most {IDS_PER_REQUEST_MAX}",
+            raw.len()
+        )));
+    }
+    raw.iter().map(|id| id32(id, "blob id")).collect()
+}
+
+#[tonic::async_trait]
+impl Cairn for Gateway {
+    async fn init_tenant(
+        &self,
+        request: Request<pb::InitTenantRequest>,
+    ) -> Result<Response<pb::InitTenantReply>, Status> {
+        let req = request.into_inner();
+        let run = async {
+            check_name(&req.tenant, "tenant")?;
+            if req.key_slot.is_empty() || req.key_slot.len() > 64 * 1024 {
+                return Err(invalid("key slot must be 1 byte to 64 KiB"));
+            }
+            let tenant = req.tenant.clone();
+            match self
+                .meta
+                .write(Command::InitTenant {
+                    tenant: req.tenant,
+                    key_slot: req.key_slot,
+                })
+                .await?
+            {
+                CommandResult::AlreadyExists => Err(GatewayError::AlreadyExists {
+                    what: format!("a key for tenant {tenant:?}"),
+                }),
+                _ => Ok(pb::InitTenantReply {}),
+            }
+        };
+        run.await.map(Response::new).map_err(GatewayError::into_status)
+    }
+
+    async fn get_key_slots(
+        &self,
+        request: Request<pb::GetKeySlotsRequest>,
+    ) -> Result<Response<pb::GetKeySlotsReply>, Status> {
+        let req = request.into_inner();
+        let run = async {
+            check_name(&req.tenant, "tenant")?;
+            self.meta.read_barrier().await?;
+            let key_slots = self.meta.key_slots(&req.tenant)?;
+            Ok(pb::GetKeySlotsReply { key_slots })
+        };
+        run.await.map(Response::new).map_err(GatewayError::into_status)
+    }
+
+    async fn find_blobs(
+        &self,
+        request: Request<pb::FindBlobsRequest>,
+    ) -> Result<Response<pb::FindBlobsReply>, Status> {
+        let req = request.into_inner();
+        let run = async {
+            check_name(&req.tenant, "tenant")?;
+            // A stale "absent" only costs a re-upload; "present" is never
+            // stale because index entries are added only for durable packs.
+            let present = self.meta.find_blobs(&req.tenant, &ids(&req.ids)?)?;
+            Ok(pb::FindBlobsReply { present })
+        };
+        run.await.map(Response::new).map_err(GatewayError::into_status)
+    }
+
+    async fn locate_blobs(
+        &self,
+        request: Request<pb::LocateBlobsRequest>,
+    ) -> Result<Response<pb::LocateBlobsReply>, Status> {
+        let req = request.into_inner();
+        let run = async {
+            check_name(&req.tenant, "tenant")?;
+            let ids = ids(&req.ids)?;
+            let mut found = Vec::with_capacity(ids.len());
+            let mut barrier_done = false;
+            for id in &ids {
+                let mut location = self.meta.locate_blob(&req.tenant, id)?;
+                if location.is_none() && !barrier_done {
+                    // This node may lag the leader: catch up once, then answer.
+                    self.meta.read_barrier().await?;
+                    barrier_done = true;
+                    location = self.meta.locate_blob(&req.tenant, id)?;
+                }
+                found.push(match location {
+                    Some(loc) => pb::BlobLocation {
+                        id: id.to_vec(),
+                        found: true,
+                        pack_id: loc.pack_id.to_vec(),
+                        offset: loc.offset,
+                        length: loc.length,
+                    },
+                    None => pb::BlobLocation {
+                        id: id.to_vec(),
+                        found: false,
+                        ..Default::default()
+                    },
+                });
+            }
+            Ok(pb::LocateBlobsReply { locations: found })
+        };
+        run.await.map(Response::new).map_err(GatewayError::into_status)
+    }
+
+    async fn put_pack(
+        &self,
+        request: Request<pb::PutPackRequest>,
+    ) -> Result<Response<pb::PutPackReply>, Status> {
+        self.put_pack_inner(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
+    }
+
+    async fn read_pack(
+        &self,
+        request: Request<pb::ReadPackRequest>,
+    ) -> Result<Response<pb::ReadPackReply>, Status> {
+        self.read_pack_inner(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
+    }
+
+    async fn commit_snapshot(
+        &self,
+        request: Request<pb::CommitSnapshotRequest>,
+    ) -> Result<Response<pb::CommitSnapshotReply>, Status> {
+        let req = request.into_inner();
+        let run = async {
+            check_name(&req.tenant, "tenant")?;
+            let snapshot = snapshot_from_wire(
+                req.snapshot
+                    .ok_or_else(|| invalid("snapshot record missing"))?,
+            )?;
+            let tree = hex::encode(snapshot.root_tree);
+            match self
+                .meta
+                .write(Command::CommitSnapshot {
+                    tenant: req.tenant,
+                    snapshot,
+                })
+                .await?
+            {
+                CommandResult::MissingRootTree => Err(GatewayError::MissingRootTree { tree }),
+                _ => Ok(pb::CommitSnapshotReply {}),
+            }
+        };
+        run.await.map(Response::new).map_err(GatewayError::into_status)
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsReply>, Status> {
+        let req = request.into_inner();
+        let run = async {
+            check_name(&req.tenant, "tenant")?;
+            self.meta.read_barrier().await?;
+            let dataset = (!req.dataset.is_empty()).then_some(req.dataset.as_str());
+            let snapshots = self
+                .meta
+                .snapshots(&req.tenant, dataset)?
+                .into_iter()
+                .map(snapshot_to_wire)
+                .collect();
+            Ok(pb::ListSnapshotsReply { snapshots })
+        };
+        run.await.map(Response::new).map_err(GatewayError::into_status)
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        let run = async {
+            let members = self.members();
+            let stats = futures::future::join_all(
+                members
+                    .iter()
+                    .map(|(id, (info, _))| self.node_stats(*id, info)),
+            )
+            .await;
+            let nodes = members
+                .iter()
+                .zip(stats)
+                .map(|((id, (info, voter)), stats)| pb::NodeStatus {
+                    node_id: *id,
+                    region: info.region.clone(),
+                    addr: info.addr.clone(),
+                    up: stats.is_some(),
+                    voter: *voter,
+                    shards: stats.map(|s| s.0).unwrap_or_default(),
+                    bytes: stats.map(|s| s.1).unwrap_or_default(),
+                })
+                .collect();
+            let meta_stats = self.meta.stats()?;
+            let leader = self.meta.leader();
+            Ok::<_, GatewayError>(pb::ClusterStatusReply {
+                nodes,
+                leader_id: leader.unwrap_or_default(),
+                has_leader: leader.is_some(),
+                term: self.meta.term(),
+                last_applied: self.meta.last_applied(),
+                packs: meta_stats.packs,
+                packs_degraded: meta_stats.packs_needing_rebalance,
+                k: self.config.code.data,
+                m: self.config.code.parity,
+            })
+        };
+        run.await.map(Response::new).map_err(GatewayError::into_status)
+    }
+
+    async fn check_packs(
+        &self,
+        request: Request<pb::CheckPacksRequest>,
+    ) -> Result<Response<pb::CheckPacksReply>, Status> {
+        self.check_packs_inner(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
+    }
+}

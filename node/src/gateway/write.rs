@@ -1,0 +1,184 @@
+//! Pack ingest: verify, erasure-code, place, write shards in parallel, index.
+//!
+//! A pack is acknowledged only when at least k+1 of its shards are durable on
+//! distinct nodes and its placement and blob index are committed through
+//! Raft. Shards that could not be written where planned are re-placed on
+//! other live nodes; the pack is then marked for rebalancing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cairn_proto::v1 as pb;
+use futures::future::join_all;
+use tracing::{debug, warn};
+
+use super::{Gateway, GatewayError, id32, invalid};
+use crate::erasure::encode_pack;
+use crate::meta::types::{BlobLocation, Command, NodeId, NodeInfo, PackRecord, ShardPlacement};
+use crate::placement::{Candidate, place};
+
+/// Rounds of re-placement for shards whose node failed.
+const PLACEMENT_ROUNDS_MAX: usize = 3;
+
+impl Gateway {
+    pub(super) async fn put_pack_inner(
+        &self,
+        req: pb::PutPackRequest,
+    ) -> Result<pb::PutPackReply, GatewayError> {
+        super::check_name(&req.tenant, "tenant")?;
+        let pack_id = id32(&req.pack_id, "pack id")?;
+        if req.data.is_empty() {
+            return Err(invalid("empty pack"));
+        }
+        if *blake3::hash(&req.data).as_bytes() != pack_id {
+            return Err(invalid("pack id is not the blake3 hash of the pack bytes"));
+        }
+        let mut blobs = Vec::with_capacity(req.blobs.len());
+        for blob in &req.blobs {
+            let end = blob.offset.checked_add(u64::from(blob.length));
+            if blob.length == 0 || end.is_none_or(|end| end > req.data.len() as u64) {
+                return Err(invalid("blob entry outside the pack"));
+            }
+            blobs.push((
+                id32(&blob.id, "blob id")?,
+                BlobLocation {
+                    pack_id,
+                    offset: blob.offset,
+                    length: blob.length,
+                },
+            ));
+        }
+        if self.meta.pack(&pack_id)?.is_some() {
+            return Ok(pb::PutPackReply {
+                shards_written: 0,
+                degraded: false,
+                existed: true,
+            });
+        }
+
+        let _permit = self
+            .pack_permits
+            .acquire()
+            .await
+            .expect("the pack semaphore is never closed");
+        let code = self.config.code;
+        let data = req.data;
+        let shards = tokio::task::spawn_blocking(move || encode_pack(code, pack_id, &data))
+            .await
+            .expect("erasure encoding does not panic");
+        let shard_len = shards.first().map(|s| s.header.shard_len).unwrap_or_default();
+        let pack_len = shards.first().map(|s| s.header.pack_len).unwrap_or_default();
+
+        let members = self.members();
+        let mut durable: BTreeMap<u32, ShardPlacement> = BTreeMap::new();
+        let mut failed_nodes: BTreeSet<NodeId> = BTreeSet::new();
+        let mut failures = Vec::new();
+        for _round in 0..PLACEMENT_ROUNDS_MAX {
+            let candidates: Vec<Candidate> = members
+                .iter()
+                .map(|(id, (info, _))| Candidate {
+                    node: *id,
+                    region: info.region.clone(),
+                    up: !failed_nodes.contains(id) && self.peers.presumed_up(*id),
+                })
+                .collect();
+            let plan = place(code, &pack_id, &candidates)?;
+            let writes = plan
+                .shards
+                .iter()
+                .filter(|(index, _)| !durable.contains_key(index))
+                .map(|&(index, node)| {
+                    let shard = &shards[index as usize];
+                    let file = shard.to_file_bytes();
+                    let checksum = shard.header.checksum;
+                    let members = &members;
+                    async move {
+                        let result = self.store_shard(node, file, members).await;
+                        (index, node, checksum, result)
+                    }
+                })
+                .collect::<Vec<_>>();
+            if writes.is_empty() {
+                break;
+            }
+            for (index, node, checksum, result) in join_all(writes).await {
+                match result {
+                    Ok(()) => {
+                        durable.insert(
+                            index,
+                            ShardPlacement {
+                                index,
+                                node,
+                                checksum,
+                            },
+                        );
+                    }
+                    Err(reason) => {
+                        warn!(pack_id = %hex::encode(pack_id), shard_idx = index, node_id = node, %reason,
+                            "shard write failed, placing it on another node");
+                        failed_nodes.insert(node);
+                        failures.push(reason);
+                    }
+                }
+            }
+            if durable.len() == shards.len() {
+                break;
+            }
+        }
+
+        let needed = code.data as usize + 1;
+        let distinct_nodes: BTreeSet<NodeId> = durable.values().map(|p| p.node).collect();
+        if durable.len() < needed || distinct_nodes.len() < needed.min(members.len()) {
+            return Err(GatewayError::TooFewShards {
+                pack: hex::encode(pack_id),
+                durable: durable.len(),
+                needed,
+                failures: failures.join("; "),
+            });
+        }
+        let placement: Vec<ShardPlacement> = durable.into_values().collect();
+        let degraded = !self.fully_protected(&placement, &members);
+        let record = PackRecord {
+            id: pack_id,
+            tenant: req.tenant,
+            data_shards: code.data,
+            parity_shards: code.parity,
+            pack_len,
+            shard_len,
+            shards: placement,
+            needs_rebalance: degraded,
+        };
+        let shards_written = record.shards.len() as u32;
+        self.meta.write(Command::AddPack { pack: record, blobs }).await?;
+        debug!(pack_id = %hex::encode(pack_id), shards = shards_written, degraded, "pack stored");
+        Ok(pb::PutPackReply {
+            shards_written,
+            degraded,
+            existed: false,
+        })
+    }
+
+    /// All k+m shards present, one per node, at most m per region.
+    pub(super) fn fully_protected(
+        &self,
+        placement: &[ShardPlacement],
+        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
+    ) -> bool {
+        let code = self.config.code;
+        if placement.len() != (code.data + code.parity) as usize {
+            return false;
+        }
+        let mut per_node: BTreeMap<NodeId, u32> = BTreeMap::new();
+        let mut per_region: BTreeMap<&str, u32> = BTreeMap::new();
+        for shard in placement {
+            *per_node.entry(shard.node).or_default() += 1;
+            let region = members
+                .get(&shard.node)
+                .map(|(info, _)| info.region.as_str())
+                .unwrap_or("");
+            *per_region.entry(region).or_default() += 1;
+        }
+        let enough_nodes = members.len() >= placement.len();
+        per_region.values().all(|&n| n <= code.parity)
+            && (!enough_nodes || per_node.values().all(|&n| n == 1))
+    }
+}

@@ -1,0 +1,262 @@
+//! A whole cluster inside one process, on loopback: real gRPC, real sled,
+//! real files. Used by `cairn demo`, `cairn bench` and the cluster tests;
+//! every node can be stopped and restarted on its address to inject faults.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cairn_proto::v1::cairn_client::CairnClient;
+use cairn_proto::v1::{ClusterStatusReply, ClusterStatusRequest};
+use tokio::net::TcpListener;
+
+use crate::config::{GatewaySection, NodeConfig, NodeFile, RaftSection, format_initial_cluster};
+use crate::meta::types::{NodeId, NodeInfo};
+use crate::peers::lazy_channel;
+use crate::server::{NodeHandle, ServerError};
+
+/// Why a local cluster could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalClusterError {
+    #[error("cannot bind a loopback port: {0}")]
+    Bind(std::io::Error),
+    #[error("node configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("node {node_id}: {source}")]
+    Node {
+        node_id: NodeId,
+        source: ServerError,
+    },
+    #[error("no such node {0}")]
+    UnknownNode(NodeId),
+    #[error("cluster not ready after {waited:?}: {last}")]
+    NotReady { waited: Duration, last: String },
+}
+
+/// A cluster of in-process nodes.
+pub struct LocalCluster {
+    base_dir: PathBuf,
+    members: BTreeMap<NodeId, NodeInfo>,
+    configs: BTreeMap<NodeId, NodeConfig>,
+    running: BTreeMap<NodeId, NodeHandle>,
+}
+
+impl LocalCluster {
+    /// Starts `nodes_per_region[i]` nodes in region `r{i+1}`, ids 1.., data
+    /// under `base_dir/node-ID`. `erasure` is like "4+2".
+    pub async fn start(
+        base_dir: &Path,
+        nodes_per_region: &[usize],
+        erasure: &str,
+    ) -> Result<Self, LocalClusterError> {
+        let mut listeners = BTreeMap::new();
+        let mut members = BTreeMap::new();
+        let mut id: NodeId = 0;
+        for (region_index, &count) in nodes_per_region.iter().enumerate() {
+            for _ in 0..count {
+                id += 1;
+                let listener = TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .map_err(LocalClusterError::Bind)?;
+                let addr = listener.local_addr().map_err(LocalClusterError::Bind)?;
+                members.insert(
+                    id,
+                    NodeInfo {
+                        region: format!("r{}", region_index + 1),
+                        addr: addr.to_string(),
+                    },
+                );
+                listeners.insert(id, listener);
+            }
+        }
+        let initial = format_initial_cluster(&members);
+        let mut configs = BTreeMap::new();
+        for (id, info) in &members {
+            let file = NodeFile {
+                node_id: Some(*id),
+                region: Some(info.region.clone()),
+                listen: info.addr.parse().ok(),
+                data_dir: Some(base_dir.join(format!("node-{id}"))),
+                initial_cluster: Some(initial.clone()),
+                erasure: Some(erasure.to_string()),
+                raft: RaftSection::default(),
+                gateway: GatewaySection {
+                    rpc_timeout: Duration::from_secs(5),
+                    ..GatewaySection::default()
+                },
+                ..NodeFile::default()
+            };
+            configs.insert(*id, NodeConfig::from_file(file)?);
+        }
+        let mut cluster = Self {
+            base_dir: base_dir.to_path_buf(),
+            members,
+            configs,
+            running: BTreeMap::new(),
+        };
+        for (id, listener) in listeners {
+            cluster.spawn(id, listener)?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, id: NodeId, listener: TcpListener) -> Result<(), LocalClusterError> {
+        let config = self
+            .configs
+            .get(&id)
+            .cloned()
+            .ok_or(LocalClusterError::UnknownNode(id))?;
+        let handle = NodeHandle::spawn(config, listener).map_err(LocalClusterError::Bind)?;
+        self.running.insert(id, handle);
+        Ok(())
+    }
+
+    /// Where data lives.
+    pub fn base_dir(&self) -> &Path {
+        &self.base_dir
+    }
+
+    /// Data directory of one node.
+    pub fn data_dir(&self, id: NodeId) -> PathBuf {
+        self.base_dir.join(format!("node-{id}"))
+    }
+
+    /// Every node with its region and address.
+    pub fn members(&self) -> &BTreeMap<NodeId, NodeInfo> {
+        &self.members
+    }
+
+    /// Addresses of every node, running or not.
+    pub fn addrs(&self) -> Vec<String> {
+        self.members.values().map(|m| m.addr.clone()).collect()
+    }
+
+    /// Node ids of a region.
+    pub fn region_nodes(&self, region: &str) -> Vec<NodeId> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.region == region)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn is_running(&self, id: NodeId) -> bool {
+        self.running.contains_key(&id)
+    }
+
+    /// Stops a node (its port closes, its files are released).
+    pub async fn stop_node(&mut self, id: NodeId) -> Result<(), LocalClusterError> {
+        if let Some(handle) = self.running.remove(&id) {
+            handle
+                .stop()
+                .await
+                .map_err(|source| LocalClusterError::Node { node_id: id, source })?;
+        }
+        Ok(())
+    }
+
+    /// Stops every node of a region.
+    pub async fn stop_region(&mut self, region: &str) -> Result<(), LocalClusterError> {
+        for id in self.region_nodes(region) {
+            self.stop_node(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Restarts a stopped node on its old address with its data directory.
+    pub async fn start_node(&mut self, id: NodeId) -> Result<(), LocalClusterError> {
+        if self.running.contains_key(&id) {
+            return Ok(());
+        }
+        let addr: SocketAddr = self
+            .members
+            .get(&id)
+            .ok_or(LocalClusterError::UnknownNode(id))?
+            .addr
+            .parse()
+            .map_err(|_| LocalClusterError::UnknownNode(id))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(node_id = id, error = %e, "port still busy, retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(LocalClusterError::Bind(e)),
+            }
+        };
+        self.spawn(id, listener)
+    }
+
+    /// Restarts every node of a region.
+    pub async fn start_region(&mut self, region: &str) -> Result<(), LocalClusterError> {
+        for id in self.region_nodes(region) {
+            self.start_node(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Asks any running node for the cluster status.
+    pub async fn status(&self) -> Result<ClusterStatusReply, String> {
+        let mut last = String::from("no node running");
+        for id in self.running.keys() {
+            let addr = &self.members[id].addr;
+            let channel = lazy_channel(addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+            let mut client = CairnClient::new(channel);
+            let mut request = tonic::Request::new(ClusterStatusRequest {});
+            request.set_timeout(Duration::from_secs(5));
+            match client.cluster_status(request).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(status) => last = format!("node {id}: {}", status.message()),
+            }
+        }
+        Err(last)
+    }
+
+    /// Waits until the running nodes have a leader and every member has
+    /// joined the metadata group.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), LocalClusterError> {
+        let started = Instant::now();
+        let mut last;
+        loop {
+            match self.status().await {
+                Ok(status)
+                    if status.has_leader
+                        && status.nodes.len() == self.members.len()
+                        && self.running.keys().all(|id| {
+                            status.nodes.iter().any(|n| n.node_id == *id && n.up)
+                        }) =>
+                {
+                    return Ok(());
+                }
+                Ok(status) => {
+                    last = format!(
+                        "leader: {}, members: {}/{}",
+                        status.has_leader,
+                        status.nodes.len(),
+                        self.members.len()
+                    )
+                }
+                Err(e) => last = e,
+            }
+            if started.elapsed() > timeout {
+                return Err(LocalClusterError::NotReady {
+                    waited: timeout,
+                    last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops every node.
+    pub async fn shutdown(mut self) -> Result<(), LocalClusterError> {
+        let ids: Vec<NodeId> = self.running.keys().copied().collect();
+        for id in ids {
+            self.stop_node(id).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,117 @@
+//! Connections from this node to the other nodes, and what we last saw of them.
+//!
+//! Owns one lazily connected gRPC channel per peer address and a small
+//! liveness record per node (last success, last failure). It decides nothing
+//! about data; the gateway asks it "is this node worth trying now?".
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cairn_proto::MAX_MESSAGE_BYTES;
+use cairn_proto::v1::shards_client::ShardsClient;
+use tonic::Request;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::meta::types::NodeId;
+
+/// Metadata key naming the node a request is meant for; servers refuse a
+/// mismatch so a reused address can never answer for another node.
+pub const NODE_ID_HEADER: &str = "x-cairn-node-id";
+
+/// HTTP/2 flow-control windows sized for whole shards and packs in flight.
+pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+
+/// Builds a channel with Cairn's transport settings. It connects on first use.
+pub fn lazy_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+/// Wraps a message with the target node id header.
+pub fn addressed<T>(node: NodeId, message: T, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    if let Ok(value) = node.to_string().parse() {
+        request.metadata_mut().insert(NODE_ID_HEADER, value);
+    }
+    request
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Liveness {
+    last_ok: Option<Instant>,
+    last_failure: Option<Instant>,
+}
+
+/// Channels to peers and their liveness.
+pub struct Peers {
+    connect_timeout: Duration,
+    /// How long a failed node is skipped before it is tried again.
+    retry_after: Duration,
+    channels: Mutex<HashMap<String, Channel>>,
+    liveness: Mutex<HashMap<NodeId, Liveness>>,
+}
+
+impl Peers {
+    pub fn new(connect_timeout: Duration, retry_after: Duration) -> Self {
+        Self {
+            connect_timeout,
+            retry_after,
+            channels: Mutex::new(HashMap::new()),
+            liveness: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The shard client for a peer address (channel reused across calls).
+    pub fn shards(&self, addr: &str) -> Result<ShardsClient<Channel>, tonic::transport::Error> {
+        let channel = {
+            let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            match channels.get(addr) {
+                Some(channel) => channel.clone(),
+                None => {
+                    let channel = lazy_channel(addr, self.connect_timeout)?;
+                    channels.insert(addr.to_string(), channel.clone());
+                    channel
+                }
+            }
+        };
+        Ok(ShardsClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    pub fn record_ok(&self, node: NodeId) {
+        let mut map = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(node).or_default().last_ok = Some(Instant::now());
+    }
+
+    pub fn record_failure(&self, node: NodeId) {
+        let mut map = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(node).or_default().last_failure = Some(Instant::now());
+    }
+
+    /// A node is presumed up unless it failed recently and has not answered since.
+    pub fn presumed_up(&self, node: NodeId) -> bool {
+        let map = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&node) {
+            Some(Liveness {
+                last_failure: Some(failed),
+                last_ok,
+            }) => last_ok.is_some_and(|ok| ok > *failed) || failed.elapsed() >= self.retry_after,
+            _ => true,
+        }
+    }
+}

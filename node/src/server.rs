@@ -1,0 +1,132 @@
+//! One node, all roles, one port: `run(config, listener, shutdown)`.
+//!
+//! Opens the shard store and the metadata group under the data directory,
+//! mounts the Raft, Shards and Cairn services on one gRPC server, and on
+//! shutdown drains requests, then stops Raft so the sled files are released.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::config::NodeConfig;
+use crate::gateway::Gateway;
+use crate::meta::{Meta, MetaError};
+use crate::peers::{CONNECTION_WINDOW_BYTES, Peers, STREAM_WINDOW_BYTES};
+use crate::shard_store::service::ShardService;
+use crate::shard_store::{ShardStore, ShardStoreError};
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("shard store: {0}")]
+    ShardStore(#[from] ShardStoreError),
+    #[error("metadata group: {0}")]
+    Meta(#[from] MetaError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let store = Arc::new(ShardStore::open(&config.data_dir.join("shards"))?);
+    let meta = Meta::open(
+        config.node_id,
+        &config.data_dir.join("meta"),
+        config.initial_cluster.clone(),
+        config.meta_config(),
+    )
+    .await?;
+    let peers = Arc::new(Peers::new(
+        Duration::from_secs(2),
+        // A failed peer is retried after this long; liveness proper is the
+        // metadata group's business.
+        Duration::from_secs(3),
+    ));
+    let gateway = Gateway::new(
+        config.node_id,
+        config.region.clone(),
+        config.gateway_config(),
+        meta.clone(),
+        store.clone(),
+        peers,
+    );
+    let shards = ShardService::new(store, config.node_id);
+    info!(node_id = config.node_id, region = %config.region, addr = %config.listen, "node serving");
+    let served = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .tcp_nodelay(true)
+        .add_service(meta.raft_service())
+        .add_service(shards.into_server())
+        .add_service(gateway.into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let stopped = meta.shutdown().await;
+    info!(node_id = config.node_id, "node stopped");
+    served?;
+    stopped?;
+    Ok(())
+}
+
+/// A node running in this process (tests, `cairn demo`).
+pub struct NodeHandle {
+    pub node_id: u64,
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl NodeHandle {
+    /// Starts a node on an already bound listener.
+    pub fn spawn(config: NodeConfig, listener: TcpListener) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let node_id = config.node_id;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            node_id,
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Stops the node and waits until its files are released.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// True once the node's task has ended (for example on a startup error).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
