@@ -1,1 +1,431 @@
-//! TODO
+//! Trees: one directory listing of a snapshot (names, metadata, and the
+//! chunk ids of each file, or the id of a subdirectory's tree).
+//!
+//! This module owns the tree encoding (magic, version, then postcard) and
+//! its validation. It does not encrypt or store trees: an encoded tree is a
+//! blob like any chunk (`encode` → [`crate::seal::MasterKey::encode_blob`]
+//! → pack), so nodes never see names (invariant 1).
+//!
+//! Invariants of a valid tree, checked by [`Tree::new`] and
+//! [`Tree::validate`] when building and by [`Tree::decode`] when reading:
+//! entries are sorted by name (byte order) with no duplicates; every name
+//! passes [`crate::path_guard::check_name`] and every symlink target
+//! [`crate::path_guard::check_symlink_target`], so a restore built on a
+//! decoded tree cannot be steered outside its target by a name; a file has
+//! chunks exactly when its size is non-zero; at most [`MAX_TREE_ENTRIES`]
+//! entries in at most [`MAX_TREE_BYTES`]. [`Tree::encode`] is canonical: the
+//! same entries give the same bytes, hence the same blob id, which lets
+//! unchanged directories deduplicate. Decoding never panics.
+
+use serde::{Deserialize, Serialize};
+
+use crate::path_guard::{self, PathError};
+use crate::seal::{BlobId, MAX_BLOB_BYTES};
+
+/// Magic and version opening an encoded tree.
+const TREE_MAGIC: [u8; 7] = *b"CAIRNTR";
+const TREE_VERSION: u8 = 1;
+const TREE_HEADER_LEN: usize = TREE_MAGIC.len() + 1;
+
+/// Most entries one directory listing may hold.
+pub const MAX_TREE_ENTRIES: usize = 1_000_000;
+/// Largest encoded tree: a tree is stored as one blob.
+pub const MAX_TREE_BYTES: usize = MAX_BLOB_BYTES;
+
+/// A directory listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tree {
+    /// Entries sorted by name, names unique.
+    pub entries: Vec<TreeEntry>,
+}
+
+/// One name in a directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeEntry {
+    /// One path component (see [`crate::path_guard::check_name`]).
+    pub name: String,
+    /// File, directory or symlink, with what restore needs for each.
+    pub kind: EntryKind,
+    /// Unix mode bits as read at backup (`st_mode`); restore decides which
+    /// to apply.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Owner user id.
+    pub uid: u32,
+    /// Owner group id.
+    pub gid: u32,
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A regular file: its size and its chunks' ids in order.
+    File {
+        /// Size in bytes (the sum of the chunk sizes).
+        size: u64,
+        /// Chunk ids, in file order.
+        chunks: Vec<BlobId>,
+    },
+    /// A directory and the id of its own tree blob.
+    Dir {
+        /// Blob id of the subdirectory's encoded tree.
+        subtree: BlobId,
+    },
+    /// A symbolic link, restored as-is and never followed.
+    Symlink {
+        /// The link's target.
+        target: String,
+    },
+}
+
+/// Why a tree is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    /// Does not start with the tree magic.
+    #[error("not a Cairn tree (bad magic)")]
+    BadMagic,
+    /// Written by a newer client.
+    #[error(
+        "tree version {version} is not supported by this client (it reads {TREE_VERSION}); upgrade the client"
+    )]
+    UnsupportedVersion {
+        /// Version byte found.
+        version: u8,
+    },
+    /// Larger than a tree may be.
+    #[error("encoded tree of {size} bytes exceeds the {MAX_TREE_BYTES}-byte limit")]
+    TooLarge {
+        /// Size in bytes.
+        size: usize,
+    },
+    /// The body is not a valid encoding.
+    #[error("tree encoding is malformed: {source}")]
+    Malformed {
+        /// postcard's error.
+        #[source]
+        source: postcard::Error,
+    },
+    /// Bytes left over after the listing.
+    #[error("tree has {count} unexpected bytes after its entries")]
+    TrailingBytes {
+        /// How many.
+        count: usize,
+    },
+    /// More entries than a tree may hold.
+    #[error(
+        "tree has {count} entries, more than the limit of {MAX_TREE_ENTRIES}; split the directory"
+    )]
+    TooManyEntries {
+        /// How many.
+        count: usize,
+    },
+    /// A name that could escape the restore target or is not a single component.
+    #[error("tree entry name refused: {source}")]
+    BadName {
+        /// Why.
+        #[source]
+        source: PathError,
+    },
+    /// Names out of order or repeated.
+    #[error("tree entries must be sorted with unique names, but {name:?} follows {previous:?}")]
+    Unsorted {
+        /// The earlier name.
+        previous: String,
+        /// The offending name.
+        name: String,
+    },
+    /// A symlink target that cannot be restored.
+    #[error("symbolic link {name:?} has a bad target: {source}")]
+    BadSymlink {
+        /// The link's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: PathError,
+    },
+    /// A file whose size and chunk list disagree.
+    #[error(
+        "file {name:?} has size {size} but {chunks} chunks (a file has chunks exactly when it is not empty)"
+    )]
+    FileChunks {
+        /// The file's name.
+        name: String,
+        /// Stated size.
+        size: u64,
+        /// Number of chunk ids.
+        chunks: usize,
+    },
+}
+
+impl Tree {
+    /// A valid tree from entries in any order: sorts them by name and checks
+    /// everything [`Tree::decode`] will check.
+    pub fn new(mut entries: Vec<TreeEntry>) -> Result<Tree, TreeError> {
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let tree = Tree { entries };
+        tree.validate()?;
+        Ok(tree)
+    }
+
+    /// Check the invariants listed in the module doc.
+    pub fn validate(&self) -> Result<(), TreeError> {
+        if self.entries.len() > MAX_TREE_ENTRIES {
+            return Err(TreeError::TooManyEntries {
+                count: self.entries.len(),
+            });
+        }
+        let mut previous: Option<&str> = None;
+        for entry in &self.entries {
+            path_guard::check_name(&entry.name).map_err(|source| TreeError::BadName { source })?;
+            if let Some(prev) = previous
+                && prev >= entry.name.as_str()
+            {
+                return Err(TreeError::Unsorted {
+                    previous: prev.to_owned(),
+                    name: entry.name.clone(),
+                });
+            }
+            previous = Some(&entry.name);
+            match &entry.kind {
+                EntryKind::File { size, chunks } => {
+                    if (*size == 0) != chunks.is_empty() {
+                        return Err(TreeError::FileChunks {
+                            name: entry.name.clone(),
+                            size: *size,
+                            chunks: chunks.len(),
+                        });
+                    }
+                }
+                EntryKind::Dir { .. } => {}
+                EntryKind::Symlink { target } => {
+                    path_guard::check_symlink_target(target).map_err(|source| {
+                        TreeError::BadSymlink {
+                            name: entry.name.clone(),
+                            source,
+                        }
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Encode: magic, version, then the postcard encoding of the tree.
+    ///
+    /// Entries are written in name order whatever their order in memory,
+    /// so the encoding is canonical. Call [`Tree::validate`] (or build with
+    /// [`Tree::new`]) first: an invalid tree encodes, but will not decode.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut sorted: Vec<&TreeEntry> = self.entries.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        // `&T` serialises exactly as `T`, so this is the encoding of `Tree`.
+        let wire = TreeRef { entries: sorted };
+        let mut out = Vec::with_capacity(TREE_HEADER_LEN + 64 * self.entries.len());
+        out.extend_from_slice(&TREE_MAGIC);
+        out.push(TREE_VERSION);
+        postcard::to_io(&wire, &mut out)
+            .expect("postcard encodes these plain types infallibly into a Vec");
+        out
+    }
+
+    /// Decode and validate bytes from [`Tree::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Tree, TreeError> {
+        if bytes.len() > MAX_TREE_BYTES {
+            return Err(TreeError::TooLarge { size: bytes.len() });
+        }
+        if bytes.len() < TREE_HEADER_LEN || bytes[..TREE_MAGIC.len()] != TREE_MAGIC {
+            return Err(TreeError::BadMagic);
+        }
+        let version = bytes[TREE_MAGIC.len()];
+        if version != TREE_VERSION {
+            return Err(TreeError::UnsupportedVersion { version });
+        }
+        let (tree, rest): (Tree, &[u8]) = postcard::take_from_bytes(&bytes[TREE_HEADER_LEN..])
+            .map_err(|source| TreeError::Malformed { source })?;
+        if !rest.is_empty() {
+            return Err(TreeError::TrailingBytes { count: rest.len() });
+        }
+        tree.validate()?;
+        Ok(tree)
+    }
+}
+
+/// Borrowing twin of [`Tree`] for canonical encoding without cloning.
+#[derive(Serialize)]
+struct TreeRef<'a> {
+    entries: Vec<&'a TreeEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn file(name: &str, size: u64, chunks: usize) -> TreeEntry {
+        TreeEntry {
+            name: name.to_owned(),
+            kind: EntryKind::File {
+                size,
+                chunks: (0..chunks).map(|i| [i as u8; 32]).collect(),
+            },
+            mode: 0o100644,
+            mtime_ns: 1_730_000_000_123_456_789,
+            uid: 1000,
+            gid: 1000,
+        }
+    }
+
+    fn sample() -> Tree {
+        Tree::new(vec![
+            file("room=000001.jsonl", 70_000, 3),
+            TreeEntry {
+                name: "media".to_owned(),
+                kind: EntryKind::Dir { subtree: [9; 32] },
+                mode: 0o40755,
+                mtime_ns: -5,
+                uid: 0,
+                gid: 0,
+            },
+            TreeEntry {
+                name: "latest".to_owned(),
+                kind: EntryKind::Symlink {
+                    target: "../2024-11-01".to_owned(),
+                },
+                mode: 0o120777,
+                mtime_ns: 0,
+                uid: 1,
+                gid: 2,
+            },
+            file("empty", 0, 0),
+        ])
+        .expect("valid")
+    }
+
+    #[test]
+    fn round_trip() {
+        let tree = sample();
+        let names: Vec<&str> = tree.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["empty", "latest", "media", "room=000001.jsonl"]);
+        let bytes = tree.encode();
+        assert_eq!(&bytes[..8], b"CAIRNTR\x01");
+        assert_eq!(Tree::decode(&bytes).expect("decodes"), tree);
+        assert_eq!(
+            Tree::decode(&Tree::default().encode()).expect("empty"),
+            Tree::default()
+        );
+    }
+
+    #[test]
+    fn encoding_is_canonical() {
+        let tree = sample();
+        let mut shuffled = tree.clone();
+        shuffled.entries.reverse();
+        assert_eq!(shuffled.encode(), tree.encode());
+    }
+
+    /// Encode entries as-is, bypassing `Tree::new`, as a hostile writer would.
+    fn raw(entries: Vec<TreeEntry>) -> Vec<u8> {
+        let mut out = b"CAIRNTR\x01".to_vec();
+        out.extend_from_slice(&postcard::to_allocvec(&Tree { entries }).expect("encodes"));
+        out
+    }
+
+    #[test]
+    fn decode_rejects_hostile_names() {
+        for bad in ["..", ".", "a/b", "/etc", "", "x\0y", "a\\b"] {
+            let err = Tree::decode(&raw(vec![file(bad, 1, 1)])).expect_err("refused");
+            assert!(matches!(err, TreeError::BadName { .. }), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn decode_rejects_duplicates_and_disorder() {
+        let dup = raw(vec![file("a", 1, 1), file("a", 2, 1)]);
+        assert!(matches!(
+            Tree::decode(&dup),
+            Err(TreeError::Unsorted { .. })
+        ));
+        let disorder = raw(vec![file("b", 1, 1), file("a", 1, 1)]);
+        assert!(matches!(
+            Tree::decode(&disorder),
+            Err(TreeError::Unsorted { .. })
+        ));
+        assert!(matches!(
+            Tree::new(vec![file("a", 1, 1), file("a", 1, 1)]),
+            Err(TreeError::Unsorted { .. })
+        ));
+    }
+
+    #[test]
+    fn decode_rejects_bad_symlinks_and_inconsistent_files() {
+        let mut link = file("l", 0, 0);
+        link.kind = EntryKind::Symlink {
+            target: "a\0b".to_owned(),
+        };
+        assert!(matches!(
+            Tree::decode(&raw(vec![link])),
+            Err(TreeError::BadSymlink { .. })
+        ));
+        assert!(matches!(
+            Tree::decode(&raw(vec![file("f", 10, 0)])),
+            Err(TreeError::FileChunks { .. })
+        ));
+        assert!(matches!(
+            Tree::decode(&raw(vec![file("f", 0, 2)])),
+            Err(TreeError::FileChunks { .. })
+        ));
+    }
+
+    #[test]
+    fn decode_rejects_framing_errors() {
+        let bytes = sample().encode();
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(matches!(
+            Tree::decode(&trailing),
+            Err(TreeError::TrailingBytes { count: 1 })
+        ));
+        assert!(matches!(
+            Tree::decode(&bytes[..bytes.len() - 1]),
+            Err(TreeError::Malformed { .. })
+        ));
+        let mut newer = bytes.clone();
+        newer[7] = 2;
+        assert!(matches!(
+            Tree::decode(&newer),
+            Err(TreeError::UnsupportedVersion { version: 2 })
+        ));
+        assert!(matches!(Tree::decode(b"CAIRN"), Err(TreeError::BadMagic)));
+        // A huge claimed entry count with no bytes behind it fails cleanly.
+        let mut huge = b"CAIRNTR\x01".to_vec();
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(Tree::decode(&huge).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Tree::decode(&bytes);
+            let mut framed = b"CAIRNTR\x01".to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = Tree::decode(&framed);
+        }
+
+        #[test]
+        fn valid_trees_round_trip(
+            names in proptest::collection::btree_set("[a-zA-Z0-9._-]{1,12}", 0..20),
+            size in 1u64..1_000_000,
+        ) {
+            let entries: Vec<TreeEntry> = names
+                .iter()
+                .filter(|n| n.as_str() != "." && n.as_str() != "..")
+                .map(|n| file(n, size, 2))
+                .collect();
+            let tree = Tree::new(entries).expect("valid");
+            prop_assert_eq!(Tree::decode(&tree.encode()).expect("decodes"), tree);
+        }
+    }
+}
