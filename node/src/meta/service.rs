@@ -1,0 +1,133 @@
+//! The server side of the `Raft` gRPC service: hands openraft's RPCs to the
+//! local `Raft`, runs forwarded commands and answers read-index requests.
+//!
+//! This is an openraft adapter (a move to openraft 0.10 touches it). It owns
+//! the node-id check and the gRPC status mapping of this service, in one
+//! place: a request for another node is `FailedPrecondition`, an undecodable
+//! payload is `InvalidArgument`. Raft-level outcomes (including errors such as
+//! "forward to leader") travel inside the payload as an encoded `Result`, so
+//! the caller sees openraft's typed error, never a gRPC status.
+
+use cairn_proto::v1::RaftPayload;
+use cairn_proto::v1::raft_server::Raft as RaftRpc;
+use openraft::Raft;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+
+use super::codec;
+use super::network::NODE_ID_HEADER;
+use super::types::{Command, NodeId, TypeConfig};
+
+/// The `Raft` gRPC service of one node.
+#[derive(Clone)]
+pub struct RaftService {
+    node_id: NodeId,
+    raft: Raft<TypeConfig>,
+}
+
+impl RaftService {
+    /// Serves `raft`, which runs as node `node_id`.
+    pub fn new(node_id: NodeId, raft: Raft<TypeConfig>) -> Self {
+        Self { node_id, raft }
+    }
+
+    /// Checks the target header and decodes the payload.
+    fn accept<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        request: Request<RaftPayload>,
+    ) -> Result<T, Status> {
+        let target = request
+            .metadata()
+            .get(NODE_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<NodeId>().ok());
+        match target {
+            Some(target) if target == self.node_id => {}
+            Some(target) => {
+                return Err(Status::failed_precondition(format!(
+                    "request for node {target} reached node {}; the sender's cluster map is wrong",
+                    self.node_id
+                )));
+            }
+            None => {
+                return Err(Status::failed_precondition(format!(
+                    "request without a valid {NODE_ID_HEADER} header refused by node {}",
+                    self.node_id
+                )));
+            }
+        }
+        codec::decode(what, &request.into_inner().data)
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+}
+
+fn reply<T: Serialize>(what: &'static str, value: &T) -> Result<Response<RaftPayload>, Status> {
+    match codec::encode(what, value) {
+        Ok(data) => Ok(Response::new(RaftPayload { data })),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode a raft reply; the caller will retry");
+            Err(Status::internal("cannot encode the reply"))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> =
+            self.accept("append-entries request", request)?;
+        reply(
+            "append-entries response",
+            &self.raft.append_entries(rpc).await,
+        )
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: VoteRequest<NodeId> = self.accept("vote request", request)?;
+        reply("vote response", &self.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> =
+            self.accept("install-snapshot request", request)?;
+        reply(
+            "install-snapshot response",
+            &self.raft.install_snapshot(rpc).await,
+        )
+    }
+
+    async fn forward(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let cmd: Command = self.accept("forwarded command", request)?;
+        reply(
+            "forwarded command response",
+            &self.raft.client_write(cmd).await,
+        )
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let () = self.accept("read-index request", request)?;
+        // Only the read log id matters to the caller, which then waits for
+        // its own state machine to reach it.
+        let answer = self
+            .raft
+            .get_read_log_id()
+            .await
+            .map(|(read_log_id, _applied)| read_log_id);
+        reply("read-index response", &answer)
+    }
+}

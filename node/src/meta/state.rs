@@ -1,0 +1,599 @@
+//! The metadata state: its key layout in a [`KvStore`], how one [`Command`]
+//! changes it, and the reads the node serves from it.
+//!
+//! Owns the byte layout of the state tree (a versioned on-disk format) and the
+//! business rules of every command. It must not know about openraft's
+//! storage traits or the network: `state_machine.rs` adapts it to openraft,
+//! `mod.rs` exposes its reads.
+//!
+//! Layout (every value is `codec::encode`d; `T` = tenant as u32-BE length + bytes):
+//! ```text
+//! 00 "format"           -> FORMAT_MAGIC                 (written when the tree is created)
+//! 00 "applied"          -> Option<LogId>                (last applied entry)
+//! 00 "membership"       -> StoredMembership             (last applied membership)
+//! 00 "stats"            -> MetaStats
+//! 01 "meta" / 01 "data" -> the current Raft snapshot    (not part of snapshots themselves)
+//! 'k' T slot:u32-BE     -> key slot bytes
+//! 'p' pack:32           -> PackRecord
+//! 'b' T blob:32         -> BlobLocation
+//! 's' T snapshot:32     -> SnapshotRecord
+//! ```
+//! Invariants: an entry's effects, `applied` and `stats` are written in one
+//! batch, so the stored state is always exactly "every entry up to `applied`";
+//! `stats` always equals the counts of the records it describes.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::codec::{self, CodecError};
+use super::types::{
+    BlobLocation, Command, CommandResult, Id32, MetaStats, NodeId, NodeInfo, PackRecord,
+    SnapshotRecord,
+};
+use crate::kv::{KvError, KvPair, KvStore, WriteBatch};
+
+/// Marker stored under [`FORMAT_KEY`]: names the layout and its version.
+pub const FORMAT_MAGIC: &[u8] = b"cairn-meta-state/1";
+
+/// Key of the layout marker.
+pub const FORMAT_KEY: &[u8] = b"\x00format";
+/// Key of the last applied log id.
+pub const APPLIED_KEY: &[u8] = b"\x00applied";
+/// Key of the last applied membership.
+pub const MEMBERSHIP_KEY: &[u8] = b"\x00membership";
+/// Key of the counters.
+pub const STATS_KEY: &[u8] = b"\x00stats";
+/// Prefix of the current snapshot's keys, excluded from snapshot images.
+pub const SNAPSHOT_PREFIX: &[u8] = b"\x01";
+/// Key of the current snapshot's metadata.
+pub const SNAPSHOT_META_KEY: &[u8] = b"\x01meta";
+/// Key of the current snapshot's image.
+pub const SNAPSHOT_DATA_KEY: &[u8] = b"\x01data";
+
+const KEY_SLOT: u8 = b'k';
+const PACK: u8 = b'p';
+const BLOB: u8 = b'b';
+const SNAPSHOT: u8 = b's';
+
+/// Last applied log id as stored.
+pub type AppliedLogId = Option<openraft::LogId<NodeId>>;
+/// Last applied membership as stored.
+pub type AppliedMembership = openraft::StoredMembership<NodeId, NodeInfo>;
+
+/// Why the state could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("metadata state storage: {0}")]
+    Kv(#[from] KvError),
+    #[error("metadata state record: {0}")]
+    Codec(#[from] CodecError),
+    /// The tree holds data in another layout (another program, or a newer Cairn).
+    #[error("metadata state has format {found:?}, expected {FORMAT_MAGIC:?}; refusing to touch it")]
+    Format { found: String },
+    /// A snapshot image that is not one (wrong magic).
+    #[error("snapshot image has magic {found:?}, expected {SNAPSHOT_MAGIC:?}")]
+    SnapshotMagic { found: [u8; 8] },
+}
+
+/// Magic at the start of every snapshot image.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"CAIRNSM1";
+
+/// A whole-state image, the content of a Raft snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotImage {
+    pub magic: [u8; 8],
+    /// Every pair of the state tree outside [`SNAPSHOT_PREFIX`], in key order.
+    pub pairs: Vec<KvPair>,
+}
+
+impl SnapshotImage {
+    /// Encodes the image (magic inside, codec version byte in front).
+    pub fn encode(&self) -> Result<Vec<u8>, StateError> {
+        Ok(codec::encode("snapshot image", self)?)
+    }
+
+    /// Decodes and checks an image.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StateError> {
+        let image: Self = codec::decode("snapshot image", bytes)?;
+        if image.magic != SNAPSHOT_MAGIC {
+            return Err(StateError::SnapshotMagic { found: image.magic });
+        }
+        Ok(image)
+    }
+}
+
+fn tenant_prefix(kind: u8, tenant: &str) -> Vec<u8> {
+    // Length-prefixed so that tenant "a" never prefixes tenant "ab".
+    let len = u32::try_from(tenant.len()).unwrap_or(u32::MAX);
+    let mut key = Vec::with_capacity(5 + tenant.len() + 32);
+    key.push(kind);
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(tenant.as_bytes());
+    key
+}
+
+fn key_slot_key(tenant: &str, slot: u32) -> Vec<u8> {
+    let mut key = tenant_prefix(KEY_SLOT, tenant);
+    key.extend_from_slice(&slot.to_be_bytes());
+    key
+}
+
+fn pack_key(id: &Id32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(33);
+    key.push(PACK);
+    key.extend_from_slice(id);
+    key
+}
+
+fn blob_key(tenant: &str, id: &Id32) -> Vec<u8> {
+    let mut key = tenant_prefix(BLOB, tenant);
+    key.extend_from_slice(id);
+    key
+}
+
+fn snapshot_key(tenant: &str, id: &Id32) -> Vec<u8> {
+    let mut key = tenant_prefix(SNAPSHOT, tenant);
+    key.extend_from_slice(id);
+    key
+}
+
+/// Read access to the state, shared by the state machine and the node's reads.
+#[derive(Clone)]
+pub struct StateView {
+    kv: Arc<dyn KvStore>,
+}
+
+impl StateView {
+    /// Wraps `kv`, writing the layout marker into an empty tree and refusing a foreign one.
+    pub fn open(kv: Arc<dyn KvStore>) -> Result<Self, StateError> {
+        match kv.get(FORMAT_KEY)? {
+            Some(found) if found == FORMAT_MAGIC => {}
+            Some(found) => {
+                return Err(StateError::Format {
+                    found: String::from_utf8_lossy(&found).into_owned(),
+                });
+            }
+            None if kv.last_with_prefix(b"")?.is_none() => kv.put(FORMAT_KEY, FORMAT_MAGIC)?,
+            None => {
+                return Err(StateError::Format {
+                    found: "(no marker in a non-empty tree)".into(),
+                });
+            }
+        }
+        Ok(Self { kv })
+    }
+
+    /// The underlying store.
+    pub fn kv(&self) -> &Arc<dyn KvStore> {
+        &self.kv
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>, StateError> {
+        match self.kv.get(key)? {
+            Some(bytes) => Ok(Some(codec::decode(what, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        prefix: &[u8],
+    ) -> Result<Vec<T>, StateError> {
+        self.kv
+            .scan_prefix(prefix)?
+            .into_iter()
+            .map(|(_, v)| codec::decode(what, &v).map_err(StateError::from))
+            .collect()
+    }
+
+    /// Last applied log id and membership.
+    pub fn applied_state(&self) -> Result<(AppliedLogId, AppliedMembership), StateError> {
+        let applied = self
+            .get::<AppliedLogId>("applied log id", APPLIED_KEY)?
+            .flatten();
+        let membership = self.get("membership", MEMBERSHIP_KEY)?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    /// The counters (zero for an empty state).
+    pub fn stats(&self) -> Result<MetaStats, StateError> {
+        Ok(self.get("stats", STATS_KEY)?.unwrap_or_default())
+    }
+
+    /// The tenant's key slots in slot order (empty if the tenant is unknown).
+    pub fn key_slots(&self, tenant: &str) -> Result<Vec<Vec<u8>>, StateError> {
+        self.scan("key slot", &tenant_prefix(KEY_SLOT, tenant))
+    }
+
+    /// For each id, whether the tenant's blob index has it.
+    pub fn find_blobs(&self, tenant: &str, ids: &[Id32]) -> Result<Vec<bool>, StateError> {
+        ids.iter()
+            .map(|id| Ok(self.kv.get(&blob_key(tenant, id))?.is_some()))
+            .collect()
+    }
+
+    /// Where the tenant's blob is stored.
+    pub fn locate_blob(&self, tenant: &str, id: &Id32) -> Result<Option<BlobLocation>, StateError> {
+        self.get("blob location", &blob_key(tenant, id))
+    }
+
+    /// One pack record.
+    pub fn pack(&self, id: &Id32) -> Result<Option<PackRecord>, StateError> {
+        self.get("pack record", &pack_key(id))
+    }
+
+    /// Every pack record, by id.
+    pub fn packs(&self) -> Result<Vec<PackRecord>, StateError> {
+        self.scan("pack record", &[PACK])
+    }
+
+    /// The tenant's snapshots (of one dataset, if given), oldest first
+    /// (by time, then id for equal times).
+    pub fn snapshots(
+        &self,
+        tenant: &str,
+        dataset: Option<&str>,
+    ) -> Result<Vec<SnapshotRecord>, StateError> {
+        let mut records: Vec<SnapshotRecord> =
+            self.scan("snapshot record", &tenant_prefix(SNAPSHOT, tenant))?;
+        if let Some(dataset) = dataset {
+            records.retain(|r| r.dataset == dataset);
+        }
+        records.sort_by(|a, b| (a.time_unix_ms, a.id).cmp(&(b.time_unix_ms, b.id)));
+        Ok(records)
+    }
+
+    /// Every pair that belongs in a snapshot image, in key order.
+    pub fn image_pairs(&self) -> Result<Vec<KvPair>, StateError> {
+        let mut pairs = self.kv.scan_prefix(b"")?;
+        pairs.retain(|(k, _)| !k.starts_with(SNAPSHOT_PREFIX));
+        Ok(pairs)
+    }
+}
+
+/// Last applied log id and membership recorded in `pairs` (sorted by key, as
+/// scans and snapshot images are).
+pub fn applied_state_in(pairs: &[KvPair]) -> Result<(AppliedLogId, AppliedMembership), StateError> {
+    let find = |key: &[u8]| {
+        pairs
+            .binary_search_by(|(k, _)| k.as_slice().cmp(key))
+            .ok()
+            .map(|i| &pairs[i].1)
+    };
+    let applied = match find(APPLIED_KEY) {
+        Some(bytes) => codec::decode::<AppliedLogId>("applied log id", bytes)?,
+        None => None,
+    };
+    let membership = match find(MEMBERSHIP_KEY) {
+        Some(bytes) => codec::decode("membership", bytes)?,
+        None => AppliedMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+/// Queues the effects of `cmd` into `batch`, updating `stats`, and returns
+/// the command's result. Reads the current state through `view`; nothing is
+/// written unless the caller applies the batch. A refused command queues nothing.
+pub fn apply_command(
+    view: &StateView,
+    cmd: &Command,
+    batch: &mut WriteBatch,
+    stats: &mut MetaStats,
+) -> Result<CommandResult, StateError> {
+    match cmd {
+        Command::InitTenant { tenant, key_slot } => {
+            if !view
+                .kv
+                .scan_prefix(&tenant_prefix(KEY_SLOT, tenant))?
+                .is_empty()
+            {
+                return Ok(CommandResult::AlreadyExists);
+            }
+            batch.put(
+                key_slot_key(tenant, 0),
+                codec::encode("key slot", key_slot)?,
+            );
+            stats.tenants += 1;
+            Ok(CommandResult::Ok)
+        }
+        Command::AddPack { pack, blobs } => {
+            if view.kv.get(&pack_key(&pack.id))?.is_some() {
+                return Ok(CommandResult::AlreadyExists);
+            }
+            batch.put(pack_key(&pack.id), codec::encode("pack record", pack)?);
+            stats.packs += 1;
+            if pack.needs_rebalance {
+                stats.packs_needing_rebalance += 1;
+            }
+            let mut seen = BTreeSet::new();
+            for (blob_id, location) in blobs {
+                let key = blob_key(&pack.tenant, blob_id);
+                // A blob already indexed (a concurrent upload of the same
+                // chunk) keeps its first location: both packs are durable, and
+                // keeping the first makes the index independent of retries.
+                if !seen.insert(*blob_id) || view.kv.get(&key)?.is_some() {
+                    continue;
+                }
+                batch.put(key, codec::encode("blob location", location)?);
+                stats.blobs += 1;
+            }
+            Ok(CommandResult::Ok)
+        }
+        Command::SetPlacement {
+            pack_id,
+            shards,
+            needs_rebalance,
+        } => {
+            let Some(mut pack) = view.pack(pack_id)? else {
+                return Ok(CommandResult::UnknownPack);
+            };
+            match (pack.needs_rebalance, *needs_rebalance) {
+                (false, true) => stats.packs_needing_rebalance += 1,
+                (true, false) => {
+                    stats.packs_needing_rebalance = stats.packs_needing_rebalance.saturating_sub(1)
+                }
+                _ => {}
+            }
+            pack.shards = shards.clone();
+            pack.needs_rebalance = *needs_rebalance;
+            batch.put(pack_key(pack_id), codec::encode("pack record", &pack)?);
+            Ok(CommandResult::Ok)
+        }
+        Command::CommitSnapshot { tenant, snapshot } => {
+            if view
+                .kv
+                .get(&blob_key(tenant, &snapshot.root_tree))?
+                .is_none()
+            {
+                return Ok(CommandResult::MissingRootTree);
+            }
+            let key = snapshot_key(tenant, &snapshot.id);
+            // Snapshot ids are content hashes: the same id twice is a retried
+            // commit, which must not count twice.
+            if view.kv.get(&key)?.is_some() {
+                return Ok(CommandResult::AlreadyExists);
+            }
+            batch.put(key, codec::encode("snapshot record", snapshot)?);
+            stats.snapshots += 1;
+            Ok(CommandResult::Ok)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::MemKv;
+    use crate::meta::types::ShardPlacement;
+
+    fn view() -> StateView {
+        StateView::open(Arc::new(MemKv::new())).expect("open")
+    }
+
+    /// Applies `cmd` the way the state machine does: one batch with the stats.
+    fn run(view: &StateView, cmd: Command) -> CommandResult {
+        let mut stats = view.stats().expect("stats");
+        let mut batch = WriteBatch::new();
+        let result = apply_command(view, &cmd, &mut batch, &mut stats).expect("apply");
+        batch.put(
+            STATS_KEY.to_vec(),
+            codec::encode("stats", &stats).expect("encode"),
+        );
+        view.kv().apply_batch(batch).expect("batch");
+        result
+    }
+
+    fn id(n: u8) -> Id32 {
+        [n; 32]
+    }
+
+    fn pack(n: u8, tenant: &str, needs_rebalance: bool) -> PackRecord {
+        PackRecord {
+            id: id(n),
+            tenant: tenant.into(),
+            data_shards: 4,
+            parity_shards: 2,
+            pack_len: 100,
+            shard_len: 25,
+            shards: vec![ShardPlacement {
+                index: 0,
+                node: 1,
+                checksum: id(0),
+            }],
+            needs_rebalance,
+        }
+    }
+
+    fn location(n: u8, offset: u64) -> BlobLocation {
+        BlobLocation {
+            pack_id: id(n),
+            offset,
+            length: 10,
+        }
+    }
+
+    fn snapshot(n: u8, dataset: &str, time: i64, root: Id32) -> SnapshotRecord {
+        SnapshotRecord {
+            id: id(n),
+            dataset: dataset.into(),
+            parent: None,
+            time_unix_ms: time,
+            kind: "full".into(),
+            root_tree: root,
+            sealed_info: vec![],
+            files: 1,
+            bytes: 2,
+            bytes_added: 2,
+            tags: vec![],
+        }
+    }
+
+    #[test]
+    fn init_tenant_once_per_tenant() {
+        let v = view();
+        let init = |t: &str, slot: &[u8]| Command::InitTenant {
+            tenant: t.into(),
+            key_slot: slot.to_vec(),
+        };
+        assert_eq!(run(&v, init("a", b"slot-a")), CommandResult::Ok);
+        assert_eq!(run(&v, init("a", b"other")), CommandResult::AlreadyExists);
+        // "a" must not shadow "ab": keys are length-prefixed.
+        assert_eq!(run(&v, init("ab", b"slot-ab")), CommandResult::Ok);
+        assert_eq!(v.key_slots("a").expect("read"), vec![b"slot-a".to_vec()]);
+        assert_eq!(v.key_slots("ab").expect("read"), vec![b"slot-ab".to_vec()]);
+        assert!(v.key_slots("b").expect("read").is_empty());
+        assert_eq!(v.stats().expect("stats").tenants, 2);
+    }
+
+    #[test]
+    fn add_pack_indexes_blobs_once_and_is_idempotent() {
+        let v = view();
+        let add = Command::AddPack {
+            pack: pack(1, "t", false),
+            blobs: vec![
+                (id(10), location(1, 0)),
+                (id(11), location(1, 10)),
+                (id(10), location(1, 20)),
+            ],
+        };
+        assert_eq!(run(&v, add.clone()), CommandResult::Ok);
+        assert_eq!(run(&v, add), CommandResult::AlreadyExists);
+        assert_eq!(
+            v.locate_blob("t", &id(10)).expect("read"),
+            Some(location(1, 0))
+        );
+        assert_eq!(
+            v.locate_blob("other", &id(10)).expect("read"),
+            None,
+            "tenants are separate"
+        );
+        assert_eq!(
+            v.find_blobs("t", &[id(10), id(12), id(11)]).expect("read"),
+            vec![true, false, true]
+        );
+        // A second pack holding an already indexed blob keeps the first location.
+        let add2 = Command::AddPack {
+            pack: pack(2, "t", true),
+            blobs: vec![(id(11), location(2, 0)), (id(12), location(2, 10))],
+        };
+        assert_eq!(run(&v, add2), CommandResult::Ok);
+        assert_eq!(
+            v.locate_blob("t", &id(11)).expect("read"),
+            Some(location(1, 10))
+        );
+        let stats = v.stats().expect("stats");
+        assert_eq!(
+            (stats.packs, stats.blobs, stats.packs_needing_rebalance),
+            (2, 3, 1)
+        );
+        assert_eq!(v.packs().expect("read").len(), 2);
+    }
+
+    #[test]
+    fn set_placement_replaces_shards_and_tracks_rebalance() {
+        let v = view();
+        let set = |needs| Command::SetPlacement {
+            pack_id: id(1),
+            shards: vec![],
+            needs_rebalance: needs,
+        };
+        assert_eq!(run(&v, set(true)), CommandResult::UnknownPack);
+        run(
+            &v,
+            Command::AddPack {
+                pack: pack(1, "t", false),
+                blobs: vec![],
+            },
+        );
+        assert_eq!(run(&v, set(true)), CommandResult::Ok);
+        assert_eq!(run(&v, set(true)), CommandResult::Ok);
+        assert_eq!(v.stats().expect("stats").packs_needing_rebalance, 1);
+        let stored = v.pack(&id(1)).expect("read").expect("present");
+        assert!(stored.shards.is_empty() && stored.needs_rebalance);
+        assert_eq!(run(&v, set(false)), CommandResult::Ok);
+        assert_eq!(v.stats().expect("stats").packs_needing_rebalance, 0);
+    }
+
+    #[test]
+    fn commit_snapshot_needs_its_root_tree_and_lists_oldest_first() {
+        let v = view();
+        let commit = |s: SnapshotRecord| Command::CommitSnapshot {
+            tenant: "t".into(),
+            snapshot: s,
+        };
+        assert_eq!(
+            run(&v, commit(snapshot(1, "d", 5, id(10)))),
+            CommandResult::MissingRootTree
+        );
+        run(
+            &v,
+            Command::AddPack {
+                pack: pack(1, "t", false),
+                blobs: vec![(id(10), location(1, 0))],
+            },
+        );
+        assert_eq!(
+            run(&v, commit(snapshot(3, "d", 5, id(10)))),
+            CommandResult::Ok
+        );
+        assert_eq!(
+            run(&v, commit(snapshot(1, "d", 9, id(10)))),
+            CommandResult::Ok
+        );
+        assert_eq!(
+            run(&v, commit(snapshot(2, "e", 1, id(10)))),
+            CommandResult::Ok
+        );
+        assert_eq!(
+            run(&v, commit(snapshot(2, "e", 1, id(10)))),
+            CommandResult::AlreadyExists
+        );
+        let all: Vec<Id32> = v
+            .snapshots("t", None)
+            .expect("read")
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(all, vec![id(2), id(3), id(1)]);
+        let d: Vec<Id32> = v
+            .snapshots("t", Some("d"))
+            .expect("read")
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(d, vec![id(3), id(1)]);
+        assert!(v.snapshots("u", None).expect("read").is_empty());
+        assert_eq!(v.stats().expect("stats").snapshots, 3);
+    }
+
+    #[test]
+    fn refuses_a_foreign_tree_and_bad_images() {
+        let kv = Arc::new(MemKv::new());
+        kv.put(b"x", b"y").expect("put");
+        assert!(matches!(
+            StateView::open(kv),
+            Err(StateError::Format { .. })
+        ));
+        let kv = Arc::new(MemKv::new());
+        kv.put(FORMAT_KEY, b"cairn-meta-state/9").expect("put");
+        assert!(matches!(
+            StateView::open(kv),
+            Err(StateError::Format { .. })
+        ));
+        let bad = SnapshotImage {
+            magic: *b"NOTASNAP",
+            pairs: vec![],
+        };
+        assert!(matches!(
+            SnapshotImage::decode(&bad.encode().expect("encode")),
+            Err(StateError::SnapshotMagic { .. })
+        ));
+    }
+}
