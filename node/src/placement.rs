@@ -316,6 +316,21 @@ mod tests {
     }
 
     #[test]
+    fn always_uses_k_plus_one_distinct_nodes() {
+        // r0 has 3 nodes, r1 and r2 one each: keeping ≤ 2 per region would put
+        // all 6 shards on 4 nodes, and a pack needs k+1 = 5 distinct durable
+        // nodes to be acknowledged. The floor wins over the region cap.
+        let code = Code::default();
+        let nodes = topology(&[("r0", 3, true), ("r1", 1, true), ("r2", 1, true)]);
+        for p in 0..20 {
+            let plan = place(code, &pid(p), &nodes).expect("5 up nodes");
+            must_be_valid(code, &plan, &nodes);
+            assert_eq!(node_counts(&plan).len(), 5);
+            assert!(plan.degraded);
+        }
+    }
+
+    #[test]
     fn too_few_up_nodes_is_an_error_naming_counts() {
         let code = Code::default();
         let nodes = topology(&[("r1", 2, true), ("r2", 2, true), ("r3", 2, false)]);
