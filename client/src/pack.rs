@@ -473,6 +473,35 @@ mod tests {
         assert!(pack.blob_bytes(&far).is_none());
     }
 
+    #[test]
+    fn golden_pack_v1() {
+        use crate::seal::tests::{GOLDEN_TEXT, golden_key, golden_noise, golden_vector};
+        let key = golden_key();
+        let noise = golden_noise();
+        let plaintexts: [(&[u8], BlobKind); 2] =
+            [(GOLDEN_TEXT, BlobKind::Data), (&noise, BlobKind::Tree)];
+        let data = golden_vector("pack-v1.bin", || {
+            let mut builder = PackBuilder::new(PACK_TARGET_BYTES);
+            for (plain, kind) in plaintexts {
+                let id = key.blob_id(plain);
+                builder.add(id, kind, &key.encode_blob(&id, plain).expect("encodes"));
+            }
+            builder.finish(&key).expect("finishes").data
+        });
+        let index = read_pack_index(&key, &data).expect("indexes");
+        assert_eq!(index.len(), 2);
+        let mut offset = 0;
+        for (blob, (plain, kind)) in index.iter().zip(plaintexts) {
+            assert_eq!(blob.id, key.blob_id(plain));
+            assert_eq!(blob.kind, kind);
+            assert_eq!(blob.offset, offset);
+            offset += u64::from(blob.length);
+            let bytes = &data[blob.offset as usize..blob.range().end as usize];
+            assert_eq!(key.decode_blob(&blob.id, bytes).expect("decodes"), plain);
+        }
+        assert_eq!(&data[data.len() - 8..], b"CAIRNPK\x01");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 

@@ -60,12 +60,12 @@ pub struct TreeEntry {
 /// What an entry is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {
-    /// A regular file: its size and its chunks' ids in order.
+    /// A regular file: its size and its chunks in order.
     File {
-        /// Size in bytes (the sum of the chunk sizes).
+        /// Size in bytes (the sum of the chunk lengths).
         size: u64,
-        /// Chunk ids, in file order.
-        chunks: Vec<BlobId>,
+        /// Chunks, in file order.
+        chunks: Vec<ChunkRef>,
     },
     /// A directory and the id of its own tree blob.
     Dir {
@@ -77,6 +77,17 @@ pub enum EntryKind {
         /// The link's target.
         target: String,
     },
+}
+
+/// One chunk of a file: its id and plaintext length. Lengths let a restore
+/// place every chunk at its offset before any data arrives, so chunks can be
+/// written in whatever order their packs come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// Keyed blake3 of the chunk's plaintext.
+    pub id: BlobId,
+    /// Plaintext length in bytes, 1 to [`MAX_BLOB_BYTES`].
+    pub len: u32,
 }
 
 /// Why a tree is refused.
@@ -146,7 +157,7 @@ pub enum TreeError {
     },
     /// A file whose size and chunk list disagree.
     #[error(
-        "file {name:?} has size {size} but {chunks} chunks (a file has chunks exactly when it is not empty)"
+        "file {name:?} has size {size} but {chunks} chunks adding up to {total} bytes (a file has chunks exactly when it is not empty, and they add up to its size)"
     )]
     FileChunks {
         /// The file's name.
@@ -155,6 +166,16 @@ pub enum TreeError {
         size: u64,
         /// Number of chunk ids.
         chunks: usize,
+        /// Sum of the chunk lengths.
+        total: u64,
+    },
+    /// A chunk of length 0 or above the blob limit.
+    #[error("file {name:?} lists a chunk of {len} bytes; chunks hold 1 to {MAX_BLOB_BYTES} bytes")]
+    ChunkLength {
+        /// The file's name.
+        name: String,
+        /// The chunk length.
+        len: u32,
     },
 }
 
@@ -189,11 +210,25 @@ impl Tree {
             previous = Some(&entry.name);
             match &entry.kind {
                 EntryKind::File { size, chunks } => {
-                    if (*size == 0) != chunks.is_empty() {
+                    let mut total = 0u64;
+                    for chunk in chunks {
+                        if chunk.len == 0 || chunk.len as usize > MAX_BLOB_BYTES {
+                            return Err(TreeError::ChunkLength {
+                                name: entry.name.clone(),
+                                len: chunk.len,
+                            });
+                        }
+                        // Cannot overflow (a tree holds < 2^25 chunks), but
+                        // a decoder of hostile bytes must not rely on it.
+                        total = total.saturating_add(u64::from(chunk.len));
+                    }
+                    // With non-empty chunks, size 0 <=> no chunks follows.
+                    if total != *size {
                         return Err(TreeError::FileChunks {
                             name: entry.name.clone(),
                             size: *size,
                             chunks: chunks.len(),
+                            total,
                         });
                     }
                 }
@@ -267,7 +302,16 @@ mod tests {
             name: name.to_owned(),
             kind: EntryKind::File {
                 size,
-                chunks: (0..chunks).map(|i| [i as u8; 32]).collect(),
+                chunks: (0..chunks)
+                    .map(|i| ChunkRef {
+                        id: [i as u8; 32],
+                        len: if i + 1 == chunks {
+                            (size - (size / chunks as u64) * (chunks as u64 - 1)) as u32
+                        } else {
+                            (size / chunks as u64) as u32
+                        },
+                    })
+                    .collect(),
             },
             mode: 0o100644,
             mtime_ns: 1_730_000_000_123_456_789,
@@ -314,6 +358,75 @@ mod tests {
             Tree::decode(&Tree::default().encode()).expect("empty"),
             Tree::default()
         );
+    }
+
+    /// The tree of the golden vector; never change it (add a new vector).
+    fn golden_tree() -> Tree {
+        Tree {
+            entries: vec![
+                TreeEntry {
+                    name: "2024-11-01.jsonl".to_owned(),
+                    kind: EntryKind::File {
+                        size: 40_000,
+                        chunks: vec![
+                            ChunkRef {
+                                id: [0x11; 32],
+                                len: 32_768,
+                            },
+                            ChunkRef {
+                                id: [0x22; 32],
+                                len: 7_232,
+                            },
+                        ],
+                    },
+                    mode: 0o100644,
+                    mtime_ns: 1_730_419_200_000_000_001,
+                    uid: 1000,
+                    gid: 100,
+                },
+                TreeEntry {
+                    name: "latest".to_owned(),
+                    kind: EntryKind::Symlink {
+                        target: "2024-11-01.jsonl".to_owned(),
+                    },
+                    mode: 0o120777,
+                    mtime_ns: -1,
+                    uid: 0,
+                    gid: 0,
+                },
+                TreeEntry {
+                    name: "media".to_owned(),
+                    kind: EntryKind::Dir {
+                        subtree: [0x33; 32],
+                    },
+                    mode: 0o40755,
+                    mtime_ns: 0,
+                    uid: 1000,
+                    gid: 100,
+                },
+                TreeEntry {
+                    name: "空.txt".to_owned(),
+                    kind: EntryKind::File {
+                        size: 0,
+                        chunks: vec![],
+                    },
+                    mode: 0o100600,
+                    mtime_ns: 1,
+                    uid: 4_000_000_000,
+                    gid: 1,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn golden_tree_v1() {
+        let tree = golden_tree();
+        tree.validate().expect("the golden tree is valid");
+        let golden = crate::seal::tests::golden_vector("tree-v1.bin", || tree.encode());
+        // Byte-exact both ways: the encoding is canonical and stable.
+        assert_eq!(golden, tree.encode());
+        assert_eq!(Tree::decode(&golden).expect("decodes"), tree);
     }
 
     #[test]
@@ -369,11 +482,28 @@ mod tests {
         ));
         assert!(matches!(
             Tree::decode(&raw(vec![file("f", 10, 0)])),
-            Err(TreeError::FileChunks { .. })
+            Err(TreeError::FileChunks { total: 0, .. })
+        ));
+        let mut short = file("f", 300, 3);
+        if let EntryKind::File { size, .. } = &mut short.kind {
+            *size -= 1;
+        }
+        assert!(matches!(
+            Tree::decode(&raw(vec![short])),
+            Err(TreeError::FileChunks { total: 300, .. })
         ));
         assert!(matches!(
             Tree::decode(&raw(vec![file("f", 0, 2)])),
-            Err(TreeError::FileChunks { .. })
+            Err(TreeError::ChunkLength { len: 0, .. })
+        ));
+        let mut huge = file("f", 1, 1);
+        if let EntryKind::File { size, chunks } = &mut huge.kind {
+            chunks[0].len = u32::MAX;
+            *size = u64::from(u32::MAX);
+        }
+        assert!(matches!(
+            Tree::decode(&raw(vec![huge])),
+            Err(TreeError::ChunkLength { .. })
         ));
     }
 
@@ -417,7 +547,7 @@ mod tests {
         #[test]
         fn valid_trees_round_trip(
             names in proptest::collection::btree_set("[a-zA-Z0-9._-]{1,12}", 0..20),
-            size in 1u64..1_000_000,
+            size in 2u64..1_000_000,
         ) {
             let entries: Vec<TreeEntry> = names
                 .iter()
