@@ -43,6 +43,7 @@
 //! Key bytes are not zeroized on drop (no zeroize crate in the graph); the
 //! `Debug` impl never prints them.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use rand::RngCore;
@@ -349,8 +350,8 @@ impl MasterKey {
             });
         }
         self.check_id(id, plaintext)?;
-        let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL)
-            .map_err(|source| SealError::Compress { source })?;
+        let compressed =
+            zstd_compress(plaintext).map_err(|source| SealError::Compress { source })?;
         // Keep zstd only when it saves at least 1/64: decompression is not
         // free, and already-compressed media would gain nothing.
         let worth_it = compressed.len() < plaintext.len() - plaintext.len() / 64;
@@ -398,7 +399,7 @@ impl MasterKey {
             }
             // The capacity is both the allocation and the hard cap: zstd
             // fails rather than write more, so no bomb gets past `stated`.
-            CODEC_ZSTD => zstd::bulk::decompress(payload, stated)
+            CODEC_ZSTD => zstd_decompress(payload, stated)
                 .map_err(|source| SealError::Decompress { source })?,
             codec => return Err(SealError::UnknownCodec { codec }),
         };
@@ -422,6 +423,40 @@ impl MasterKey {
         }
         Ok(())
     }
+}
+
+thread_local! {
+    // One zstd context per thread, reused: creating one per 32 KiB chunk
+    // cost ~20 % of compression time (measured on chat logs, level 1).
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+/// `zstd::bulk::compress(data, ZSTD_LEVEL)` on this thread's reused context.
+fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let compressor = match &mut *slot {
+            Some(c) => c,
+            empty => empty.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+        };
+        compressor.compress(data)
+    })
+}
+
+/// `zstd::bulk::decompress(data, capacity)` on this thread's reused
+/// context: fails rather than produce more than `capacity` bytes.
+fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let decompressor = match &mut *slot {
+            Some(d) => d,
+            empty => empty.insert(zstd::bulk::Decompressor::new()?),
+        };
+        decompressor.decompress(data, capacity)
+    })
 }
 
 fn zero_nonce() -> Nonce {
@@ -871,6 +906,11 @@ pub(crate) mod tests {
             key.decode_blob(&id, &blob),
             Err(SealError::BlobTooLarge { .. })
         ));
+        // The thread's reused zstd context still works after the failures.
+        let text = b"after the bomb ".repeat(100);
+        let text_id = key.blob_id(&text);
+        let good = key.encode_blob(&text_id, &text).expect("encodes");
+        assert_eq!(key.decode_blob(&text_id, &good).expect("decodes"), text);
     }
 
     #[test]
