@@ -153,7 +153,7 @@ impl Session {
         let mut ids = Vec::new();
         let mut size = 0u64;
         let mut batch = Vec::with_capacity(DEDUP_BATCH_CHUNKS);
-        for chunk in Chunker::new(reader) {
+        for chunk in Chunker::with_seed(reader, self.repo.key().chunker_seed()) {
             let chunk = chunk.map_err(|e| ClientError::io(path, std::io::Error::other(e)))?;
             let id = self.repo.key().blob_id(&chunk);
             size += chunk.len() as u64;

@@ -132,7 +132,8 @@ pub fn mutate(dir: &Path, percent: u32, seed: u64) -> std::io::Result<u64> {
         let path = &logs[rng.gen_range(0..logs.len())];
         let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
         for _ in 0..rng.gen_range(20..200) {
-            let line = message(&mut rng, 0, 1_763_800_000_000 + rng.gen_range(0..86_400_000));
+            let t = 1_763_800_000_000 + rng.gen_range(0..86_400_000);
+            let line = message(&mut rng, 0, t);
             appended += line.len() as u64;
             file.write_all(line.as_bytes())?;
         }

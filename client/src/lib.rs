@@ -2,9 +2,39 @@
 //!
 //! Everything that touches plaintext or keys happens here: chunking,
 //! hashing, compression and encryption before data leaves the process.
+//! Nodes receive sealed blobs in packs, sealed trees and sealed snapshot
+//! info, never a key or a name.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), cairn_client::ClientError> {
+//! use std::sync::Arc;
+//! use cairn_client::{Cluster, Repository, backup, restore};
+//!
+//! let cluster = Cluster::new(&["127.0.0.1:7101".into(), "127.0.0.1:7201".into()])?;
+//! let repo = Arc::new(Repository::open(cluster, "default", b"passphrase").await?);
+//! let options = backup::BackupOptions { dataset: "chat-messages".into(), ..Default::default() };
+//! let summary = backup::backup_paths(repo.clone(), &["/var/lib/chat".into()], &options,
+//!     Default::default()).await?;
+//! let snapshot = repo.find_snapshot(&summary.snapshot_id, None).await?;
+//! restore::restore(&repo, &snapshot, "/tmp/restore".as_ref(), &Default::default(),
+//!     Default::default()).await?;
+//! # Ok(()) }
+//! ```
 
+pub mod backup;
 pub mod chunker;
+pub mod connection;
+pub mod datagen;
+pub mod demo;
+pub mod error;
 pub mod pack;
 pub mod path_guard;
+pub mod repo;
+pub mod restore;
 pub mod seal;
 pub mod tree;
+pub mod verify;
+
+pub use connection::Cluster;
+pub use error::ClientError;
+pub use repo::{Repository, Snapshot};

@@ -188,10 +188,6 @@ impl Repository {
         &self.key
     }
 
-    pub(crate) fn cluster(&self) -> &Cluster {
-        &self.cluster
-    }
-
     /// Every snapshot (of one dataset, or all), oldest first.
     pub async fn snapshots(&self, dataset: Option<&str>) -> Result<Vec<Snapshot>> {
         let reply = self

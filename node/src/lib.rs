@@ -5,8 +5,13 @@
 //! clients (`gateway`), which encodes packs (`erasure`) and decides where their
 //! shards go (`placement`). Nodes only ever see ciphertext.
 
+pub mod config;
 pub mod erasure;
+pub mod gateway;
 pub mod kv;
+pub mod local_cluster;
 pub mod meta;
+pub mod peers;
 pub mod placement;
+pub mod server;
 pub mod shard_store;

@@ -50,7 +50,8 @@ pub enum PlacementError {
     /// The code is invalid.
     #[error(transparent)]
     InvalidCode(#[from] ErasureError),
-    /// Fewer distinct up nodes than `k + 1`: no write could be acknowledged.
+    /// Fewer up nodes than [`min_distinct_nodes`]: a pack would put more
+    /// than m shards on some node.
     #[error(
         "only {up} node(s) are up but code {code} needs at least {needed} distinct up nodes \
          to make a pack durable; bring nodes back or use a smaller code"
@@ -82,10 +83,11 @@ fn score(pack_id: &Id32, node: NodeId) -> u64 {
 /// over nodes comes next. With capacities `min(up nodes, m)` per region this
 /// is water-filling, which meets the healthy constraints whenever any
 /// assignment can. One hard floor overrides the order: the plan always uses
-/// at least `k + 1` distinct nodes, since a pack is acknowledged only once
-/// `k + 1` shards are durable on distinct nodes. The region cap therefore
-/// holds whenever `regions * m >= k + m` and
-/// `sum over regions of min(up nodes, m) >= k + 1`.
+/// at least `ceil((k + m) / m)` distinct nodes, so that no node holds more
+/// than `m` shards and losing any one node never loses a pack, even while a
+/// region is down and shards double up on the survivors (a pack is
+/// acknowledged once `k + 1` shards are durable). The region cap holds
+/// whenever `up regions * m >= k + m`.
 pub fn place(code: Code, pack_id: &Id32, candidates: &[Candidate]) -> Result<Plan, PlacementError> {
     code.validate()?;
     let mut seen = std::collections::BTreeSet::new();
@@ -95,7 +97,7 @@ pub fn place(code: Code, pack_id: &Id32, candidates: &[Candidate]) -> Result<Pla
         }
     }
     let up: Vec<&Candidate> = candidates.iter().filter(|c| c.up).collect();
-    let needed = code.data + 1;
+    let needed = min_distinct_nodes(code);
     if up.len() < needed as usize {
         return Err(PlacementError::TooFewNodes {
             up: up.len(),
@@ -110,9 +112,9 @@ pub fn place(code: Code, pack_id: &Id32, candidates: &[Candidate]) -> Result<Pla
     let mut distinct = 0u32;
     let mut shards = Vec::with_capacity(code.total() as usize);
     for index in 0..code.total() {
-        // Hard floor: k+1 distinct nodes, or the write can never be
-        // acknowledged. Once the remaining indices are just enough to reach
-        // it, only nodes without a shard qualify (there are enough: checked).
+        // Hard floor: enough distinct nodes that none holds more than m
+        // shards. Once the remaining indices are just enough to reach it,
+        // only nodes without a shard qualify (there are enough: checked).
         let fresh_only = distinct + (code.total() - index) <= needed;
         let best = (0..up.len())
             .filter(|&i| !fresh_only || on_node[i] == 0)
@@ -126,7 +128,7 @@ pub fn place(code: Code, pack_id: &Id32, candidates: &[Candidate]) -> Result<Pla
                     up[i].node,
                 )
             })
-            .expect("at least k+1 up nodes, fewer than k+1 of them used so far");
+            .expect("enough up nodes for the floor, fewer than the floor used so far");
         if on_node[best] == 0 {
             distinct += 1;
         }
@@ -141,6 +143,11 @@ pub fn place(code: Code, pack_id: &Id32, candidates: &[Candidate]) -> Result<Pla
     };
     plan.degraded = !plan.is_healthy(code, candidates);
     Ok(plan)
+}
+
+/// Fewest distinct nodes a pack may be spread over: no node above `m` shards.
+pub fn min_distinct_nodes(code: Code) -> u32 {
+    code.total().div_ceil(code.parity.max(1))
 }
 
 impl Plan {
@@ -269,8 +276,12 @@ mod tests {
         }
         let distinct: BTreeSet<NodeId> = plan.shards.iter().map(|(_, n)| *n).collect();
         assert!(
-            distinct.len() > code.data as usize,
-            "fewer than k+1 distinct nodes"
+            distinct.len() >= min_distinct_nodes(code) as usize,
+            "fewer distinct nodes than the floor"
+        );
+        assert!(
+            node_counts(plan).values().all(|&n| n <= code.parity),
+            "more than m shards on one node"
         );
     }
 
@@ -316,36 +327,46 @@ mod tests {
     }
 
     #[test]
-    fn always_uses_k_plus_one_distinct_nodes() {
-        // r0 has 3 nodes, r1 and r2 one each: keeping ≤ 2 per region would put
-        // all 6 shards on 4 nodes, and a pack needs k+1 = 5 distinct durable
-        // nodes to be acknowledged. The floor wins over the region cap.
+    fn region_cap_before_one_per_node_when_nodes_are_short() {
+        // r0 has 3 nodes, r1 and r2 one each: two shards per region keeps a
+        // region loss survivable, at the price of doubling up on the single
+        // nodes of r1 and r2 (never more than m on a node).
         let code = Code::default();
         let nodes = topology(&[("r0", 3, true), ("r1", 1, true), ("r2", 1, true)]);
         for p in 0..20 {
             let plan = place(code, &pid(p), &nodes).expect("5 up nodes");
             must_be_valid(code, &plan, &nodes);
-            assert_eq!(node_counts(&plan).len(), 5);
+            assert!(region_counts(&plan, &nodes).values().all(|&n| n <= 2));
             assert!(plan.degraded);
         }
+    }
+
+    #[test]
+    fn a_region_down_still_places_every_shard_on_the_survivors() {
+        let code = Code::default();
+        let nodes = topology(&[("r1", 2, true), ("r2", 2, true), ("r3", 2, false)]);
+        let plan = place(code, &pid(3), &nodes).expect("4 up nodes are enough");
+        must_be_valid(code, &plan, &nodes);
+        assert_eq!(plan.shards.len(), 6);
+        assert!(plan.degraded);
     }
 
     #[test]
     fn too_few_up_nodes_is_an_error_naming_counts() {
         let code = Code::default();
         let nodes = topology(&[("r1", 2, true), ("r2", 2, true), ("r3", 2, false)]);
-        let err = place(code, &pid(1), &nodes[..4])
+        let err = place(code, &pid(1), &nodes[..2])
             .map(|_| ())
-            .expect_err("4 < 5");
+            .expect_err("2 < 3");
         assert_eq!(
             err,
             PlacementError::TooFewNodes {
-                up: 4,
-                needed: 5,
+                up: 2,
+                needed: 3,
                 code
             }
         );
-        assert!(err.to_string().contains("only 4 node(s) are up"));
+        assert!(err.to_string().contains("only 2 node(s) are up"));
         let mut dup = nodes.clone();
         dup.push(nodes[0].clone());
         assert_eq!(
@@ -479,7 +500,7 @@ mod tests {
                 Err(e) => return Err(TestCaseError::fail(e.to_string())),
                 Ok(plan) => plan,
             };
-            prop_assert!(up > code.data as usize);
+            prop_assert!(up >= min_distinct_nodes(code) as usize);
             must_be_valid(code, &plan, &nodes);
 
             // Satisfiability, checked independently of the planner.
@@ -497,10 +518,10 @@ mod tests {
             prop_assert_eq!(plan.degraded, !satisfiable);
 
             // The region cap holds, even degraded, whenever it is compatible
-            // with the k+1 distinct nodes floor.
+            // with the distinct-nodes floor.
             let distinct_under_cap: u32 = per_region.values().map(|&n| n.min(code.parity)).sum();
             if per_region.len() as u64 * u64::from(code.parity) >= u64::from(code.total())
-                && distinct_under_cap > code.data
+                && distinct_under_cap >= min_distinct_nodes(code)
             {
                 prop_assert!(per_region_ok, "region cap broken: {:?}", regions);
             }

@@ -125,9 +125,14 @@ impl Gateway {
             }
         }
 
+        // Acknowledge only k+1 durable shards or more, none of them doubled
+        // up beyond m on a node: any one node may still fail afterwards.
         let needed = code.data as usize + 1;
-        let distinct_nodes: BTreeSet<NodeId> = durable.values().map(|p| p.node).collect();
-        if durable.len() < needed || distinct_nodes.len() < needed.min(members.len()) {
+        let mut per_node: BTreeMap<NodeId, u32> = BTreeMap::new();
+        for placement in durable.values() {
+            *per_node.entry(placement.node).or_default() += 1;
+        }
+        if durable.len() < needed || per_node.values().any(|&n| n > code.parity) {
             return Err(GatewayError::TooFewShards {
                 pack: hex::encode(pack_id),
                 durable: durable.len(),

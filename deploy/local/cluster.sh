@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Starts a real 3-region cluster of cairn-node processes on loopback:
+# regions r1, r2, r3 with two nodes each, erasure 4+2, data under $DIR.
+#   deploy/local/cluster.sh start [DIR]   # builds release binaries first
+#   deploy/local/cluster.sh stop-region r1
+#   deploy/local/cluster.sh start-region r1
+#   deploy/local/cluster.sh stop
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DIR=${CAIRN_LOCAL_DIR:-${TMPDIR:-/tmp}/cairn-local}
+[ "${1:-}" = start ] && [ -n "${2:-}" ] && DIR=$2
+BIN=target/release/cairn-node
+NODES=(1=r1@127.0.0.1:7101 2=r1@127.0.0.1:7102 3=r2@127.0.0.1:7201 4=r2@127.0.0.1:7202 5=r3@127.0.0.1:7301 6=r3@127.0.0.1:7302)
+CLUSTER=$(IFS=,; echo "${NODES[*]}")
+
+start_node() { # id=region@addr
+  local spec=$1 id=${1%%=*} rest=${1#*=}
+  local region=${rest%%@*} addr=${rest#*@}
+  mkdir -p "$DIR/node-$id"
+  "$BIN" --node-id "$id" --region "$region" --listen "$addr" --data-dir "$DIR/node-$id" \
+    --initial-cluster "$CLUSTER" --erasure 4+2 >>"$DIR/node-$id.log" 2>&1 &
+  echo $! >"$DIR/node-$id.pid"
+  echo "node $id ($region) on $addr, log $DIR/node-$id.log"
+}
+stop_node() { local id=$1; [ -f "$DIR/node-$id.pid" ] && kill "$(cat "$DIR/node-$id.pid")" 2>/dev/null || true; rm -f "$DIR/node-$id.pid"; }
+
+case "${1:-}" in
+  start)
+    cargo build --release --bin cairn-node --bin cairn
+    mkdir -p "$DIR"
+    for spec in "${NODES[@]}"; do start_node "$spec"; done
+    echo "export CAIRN_CLUSTER=127.0.0.1:7101,127.0.0.1:7201,127.0.0.1:7301"
+    ;;
+  stop-region)
+    for spec in "${NODES[@]}"; do [[ $spec == *"=$2@"* ]] && stop_node "${spec%%=*}"; done ;;
+  start-region)
+    for spec in "${NODES[@]}"; do [[ $spec == *"=$2@"* ]] && start_node "$spec"; done ;;
+  stop)
+    for spec in "${NODES[@]}"; do stop_node "${spec%%=*}"; done ;;
+  *) echo "usage: $0 start [DIR] | stop-region R | start-region R | stop" >&2; exit 2 ;;
+esac
