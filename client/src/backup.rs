@@ -102,7 +102,9 @@ impl Session {
         }
         let claimed: Vec<usize> = {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            (0..chunks.len()).filter(|&i| seen.insert(chunks[i].0)).collect()
+            (0..chunks.len())
+                .filter(|&i| seen.insert(chunks[i].0))
+                .collect()
         };
         if !claimed.is_empty() {
             let ids: Vec<BlobId> = claimed.iter().map(|&i| chunks[i].0).collect();
@@ -128,7 +130,10 @@ impl Session {
             let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
             builder.add(id, kind, encoded);
             if builder.is_full() {
-                Some(std::mem::replace(&mut *builder, PackBuilder::new(PACK_TARGET_BYTES)))
+                Some(std::mem::replace(
+                    &mut *builder,
+                    PackBuilder::new(PACK_TARGET_BYTES),
+                ))
             } else {
                 None
             }
@@ -220,7 +225,10 @@ pub async fn backup_paths(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "root".into());
-        if tops.iter().any(|(n, _, _): &(String, PathBuf, std::fs::Metadata)| *n == name) {
+        if tops
+            .iter()
+            .any(|(n, _, _): &(String, PathBuf, std::fs::Metadata)| *n == name)
+        {
             return Err(ClientError::BadInput {
                 what: format!("two paths end in the same name {name:?}; back them up separately"),
             });
@@ -229,21 +237,33 @@ pub async fn backup_paths(
     }
     let info_paths = paths.iter().map(|p| p.display().to_string()).collect();
     let files_max = options.files_in_flight_max.max(1);
-    run_backup(repo, options, progress, info_paths, move |session, parent| {
-        Box::pin(async move {
-            let mut entries = Vec::new();
-            let permits = Arc::new(Semaphore::new(files_max));
-            for (name, path, meta) in tops {
-                let parent_entry = parent.as_ref().and_then(|t| find_entry(t, &name));
-                let entry =
-                    backup_entry(session.clone(), permits.clone(), name, path, meta, parent_entry)
-                        .await?;
-                entries.extend(entry);
-            }
-            entries.sort_by(|a, b| a.name.cmp(&b.name));
-            Ok(Tree { entries })
-        })
-    })
+    run_backup(
+        repo,
+        options,
+        progress,
+        info_paths,
+        move |session, parent| {
+            Box::pin(async move {
+                let mut entries = Vec::new();
+                let permits = Arc::new(Semaphore::new(files_max));
+                for (name, path, meta) in tops {
+                    let parent_entry = parent.as_ref().and_then(|t| find_entry(t, &name));
+                    let entry = backup_entry(
+                        session.clone(),
+                        permits.clone(),
+                        name,
+                        path,
+                        meta,
+                        parent_entry,
+                    )
+                    .await?;
+                    entries.extend(entry);
+                }
+                entries.sort_by(|a, b| a.name.cmp(&b.name));
+                Ok(Tree { entries })
+            })
+        },
+    )
     .await
 }
 
@@ -385,7 +405,12 @@ where
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as i64,
-        kind: if parent.is_some() { "incremental" } else { "full" }.into(),
+        kind: if parent.is_some() {
+            "incremental"
+        } else {
+            "full"
+        }
+        .into(),
         root_tree: root_id,
         info: SnapshotInfo {
             paths: info_paths,
@@ -449,11 +474,13 @@ fn backup_entry(
         };
         if file_type.is_symlink() {
             let target = std::fs::read_link(&path).map_err(|e| ClientError::io(&path, e))?;
-            let target = target.into_os_string().into_string().map_err(|_| {
-                ClientError::BadInput {
-                    what: format!("{}: symlink target is not UTF-8", path.display()),
-                }
-            })?;
+            let target =
+                target
+                    .into_os_string()
+                    .into_string()
+                    .map_err(|_| ClientError::BadInput {
+                        what: format!("{}: symlink target is not UTF-8", path.display()),
+                    })?;
             return Ok(Some(base(EntryKind::Symlink { target })));
         }
         if file_type.is_dir() {

@@ -37,12 +37,13 @@ impl Cluster {
     pub fn new(addrs: &[String]) -> Result<Self> {
         let mut endpoints = Vec::new();
         for addr in addrs.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
-            let channel = cairn_node::peers::lazy_channel(addr, Duration::from_secs(2)).map_err(
-                |e| ClientError::BadAddress {
-                    addr: addr.to_string(),
-                    reason: e.to_string(),
-                },
-            )?;
+            let channel =
+                cairn_node::peers::lazy_channel(addr, Duration::from_secs(2)).map_err(|e| {
+                    ClientError::BadAddress {
+                        addr: addr.to_string(),
+                        reason: e.to_string(),
+                    }
+                })?;
             endpoints.push((addr.to_string(), channel));
         }
         if endpoints.is_empty() {
@@ -126,7 +127,9 @@ fn retryable(status: &Status) -> bool {
     match status.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => true,
         // Transport failures surface as Unknown with a transport source.
-        Code::Unknown => std::error::Error::source(status).is_some() || status.message().contains("transport"),
+        Code::Unknown => {
+            std::error::Error::source(status).is_some() || status.message().contains("transport")
+        }
         _ => false,
     }
 }

@@ -10,13 +10,37 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const WORDS: &[&str] = &[
-    "hello", "gg", "lol", "nice", "stream", "today", "wow", "love", "this", "song", "again",
-    "666", "哈哈哈", "主播", "好看", "礼物", "谢谢", "来了", "加油", "🔥", "❤️", "😂", "👏", "🎉",
+    "hello",
+    "gg",
+    "lol",
+    "nice",
+    "stream",
+    "today",
+    "wow",
+    "love",
+    "this",
+    "song",
+    "again",
+    "666",
+    "哈哈哈",
+    "主播",
+    "好看",
+    "礼物",
+    "谢谢",
+    "来了",
+    "加油",
+    "🔥",
+    "❤️",
+    "😂",
+    "👏",
+    "🎉",
 ];
 
 fn message(rng: &mut StdRng, room: u32, t: u64) -> String {
     let words = rng.gen_range(2..14);
-    let text: Vec<&str> = (0..words).map(|_| WORDS[rng.gen_range(0..WORDS.len())]).collect();
+    let text: Vec<&str> = (0..words)
+        .map(|_| WORDS[rng.gen_range(0..WORDS.len())])
+        .collect();
     format!(
         "{{\"ts\":{t},\"room\":{room},\"user\":{},\"type\":\"chat\",\"text\":\"{}\"}}\n",
         rng.gen_range(1..200_000),
@@ -57,8 +81,9 @@ pub fn generate(dir: &Path, size_mb: u64, seed: u64) -> std::io::Result<u64> {
     }
     // gifts and profiles: ~15%
     for day in 0..3 {
-        let mut file =
-            std::io::BufWriter::new(std::fs::File::create(dir.join(format!("gifts/2026-11-{:02}.csv", 19 + day)))?);
+        let mut file = std::io::BufWriter::new(std::fs::File::create(
+            dir.join(format!("gifts/2026-11-{:02}.csv", 19 + day)),
+        )?);
         file.write_all(b"ts,from_user,to_streamer,gift,coins\n")?;
         let mut n = 0u64;
         while n < budget * 5 / 100 / 3 {
@@ -75,7 +100,8 @@ pub fn generate(dir: &Path, size_mb: u64, seed: u64) -> std::io::Result<u64> {
         }
         written += n;
     }
-    let mut profiles = std::io::BufWriter::new(std::fs::File::create(dir.join("users/profiles.csv"))?);
+    let mut profiles =
+        std::io::BufWriter::new(std::fs::File::create(dir.join("users/profiles.csv"))?);
     let mut n = 0u64;
     let mut uid = 0u64;
     while n < budget * 10 / 100 {
@@ -95,7 +121,9 @@ pub fn generate(dir: &Path, size_mb: u64, seed: u64) -> std::io::Result<u64> {
     let mut m = 0u64;
     let mut i = 0;
     while m < media_budget {
-        let len = rng.gen_range(20_000..400_000usize).min((media_budget - m) as usize + 1);
+        let len = rng
+            .gen_range(20_000..400_000usize)
+            .min((media_budget - m) as usize + 1);
         let mut bytes = vec![0u8; len];
         rng.fill(&mut bytes[..]);
         bytes[..3].copy_from_slice(&[0xFF, 0xD8, 0xFF]);

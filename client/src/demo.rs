@@ -81,7 +81,10 @@ pub async fn demo(size_mb: u64) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     ));
     for (id, info) in cluster.members() {
-        stage.say(format!("     node {id}  region {}  {}", info.region, info.addr));
+        stage.say(format!(
+            "     node {id}  region {}  {}",
+            info.region, info.addr
+        ));
     }
 
     let source = work.path().join("chat-data");
@@ -157,10 +160,18 @@ pub async fn demo(size_mb: u64) -> anyhow::Result<()> {
         bail!(
             "restore differs from the source in {} place(s): {}",
             differences.len(),
-            differences.iter().take(10).cloned().collect::<Vec<_>>().join("; ")
+            differences
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
         );
     }
-    stage.say("7. verified byte for byte: contents, modes, mtimes, symlinks, empty dirs — identical".into());
+    stage.say(
+        "7. verified byte for byte: contents, modes, mtimes, symlinks, empty dirs — identical"
+            .into(),
+    );
     cluster.shutdown().await?;
     stage.say(format!(
         "done; the cluster's files were in {} (now removed)",
@@ -198,11 +209,18 @@ pub async fn bench(size_mb: u64, data: Option<PathBuf>, json: bool) -> anyhow::R
     let client = Cluster::new(&cluster.addrs())?;
     let repo = Arc::new(Repository::init(client, TENANT, PASSWORD, KdfParams::default()).await?);
     if !json {
-        println!("benchmark: {:.0} MB, 3 regions x 2 nodes, 4+2, fsync on", mb(dataset_bytes));
+        println!(
+            "benchmark: {:.0} MB, 3 regions x 2 nodes, 4+2, fsync on",
+            mb(dataset_bytes)
+        );
     }
     let full = backup_once(&repo, &source).await?;
     if !json {
-        println!("  backup       {:>7.2}s  {:>6.0} MB/s", full.duration_s, mb(full.bytes) / full.duration_s);
+        println!(
+            "  backup       {:>7.2}s  {:>6.0} MB/s",
+            full.duration_s,
+            mb(full.bytes) / full.duration_s
+        );
     }
     if data.is_none() {
         datagen::mutate(&source, 1, 2)?;
@@ -227,7 +245,10 @@ pub async fn bench(size_mb: u64, data: Option<PathBuf>, json: bool) -> anyhow::R
     .await?;
     let restore_mb_s = mb(restored.bytes) / restored.duration_s.max(1e-9);
     if !json {
-        println!("  restore      {:>7.2}s  {:>6.0} MB/s", restored.duration_s, restore_mb_s);
+        println!(
+            "  restore      {:>7.2}s  {:>6.0} MB/s",
+            restored.duration_s, restore_mb_s
+        );
     }
     cluster.shutdown().await?;
     Ok(BenchReport {

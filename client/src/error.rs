@@ -19,7 +19,9 @@ pub enum ClientError {
     AlreadyInitialized { tenant: String },
     #[error("no snapshot matches {query:?}")]
     SnapshotNotFound { query: String },
-    #[error("snapshot prefix {query:?} is ambiguous ({matches} snapshots match); give more characters")]
+    #[error(
+        "snapshot prefix {query:?} is ambiguous ({matches} snapshots match); give more characters"
+    )]
     AmbiguousSnapshot { query: String, matches: usize },
     #[error("snapshot ids are hex, at least 8 characters (or `latest`): {query:?}")]
     BadSnapshotId { query: String },

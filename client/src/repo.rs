@@ -313,7 +313,9 @@ impl Repository {
                 })
                 .await?;
             if reply.present.len() != batch.len() {
-                return Err(ClientError::integrity("find blobs: answer of the wrong length"));
+                return Err(ClientError::integrity(
+                    "find blobs: answer of the wrong length",
+                ));
             }
             present.extend(reply.present);
         }
@@ -391,7 +393,8 @@ impl Repository {
         while start < ranges.len() {
             let mut end = start;
             let mut bytes = 0u64;
-            while end < ranges.len() && (end == start || bytes + ranges[end].1 <= READ_BYTES_PER_CALL)
+            while end < ranges.len()
+                && (end == start || bytes + ranges[end].1 <= READ_BYTES_PER_CALL)
             {
                 bytes += ranges[end].1;
                 end += 1;
@@ -419,7 +422,9 @@ impl Repository {
                     .zip(batch)
                     .any(|(data, (_, len))| data.len() as u64 != *len)
             {
-                return Err(ClientError::integrity("read pack: answer of the wrong shape"));
+                return Err(ClientError::integrity(
+                    "read pack: answer of the wrong shape",
+                ));
             }
             out.extend(reply.ranges);
             start = end;

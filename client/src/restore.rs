@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -104,12 +104,11 @@ fn build_globs(patterns: &[String]) -> Result<Option<GlobSet>> {
     }
     let mut builder = GlobSetBuilder::new();
     for pattern in patterns {
-        let glob = Glob::new(pattern.trim_start_matches('/')).map_err(|e| {
-            ClientError::BadPattern {
+        let glob =
+            Glob::new(pattern.trim_start_matches('/')).map_err(|e| ClientError::BadPattern {
                 pattern: pattern.clone(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         builder.add(glob);
     }
     builder
@@ -174,7 +173,10 @@ pub async fn restore(
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
     let globs = build_globs(&options.include)?;
-    let items = select(walk(repo, snapshot, &options.exclude_regions).await?, globs.as_ref());
+    let items = select(
+        walk(repo, snapshot, &options.exclude_regions).await?,
+        globs.as_ref(),
+    );
     std::fs::create_dir_all(target).map_err(|e| ClientError::io(target, e))?;
     let target = target
         .canonicalize()
@@ -250,7 +252,7 @@ pub async fn restore(
 
     // Metadata after data; symlinks last.
     for (path, item) in &files {
-        let mode = item.entry.mode & 0o7777;
+        let mode = item.entry.mode & 0o1777; // never setuid/setgid from a snapshot
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
         let _ = set_mtime(path, item.entry.mtime_ns);
     }
@@ -275,17 +277,17 @@ pub async fn restore(
     for item in dirs {
         let parts: Vec<&str> = item.path.iter().map(String::as_str).collect();
         let path = safe_join(&target, &parts)?;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(item.entry.mode & 0o7777));
+        let _ = std::fs::set_permissions(
+            &path,
+            std::fs::Permissions::from_mode(item.entry.mode & 0o1777),
+        );
         let _ = set_mtime(&path, item.entry.mtime_ns);
     }
 
     summary.duration_s = started.elapsed().as_secs_f64();
     summary.time_to_first_byte_s = first_byte.get().copied().unwrap_or(summary.duration_s);
     if !failures.is_empty() {
-        let mut names: Vec<String> = failures
-            .iter()
-            .map(|&i| files[i].1.path_string())
-            .collect();
+        let mut names: Vec<String> = failures.iter().map(|&i| files[i].1.path_string()).collect();
         names.sort();
         names.dedup();
         let count = names.len();
@@ -310,7 +312,10 @@ fn plan_packs(
         let loc = located.get(&id).ok_or_else(|| {
             ClientError::integrity(format!("chunk {} is not in the index", hex::encode(id)))
         })?;
-        packs.entry(loc.pack_id).or_default().push((id, *loc, destinations));
+        packs
+            .entry(loc.pack_id)
+            .or_default()
+            .push((id, *loc, destinations));
     }
     for blobs in packs.values_mut() {
         blobs.sort_by_key(|(_, loc, _)| loc.offset);
@@ -460,9 +465,9 @@ pub async fn dump(
                     let ids: Vec<BlobId> = batch.iter().map(|c| c.id).collect();
                     let blobs = repo.read_blobs(&ids, &[]).await?;
                     for id in &ids {
-                        let data = blobs
-                            .get(id)
-                            .ok_or_else(|| ClientError::integrity("chunk missing from the answer"))?;
+                        let data = blobs.get(id).ok_or_else(|| {
+                            ClientError::integrity("chunk missing from the answer")
+                        })?;
                         out.write_all(data)
                             .map_err(|e| ClientError::io("<stdout>", e))?;
                         written += data.len() as u64;

@@ -5,7 +5,7 @@
 //! This module owns every use of key material in the client. It must not do
 //! I/O, and nothing it returns for storage may contain plaintext or key
 //! bytes in the clear: nodes see only sealed bytes (invariant 1, zero
-//! knowledge). Byte layouts are specified in `docs/format-client.md`.
+//! knowledge). Byte layouts are specified in `docs/format.md, part 1`.
 //!
 //! # Construction
 //!
@@ -80,7 +80,7 @@ const BLOB_FRAME_LEN: usize = 1 + 4;
 /// zstd level: level 1 is the fast end; backups are CPU-bound on 2 cores.
 const ZSTD_LEVEL: i32 = 1;
 
-/// Key slot layout constants (see `docs/format-client.md`).
+/// Key slot layout constants (see `docs/format.md, part 1`).
 const SLOT_MAGIC: [u8; 8] = *b"CAIRNKEY";
 const SLOT_VERSION: u8 = 1;
 const SLOT_SALT_LEN: usize = 16;

@@ -28,7 +28,10 @@ fn compare(expected: &Path, actual: &Path, rel: PathBuf, out: &mut Vec<String>) 
             rel.display().to_string()
         }
     };
-    let (e, a) = match (std::fs::symlink_metadata(expected), std::fs::symlink_metadata(actual)) {
+    let (e, a) = match (
+        std::fs::symlink_metadata(expected),
+        std::fs::symlink_metadata(actual),
+    ) {
         (Ok(e), Ok(a)) => (e, a),
         (Ok(_), Err(_)) => return out.push(format!("{}: missing", show())),
         (Err(_), Ok(_)) => return out.push(format!("{}: unexpected", show())),
@@ -73,7 +76,12 @@ fn compare(expected: &Path, actual: &Path, rel: PathBuf, out: &mut Vec<String>) 
             out.push(format!("{}: unexpected", rel.join(name).display()));
         }
         for name in en.iter().filter(|n| an.contains(n)) {
-            compare(&expected.join(name), &actual.join(name), rel.join(name), out);
+            compare(
+                &expected.join(name),
+                &actual.join(name),
+                rel.join(name),
+                out,
+            );
         }
     }
 }
@@ -86,7 +94,9 @@ fn same_contents(a: &Path, b: &Path) -> bool {
     let mut ba = vec![0u8; 1 << 16];
     let mut bb = vec![0u8; 1 << 16];
     loop {
-        let Ok(n) = fa.read(&mut ba) else { return false };
+        let Ok(n) = fa.read(&mut ba) else {
+            return false;
+        };
         if n == 0 {
             return fb.read(&mut bb).ok() == Some(0);
         }

@@ -31,7 +31,10 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     #[error("missing setting: {name} (flag --{flag} or `{name}` in the config file)")]
-    Missing { name: &'static str, flag: &'static str },
+    Missing {
+        name: &'static str,
+        flag: &'static str,
+    },
     #[error("--initial-cluster entry {entry:?}: expected ID=REGION@HOST:PORT")]
     ClusterEntry { entry: String },
     #[error("--initial-cluster does not contain this node (id {node_id})")]
@@ -176,12 +179,13 @@ impl NodeConfig {
             });
         }
         let erasure = file.erasure.unwrap_or_else(|| "4+2".into());
-        let code: Code = erasure.parse().map_err(|e: crate::erasure::ErasureError| {
-            ConfigError::Erasure {
-                value: erasure.clone(),
-                reason: e.to_string(),
-            }
-        })?;
+        let code: Code =
+            erasure
+                .parse()
+                .map_err(|e: crate::erasure::ErasureError| ConfigError::Erasure {
+                    value: erasure.clone(),
+                    reason: e.to_string(),
+                })?;
         check_code_fits(code, &initial_cluster)?;
         Ok(Self {
             node_id,
@@ -289,10 +293,14 @@ mod tests {
 
     #[test]
     fn parses_initial_cluster() {
-        let nodes = parse_initial_cluster("1=r1@127.0.0.1:7101, 2=r2@127.0.0.1:7201").expect("valid");
+        let nodes =
+            parse_initial_cluster("1=r1@127.0.0.1:7101, 2=r2@127.0.0.1:7201").expect("valid");
         assert_eq!(nodes.len(), 2);
         assert_eq!(nodes[&2].region, "r2");
-        assert_eq!(format_initial_cluster(&nodes), "1=r1@127.0.0.1:7101,2=r2@127.0.0.1:7201");
+        assert_eq!(
+            format_initial_cluster(&nodes),
+            "1=r1@127.0.0.1:7101,2=r2@127.0.0.1:7201"
+        );
         assert!(parse_initial_cluster("1=r1").is_err());
         assert!(parse_initial_cluster("x=r1@a:1").is_err());
         assert!(parse_initial_cluster("1=r1@a:1,1=r2@b:2").is_err());
@@ -314,7 +322,10 @@ mod tests {
     fn refuses_a_code_two_regions_cannot_hold() {
         let two_regions = "1=r1@a:1,2=r1@a:2,3=r1@a:3,4=r2@b:1,5=r2@b:2,6=r2@b:3";
         let err = NodeConfig::from_file(file(two_regions, "4+2")).expect_err("4+2 on 2 regions");
-        assert!(err.to_string().contains("cannot survive the loss of a region"));
+        assert!(
+            err.to_string()
+                .contains("cannot survive the loss of a region")
+        );
         let three = "1=r1@a:1,2=r1@a:2,3=r2@b:1,4=r2@b:2,5=r3@c:1,6=r3@c:2";
         NodeConfig::from_file(file(three, "4+2")).expect("4+2 on 3x2 is fine");
     }

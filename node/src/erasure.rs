@@ -2,7 +2,7 @@
 //!
 //! This module owns two things: turning a pack (opaque ciphertext) into k data
 //! and m parity shards and back, and the byte layout of a shard file (a fixed
-//! 128-byte header followed by the payload; `docs/format-shard.md`). It is pure:
+//! 128-byte header followed by the payload; `docs/format.md, part 2`). It is pure:
 //! no I/O, no clocks, no randomness, so every function is deterministic and can
 //! be property-tested.
 //!

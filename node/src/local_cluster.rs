@@ -151,7 +151,10 @@ impl LocalCluster {
             handle
                 .stop()
                 .await
-                .map_err(|source| LocalClusterError::Node { node_id: id, source })?;
+                .map_err(|source| LocalClusterError::Node {
+                    node_id: id,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -225,9 +228,10 @@ impl LocalCluster {
                 Ok(status)
                     if status.has_leader
                         && status.nodes.len() == self.members.len()
-                        && self.running.keys().all(|id| {
-                            status.nodes.iter().any(|n| n.node_id == *id && n.up)
-                        }) =>
+                        && self
+                            .running
+                            .keys()
+                            .all(|id| status.nodes.iter().any(|n| n.node_id == *id && n.up)) =>
                 {
                     return Ok(());
                 }

@@ -24,7 +24,10 @@ pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
 
 /// Builds a channel with Cairn's transport settings. It connects on first use.
-pub fn lazy_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+pub fn lazy_channel(
+    addr: &str,
+    connect_timeout: Duration,
+) -> Result<Channel, tonic::transport::Error> {
     let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
     } else {

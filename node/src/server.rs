@@ -48,7 +48,7 @@ pub async fn run(
         path: config.data_dir.clone(),
         source,
     })?;
-    let store = Arc::new(ShardStore::open(&config.data_dir.join("shards"))?);
+    let store = Arc::new(ShardStore::open(config.data_dir.join("shards"))?);
     let meta = Meta::open(
         config.node_id,
         &config.data_dir.join("meta"),

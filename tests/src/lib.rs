@@ -47,9 +47,14 @@ pub fn client(cluster: &LocalCluster) -> Cluster {
 
 pub async fn must_init(cluster: &LocalCluster) -> Arc<Repository> {
     Arc::new(
-        Repository::init(client(cluster), TENANT, PASSWORD, KdfParams::fast_for_tests())
-            .await
-            .expect("init succeeds"),
+        Repository::init(
+            client(cluster),
+            TENANT,
+            PASSWORD,
+            KdfParams::fast_for_tests(),
+        )
+        .await
+        .expect("init succeeds"),
     )
 }
 
@@ -94,9 +99,15 @@ pub async fn must_restore_identical(
         include: Vec::new(),
         exclude_regions: exclude_regions.iter().map(|r| r.to_string()).collect(),
     };
-    restore(repo, &snapshot, &target, &options, Arc::new(Progress::default()))
-        .await
-        .expect("restore succeeds");
+    restore(
+        repo,
+        &snapshot,
+        &target,
+        &options,
+        Arc::new(Progress::default()),
+    )
+    .await
+    .expect("restore succeeds");
     let name = source.file_name().expect("source has a name");
     let differences = verify::compare_dirs(source, &target.join(name));
     assert!(

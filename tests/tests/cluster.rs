@@ -23,7 +23,9 @@ fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
         if meta.is_dir() {
             for entry in std::fs::read_dir(&path).expect("readable dir").flatten() {
                 stack.push(entry.path());
@@ -55,7 +57,11 @@ async fn round_trip_survives_region_loss_and_nodes_hold_no_plaintext() {
 
     // Unchanged data dedups: a second backup adds only its new root.
     let second = must_backup(&repo, &source, "chat-messages").await;
-    assert!(second.bytes_added < 4096, "unchanged backup added {} bytes", second.bytes_added);
+    assert!(
+        second.bytes_added < 4096,
+        "unchanged backup added {} bytes",
+        second.bytes_added
+    );
 
     cluster.stop_region("r1").await.expect("r1 stops");
     must_restore_identical(&repo, &first.snapshot_id, &source, dir.path(), &[]).await;
@@ -79,10 +85,16 @@ async fn backup_while_a_region_is_down_then_restore_without_another() {
     // doubled up on r1 and r2).
     let status = cluster.status().await.expect("status");
     assert!(status.packs > 0);
-    assert_eq!(status.packs_degraded, status.packs, "all packs await rebalancing");
+    assert_eq!(
+        status.packs_degraded, status.packs,
+        "all packs await rebalancing"
+    );
     // The region comes back and the data still restores, from any nodes.
     cluster.start_region("r3").await.expect("r3 restarts");
-    cluster.wait_ready(Duration::from_secs(30)).await.expect("ready");
+    cluster
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready");
     must_restore_identical(&repo, &summary.snapshot_id, &source, dir.path(), &[]).await;
     cluster.shutdown().await.expect("shutdown");
 }
@@ -110,7 +122,10 @@ async fn leader_killed_between_backups_loses_nothing_and_restart_keeps_everythin
     for id in &ids {
         cluster.start_node(*id).await.expect("start");
     }
-    cluster.wait_ready(Duration::from_secs(30)).await.expect("ready after restart");
+    cluster
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready after restart");
     let repo = must_open(&cluster).await;
     let snapshots = repo.snapshots(None).await.expect("list");
     assert_eq!(snapshots.len(), 2, "both acknowledged snapshots survive");
@@ -127,14 +142,23 @@ async fn corrupted_shards_are_detected_and_restore_stays_identical() {
     let repo = must_init(&cluster).await;
     let summary = must_backup(&repo, &source, "chat-messages").await;
     let clean = repo.check_packs(true).await.expect("check");
-    assert!(clean.problems.is_empty(), "fresh cluster is clean: {:?}", clean.problems);
+    assert!(
+        clean.problems.is_empty(),
+        "fresh cluster is clean: {:?}",
+        clean.problems
+    );
 
     // Flip bytes in every shard file of node 2 (at most one shard per pack there).
     let mut flipped = 0;
     let mut stack = vec![cluster.data_dir(2).join("shards")];
     while let Some(path) = stack.pop() {
         if path.is_dir() {
-            stack.extend(std::fs::read_dir(&path).expect("dir").flatten().map(|e| e.path()));
+            stack.extend(
+                std::fs::read_dir(&path)
+                    .expect("dir")
+                    .flatten()
+                    .map(|e| e.path()),
+            );
         } else {
             let mut data = std::fs::read(&path).expect("shard readable");
             let at = data.len() - 1;
@@ -146,7 +170,11 @@ async fn corrupted_shards_are_detected_and_restore_stays_identical() {
     assert!(flipped > 0, "node 2 held shards");
     let report = repo.check_packs(true).await.expect("check");
     let on_node_2 = report.problems.iter().filter(|p| p.node_id == 2).count();
-    assert_eq!(on_node_2, flipped, "every flipped shard is reported: {:?}", report.problems);
+    assert_eq!(
+        on_node_2, flipped,
+        "every flipped shard is reported: {:?}",
+        report.problems
+    );
     assert!(report.unrecoverable.is_empty());
     must_restore_identical(&repo, &summary.snapshot_id, &source, dir.path(), &[]).await;
     cluster.shutdown().await.expect("shutdown");
@@ -158,8 +186,18 @@ async fn wrong_password_and_double_init_are_refused() {
     let cluster = must_start_cluster(&dir.path().join("cluster")).await;
     let _repo = must_init(&cluster).await;
     let wrong = Repository::open(client(&cluster), TENANT, b"not the password").await;
-    assert!(matches!(wrong, Err(ClientError::WrongPassword)), "got {:?}", wrong.err());
-    let again = Repository::init(client(&cluster), TENANT, PASSWORD, KdfParams::fast_for_tests()).await;
+    assert!(
+        matches!(wrong, Err(ClientError::WrongPassword)),
+        "got {:?}",
+        wrong.err()
+    );
+    let again = Repository::init(
+        client(&cluster),
+        TENANT,
+        PASSWORD,
+        KdfParams::fast_for_tests(),
+    )
+    .await;
     assert!(matches!(again, Err(ClientError::AlreadyInitialized { .. })));
     let missing = Repository::open(client(&cluster), "nobody", PASSWORD).await;
     assert!(matches!(missing, Err(ClientError::NotInitialized { .. })));
@@ -174,7 +212,13 @@ async fn no_reachable_node_names_the_addresses_tried() {
     let cluster = cairn_client::Cluster::new(std::slice::from_ref(&addr))
         .expect("parses")
         .with_failover_budget(Duration::from_secs(1));
-    let err = Repository::open(cluster, TENANT, PASSWORD).await.err().expect("fails");
+    let err = Repository::open(cluster, TENANT, PASSWORD)
+        .await
+        .err()
+        .expect("fails");
     let text = err.to_string();
-    assert!(text.contains("no reachable node") && text.contains(&addr), "{text}");
+    assert!(
+        text.contains("no reachable node") && text.contains(&addr),
+        "{text}"
+    );
 }

@@ -142,7 +142,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
-                .unwrap_or_else(|_| "error".into()),
+                .unwrap_or_else(|_| "error,openraft=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -218,7 +218,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&serde_json::json!({"tenant": repo.tenant(), "initialized": true}))?;
             } else {
-                println!("initialized tenant {:?}: keep the passphrase safe, without it the data cannot be read", repo.tenant());
+                println!(
+                    "initialized tenant {:?}: keep the passphrase safe, without it the data cannot be read",
+                    repo.tenant()
+                );
             }
         }
         Command::Backup(args) => {
@@ -255,7 +258,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!(
                     "snapshot {} saved: {} files, {} bytes read, {} bytes added, {:.2}s",
-                    summary.snapshot_id, summary.files, summary.bytes, summary.bytes_added, summary.duration_s
+                    summary.snapshot_id,
+                    summary.files,
+                    summary.bytes,
+                    summary.bytes_added,
+                    summary.duration_s
                 );
             }
         }
@@ -265,7 +272,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&snapshots)?;
             } else {
-                println!("{:<10} {:<20} {:<16} {:<12} {:>8} {:>14}  paths", "id", "time", "dataset", "kind", "files", "bytes");
+                println!(
+                    "{:<10} {:<20} {:<16} {:<12} {:>8} {:>14}  paths",
+                    "id", "time", "dataset", "kind", "files", "bytes"
+                );
                 for s in &snapshots {
                     println!(
                         "{:<10} {:<20} {:<16} {:<12} {:>8} {:>14}  {}",
@@ -311,11 +321,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         EntryKind::Symlink { target } => format!(" -> {target}"),
                         _ => String::new(),
                     };
-                    println!("{kind} {:04o} {:>12} {}{}", i.entry.mode & 0o7777, size, i.path_string(), suffix);
+                    println!(
+                        "{kind} {:04o} {:>12} {}{}",
+                        i.entry.mode & 0o7777,
+                        size,
+                        i.path_string(),
+                        suffix
+                    );
                 }
             }
         }
-        Command::Dump { snapshot, path, dataset } => {
+        Command::Dump {
+            snapshot,
+            path,
+            dataset,
+        } => {
             let repo = open(&cli).await?;
             let snapshot = repo.find_snapshot(snapshot, dataset.as_deref()).await?;
             let mut stdout = std::io::stdout();
@@ -323,30 +343,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Restore(args) => {
             let repo = open(&cli).await?;
-            let snapshot = repo.find_snapshot(&args.snapshot, args.dataset.as_deref()).await?;
+            let snapshot = repo
+                .find_snapshot(&args.snapshot, args.dataset.as_deref())
+                .await?;
             let options = RestoreOptions {
                 include: args.include.clone(),
                 exclude_regions: args.without_region.clone(),
             };
             let progress = Arc::new(Progress::default());
-            let display = show_progress(&cli).then(|| backup::progress_ticker(progress.clone(), Some(snapshot.bytes)));
+            let display = show_progress(&cli)
+                .then(|| backup::progress_ticker(progress.clone(), Some(snapshot.bytes)));
             let result = restore::restore(&repo, &snapshot, &args.target, &options, progress).await;
             if let Some(display) = display {
                 display.finish().await;
             }
             let summary = result?;
             if cli.json {
-                print_json(&serde_json::json!({"snapshot_id": snapshot.id_hex(), "summary": summary}))?;
+                print_json(
+                    &serde_json::json!({"snapshot_id": snapshot.id_hex(), "summary": summary}),
+                )?;
             } else {
                 println!(
                     "restored {} to {}: {} files, {} dirs, {} symlinks, {} bytes in {:.2}s",
-                    snapshot.short_id(), args.target.display(), summary.files, summary.dirs,
-                    summary.symlinks, summary.bytes, summary.duration_s
+                    snapshot.short_id(),
+                    args.target.display(),
+                    summary.files,
+                    summary.dirs,
+                    summary.symlinks,
+                    summary.bytes,
+                    summary.duration_s
                 );
             }
         }
         Command::Check { read_data } => check(&cli, *read_data).await?,
-        Command::Cluster { command: ClusterCommand::Status } => status(&cli).await?,
+        Command::Cluster {
+            command: ClusterCommand::Status,
+        } => status(&cli).await?,
         Command::Demo { size_mb } => demo::demo(*size_mb).await?,
         Command::Bench { size_mb, data } => {
             let report = demo::bench(*size_mb, data.clone(), cli.json).await?;
@@ -354,9 +386,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&report)?;
             }
         }
-        Command::Drill { without_region, dataset, scratch } => {
-            drill(&cli, without_region, dataset.as_deref(), scratch.clone()).await?
-        }
+        Command::Drill {
+            without_region,
+            dataset,
+            scratch,
+        } => drill(&cli, without_region, dataset.as_deref(), scratch.clone()).await?,
     }
     Ok(())
 }
@@ -377,10 +411,13 @@ async fn check(cli: &Cli, read_data: bool) -> anyhow::Result<()> {
                     })
                     .collect();
                 if let Err(e) = repo.locate(&ids).await {
-                    problems.push(serde_json::json!({"snapshot": snapshot.id_hex(), "fault": e.to_string()}));
+                    problems.push(
+                        serde_json::json!({"snapshot": snapshot.id_hex(), "fault": e.to_string()}),
+                    );
                 }
             }
-            Err(e) => problems.push(serde_json::json!({"snapshot": snapshot.id_hex(), "fault": e.to_string()})),
+            Err(e) => problems
+                .push(serde_json::json!({"snapshot": snapshot.id_hex(), "fault": e.to_string()})),
         }
     }
     let reply = repo.check_packs(read_data).await?;
@@ -401,12 +438,23 @@ async fn check(cli: &Cli, read_data: bool) -> anyhow::Result<()> {
             "checked {} snapshot(s), {} pack(s){}",
             snapshots.len(),
             reply.packs_checked,
-            if read_data { format!(", {} shard(s) read", reply.shards_checked) } else { String::new() }
+            if read_data {
+                format!(", {} shard(s) read", reply.shards_checked)
+            } else {
+                String::new()
+            }
         );
         for p in &problems {
             println!("problem: {p}");
         }
-        println!("{}", if ok { "no problems found" } else { "PROBLEMS FOUND" });
+        println!(
+            "{}",
+            if ok {
+                "no problems found"
+            } else {
+                "PROBLEMS FOUND"
+            }
+        );
     }
     if !ok {
         std::process::exit(1);
@@ -417,14 +465,18 @@ async fn check(cli: &Cli, read_data: bool) -> anyhow::Result<()> {
 async fn status(cli: &Cli) -> anyhow::Result<()> {
     let cluster = cluster(cli)?;
     let reply: pb::ClusterStatusReply = cluster
-        .call("cluster status", |mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+        .call("cluster status", |mut c| async move {
+            c.cluster_status(pb::ClusterStatusRequest {}).await
+        })
         .await?;
     if cli.json {
         let nodes: Vec<_> = reply
             .nodes
             .iter()
-            .map(|n| serde_json::json!({"node_id": n.node_id, "region": n.region, "addr": n.addr,
-                "up": n.up, "voter": n.voter, "shards": n.shards, "bytes": n.bytes}))
+            .map(|n| {
+                serde_json::json!({"node_id": n.node_id, "region": n.region, "addr": n.addr,
+                "up": n.up, "voter": n.voter, "shards": n.shards, "bytes": n.bytes})
+            })
             .collect();
         print_json(&serde_json::json!({
             "leader": reply.has_leader.then_some(reply.leader_id), "term": reply.term,
@@ -434,16 +486,38 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
     }
     println!(
         "leader: {}   term: {}   applied: {}   erasure: {}+{}   packs: {} ({} need rebalancing)",
-        if reply.has_leader { format!("node {}", reply.leader_id) } else { "none".into() },
-        reply.term, reply.last_applied, reply.k, reply.m, reply.packs, reply.packs_degraded
+        if reply.has_leader {
+            format!("node {}", reply.leader_id)
+        } else {
+            "none".into()
+        },
+        reply.term,
+        reply.last_applied,
+        reply.k,
+        reply.m,
+        reply.packs,
+        reply.packs_degraded
     );
-    println!("{:>5}  {:<8} {:<22} {:<5} {:<8} {:>8} {:>14}", "node", "region", "address", "state", "role", "shards", "bytes");
+    println!(
+        "{:>5}  {:<8} {:<22} {:<5} {:<8} {:>8} {:>14}",
+        "node", "region", "address", "state", "role", "shards", "bytes"
+    );
     for n in &reply.nodes {
         println!(
             "{:>5}  {:<8} {:<22} {:<5} {:<8} {:>8} {:>14}",
-            n.node_id, n.region, n.addr, if n.up { "up" } else { "DOWN" },
-            if reply.has_leader && n.node_id == reply.leader_id { "leader" } else if n.voter { "voter" } else { "learner" },
-            n.shards, n.bytes
+            n.node_id,
+            n.region,
+            n.addr,
+            if n.up { "up" } else { "DOWN" },
+            if reply.has_leader && n.node_id == reply.leader_id {
+                "leader"
+            } else if n.voter {
+                "voter"
+            } else {
+                "learner"
+            },
+            n.shards,
+            n.bytes
         );
     }
     Ok(())
@@ -463,11 +537,19 @@ async fn drill(
         latest.insert(s.dataset.clone(), s);
     }
     if latest.is_empty() {
-        bail!("nothing to drill: no snapshots{}", dataset.map(|d| format!(" in dataset {d}")).unwrap_or_default());
+        bail!(
+            "nothing to drill: no snapshots{}",
+            dataset
+                .map(|d| format!(" in dataset {d}"))
+                .unwrap_or_default()
+        );
     }
     let temp = tempfile::Builder::new().prefix("cairn-drill-").tempdir()?;
     let root = scratch.unwrap_or_else(|| temp.path().to_path_buf());
-    let options = RestoreOptions { include: Vec::new(), exclude_regions: vec![without_region.to_string()] };
+    let options = RestoreOptions {
+        include: Vec::new(),
+        exclude_regions: vec![without_region.to_string()],
+    };
     let mut checked = Vec::new();
     let mut failures = Vec::new();
     let mut bytes = 0u64;
@@ -501,11 +583,14 @@ async fn drill(
     } else {
         println!(
             "drill without region {without_region}: {} snapshot(s) restored and verified chunk by chunk, {} failure(s)",
-            checked.len(), failures.len()
+            checked.len(),
+            failures.len()
         );
         println!(
             "  time to first byte {:.2}s, total {:.2}s, {} bytes, {:.0} MB/s",
-            report["time_to_first_byte_s"].as_f64().unwrap_or_default(), duration, bytes,
+            report["time_to_first_byte_s"].as_f64().unwrap_or_default(),
+            duration,
+            bytes,
             report["mb_per_s"].as_f64().unwrap_or_default()
         );
         for f in &failures {

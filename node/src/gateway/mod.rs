@@ -164,7 +164,11 @@ impl Gateway {
         members: &BTreeMap<NodeId, (NodeInfo, bool)>,
     ) -> Result<Vec<u8>, String> {
         if node == self.node_id {
-            return self.store.get(pack_id, index).await.map_err(|e| e.to_string());
+            return self
+                .store
+                .get(pack_id, index)
+                .await
+                .map_err(|e| e.to_string());
         }
         let (info, _) = members
             .get(&node)
@@ -199,7 +203,12 @@ impl Gateway {
         members: &BTreeMap<NodeId, (NodeInfo, bool)>,
     ) -> Result<(), String> {
         if node == self.node_id {
-            return self.store.put(file).await.map(|_| ()).map_err(|e| e.to_string());
+            return self
+                .store
+                .put(file)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
         }
         let (info, _) = members
             .get(&node)
@@ -336,7 +345,9 @@ impl Cairn for Gateway {
                 _ => Ok(pb::InitTenantReply {}),
             }
         };
-        run.await.map(Response::new).map_err(GatewayError::into_status)
+        run.await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
     }
 
     async fn get_key_slots(
@@ -350,7 +361,9 @@ impl Cairn for Gateway {
             let key_slots = self.meta.key_slots(&req.tenant)?;
             Ok(pb::GetKeySlotsReply { key_slots })
         };
-        run.await.map(Response::new).map_err(GatewayError::into_status)
+        run.await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
     }
 
     async fn find_blobs(
@@ -365,7 +378,9 @@ impl Cairn for Gateway {
             let present = self.meta.find_blobs(&req.tenant, &ids(&req.ids)?)?;
             Ok(pb::FindBlobsReply { present })
         };
-        run.await.map(Response::new).map_err(GatewayError::into_status)
+        run.await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
     }
 
     async fn locate_blobs(
@@ -403,7 +418,9 @@ impl Cairn for Gateway {
             }
             Ok(pb::LocateBlobsReply { locations: found })
         };
-        run.await.map(Response::new).map_err(GatewayError::into_status)
+        run.await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
     }
 
     async fn put_pack(
@@ -450,7 +467,9 @@ impl Cairn for Gateway {
                 _ => Ok(pb::CommitSnapshotReply {}),
             }
         };
-        run.await.map(Response::new).map_err(GatewayError::into_status)
+        run.await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
     }
 
     async fn list_snapshots(
@@ -470,7 +489,9 @@ impl Cairn for Gateway {
                 .collect();
             Ok(pb::ListSnapshotsReply { snapshots })
         };
-        run.await.map(Response::new).map_err(GatewayError::into_status)
+        run.await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
     }
 
     async fn cluster_status(
@@ -512,7 +533,9 @@ impl Cairn for Gateway {
                 m: self.config.code.parity,
             })
         };
-        run.await.map(Response::new).map_err(GatewayError::into_status)
+        run.await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
     }
 
     async fn check_packs(

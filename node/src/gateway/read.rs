@@ -96,8 +96,12 @@ impl Gateway {
                 if batch.is_empty() {
                     break;
                 }
-                let results =
-                    join_all(batch.iter().map(|p| self.fetch_verified(&pack, p, &members))).await;
+                let results = join_all(
+                    batch
+                        .iter()
+                        .map(|p| self.fetch_verified(&pack, p, &members)),
+                )
+                .await;
                 for (placement, result) in batch.iter().zip(results) {
                     match result {
                         Ok(payload) => {
@@ -127,17 +131,16 @@ impl Gateway {
                 }
             }
             let (pack_len, shard_len) = (pack.pack_len, pack.shard_len);
-            let whole = tokio::task::spawn_blocking(move || {
-                decode_pack(code, pack_len, shard_len, slots)
-            })
-            .await
-            .expect("erasure decoding does not panic")
-            .map_err(|e| GatewayError::Unrecoverable {
-                pack: hex::encode(pack_id),
-                good: k,
-                needed: k,
-                failures: e.to_string(),
-            })?;
+            let whole =
+                tokio::task::spawn_blocking(move || decode_pack(code, pack_len, shard_len, slots))
+                    .await
+                    .expect("erasure decoding does not panic")
+                    .map_err(|e| GatewayError::Unrecoverable {
+                        pack: hex::encode(pack_id),
+                        good: k,
+                        needed: k,
+                        failures: e.to_string(),
+                    })?;
             let ranges = req
                 .ranges
                 .iter()

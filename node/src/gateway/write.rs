@@ -65,8 +65,14 @@ impl Gateway {
         let shards = tokio::task::spawn_blocking(move || encode_pack(code, pack_id, &data))
             .await
             .expect("erasure encoding does not panic");
-        let shard_len = shards.first().map(|s| s.header.shard_len).unwrap_or_default();
-        let pack_len = shards.first().map(|s| s.header.pack_len).unwrap_or_default();
+        let shard_len = shards
+            .first()
+            .map(|s| s.header.shard_len)
+            .unwrap_or_default();
+        let pack_len = shards
+            .first()
+            .map(|s| s.header.pack_len)
+            .unwrap_or_default();
 
         let members = self.members();
         let mut durable: BTreeMap<u32, ShardPlacement> = BTreeMap::new();
@@ -153,7 +159,12 @@ impl Gateway {
             needs_rebalance: degraded,
         };
         let shards_written = record.shards.len() as u32;
-        self.meta.write(Command::AddPack { pack: record, blobs }).await?;
+        self.meta
+            .write(Command::AddPack {
+                pack: record,
+                blobs,
+            })
+            .await?;
         debug!(pack_id = %hex::encode(pack_id), shards = shards_written, degraded, "pack stored");
         Ok(pb::PutPackReply {
             shards_written,
