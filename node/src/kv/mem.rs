@@ -7,10 +7,12 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{BatchOp, KvError, KvPair, KvStore, WriteBatch};
 
+type Map = BTreeMap<Vec<u8>, Vec<u8>>;
+
 /// An in-memory [`KvStore`]. Batches are atomic because they run under the write lock.
 #[derive(Debug, Default)]
 pub struct MemKv {
-    map: RwLock<BTreeMap<Vec<u8>, Vec<u8>>>,
+    map: RwLock<Map>,
 }
 
 impl MemKv {
@@ -19,11 +21,11 @@ impl MemKv {
         Self::default()
     }
 
-    fn read(&self) -> Result<RwLockReadGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>>, KvError> {
+    fn read(&self) -> Result<RwLockReadGuard<'_, Map>, KvError> {
         self.map.read().map_err(|_| KvError::Poisoned)
     }
 
-    fn write(&self) -> Result<RwLockWriteGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>>, KvError> {
+    fn write(&self) -> Result<RwLockWriteGuard<'_, Map>, KvError> {
         self.map.write().map_err(|_| KvError::Poisoned)
     }
 }

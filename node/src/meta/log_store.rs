@@ -21,6 +21,11 @@
 //! Purge writes `purged` and deletes entries in one batch, so there is never a
 //! hole between `purged` and the first entry.
 
+#![allow(
+    clippy::result_large_err,
+    reason = "openraft's storage traits return its (large) StorageError; the helpers share that type"
+)]
+
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;

@@ -118,7 +118,9 @@ impl MetaConfig {
             ..Default::default()
         }
         .validate()
-        .map_err(|source| MetaError::Config { source })
+        .map_err(|source| MetaError::Config {
+            source: Box::new(source),
+        })
     }
 }
 
@@ -141,6 +143,12 @@ pub enum MetaError {
         "metadata leader cannot reach a quorum after {waited_ms} ms; check the voters' regions"
     )]
     NoQuorum { waited_ms: u64 },
+    /// The leader took the command but did not confirm it in time (a quorum
+    /// may be unreachable); it may still be applied later.
+    #[error(
+        "metadata write not confirmed after {waited_ms} ms; it may still be applied, retrying is safe"
+    )]
+    Unconfirmed { waited_ms: u64 },
     /// The command is committed but this node did not apply it in time.
     #[error(
         "entry {index} is committed but this node had applied only up to {applied:?} after {waited_ms} ms"
@@ -160,13 +168,13 @@ pub enum MetaError {
     #[error("metadata raft stopped: {source}; restart the node")]
     Raft {
         #[source]
-        source: Fatal<NodeId>,
+        source: Box<Fatal<NodeId>>,
     },
     /// Bootstrapping the cluster failed.
     #[error("cannot initialize the metadata group: {source}")]
     Initialize {
         #[source]
-        source: RaftError<NodeId, InitializeError<NodeId, NodeInfo>>,
+        source: Box<RaftError<NodeId, InitializeError<NodeId, NodeInfo>>>,
     },
     /// A change that only membership commands can produce (a bug if seen here).
     #[error("unexpected membership error: {source}")]
@@ -177,7 +185,7 @@ pub enum MetaError {
     #[error("invalid metadata configuration: {source}")]
     Config {
         #[source]
-        source: openraft::ConfigError,
+        source: Box<openraft::ConfigError>,
     },
     #[error("node {node_id} is not in the initial cluster; add it there (same list on every node)")]
     NotInCluster { node_id: NodeId },
@@ -201,7 +209,9 @@ pub enum MetaError {
 fn fatal(source: Fatal<NodeId>) -> MetaError {
     match source {
         Fatal::Stopped => MetaError::ShuttingDown,
-        source => MetaError::Raft { source },
+        source => MetaError::Raft {
+            source: Box::new(source),
+        },
     }
 }
 
@@ -293,17 +303,11 @@ impl Meta {
         let voters = voters::choose_voters(&initial_cluster);
         let region = initial_cluster[&node_id].region.clone();
         tracing::info!(node_id, region = %region, voters = ?voters, "metadata group opened");
-        if voters.first() == Some(&node_id) && !raft.is_initialized().await.map_err(fatal)? {
-            let members: BTreeMap<NodeId, NodeInfo> = voters
-                .iter()
-                .map(|id| (*id, initial_cluster[id].clone()))
-                .collect();
-            match raft.initialize(members).await {
-                Ok(()) => tracing::info!(node_id, "metadata group bootstrapped"),
-                // Already initialized (raced with a restart): nothing to do.
-                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-                Err(source) => return Err(MetaError::Initialize { source }),
-            }
+        if let Err(e) = bootstrap(&raft, node_id, &voters, &initial_cluster).await {
+            // Do not leave Raft running (and the files locked) behind an error.
+            tracing::error!(node_id, error = %e, "metadata bootstrap failed; stopping raft");
+            let _ = raft.shutdown().await;
+            return Err(e);
         }
 
         let (stop, stop_rx) = watch::channel(false);
@@ -312,6 +316,7 @@ impl Meta {
             node_id,
             initial_cluster,
             Duration::from_millis(config.heartbeat_ms.saturating_mul(5).max(100)),
+            config.op_timeout(),
             stop_rx,
         ));
         Ok(Meta {
@@ -350,7 +355,15 @@ impl Meta {
             let cmd = cmd.clone();
             async move {
                 if leader == self.inner.node_id {
-                    return match self.inner.raft.client_write(cmd).await {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    let proposed =
+                        tokio::time::timeout(remaining, self.inner.raft.client_write(cmd)).await;
+                    let Ok(answer) = proposed else {
+                        return Err(MetaError::Unconfirmed {
+                            waited_ms: remaining.as_millis() as u64,
+                        });
+                    };
+                    return match answer {
                         // The leader answers after applying: this node has it.
                         Ok(response) => Ok(Attempt::Done(response.data)),
                         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
@@ -691,6 +704,34 @@ impl Meta {
     }
 }
 
+/// Bootstraps the group with `voters` if this node is the lowest voter and
+/// its log is empty; otherwise does nothing.
+async fn bootstrap(
+    raft: &Raft<TypeConfig>,
+    node_id: NodeId,
+    voters: &std::collections::BTreeSet<NodeId>,
+    initial_cluster: &BTreeMap<NodeId, NodeInfo>,
+) -> Result<(), MetaError> {
+    if voters.first() != Some(&node_id) || raft.is_initialized().await.map_err(fatal)? {
+        return Ok(());
+    }
+    let members: BTreeMap<NodeId, NodeInfo> = voters
+        .iter()
+        .map(|id| (*id, initial_cluster[id].clone()))
+        .collect();
+    match raft.initialize(members).await {
+        Ok(()) => {
+            tracing::info!(node_id, "metadata group bootstrapped");
+            Ok(())
+        }
+        // Already initialized (raced with a vote from a peer): nothing to do.
+        Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(source) => Err(MetaError::Initialize {
+            source: Box::new(source),
+        }),
+    }
+}
+
 /// Adds every initial node that is not yet a member as a learner, whenever
 /// this node is the leader. Ends when all are members, on shutdown, or when
 /// every missing node has used up its attempts.
@@ -699,6 +740,7 @@ async fn add_initial_learners(
     node_id: NodeId,
     initial_cluster: BTreeMap<NodeId, NodeInfo>,
     interval: Duration,
+    call_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut attempts: BTreeMap<NodeId, u32> = BTreeMap::new();
@@ -740,7 +782,17 @@ async fn add_initial_learners(
             }
             *used += 1;
             let info = initial_cluster[id].clone();
-            match raft.add_learner(*id, info.clone(), false).await {
+            let added =
+                tokio::time::timeout(call_timeout, raft.add_learner(*id, info.clone(), false))
+                    .await;
+            let outcome = match added {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_elapsed) => Err(format!(
+                    "membership change not committed within {call_timeout:?}"
+                )),
+            };
+            match outcome {
                 Ok(_) => {
                     progress = true;
                     tracing::info!(node_id, learner = id, region = %info.region, "added initial node as metadata learner");

@@ -246,7 +246,7 @@ impl StateView {
         if let Some(dataset) = dataset {
             records.retain(|r| r.dataset == dataset);
         }
-        records.sort_by(|a, b| (a.time_unix_ms, a.id).cmp(&(b.time_unix_ms, b.id)));
+        records.sort_by_key(|r| (r.time_unix_ms, r.id));
         Ok(records)
     }
 

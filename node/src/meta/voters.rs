@@ -29,7 +29,11 @@ pub fn choose_voters(nodes: &BTreeMap<NodeId, NodeInfo>) -> BTreeSet<NodeId> {
     if total == 0 {
         return BTreeSet::new();
     }
-    let mut count = if total % 2 == 0 { total - 1 } else { total };
+    let mut count = if total.is_multiple_of(2) {
+        total - 1
+    } else {
+        total
+    };
     loop {
         let chosen = round_robin(&by_region, count);
         let spread_needed = by_region.len() >= 3;
