@@ -124,7 +124,8 @@ pub enum CommandResult {
     /// Applied (also for a membership or blank entry).
     Ok,
     /// `InitTenant` for a tenant that already has a key slot; `AddPack` for a
-    /// pack already stored.
+    /// pack already stored; `CommitSnapshot` for a snapshot id already in the
+    /// catalog (a retried commit). Nothing changes.
     AlreadyExists,
     /// `SetPlacement` for an unknown pack.
     UnknownPack,
