@@ -36,7 +36,9 @@ async fn main() -> anyhow::Result<()> {
                 "4+2",
             )
             .await?;
-            cluster.wait_ready(std::time::Duration::from_secs(30)).await?;
+            cluster
+                .wait_ready(std::time::Duration::from_secs(30))
+                .await?;
             let addrs = cluster.addrs();
             local = Some(cluster);
             (addrs, "example passphrase".to_string(), true)
@@ -45,7 +47,13 @@ async fn main() -> anyhow::Result<()> {
 
     let cluster = Cluster::new(&addrs)?;
     let repo = Arc::new(if fresh {
-        Repository::init(cluster, "default", password.as_bytes(), KdfParams::default()).await?
+        Repository::init(
+            cluster,
+            "default",
+            password.as_bytes(),
+            KdfParams::default(),
+        )
+        .await?
     } else {
         Repository::open(cluster, "default", password.as_bytes()).await?
     });
@@ -55,17 +63,36 @@ async fn main() -> anyhow::Result<()> {
         dataset: "chat-messages".into(),
         ..Default::default()
     };
-    let summary =
-        backup::backup_paths(repo.clone(), &[source.clone()], &options, Default::default()).await?;
-    println!("snapshot {}: {} files, {} bytes", summary.snapshot_id, summary.files, summary.bytes);
+    let summary = backup::backup_paths(
+        repo.clone(),
+        std::slice::from_ref(&source),
+        &options,
+        Default::default(),
+    )
+    .await?;
+    println!(
+        "snapshot {}: {} files, {} bytes",
+        summary.snapshot_id, summary.files, summary.bytes
+    );
 
     // Restore and compare.
     let snapshot = repo.find_snapshot(&summary.snapshot_id, None).await?;
     let target = scratch.path().join("restored");
-    restore::restore(&repo, &snapshot, &target, &Default::default(), Default::default()).await?;
+    restore::restore(
+        &repo,
+        &snapshot,
+        &target,
+        &Default::default(),
+        Default::default(),
+    )
+    .await?;
     let name = source.file_name().unwrap_or_default();
     let differences = verify::compare_dirs(&source, &target.join(name));
-    println!("restored to {}: {} difference(s)", target.display(), differences.len());
+    println!(
+        "restored to {}: {} difference(s)",
+        target.display(),
+        differences.len()
+    );
 
     if let Some(cluster) = local {
         cluster.shutdown().await?;

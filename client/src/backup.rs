@@ -634,11 +634,12 @@ pub fn measure(paths: &[PathBuf]) -> u64 {
         };
         if meta.is_file() {
             *total += meta.len();
-        } else if meta.is_dir() && seen.insert((meta.dev(), meta.ino()), ()).is_none() {
-            if let Ok(read) = std::fs::read_dir(path) {
-                for item in read.flatten() {
-                    walk(&item.path(), total, seen);
-                }
+        } else if meta.is_dir()
+            && seen.insert((meta.dev(), meta.ino()), ()).is_none()
+            && let Ok(read) = std::fs::read_dir(path)
+        {
+            for item in read.flatten() {
+                walk(&item.path(), total, seen);
             }
         }
     }

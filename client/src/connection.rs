@@ -113,7 +113,7 @@ impl Cluster {
             if started.elapsed() >= self.budget {
                 return Err(ClientError::NoNodeReachable { tried });
             }
-            if attempt % n == 0 {
+            if attempt.is_multiple_of(n) {
                 // A full round failed: wait a little (an election, a restart).
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
