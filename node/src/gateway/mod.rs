@@ -517,6 +517,7 @@ impl Cairn for Gateway {
                     voter: *voter,
                     shards: stats.map(|s| s.0).unwrap_or_default(),
                     bytes: stats.map(|s| s.1).unwrap_or_default(),
+                    ..Default::default()
                 })
                 .collect();
             let meta_stats = self.meta.stats()?;
@@ -531,6 +532,7 @@ impl Cairn for Gateway {
                 packs_degraded: meta_stats.packs_needing_rebalance,
                 k: self.config.code.data,
                 m: self.config.code.parity,
+                ..Default::default()
             })
         };
         run.await
@@ -546,5 +548,26 @@ impl Cairn for Gateway {
             .await
             .map(Response::new)
             .map_err(GatewayError::into_status)
+    }
+
+    async fn repair(
+        &self,
+        _request: Request<pb::RepairRequest>,
+    ) -> Result<Response<pb::RepairReply>, Status> {
+        Err(Status::unimplemented("repair is being wired"))
+    }
+
+    async fn add_node(
+        &self,
+        _request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::AddNodeReply>, Status> {
+        Err(Status::unimplemented("membership changes are being wired"))
+    }
+
+    async fn remove_node(
+        &self,
+        _request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeReply>, Status> {
+        Err(Status::unimplemented("membership changes are being wired"))
     }
 }
