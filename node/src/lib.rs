@@ -13,5 +13,6 @@ pub mod local_cluster;
 pub mod meta;
 pub mod peers;
 pub mod placement;
+pub mod repair;
 pub mod server;
 pub mod shard_store;

@@ -89,6 +89,20 @@ fn score(pack_id: &Id32, node: NodeId) -> u64 {
 /// acknowledged once `k + 1` shards are durable). The region cap holds
 /// whenever `up regions * m >= k + m`.
 pub fn place(code: Code, pack_id: &Id32, candidates: &[Candidate]) -> Result<Plan, PlacementError> {
+    complete(code, pack_id, candidates, &[])
+}
+
+/// Completes a placement: `keep` holds `(index, node)` assignments that stay
+/// where they are (repair keeps every good, well-placed shard); the other
+/// indices are assigned exactly as [`place`] would, counting the kept shards.
+/// Kept shards must be on up candidates; duplicate indices in `keep` are an
+/// error of the caller and only the first is used.
+pub fn complete(
+    code: Code,
+    pack_id: &Id32,
+    candidates: &[Candidate],
+    keep: &[(u32, NodeId)],
+) -> Result<Plan, PlacementError> {
     code.validate()?;
     let mut seen = std::collections::BTreeSet::new();
     for c in candidates {
@@ -110,12 +124,30 @@ pub fn place(code: Code, pack_id: &Id32, candidates: &[Candidate]) -> Result<Pla
     let mut on_node = vec![0u32; up.len()];
     let mut in_region: BTreeMap<&str, u32> = BTreeMap::new();
     let mut distinct = 0u32;
-    let mut shards = Vec::with_capacity(code.total() as usize);
-    for index in 0..code.total() {
+    let mut assigned: BTreeMap<u32, NodeId> = BTreeMap::new();
+    for &(index, node) in keep {
+        if index >= code.total() || assigned.contains_key(&index) {
+            continue;
+        }
+        let Some(i) = up.iter().position(|c| c.node == node) else {
+            continue;
+        };
+        if on_node[i] == 0 {
+            distinct += 1;
+        }
+        on_node[i] += 1;
+        *in_region.entry(up[i].region.as_str()).or_default() += 1;
+        assigned.insert(index, node);
+    }
+    let free: Vec<u32> = (0..code.total())
+        .filter(|i| !assigned.contains_key(i))
+        .collect();
+    for (n, &index) in free.iter().enumerate() {
         // Hard floor: enough distinct nodes that none holds more than m
         // shards. Once the remaining indices are just enough to reach it,
         // only nodes without a shard qualify (there are enough: checked).
-        let fresh_only = distinct + (code.total() - index) <= needed;
+        let remaining = (free.len() - n) as u32;
+        let fresh_only = distinct + remaining <= needed;
         let best = (0..up.len())
             .filter(|&i| !fresh_only || on_node[i] == 0)
             .min_by_key(|&i| {
@@ -134,11 +166,11 @@ pub fn place(code: Code, pack_id: &Id32, candidates: &[Candidate]) -> Result<Pla
         }
         on_node[best] += 1;
         *in_region.entry(up[best].region.as_str()).or_default() += 1;
-        shards.push((index, up[best].node));
+        assigned.insert(index, up[best].node);
     }
 
     let mut plan = Plan {
-        shards,
+        shards: assigned.into_iter().collect(),
         degraded: false,
     };
     plan.degraded = !plan.is_healthy(code, candidates);

@@ -1,0 +1,2 @@
+//! Re-protection: rebuild what was lost, rebalance what was misplaced.
+pub mod plan;
