@@ -98,6 +98,46 @@ impl Default for GatewaySection {
     }
 }
 
+/// `[repair]`: re-protection after node loss and rebalancing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepairSection {
+    /// Time between passes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Shard bytes written per second at most (0 = unlimited).
+    pub rate_bytes_per_s: u64,
+}
+
+impl Default for RepairSection {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            rate_bytes_per_s: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[scrub]`: background verification of this node's shards.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrubSection {
+    /// Pause between two full rounds.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Shard bytes read per second at most (0 = unlimited).
+    pub rate_bytes_per_s: u64,
+}
+
+impl Default for ScrubSection {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(3600),
+            rate_bytes_per_s: 32 * 1024 * 1024,
+        }
+    }
+}
+
 /// The whole file, every section optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -113,6 +153,8 @@ pub struct NodeFile {
     pub metrics_listen: Option<SocketAddr>,
     pub raft: RaftSection,
     pub gateway: GatewaySection,
+    pub repair: RepairSection,
+    pub scrub: ScrubSection,
 }
 
 impl NodeFile {
@@ -142,6 +184,8 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub raft: RaftSection,
     pub gateway: GatewaySection,
+    pub repair: RepairSection,
+    pub scrub: ScrubSection,
 }
 
 impl NodeConfig {
@@ -198,6 +242,8 @@ impl NodeConfig {
             metrics_listen: file.metrics_listen,
             raft: file.raft,
             gateway: file.gateway,
+            repair: file.repair,
+            scrub: file.scrub,
         })
     }
 
@@ -216,6 +262,10 @@ impl NodeConfig {
             code: self.code,
             rpc_timeout: self.gateway.rpc_timeout,
             packs_in_flight_max: self.gateway.packs_in_flight_max,
+            repair: crate::repair::RepairConfig {
+                interval: self.repair.interval,
+                rate_bytes_per_s: self.repair.rate_bytes_per_s,
+            },
         }
     }
 }

@@ -50,6 +50,17 @@ impl LocalCluster {
         nodes_per_region: &[usize],
         erasure: &str,
     ) -> Result<Self, LocalClusterError> {
+        Self::start_tuned(base_dir, nodes_per_region, erasure, |_| {}).await
+    }
+
+    /// Like [`LocalCluster::start`], with `tune` adjusting every node's
+    /// settings (timings of failure detection, repair and scrub in tests).
+    pub async fn start_tuned(
+        base_dir: &Path,
+        nodes_per_region: &[usize],
+        erasure: &str,
+        tune: impl Fn(&mut NodeFile),
+    ) -> Result<Self, LocalClusterError> {
         let mut listeners = BTreeMap::new();
         let mut members = BTreeMap::new();
         let mut id: NodeId = 0;
@@ -87,6 +98,8 @@ impl LocalCluster {
                 },
                 ..NodeFile::default()
             };
+            let mut file = file;
+            tune(&mut file);
             configs.insert(*id, NodeConfig::from_file(file)?);
         }
         let mut cluster = Self {
@@ -157,6 +170,17 @@ impl LocalCluster {
                 })?;
         }
         Ok(())
+    }
+
+    /// Deletes a stopped node's data directory (a disk replaced).
+    pub fn wipe_node(&self, id: NodeId) -> std::io::Result<()> {
+        if self.running.contains_key(&id) {
+            return Err(std::io::Error::other("stop the node before wiping it"));
+        }
+        match std::fs::remove_dir_all(self.data_dir(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Stops every node of a region.

@@ -10,13 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::config::NodeConfig;
 use crate::gateway::Gateway;
+use crate::liveness::{Liveness, run_prober};
+use crate::scrub::{ScrubConfig, ScrubStats};
 use crate::meta::{Meta, MetaError};
 use crate::peers::{CONNECTION_WINDOW_BYTES, Peers, STREAM_WINDOW_BYTES};
 use crate::shard_store::service::ShardService;
@@ -58,19 +60,65 @@ pub async fn run(
     .await?;
     let peers = Arc::new(Peers::new(
         Duration::from_secs(2),
-        // A failed peer is retried after this long; liveness proper is the
-        // metadata group's business.
+        // A failed peer is retried after this long for placement; being
+        // declared down (and repaired around) takes `down_after`.
         Duration::from_secs(3),
     ));
-    let gateway = Gateway::new(
+    let liveness = Arc::new(Liveness::new(config.node_id, config.down_after));
+    let gateway = Arc::new(Gateway::new(
         config.node_id,
         config.region.clone(),
         config.gateway_config(),
         meta.clone(),
         store.clone(),
+        peers.clone(),
+        liveness.clone(),
+    ));
+    let shards = ShardService::new(store.clone(), config.node_id);
+
+    // Background workers, each with a name, an owner (this function) and a
+    // shutdown path (the watch below); joined before Raft stops.
+    let (stop_workers, workers_stopped) = watch::channel(false);
+    let probe_interval = (config.down_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let mut workers = Vec::new();
+    workers.push(tokio::spawn(run_prober(
+        liveness,
         peers,
-    );
-    let shards = ShardService::new(store, config.node_id);
+        meta.clone(),
+        probe_interval,
+        workers_stopped.clone(),
+    )));
+    workers.push(tokio::spawn(crate::repair::run(
+        gateway.clone(),
+        config.gateway_config().repair,
+        workers_stopped.clone(),
+    )));
+    {
+        let reporter = gateway.clone();
+        workers.push(tokio::spawn(crate::scrub::run(
+            config.node_id,
+            store,
+            meta.clone(),
+            ScrubConfig {
+                interval: config.scrub.interval,
+                rate_bytes_per_s: config.scrub.rate_bytes_per_s,
+            },
+            Arc::new(ScrubStats::default()),
+            move |request| {
+                let reporter = reporter.clone();
+                async move {
+                    use cairn_proto::v1::cairn_server::Cairn;
+                    reporter
+                        .report_faults(tonic::Request::new(request))
+                        .await
+                        .map(|_| ())
+                        .map_err(|status| status.message().to_string())
+                }
+            },
+            workers_stopped,
+        )));
+    }
+
     info!(node_id = config.node_id, region = %config.region, addr = %config.listen, "node serving");
     let served = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
@@ -78,9 +126,16 @@ pub async fn run(
         .tcp_nodelay(true)
         .add_service(meta.raft_service())
         .add_service(shards.into_server())
-        .add_service(gateway.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .add_service(gateway.server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            let _ = stop_workers.send(true);
+        })
         .await;
+    for worker in workers {
+        let _ = worker.await;
+    }
+    drop(gateway);
     let stopped = meta.shutdown().await;
     info!(node_id = config.node_id, "node stopped");
     served?;

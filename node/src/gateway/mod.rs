@@ -7,6 +7,7 @@
 //! Errors become gRPC statuses in exactly one place, [`GatewayError::into_status`].
 
 mod read;
+mod repair;
 mod write;
 
 use std::collections::BTreeMap;
@@ -21,7 +22,9 @@ use tonic::{Request, Response, Status};
 use crate::erasure::Code;
 use crate::meta::types::{Command, CommandResult, Id32, NodeId, NodeInfo, SnapshotRecord};
 use crate::meta::{Meta, MetaError};
+use crate::liveness::Liveness;
 use crate::peers::{Peers, addressed};
+use crate::repair::RepairState;
 use crate::placement::PlacementError;
 use crate::shard_store::ShardStore;
 
@@ -38,6 +41,7 @@ pub struct GatewayConfig {
     pub rpc_timeout: Duration,
     /// Packs encoded at once; bounds memory (each holds ~2.5× a pack).
     pub packs_in_flight_max: usize,
+    pub repair: crate::repair::RepairConfig,
 }
 
 /// Everything one gateway request may fail with.
@@ -121,7 +125,13 @@ pub struct Gateway {
     meta: Meta,
     store: Arc<ShardStore>,
     peers: Arc<Peers>,
+    liveness: Arc<Liveness>,
+    repair: Arc<RepairState>,
     pack_permits: Semaphore,
+    /// Limit of repair traffic, bytes per second (reported in status).
+    repair_rate_bytes_per_s: u64,
+    /// Nodes being drained: treated as down by repair so their shards move.
+    draining: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
 }
 
 impl Gateway {
@@ -132,8 +142,10 @@ impl Gateway {
         meta: Meta,
         store: Arc<ShardStore>,
         peers: Arc<Peers>,
+        liveness: Arc<Liveness>,
     ) -> Self {
         let pack_permits = Semaphore::new(config.packs_in_flight_max.max(1));
+        let repair_rate_bytes_per_s = config.repair.rate_bytes_per_s;
         Self {
             node_id,
             region,
@@ -141,18 +153,74 @@ impl Gateway {
             meta,
             store,
             peers,
+            liveness,
+            repair: Arc::new(RepairState::default()),
+            repair_rate_bytes_per_s,
             pack_permits,
+            draining: Default::default(),
         }
     }
 
-    pub fn into_server(self) -> CairnServer<Self> {
-        CairnServer::new(self)
+    /// The gRPC service over a shared gateway (the repair worker holds it too).
+    pub fn server(self: &Arc<Self>) -> CairnServer<Self> {
+        CairnServer::from_arc(self.clone())
             .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
     }
 
     fn members(&self) -> BTreeMap<NodeId, (NodeInfo, bool)> {
         self.meta.members()
+    }
+
+    pub fn repair_state(&self) -> Arc<RepairState> {
+        self.repair.clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.meta.leader() == Some(self.node_id)
+    }
+
+    /// A client for the current Raft leader, for the few calls only it serves.
+    fn leader_client(
+        &self,
+    ) -> Result<(NodeId, cairn_proto::v1::cairn_client::CairnClient<tonic::transport::Channel>), GatewayError>
+    {
+        let leader = self.meta.leader().ok_or(GatewayError::Meta(MetaError::NoLeader {
+            waited_ms: 0,
+        }))?;
+        let members = self.members();
+        let (info, _) = members.get(&leader).ok_or_else(|| GatewayError::NotFound {
+            what: format!("leader node {leader} in the membership"),
+        })?;
+        let channel = crate::peers::lazy_channel(&info.addr, self.config.rpc_timeout)
+            .map_err(|e| invalid(format!("leader address {}: {e}", info.addr)))?;
+        Ok((leader, cairn_proto::v1::cairn_client::CairnClient::new(channel)))
+    }
+
+    /// Deletes one shard on whichever node holds it.
+    async fn remove_shard(
+        &self,
+        node: NodeId,
+        pack_id: &Id32,
+        index: u32,
+        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
+    ) -> Result<(), String> {
+        if node == self.node_id {
+            return self.store.delete(pack_id, index).await.map(|_| ()).map_err(|e| e.to_string());
+        }
+        let (info, _) = members
+            .get(&node)
+            .ok_or_else(|| format!("node {node} is not a member"))?;
+        let mut client = self.peers.shards(&info.addr).map_err(|e| e.to_string())?;
+        let request = pb::DeleteShardRequest {
+            pack_id: pack_id.to_vec(),
+            index,
+        };
+        client
+            .delete_shard(addressed(node, request, self.config.rpc_timeout))
+            .await
+            .map(|_| ())
+            .map_err(|status| format!("node {node}: {}", status.message()))
     }
 
     /// Reads one whole shard file from whichever node holds it.
@@ -509,15 +577,21 @@ impl Cairn for Gateway {
             let nodes = members
                 .iter()
                 .zip(stats)
-                .map(|((id, (info, voter)), stats)| pb::NodeStatus {
-                    node_id: *id,
-                    region: info.region.clone(),
-                    addr: info.addr.clone(),
-                    up: stats.is_some(),
-                    voter: *voter,
-                    shards: stats.map(|s| s.0).unwrap_or_default(),
-                    bytes: stats.map(|s| s.1).unwrap_or_default(),
-                    ..Default::default()
+                .map(|((id, (info, voter)), stats)| {
+                    if stats.is_some() {
+                        self.liveness.saw(*id);
+                    }
+                    pb::NodeStatus {
+                        node_id: *id,
+                        region: info.region.clone(),
+                        addr: info.addr.clone(),
+                        up: stats.is_some(),
+                        voter: *voter,
+                        shards: stats.map(|s| s.0).unwrap_or_default(),
+                        bytes: stats.map(|s| s.1).unwrap_or_default(),
+                        last_seen_unix_ms: self.liveness.last_seen_unix_ms(*id),
+                        down_since_unix_ms: self.liveness.down_since_unix_ms(*id),
+                    }
                 })
                 .collect();
             let meta_stats = self.meta.stats()?;
@@ -532,7 +606,8 @@ impl Cairn for Gateway {
                 packs_degraded: meta_stats.packs_needing_rebalance,
                 k: self.config.code.data,
                 m: self.config.code.parity,
-                ..Default::default()
+                protection: Some(self.protection()?.into_wire()),
+                repair: Some(self.repair_status()),
             })
         };
         run.await
@@ -552,22 +627,71 @@ impl Cairn for Gateway {
 
     async fn repair(
         &self,
-        _request: Request<pb::RepairRequest>,
+        request: Request<pb::RepairRequest>,
     ) -> Result<Response<pb::RepairReply>, Status> {
-        Err(Status::unimplemented("repair is being wired"))
+        if !self.is_leader() {
+            let (leader, mut client) = self.leader_client().map_err(GatewayError::into_status)?;
+            return client
+                .repair(addressed(leader, request.into_inner(), self.config.rpc_timeout * 30))
+                .await;
+        }
+        let outcome = self.repair_pass(0).await;
+        Ok(Response::new(pb::RepairReply {
+            queued: outcome.queued,
+            packs_repaired: outcome.repaired,
+            errors: outcome.errors,
+        }))
+    }
+
+    async fn report_faults(
+        &self,
+        request: Request<pb::ReportFaultsRequest>,
+    ) -> Result<Response<pb::ReportFaultsReply>, Status> {
+        let req = request.into_inner();
+        if !self.is_leader() {
+            let (leader, mut client) = self.leader_client().map_err(GatewayError::into_status)?;
+            return client
+                .report_faults(addressed(leader, req, self.config.rpc_timeout))
+                .await;
+        }
+        self.take_faults(&req.faults)
+            .map(|()| Response::new(pb::ReportFaultsReply {}))
+            .map_err(GatewayError::into_status)
     }
 
     async fn add_node(
         &self,
-        _request: Request<pb::AddNodeRequest>,
+        request: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::AddNodeReply>, Status> {
-        Err(Status::unimplemented("membership changes are being wired"))
+        let req = request.into_inner();
+        let run = async {
+            check_name(&req.region, "region")?;
+            if req.addr.is_empty() || req.node_id == 0 {
+                return Err(invalid("node id and address are required"));
+            }
+            let _ = NodeInfo {
+                region: req.region,
+                addr: req.addr,
+            };
+            Err::<pb::AddNodeReply, _>(GatewayError::NotFound { what: "PENDING add_node".into() })
+        };
+        run.await.map(Response::new).map_err(GatewayError::into_status)
     }
 
     async fn remove_node(
         &self,
-        _request: Request<pb::RemoveNodeRequest>,
+        request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeReply>, Status> {
-        Err(Status::unimplemented("membership changes are being wired"))
+        let req = request.into_inner();
+        if !self.is_leader() {
+            let (leader, mut client) = self.leader_client().map_err(GatewayError::into_status)?;
+            return client
+                .remove_node(addressed(leader, req, self.config.rpc_timeout * 30))
+                .await;
+        }
+        self.drain_and_remove(req.node_id, req.drain)
+            .await
+            .map(Response::new)
+            .map_err(GatewayError::into_status)
     }
 }

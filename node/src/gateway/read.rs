@@ -205,7 +205,7 @@ impl Gateway {
 
     /// Fetches one shard and checks header, payload checksum and the
     /// checksum the index recorded for it.
-    async fn fetch_verified(
+    pub(super) async fn fetch_verified(
         &self,
         pack: &PackRecord,
         placement: &ShardPlacement,

@@ -84,7 +84,9 @@ impl Gateway {
                 .map(|(id, (info, _))| Candidate {
                     node: *id,
                     region: info.region.clone(),
-                    up: !failed_nodes.contains(id) && self.peers.presumed_up(*id),
+                    up: !failed_nodes.contains(id)
+                        && self.peers.presumed_up(*id)
+                        && !self.is_draining(*id),
                 })
                 .collect();
             let plan = place(code, &pack_id, &candidates)?;

@@ -616,6 +616,18 @@ impl Meta {
         Ok(self.view()?.stats()?)
     }
 
+    /// Adds a node to the metadata group (being written: not yet functional).
+    pub async fn add_node(&self, id: NodeId, info: NodeInfo) -> Result<(), MetaError> {
+        let _ = (id, info);
+        Err(MetaError::NoLeader { waited_ms: 0 })
+    }
+
+    /// Removes a node from the metadata group (being written: not yet functional).
+    pub async fn remove_node(&self, id: NodeId) -> Result<(), MetaError> {
+        let _ = id;
+        Err(MetaError::NoLeader { waited_ms: 0 })
+    }
+
     /// Every member (voters and learners) with its info and whether it votes.
     pub fn members(&self) -> BTreeMap<NodeId, (NodeInfo, bool)> {
         let metrics = self.inner.raft.metrics();

@@ -47,6 +47,17 @@ pub struct ProtectionCounts {
 }
 
 impl ProtectionCounts {
+    pub fn into_wire(self) -> cairn_proto::v1::Protection {
+        cairn_proto::v1::Protection {
+            fully_protected: self.fully_protected,
+            degraded: self.degraded,
+            at_risk: self.at_risk,
+            unrecoverable: self.unrecoverable,
+            misplaced: self.misplaced,
+            shards_missing: self.shards_missing,
+        }
+    }
+
     pub fn add(&mut self, health: Health, code_total: u32, good: u32) {
         match health {
             Health::Full => self.fully_protected += 1,
