@@ -24,6 +24,9 @@ use crate::error::{ClientError, Result};
 pub const FAILOVER_BUDGET: Duration = Duration::from_secs(30);
 /// Deadline of one attempt (a pack upload of 16 MiB included).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait out "quorum lost" answers (an election takes about a
+/// second) before reporting it instead of hanging for the whole budget.
+pub const QUORUM_GRACE: Duration = Duration::from_secs(5);
 
 /// Connections to every configured node.
 pub struct Cluster {
@@ -62,6 +65,27 @@ impl Cluster {
         self
     }
 
+    /// Puts the addresses of `region` first, learning regions from the
+    /// cluster map; reads then prefer that region's nodes too.
+    pub async fn prefer_region(mut self, region: &str) -> Result<Self> {
+        let status = self
+            .call("cluster status", |mut c| async move {
+                c.cluster_status(cairn_proto::v1::ClusterStatusRequest {})
+                    .await
+            })
+            .await?;
+        let local: std::collections::HashSet<&str> = status
+            .nodes
+            .iter()
+            .filter(|n| n.region == region)
+            .map(|n| n.addr.as_str())
+            .collect();
+        self.endpoints
+            .sort_by_key(|(addr, _)| !local.contains(addr.as_str()));
+        self.preferred.store(0, Ordering::Relaxed);
+        Ok(self)
+    }
+
     /// The configured addresses.
     pub fn addrs(&self) -> Vec<String> {
         self.endpoints.iter().map(|(a, _)| a.clone()).collect()
@@ -79,6 +103,9 @@ impl Cluster {
         let mut tried: Vec<(String, String)> = Vec::new();
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 0usize;
+        // In the current round: did every node that answered say "quorum lost"?
+        let mut round_quorum_lost: Option<String> = None;
+        let mut round_other = false;
         loop {
             let start = self.preferred.load(Ordering::Relaxed);
             let index = (start + attempt) % n;
@@ -104,6 +131,14 @@ impl Cluster {
                 });
             }
             debug!(op = name, addr = %addr, code = ?status.code(), "failing over");
+            if status.message().starts_with("quorum lost") {
+                round_quorum_lost = Some(status.message().to_string());
+            } else if std::error::Error::source(&status).is_none()
+                && status.code() != Code::DeadlineExceeded
+            {
+                // A node answered, and not with "no quorum": keep trying.
+                round_other = true;
+            }
             let reason = describe(&status);
             match tried.iter_mut().find(|(a, _)| a == addr) {
                 Some(entry) => entry.1 = reason,
@@ -114,6 +149,15 @@ impl Cluster {
                 return Err(ClientError::NoNodeReachable { tried });
             }
             if attempt.is_multiple_of(n) {
+                if let Some(detail) = round_quorum_lost.take()
+                    && !round_other
+                    && started.elapsed() >= QUORUM_GRACE
+                {
+                    return Err(ClientError::QuorumLost {
+                        detail: detail.trim_start_matches("quorum lost: ").to_string(),
+                    });
+                }
+                round_other = false;
                 // A full round failed: wait a little (an election, a restart).
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 pub enum ClientError {
     #[error("no reachable node: tried {}", format_tried(.tried))]
     NoNodeReachable { tried: Vec<(String, String)> },
+    #[error("quorum lost: {detail}; the metadata group cannot serve until enough regions return")]
+    QuorumLost { detail: String },
     #[error("no cluster address given: pass --cluster ADDR[,ADDR...] or set CAIRN_CLUSTER")]
     NoAddresses,
     #[error("invalid cluster address {addr:?}: {reason}")]

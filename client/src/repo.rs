@@ -446,6 +446,15 @@ impl Repository {
             .await
     }
 
+    /// Runs a repair pass on the leader now; returns (packs queued, repaired, errors).
+    pub async fn repair_now(&self) -> Result<pb::RepairReply> {
+        self.cluster
+            .call("repair", |mut c| async move {
+                c.repair(pb::RepairRequest {}).await
+            })
+            .await
+    }
+
     /// Fetches, decrypts and checks blobs (small ones: trees, single files).
     pub(crate) async fn read_blobs(
         &self,

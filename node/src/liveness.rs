@@ -95,24 +95,31 @@ pub async fn run_prober(
 ) {
     loop {
         let members = meta.members();
-        let probes = members
-            .iter()
-            .filter(|(id, _)| **id != meta.node_id())
-            .map(|(id, (info, _))| {
-                let peers = peers.clone();
-                let liveness = liveness.clone();
-                let (id, addr) = (*id, info.addr.clone());
-                async move {
-                    let Ok(mut client) = peers.shards(&addr) else {
-                        return;
-                    };
-                    let request = addressed(id, ShardStatsRequest {}, interval.max(Duration::from_secs(1)));
-                    if client.shard_stats(request).await.is_ok() {
-                        liveness.saw(id);
-                        peers.record_ok(id);
+        let probes =
+            members
+                .iter()
+                .filter(|(id, _)| **id != meta.node_id())
+                .map(|(id, (info, _))| {
+                    let peers = peers.clone();
+                    let liveness = liveness.clone();
+                    let (id, addr) = (*id, info.addr.clone());
+                    async move {
+                        let Ok(mut client) = peers.shards(&addr) else {
+                            return;
+                        };
+                        let request = addressed(
+                            id,
+                            ShardStatsRequest {},
+                            interval.max(Duration::from_secs(1)),
+                        );
+                        if client.shard_stats(request).await.is_ok() {
+                            liveness.saw(id);
+                            peers.record_ok(id);
+                        } else {
+                            peers.record_failure(id);
+                        }
                     }
-                }
-            });
+                });
         futures::future::join_all(probes).await;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

@@ -138,7 +138,9 @@ pub async fn run<R, Fut>(
                 };
                 match report(request).await {
                     Ok(()) => info!(faults = faults.len(), "scrub faults reported to the leader"),
-                    Err(reason) => warn!(%reason, "scrub could not report faults; next round retries"),
+                    Err(reason) => {
+                        warn!(%reason, "scrub could not report faults; next round retries")
+                    }
                 }
             }
             Err(e) => warn!(error = %e, "scrub round failed; next round retries"),

@@ -18,9 +18,9 @@ use tracing::info;
 use crate::config::NodeConfig;
 use crate::gateway::Gateway;
 use crate::liveness::{Liveness, run_prober};
-use crate::scrub::{ScrubConfig, ScrubStats};
 use crate::meta::{Meta, MetaError};
 use crate::peers::{CONNECTION_WINDOW_BYTES, Peers, STREAM_WINDOW_BYTES};
+use crate::scrub::{ScrubConfig, ScrubStats};
 use crate::shard_store::service::ShardService;
 use crate::shard_store::{ShardStore, ShardStoreError};
 
@@ -79,7 +79,8 @@ pub async fn run(
     // Background workers, each with a name, an owner (this function) and a
     // shutdown path (the watch below); joined before Raft stops.
     let (stop_workers, workers_stopped) = watch::channel(false);
-    let probe_interval = (config.down_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let probe_interval =
+        (config.down_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
     let mut workers = Vec::new();
     workers.push(tokio::spawn(run_prober(
         liveness,

@@ -456,6 +456,19 @@ async fn state_survives_snapshot_purge_and_restart() {
     cluster
         .all_applied(cluster.meta(leader).last_applied())
         .await;
+    for (id, node) in &cluster.nodes {
+        let m = node.meta.raft().metrics().borrow().clone();
+        eprintln!(
+            "DIAG node {id} leader={leader} packs={} applied={:?} snap={:?} purged={:?} last_log={:?} state={:?} cur_leader={:?}",
+            node.meta.stats().expect("stats").packs,
+            m.last_applied,
+            m.snapshot,
+            m.purged,
+            m.last_log_index,
+            m.state,
+            m.current_leader
+        );
+    }
     for node in cluster.nodes.values() {
         assert_eq!(node.meta.stats().expect("stats").packs, 32);
     }

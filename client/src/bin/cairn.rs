@@ -62,10 +62,13 @@ enum Command {
     },
     /// Restore a snapshot (or `latest`).
     Restore(RestoreArgs),
-    /// Verify the index and trees; with --read-data every shard.
+    /// Verify the index and trees; with --read-data every shard; --repair fixes what it can first.
     Check {
         #[arg(long)]
         read_data: bool,
+        /// Run a repair pass on the leader now (rebuild lost shards, rebalance), then check.
+        #[arg(long)]
+        repair: bool,
     },
     /// Cluster commands.
     Cluster {
@@ -101,8 +104,25 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
-    /// Nodes, regions, leader, shards per node.
+    /// Nodes, regions, leader, shards per node, protection of the packs, repair progress.
     Status,
+    /// Add a node (it joins as a learner; voters are re-chosen across regions).
+    AddNode {
+        #[arg(long)]
+        node_id: u64,
+        #[arg(long)]
+        region: String,
+        /// host:port the node serves on.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Move a node's shards to the others, then remove it from the cluster.
+    RemoveNode {
+        node_id: u64,
+        /// Its disk is gone: remove it now and rebuild its shards from the others.
+        #[arg(long)]
+        no_drain: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -184,7 +204,11 @@ fn cluster(cli: &Cli) -> anyhow::Result<Cluster> {
 }
 
 async fn open(cli: &Cli) -> anyhow::Result<Arc<Repository>> {
-    let repo = Repository::open(cluster(cli)?, &cli.tenant, &passphrase(cli)?).await?;
+    let mut cluster = cluster(cli)?;
+    if let Some(region) = &cli.region {
+        cluster = cluster.prefer_region(region).await?;
+    }
+    let repo = Repository::open(cluster, &cli.tenant, &passphrase(cli)?).await?;
     Ok(Arc::new(match &cli.region {
         Some(region) => repo.with_region(region),
         None => repo,
@@ -375,10 +399,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Check { read_data } => check(&cli, *read_data).await?,
-        Command::Cluster {
-            command: ClusterCommand::Status,
-        } => status(&cli).await?,
+        Command::Check { read_data, repair } => check(&cli, *read_data, *repair).await?,
+        Command::Cluster { command } => cluster_command(&cli, command).await?,
         Command::Demo { size_mb } => demo::demo(*size_mb).await?,
         Command::Bench { size_mb, data } => {
             let report = demo::bench(*size_mb, data.clone(), cli.json).await?;
@@ -395,8 +417,80 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn check(cli: &Cli, read_data: bool) -> anyhow::Result<()> {
+async fn cluster_command(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Status => status(cli).await,
+        ClusterCommand::AddNode {
+            node_id,
+            region,
+            addr,
+        } => {
+            let request = pb::AddNodeRequest {
+                node_id: *node_id,
+                region: region.clone(),
+                addr: addr.clone(),
+            };
+            cluster(cli)?
+                .call("add node", |mut c| {
+                    let request = request.clone();
+                    async move { c.add_node(request).await }
+                })
+                .await?;
+            if cli.json {
+                print_json(&serde_json::json!({"added": node_id}))
+            } else {
+                println!(
+                    "node {node_id} ({region}, {addr}) added: it catches up as a learner; voters re-chosen across regions"
+                );
+                Ok(())
+            }
+        }
+        ClusterCommand::RemoveNode { node_id, no_drain } => {
+            let request = pb::RemoveNodeRequest {
+                node_id: *node_id,
+                drain: !no_drain,
+            };
+            let reply = cluster(cli)?
+                .with_failover_budget(std::time::Duration::from_secs(600))
+                .call("remove node", |mut c| async move {
+                    c.remove_node(request).await
+                })
+                .await?;
+            if cli.json {
+                print_json(
+                    &serde_json::json!({"removed": node_id, "shards_moved": reply.shards_moved}),
+                )
+            } else {
+                if *no_drain {
+                    println!(
+                        "node {node_id} removed; its shards are rebuilt from the others (watch `cairn cluster status`)"
+                    );
+                } else {
+                    println!(
+                        "node {node_id} drained ({} shards moved) and removed",
+                        reply.shards_moved
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn check(cli: &Cli, read_data: bool, repair: bool) -> anyhow::Result<()> {
     let repo = open(cli).await?;
+    let repaired = if repair {
+        let reply = repo.repair_now().await?;
+        if !cli.json {
+            println!(
+                "repair pass: {} pack(s) needed work, {} repaired, {} error(s)",
+                reply.queued, reply.packs_repaired, reply.errors
+            );
+        }
+        Some(reply)
+    } else {
+        None
+    };
     let mut problems: Vec<serde_json::Value> = Vec::new();
     // Trees: every snapshot's trees decode and every chunk is indexed.
     let snapshots = repo.snapshots(None).await?;
@@ -432,7 +526,8 @@ async fn check(cli: &Cli, read_data: bool) -> anyhow::Result<()> {
     if cli.json {
         print_json(&serde_json::json!({
             "ok": ok, "snapshots_checked": snapshots.len(), "packs_checked": reply.packs_checked,
-            "shards_checked": reply.shards_checked, "read_data": read_data, "problems": problems}))?;
+            "shards_checked": reply.shards_checked, "read_data": read_data, "problems": problems,
+            "repair": repaired.map(|r| serde_json::json!({"queued": r.queued, "packs_repaired": r.packs_repaired, "errors": r.errors}))}))?;
     } else {
         println!(
             "checked {} snapshot(s), {} pack(s){}",
@@ -469,23 +564,39 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
             c.cluster_status(pb::ClusterStatusRequest {}).await
         })
         .await?;
+    let protection = reply.protection.unwrap_or_default();
+    let repair = reply.repair.unwrap_or_default();
+    let time_or_null = |ms: i64| (ms > 0).then(|| time_text(ms));
     if cli.json {
         let nodes: Vec<_> = reply
             .nodes
             .iter()
             .map(|n| {
                 serde_json::json!({"node_id": n.node_id, "region": n.region, "addr": n.addr,
-                "up": n.up, "voter": n.voter, "shards": n.shards, "bytes": n.bytes})
+                "up": n.up, "voter": n.voter, "shards": n.shards, "bytes": n.bytes,
+                "last_seen": time_or_null(n.last_seen_unix_ms),
+                "down_since": time_or_null(n.down_since_unix_ms)})
             })
             .collect();
         print_json(&serde_json::json!({
             "leader": reply.has_leader.then_some(reply.leader_id), "term": reply.term,
             "last_applied": reply.last_applied, "erasure": format!("{}+{}", reply.k, reply.m),
-            "packs": reply.packs, "packs_needing_rebalance": reply.packs_degraded, "nodes": nodes}))?;
+            "packs": reply.packs,
+            "protection": {"fully_protected": protection.fully_protected, "degraded": protection.degraded,
+                "at_risk": protection.at_risk, "unrecoverable": protection.unrecoverable,
+                "misplaced": protection.misplaced, "shards_missing": protection.shards_missing},
+            "repair": {"queue": repair.queue, "rate_bytes_per_s": repair.rate_bytes_per_s,
+                "rate_limit_bytes_per_s": repair.rate_limit_bytes_per_s,
+                "packs_repaired_total": repair.packs_repaired_total,
+                "shards_written_total": repair.shards_written_total,
+                "bytes_written_total": repair.bytes_written_total,
+                "errors_total": repair.errors_total,
+                "last_pass": time_or_null(repair.last_pass_unix_ms)},
+            "nodes": nodes}))?;
         return Ok(());
     }
     println!(
-        "leader: {}   term: {}   applied: {}   erasure: {}+{}   packs: {} ({} need rebalancing)",
+        "leader: {}   term: {}   applied: {}   erasure: {}+{}   packs: {}",
         if reply.has_leader {
             format!("node {}", reply.leader_id)
         } else {
@@ -495,16 +606,33 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
         reply.last_applied,
         reply.k,
         reply.m,
-        reply.packs,
-        reply.packs_degraded
+        reply.packs
     );
     println!(
-        "{:>5}  {:<8} {:<22} {:<5} {:<8} {:>8} {:>14}",
+        "protection: {} fully protected, {} degraded ({} shards short), {} at risk, {} unrecoverable, {} awaiting rebalance",
+        protection.fully_protected,
+        protection.degraded,
+        protection.shards_missing,
+        protection.at_risk,
+        protection.unrecoverable,
+        protection.misplaced
+    );
+    println!(
+        "repair: queue {}, {:.1} MB/s (limit {:.0} MB/s), {} packs repaired, {} errors, last pass {}",
+        repair.queue,
+        repair.rate_bytes_per_s / 1e6,
+        repair.rate_limit_bytes_per_s as f64 / 1e6,
+        repair.packs_repaired_total,
+        repair.errors_total,
+        time_or_null(repair.last_pass_unix_ms).unwrap_or_else(|| "never".into())
+    );
+    println!(
+        "{:>5}  {:<8} {:<22} {:<5} {:<8} {:>8} {:>14}  down since",
         "node", "region", "address", "state", "role", "shards", "bytes"
     );
     for n in &reply.nodes {
         println!(
-            "{:>5}  {:<8} {:<22} {:<5} {:<8} {:>8} {:>14}",
+            "{:>5}  {:<8} {:<22} {:<5} {:<8} {:>8} {:>14}  {}",
             n.node_id,
             n.region,
             n.addr,
@@ -517,7 +645,8 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
                 "learner"
             },
             n.shards,
-            n.bytes
+            n.bytes,
+            time_or_null(n.down_since_unix_ms).unwrap_or_default()
         );
     }
     Ok(())

@@ -20,12 +20,12 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::erasure::Code;
+use crate::liveness::Liveness;
 use crate::meta::types::{Command, CommandResult, Id32, NodeId, NodeInfo, SnapshotRecord};
 use crate::meta::{Meta, MetaError};
-use crate::liveness::Liveness;
 use crate::peers::{Peers, addressed};
-use crate::repair::RepairState;
 use crate::placement::PlacementError;
+use crate::repair::RepairState;
 use crate::shard_store::ShardStore;
 
 /// Most ids one FindBlobs/LocateBlobs request may carry.
@@ -172,6 +172,34 @@ impl Gateway {
         self.meta.members()
     }
 
+    /// The status for an error, with what this node knows of the outage
+    /// when the metadata group has no quorum (clients fail fast on it).
+    fn status(&self, error: GatewayError) -> Status {
+        if let GatewayError::Meta(MetaError::NoLeader { .. } | MetaError::NoQuorum { .. }) = &error
+        {
+            let members = self.members();
+            let mut regions: BTreeMap<&str, bool> = BTreeMap::new();
+            for (id, (info, _)) in &members {
+                let reachable = *id == self.node_id || self.peers.presumed_up(*id);
+                *regions.entry(info.region.as_str()).or_default() |= reachable;
+            }
+            let lost: Vec<&str> = regions
+                .iter()
+                .filter(|(_, up)| !**up)
+                .map(|(r, _)| *r)
+                .collect();
+            if !lost.is_empty() {
+                return Status::unavailable(format!(
+                    "quorum lost: {} of {} regions unreachable ({}); {error}",
+                    lost.len(),
+                    regions.len(),
+                    lost.join(", ")
+                ));
+            }
+        }
+        error.into_status()
+    }
+
     pub fn repair_state(&self) -> Arc<RepairState> {
         self.repair.clone()
     }
@@ -183,18 +211,27 @@ impl Gateway {
     /// A client for the current Raft leader, for the few calls only it serves.
     fn leader_client(
         &self,
-    ) -> Result<(NodeId, cairn_proto::v1::cairn_client::CairnClient<tonic::transport::Channel>), GatewayError>
-    {
-        let leader = self.meta.leader().ok_or(GatewayError::Meta(MetaError::NoLeader {
-            waited_ms: 0,
-        }))?;
+    ) -> Result<
+        (
+            NodeId,
+            cairn_proto::v1::cairn_client::CairnClient<tonic::transport::Channel>,
+        ),
+        GatewayError,
+    > {
+        let leader = self
+            .meta
+            .leader()
+            .ok_or(GatewayError::Meta(MetaError::NoLeader { waited_ms: 0 }))?;
         let members = self.members();
         let (info, _) = members.get(&leader).ok_or_else(|| GatewayError::NotFound {
             what: format!("leader node {leader} in the membership"),
         })?;
         let channel = crate::peers::lazy_channel(&info.addr, self.config.rpc_timeout)
             .map_err(|e| invalid(format!("leader address {}: {e}", info.addr)))?;
-        Ok((leader, cairn_proto::v1::cairn_client::CairnClient::new(channel)))
+        Ok((
+            leader,
+            cairn_proto::v1::cairn_client::CairnClient::new(channel),
+        ))
     }
 
     /// Deletes one shard on whichever node holds it.
@@ -206,7 +243,12 @@ impl Gateway {
         members: &BTreeMap<NodeId, (NodeInfo, bool)>,
     ) -> Result<(), String> {
         if node == self.node_id {
-            return self.store.delete(pack_id, index).await.map(|_| ()).map_err(|e| e.to_string());
+            return self
+                .store
+                .delete(pack_id, index)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
         }
         let (info, _) = members
             .get(&node)
@@ -413,9 +455,7 @@ impl Cairn for Gateway {
                 _ => Ok(pb::InitTenantReply {}),
             }
         };
-        run.await
-            .map(Response::new)
-            .map_err(GatewayError::into_status)
+        run.await.map(Response::new).map_err(|e| self.status(e))
     }
 
     async fn get_key_slots(
@@ -429,9 +469,7 @@ impl Cairn for Gateway {
             let key_slots = self.meta.key_slots(&req.tenant)?;
             Ok(pb::GetKeySlotsReply { key_slots })
         };
-        run.await
-            .map(Response::new)
-            .map_err(GatewayError::into_status)
+        run.await.map(Response::new).map_err(|e| self.status(e))
     }
 
     async fn find_blobs(
@@ -446,9 +484,7 @@ impl Cairn for Gateway {
             let present = self.meta.find_blobs(&req.tenant, &ids(&req.ids)?)?;
             Ok(pb::FindBlobsReply { present })
         };
-        run.await
-            .map(Response::new)
-            .map_err(GatewayError::into_status)
+        run.await.map(Response::new).map_err(|e| self.status(e))
     }
 
     async fn locate_blobs(
@@ -486,9 +522,7 @@ impl Cairn for Gateway {
             }
             Ok(pb::LocateBlobsReply { locations: found })
         };
-        run.await
-            .map(Response::new)
-            .map_err(GatewayError::into_status)
+        run.await.map(Response::new).map_err(|e| self.status(e))
     }
 
     async fn put_pack(
@@ -498,7 +532,7 @@ impl Cairn for Gateway {
         self.put_pack_inner(request.into_inner())
             .await
             .map(Response::new)
-            .map_err(GatewayError::into_status)
+            .map_err(|e| self.status(e))
     }
 
     async fn read_pack(
@@ -508,7 +542,7 @@ impl Cairn for Gateway {
         self.read_pack_inner(request.into_inner())
             .await
             .map(Response::new)
-            .map_err(GatewayError::into_status)
+            .map_err(|e| self.status(e))
     }
 
     async fn commit_snapshot(
@@ -535,9 +569,7 @@ impl Cairn for Gateway {
                 _ => Ok(pb::CommitSnapshotReply {}),
             }
         };
-        run.await
-            .map(Response::new)
-            .map_err(GatewayError::into_status)
+        run.await.map(Response::new).map_err(|e| self.status(e))
     }
 
     async fn list_snapshots(
@@ -557,9 +589,7 @@ impl Cairn for Gateway {
                 .collect();
             Ok(pb::ListSnapshotsReply { snapshots })
         };
-        run.await
-            .map(Response::new)
-            .map_err(GatewayError::into_status)
+        run.await.map(Response::new).map_err(|e| self.status(e))
     }
 
     async fn cluster_status(
@@ -610,9 +640,7 @@ impl Cairn for Gateway {
                 repair: Some(self.repair_status()),
             })
         };
-        run.await
-            .map(Response::new)
-            .map_err(GatewayError::into_status)
+        run.await.map(Response::new).map_err(|e| self.status(e))
     }
 
     async fn check_packs(
@@ -622,7 +650,7 @@ impl Cairn for Gateway {
         self.check_packs_inner(request.into_inner())
             .await
             .map(Response::new)
-            .map_err(GatewayError::into_status)
+            .map_err(|e| self.status(e))
     }
 
     async fn repair(
@@ -630,9 +658,13 @@ impl Cairn for Gateway {
         request: Request<pb::RepairRequest>,
     ) -> Result<Response<pb::RepairReply>, Status> {
         if !self.is_leader() {
-            let (leader, mut client) = self.leader_client().map_err(GatewayError::into_status)?;
+            let (leader, mut client) = self.leader_client().map_err(|e| self.status(e))?;
             return client
-                .repair(addressed(leader, request.into_inner(), self.config.rpc_timeout * 30))
+                .repair(addressed(
+                    leader,
+                    request.into_inner(),
+                    self.config.rpc_timeout * 30,
+                ))
                 .await;
         }
         let outcome = self.repair_pass(0).await;
@@ -649,14 +681,14 @@ impl Cairn for Gateway {
     ) -> Result<Response<pb::ReportFaultsReply>, Status> {
         let req = request.into_inner();
         if !self.is_leader() {
-            let (leader, mut client) = self.leader_client().map_err(GatewayError::into_status)?;
+            let (leader, mut client) = self.leader_client().map_err(|e| self.status(e))?;
             return client
                 .report_faults(addressed(leader, req, self.config.rpc_timeout))
                 .await;
         }
         self.take_faults(&req.faults)
             .map(|()| Response::new(pb::ReportFaultsReply {}))
-            .map_err(GatewayError::into_status)
+            .map_err(|e| self.status(e))
     }
 
     async fn add_node(
@@ -673,9 +705,11 @@ impl Cairn for Gateway {
                 region: req.region,
                 addr: req.addr,
             };
-            Err::<pb::AddNodeReply, _>(GatewayError::NotFound { what: "PENDING add_node".into() })
+            Err::<pb::AddNodeReply, _>(GatewayError::NotFound {
+                what: "PENDING add_node".into(),
+            })
         };
-        run.await.map(Response::new).map_err(GatewayError::into_status)
+        run.await.map(Response::new).map_err(|e| self.status(e))
     }
 
     async fn remove_node(
@@ -684,7 +718,7 @@ impl Cairn for Gateway {
     ) -> Result<Response<pb::RemoveNodeReply>, Status> {
         let req = request.into_inner();
         if !self.is_leader() {
-            let (leader, mut client) = self.leader_client().map_err(GatewayError::into_status)?;
+            let (leader, mut client) = self.leader_client().map_err(|e| self.status(e))?;
             return client
                 .remove_node(addressed(leader, req, self.config.rpc_timeout * 30))
                 .await;
@@ -692,6 +726,6 @@ impl Cairn for Gateway {
         self.drain_and_remove(req.node_id, req.drain)
             .await
             .map(Response::new)
-            .map_err(GatewayError::into_status)
+            .map_err(|e| self.status(e))
     }
 }

@@ -19,7 +19,10 @@ use crate::repair::{PassOutcome, RateLimiter};
 
 impl Gateway {
     /// The worker's view of the members: region and whether each is down.
-    fn node_states(&self, members: &BTreeMap<NodeId, (NodeInfo, bool)>) -> BTreeMap<NodeId, NodeState> {
+    fn node_states(
+        &self,
+        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
+    ) -> BTreeMap<NodeId, NodeState> {
         members
             .iter()
             .map(|(id, (info, _))| {
@@ -97,7 +100,9 @@ impl Gateway {
             match self.repair_pack(&pack, &plan, &members, &mut limiter).await {
                 Ok(()) => {
                     outcome.repaired += 1;
-                    self.repair.packs_repaired_total.fetch_add(1, Ordering::Relaxed);
+                    self.repair
+                        .packs_repaired_total
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 Err(reason) => {
                     outcome.errors += 1;
@@ -111,7 +116,11 @@ impl Gateway {
             self.repair
                 .rate_milli_bytes_per_s
                 .store((limiter.bytes_per_s() * 1000.0) as u64, Ordering::Relaxed);
-            info!(repaired = outcome.repaired, errors = outcome.errors, "repair pass done");
+            info!(
+                repaired = outcome.repaired,
+                errors = outcome.errors,
+                "repair pass done"
+            );
         }
         self.repair.mark_pass();
         outcome
@@ -166,8 +175,9 @@ impl Gateway {
         let writes = plan.writes.iter().map(|&(index, node)| {
             let payload = rebuilt[index as usize].clone().unwrap_or_default();
             async move {
-                let shard = EncodedShard::from_payload(code, index, pack.id, pack.pack_len, payload)
-                    .map_err(|e| e.to_string())?;
+                let shard =
+                    EncodedShard::from_payload(code, index, pack.id, pack.pack_len, payload)
+                        .map_err(|e| e.to_string())?;
                 let checksum = shard.header.checksum;
                 let file = shard.to_file_bytes();
                 let len = file.len() as u64;
@@ -178,9 +188,20 @@ impl Gateway {
         for result in join_all(writes).await {
             let (index, node, checksum, len) = result?;
             limiter.consume(len).await;
-            self.repair.shards_written_total.fetch_add(1, Ordering::Relaxed);
-            self.repair.bytes_written_total.fetch_add(len, Ordering::Relaxed);
-            written.insert(index, ShardPlacement { index, node, checksum });
+            self.repair
+                .shards_written_total
+                .fetch_add(1, Ordering::Relaxed);
+            self.repair
+                .bytes_written_total
+                .fetch_add(len, Ordering::Relaxed);
+            written.insert(
+                index,
+                ShardPlacement {
+                    index,
+                    node,
+                    checksum,
+                },
+            );
         }
 
         // Commit only if nobody changed the placement meanwhile.
@@ -203,7 +224,9 @@ impl Gateway {
             {
                 shards.push(old.clone());
             } else {
-                return Err(format!("plan keeps shard {index} on node {node}, which the index does not list"));
+                return Err(format!(
+                    "plan keeps shard {index} on node {node}, which the index does not list"
+                ));
             }
         }
         self.meta
@@ -303,7 +326,10 @@ impl Gateway {
         for fault in faults {
             parsed.push((id32(&fault.pack_id, "pack id")?, fault.index, fault.node_id));
         }
-        warn!(count = parsed.len(), "scrub reported bad shards; repair scheduled");
+        warn!(
+            count = parsed.len(),
+            "scrub reported bad shards; repair scheduled"
+        );
         self.repair.report_bad(parsed);
         Ok(())
     }

@@ -133,8 +133,11 @@ pub async fn run(
         if gateway.is_leader() {
             let outcome = gateway.repair_pass(config.rate_bytes_per_s).await;
             if outcome.errors > 0 {
-                tracing::warn!(errors = outcome.errors, repaired = outcome.repaired,
-                    "repair pass left work undone; retrying next pass");
+                tracing::warn!(
+                    errors = outcome.errors,
+                    repaired = outcome.repaired,
+                    "repair pass left work undone; retrying next pass"
+                );
             }
         }
     }

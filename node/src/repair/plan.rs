@@ -95,7 +95,11 @@ pub fn good_shards(
 }
 
 /// Classifies a pack from its good shards.
-pub fn assess(pack: &PackRecord, good: &[ShardPlacement], nodes: &BTreeMap<NodeId, NodeState>) -> Health {
+pub fn assess(
+    pack: &PackRecord,
+    good: &[ShardPlacement],
+    nodes: &BTreeMap<NodeId, NodeState>,
+) -> Health {
     let code = code_of(pack);
     let total = code.total();
     let count = good.len() as u32;
@@ -127,7 +131,8 @@ fn well_placed(code: Code, shards: &[ShardPlacement], nodes: &BTreeMap<NodeId, N
         *per_region.entry(region).or_default() += 1;
     }
     let enough_nodes = nodes.len() >= code.total() as usize;
-    per_region.values().all(|&n| n <= code.parity) && (!enough_nodes || per_node.values().all(|&n| n <= 1))
+    per_region.values().all(|&n| n <= code.parity)
+        && (!enough_nodes || per_node.values().all(|&n| n <= 1))
 }
 
 /// What to do for one pack.
@@ -174,7 +179,10 @@ pub fn plan_repair(
     let mut in_region: BTreeMap<&str, u32> = BTreeMap::new();
     let node_cap = if ideal { 1 } else { code.parity };
     for shard in good {
-        let region = nodes.get(&shard.node).map(|n| n.region.as_str()).unwrap_or("");
+        let region = nodes
+            .get(&shard.node)
+            .map(|n| n.region.as_str())
+            .unwrap_or("");
         let node_n = on_node.get(&shard.node).copied().unwrap_or(0);
         let region_n = in_region.get(region).copied().unwrap_or(0);
         if node_n < node_cap && (!ideal || region_n < code.parity) {
@@ -273,7 +281,11 @@ mod tests {
         let good = good_shards(&p, &nodes, &BTreeSet::new());
         assert_eq!(assess(&p, &good, &nodes), Health::Degraded { missing: 1 });
         let plan = plan_repair(&p, &good, &nodes).expect("plan").expect("work");
-        assert_eq!(plan.writes, vec![(1, 3)], "the spare node of r1 takes shard 1");
+        assert_eq!(
+            plan.writes,
+            vec![(1, 3)],
+            "the spare node of r1 takes shard 1"
+        );
         assert!(plan.deletes.is_empty());
         let after = apply(&p, &plan);
         let good = good_shards(&after, &nodes, &BTreeSet::new());
@@ -288,7 +300,11 @@ mod tests {
             nodes.get_mut(&id).expect("node").down = true;
         }
         let good = good_shards(&p, &nodes, &BTreeSet::new());
-        assert_eq!(assess(&p, &good, &nodes), Health::AtRisk, "k good shards, no margin");
+        assert_eq!(
+            assess(&p, &good, &nodes),
+            Health::AtRisk,
+            "k good shards, no margin"
+        );
         let plan = plan_repair(&p, &good, &nodes).expect("plan").expect("work");
         assert_eq!(plan.writes.len(), 2);
         assert!(plan.still_degraded);
@@ -297,13 +313,19 @@ mod tests {
         // k+m shards again: one more node loss is survivable.
         assert_eq!(good.len(), 6);
         assert_eq!(assess(&during, &good, &nodes), Health::Misplaced);
-        assert_eq!(plan_repair(&during, &good, &nodes).expect("plan"), None, "no churn while r3 is down");
+        assert_eq!(
+            plan_repair(&during, &good, &nodes).expect("plan"),
+            None,
+            "no churn while r3 is down"
+        );
         // r3 returns: rebalance to one per node, two per region.
         for id in [5, 6] {
             nodes.get_mut(&id).expect("node").down = false;
         }
         let good = good_shards(&during, &nodes, &BTreeSet::new());
-        let plan = plan_repair(&during, &good, &nodes).expect("plan").expect("rebalance");
+        let plan = plan_repair(&during, &good, &nodes)
+            .expect("plan")
+            .expect("rebalance");
         assert!(!plan.still_degraded);
         assert_eq!(plan.deletes.len(), 2, "the doubled-up copies go");
         let after = apply(&during, &plan);
@@ -319,7 +341,11 @@ mod tests {
         let good = good_shards(&p, &nodes, &bad);
         assert_eq!(assess(&p, &good, &nodes), Health::Degraded { missing: 1 });
         let plan = plan_repair(&p, &good, &nodes).expect("plan").expect("work");
-        assert_eq!(plan.writes, vec![(3, 4)], "rewritten in place, the only healthy spot");
+        assert_eq!(
+            plan.writes,
+            vec![(3, 4)],
+            "rewritten in place, the only healthy spot"
+        );
     }
 
     #[test]
@@ -343,9 +369,9 @@ mod tests {
             let mut nodes = BTreeMap::new();
             let mut id = 0u64;
             for (r, (count, ups)) in regions.iter().enumerate() {
-                for i in 0..*count {
+                for up in ups.iter().take(*count) {
                     id += 1;
-                    nodes.insert(id, NodeState { region: format!("r{r}"), down: !ups[i] });
+                    nodes.insert(id, NodeState { region: format!("r{r}"), down: !up });
                 }
             }
             let ids: Vec<NodeId> = nodes.keys().copied().collect();
