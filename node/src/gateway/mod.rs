@@ -18,6 +18,7 @@ use cairn_proto::v1 as pb;
 use cairn_proto::v1::cairn_server::{Cairn, CairnServer};
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
+use tracing::warn;
 
 use crate::erasure::Code;
 use crate::liveness::Liveness;
@@ -198,6 +199,16 @@ impl Gateway {
             }
         }
         error.into_status()
+    }
+
+    /// Brings the local state up to date with the leader when it can. Without
+    /// a quorum, reads go on from the local state: snapshots are immutable,
+    /// so at worst the newest commits are missing — and a restore during a
+    /// disaster must not wait for the metadata group to heal.
+    async fn catch_up(&self) {
+        if let Err(error) = self.meta.read_barrier().await {
+            warn!(%error, "no linearizable read possible; serving the local (possibly stale) state");
+        }
     }
 
     pub fn repair_state(&self) -> Arc<RepairState> {
@@ -465,7 +476,7 @@ impl Cairn for Gateway {
         let req = request.into_inner();
         let run = async {
             check_name(&req.tenant, "tenant")?;
-            self.meta.read_barrier().await?;
+            self.catch_up().await;
             let key_slots = self.meta.key_slots(&req.tenant)?;
             Ok(pb::GetKeySlotsReply { key_slots })
         };
@@ -501,7 +512,7 @@ impl Cairn for Gateway {
                 let mut location = self.meta.locate_blob(&req.tenant, id)?;
                 if location.is_none() && !barrier_done {
                     // This node may lag the leader: catch up once, then answer.
-                    self.meta.read_barrier().await?;
+                    self.catch_up().await;
                     barrier_done = true;
                     location = self.meta.locate_blob(&req.tenant, id)?;
                 }
@@ -579,7 +590,7 @@ impl Cairn for Gateway {
         let req = request.into_inner();
         let run = async {
             check_name(&req.tenant, "tenant")?;
-            self.meta.read_barrier().await?;
+            self.catch_up().await;
             let dataset = (!req.dataset.is_empty()).then_some(req.dataset.as_str());
             let snapshots = self
                 .meta

@@ -181,7 +181,7 @@ impl Gateway {
         if let Some(pack) = self.meta.pack(pack_id)? {
             return Ok(pack);
         }
-        self.meta.read_barrier().await?;
+        self.catch_up().await;
         self.meta
             .pack(pack_id)?
             .ok_or_else(|| GatewayError::NotFound {
@@ -221,7 +221,7 @@ impl Gateway {
         &self,
         req: pb::CheckPacksRequest,
     ) -> Result<pb::CheckPacksReply, GatewayError> {
-        self.meta.read_barrier().await?;
+        self.catch_up().await;
         let members = self.members();
         let mut reply = pb::CheckPacksReply::default();
         for pack in self.meta.packs()? {
