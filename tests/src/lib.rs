@@ -115,3 +115,5 @@ pub async fn must_restore_identical(
         "restore differs from source: {differences:?}"
     );
 }
+
+pub mod process;

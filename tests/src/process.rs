@@ -1,0 +1,190 @@
+//! Real `cairn-node` processes for the tests that kill nodes with SIGKILL.
+//!
+//! Ports are found by binding `127.0.0.1:0` and releasing the port just
+//! before the node binds it (every node must know every address up front,
+//! as `--initial-cluster` requires).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `cairn-node` binary next to this test's build (cargo builds it for
+/// the node crate's own integration tests).
+pub fn node_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = dir.join("cairn-node");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bin cairn-node` (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// One node process and how to start it again.
+struct NodeProcess {
+    region: String,
+    addr: String,
+    child: Option<Child>,
+}
+
+/// A cluster of `cairn-node` processes.
+pub struct ProcessCluster {
+    dir: PathBuf,
+    initial: String,
+    nodes: BTreeMap<u64, NodeProcess>,
+}
+
+impl ProcessCluster {
+    /// Starts `per_region[i]` nodes in region `r{i+1}`, erasure 4+2,
+    /// failure detection after `down_after`.
+    pub fn start(dir: &Path, per_region: &[usize], down_after: &str) -> Self {
+        let mut nodes = BTreeMap::new();
+        let mut id = 0;
+        for (r, count) in per_region.iter().enumerate() {
+            for _ in 0..*count {
+                id += 1;
+                nodes.insert(
+                    id,
+                    NodeProcess {
+                        region: format!("r{}", r + 1),
+                        addr: format!("127.0.0.1:{}", free_port()),
+                        child: None,
+                    },
+                );
+            }
+        }
+        let initial = nodes
+            .iter()
+            .map(|(id, n)| format!("{id}={}@{}", n.region, n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Self {
+            dir: dir.to_path_buf(),
+            initial,
+            nodes,
+        };
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in ids {
+            cluster.start_node(id, down_after);
+        }
+        cluster
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.addr.clone()).collect()
+    }
+
+    pub fn addr(&self, id: u64) -> &str {
+        &self.nodes[&id].addr
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// (Re)starts a node with its data directory.
+    pub fn start_node(&mut self, id: u64, down_after: &str) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let data = self.dir.join(format!("node-{id}"));
+        std::fs::create_dir_all(&data).expect("data dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{id}.log")))
+            .expect("log file");
+        let child = Command::new(node_binary())
+            .args(["--node-id", &id.to_string(), "--region", &node.region])
+            .args(["--listen", &node.addr, "--initial-cluster", &self.initial])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--erasure", "4+2", "--down-after", down_after])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cairn-node starts");
+        node.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The tail of a node's log, for failure messages.
+    pub fn log_tail(&self, id: u64) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("node-{id}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Waits until some node reports a leader and all running nodes up.
+    pub async fn wait_ready(&self, timeout: Duration) -> cairn_proto::v1::ClusterStatusReply {
+        let started = Instant::now();
+        let mut last = String::new();
+        loop {
+            for node in self.nodes.values().filter(|n| n.child.is_some()) {
+                match status(&node.addr).await {
+                    Ok(s)
+                        if s.has_leader
+                            && self.nodes.iter().filter(|(_, n)| n.child.is_some()).all(
+                                |(id, _)| s.nodes.iter().any(|m| m.node_id == *id && m.up),
+                            ) =>
+                    {
+                        return s;
+                    }
+                    Ok(s) => last = format!("leader {} nodes {}", s.has_leader, s.nodes.len()),
+                    Err(e) => last = e,
+                }
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "process cluster not ready after {timeout:?}: {last}\n{}",
+                self.log_tail(1)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// One ClusterStatus call.
+pub async fn status(addr: &str) -> Result<cairn_proto::v1::ClusterStatusReply, String> {
+    let channel =
+        cairn_node::peers::lazy_channel(addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let mut client = cairn_proto::v1::cairn_client::CairnClient::new(channel);
+    let mut request = tonic::Request::new(cairn_proto::v1::ClusterStatusRequest {});
+    request.set_timeout(Duration::from_secs(3));
+    client
+        .cluster_status(request)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| s.message().to_string())
+}
