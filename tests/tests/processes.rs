@@ -125,7 +125,7 @@ async fn leader_killed_repeatedly_under_small_backups_loses_and_duplicates_nothi
                 };
                 match backup_paths(
                     repo.clone(),
-                    &[source.clone()],
+                    std::slice::from_ref(&source),
                     &options,
                     Default::default(),
                 )

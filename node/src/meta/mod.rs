@@ -16,8 +16,9 @@
 //! Invariants:
 //! - voters are chosen by [`voters::choose_voters`], so with three regions or
 //!   more no region holds a majority (design invariant 3);
-//! - `write` returns only once the command is applied on this node too, so a
-//!   node reads its own writes;
+//! - `write` returns only once the command is applied on this node too, both
+//!   in the state (a node reads its own writes) and in the Raft metrics (so
+//!   `last_applied()` and metrics-based waits cover it);
 //! - `read_barrier` returning `Ok` means every write committed before the call
 //!   is in the local state;
 //! - after `shutdown` returns, no handle on the sled files is left, so the
@@ -364,8 +365,14 @@ impl Meta {
                         });
                     };
                     return match answer {
-                        // The leader answers after applying: this node has it.
-                        Ok(response) => Ok(Attempt::Done(response.data)),
+                        // openraft answers as soon as the state machine has
+                        // applied the entry, before its metrics say so: wait
+                        // for them too, so `last_applied()` (and every
+                        // metrics-based wait) covers this write on return.
+                        Ok(response) => {
+                            self.wait_applied(response.log_id.index, deadline).await?;
+                            Ok(Attempt::Done(response.data))
+                        }
                         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                             Ok(Attempt::Retry)
                         }
