@@ -112,32 +112,35 @@ impl Cluster {
         &self.nodes[&id].meta
     }
 
-    /// Waits until every running node agrees on one leader, and returns it.
+    /// Waits until every running node agrees on one running leader, and
+    /// returns it. On timeout, panics with every node's metrics.
     async fn leader(&self) -> NodeId {
-        let first = self.nodes.values().next().expect("a running node");
-        let metrics = first
-            .meta
-            .raft()
-            .wait(Some(WAIT))
-            .metrics(
-                |m| {
-                    m.current_leader
-                        .is_some_and(|l| self.nodes.contains_key(&l))
-                },
-                "a running leader",
-            )
-            .await
-            .expect("a leader is elected");
-        let leader = metrics.current_leader.expect("checked");
-        for node in self.nodes.values() {
-            node.meta
-                .raft()
-                .wait(Some(WAIT))
-                .metrics(|m| m.current_leader == Some(leader), "agree on the leader")
-                .await
-                .expect("every node follows the leader");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let leaders: BTreeSet<Option<NodeId>> = self
+                .nodes
+                .values()
+                .map(|n| n.meta.raft().metrics().borrow().current_leader)
+                .collect();
+            if let [Some(leader)] = leaders.iter().copied().collect::<Vec<_>>()[..]
+                && self.nodes.contains_key(&leader)
+            {
+                return leader;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let dump: Vec<String> = self
+                    .nodes
+                    .values()
+                    .map(|n| n.meta.raft().metrics().borrow().to_string())
+                    .collect();
+                panic!(
+                    "no agreed running leader after {WAIT:?}:\n{}",
+                    dump.join("\n")
+                );
+            }
+            // Poll the metrics (cheap, in memory) until they agree.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        leader
     }
 
     /// Waits until every running node has applied at least `index`.
@@ -456,21 +459,38 @@ async fn state_survives_snapshot_purge_and_restart() {
     cluster
         .all_applied(cluster.meta(leader).last_applied())
         .await;
-    for (id, node) in &cluster.nodes {
-        let m = node.meta.raft().metrics().borrow().clone();
-        eprintln!(
-            "DIAG node {id} leader={leader} packs={} applied={:?} snap={:?} purged={:?} last_log={:?} state={:?} cur_leader={:?}",
-            node.meta.stats().expect("stats").packs,
-            m.last_applied,
-            m.snapshot,
-            m.purged,
-            m.last_log_index,
-            m.state,
-            m.current_leader
-        );
-    }
     for node in cluster.nodes.values() {
         assert_eq!(node.meta.stats().expect("stats").packs, 32);
+    }
+    cluster.shutdown().await;
+}
+
+/// Regression: openraft answers a write once the state machine applied it but
+/// before its metrics say so; `write` must cover both, or a caller that
+/// waits for "everyone applied `last_applied()`" waits for too little.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_write_is_in_last_applied() {
+    let cluster = Cluster::start(
+        &[("r1", &[1]), ("r2", &[2]), ("r3", &[3])],
+        MetaConfig::default(),
+    )
+    .await;
+    let leader = cluster.leader().await;
+    let follower = *cluster
+        .nodes
+        .keys()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    for (n, writer) in (0..40u8).zip([leader, follower].into_iter().cycle()) {
+        let meta = cluster.meta(writer);
+        let before = meta.last_applied();
+        assert_eq!(meta.write(pack(n)).await.expect("write"), CommandResult::Ok);
+        let packs = meta.stats().expect("stats").packs;
+        assert_eq!(packs, u64::from(n) + 1, "node {writer} reads its own write");
+        assert!(
+            meta.last_applied() > before,
+            "node {writer}: write {n} returned but last_applied is still {before}"
+        );
     }
     cluster.shutdown().await;
 }
