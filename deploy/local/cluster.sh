@@ -5,6 +5,7 @@
 #   deploy/local/cluster.sh stop-region r1
 #   deploy/local/cluster.sh start-region r1
 #   deploy/local/cluster.sh stop
+# CAIRN_BUILD=0 uses the binaries already in target/release.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DIR=${CAIRN_LOCAL_DIR:-${TMPDIR:-/tmp}/cairn-local}
@@ -26,7 +27,7 @@ stop_node() { local id=$1; [ -f "$DIR/node-$id.pid" ] && kill "$(cat "$DIR/node-
 
 case "${1:-}" in
   start)
-    cargo build --release --bin cairn-node --bin cairn
+    [ "${CAIRN_BUILD:-1}" = 0 ] || cargo build --release --bin cairn-node --bin cairn
     mkdir -p "$DIR"
     for spec in "${NODES[@]}"; do start_node "$spec"; done
     echo "export CAIRN_CLUSTER=127.0.0.1:7101,127.0.0.1:7201,127.0.0.1:7301"
