@@ -130,6 +130,71 @@ mod tests {
         ));
     }
 
+    /// The log holds postcard-encoded commands, whose first byte is the
+    /// variant index: variants may only be appended. This pins every index.
+    #[test]
+    fn command_variant_indices_never_move() {
+        use crate::meta::types::{PackRecord, SnapshotRecord};
+        let pack = PackRecord {
+            id: [0; 32],
+            tenant: String::new(),
+            data_shards: 0,
+            parity_shards: 0,
+            pack_len: 0,
+            shard_len: 0,
+            shards: vec![],
+            needs_rebalance: false,
+        };
+        let snapshot = SnapshotRecord {
+            id: [0; 32],
+            dataset: String::new(),
+            parent: None,
+            time_unix_ms: 0,
+            kind: String::new(),
+            root_tree: [0; 32],
+            sealed_info: vec![],
+            files: 0,
+            bytes: 0,
+            bytes_added: 0,
+            tags: vec![],
+        };
+        let commands = [
+            Command::InitTenant {
+                tenant: String::new(),
+                key_slot: vec![],
+            },
+            Command::AddPack {
+                pack,
+                blobs: vec![],
+            },
+            Command::SetPlacement {
+                pack_id: [0; 32],
+                shards: vec![],
+                needs_rebalance: false,
+            },
+            Command::CommitSnapshot {
+                tenant: String::new(),
+                snapshot,
+            },
+            Command::MarkRemoved { node: 5 },
+            Command::MarkAdded { node: 5 },
+            Command::MarkHoldsLog { node: 5 },
+        ];
+        for (index, cmd) in commands.iter().enumerate() {
+            let bytes = encode("command", cmd).expect("encode");
+            assert_eq!(
+                usize::from(bytes[1]),
+                index,
+                "variant index of {cmd:?} moved"
+            );
+        }
+        assert_eq!(
+            encode("command", &Command::MarkHoldsLog { node: 300 }).expect("encode"),
+            vec![FORMAT_VERSION, 6, 0xac, 0x02],
+            "a mark is the variant index then the node id as a varint"
+        );
+    }
+
     proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {

@@ -100,6 +100,15 @@ impl LogStore {
         Ok(Self { kv })
     }
 
+    /// True if the store holds nothing Raft wrote: no vote, no entry, no
+    /// purge mark (the format marker alone does not count). A node whose
+    /// store is empty cannot tell a first start from a wiped disk by itself.
+    pub fn is_empty(&self) -> Result<bool, LogStoreError> {
+        Ok(self.kv.get(VOTE_KEY)?.is_none()
+            && self.kv.get(PURGED_KEY)?.is_none()
+            && self.kv.last_with_prefix(&[ENTRY])?.is_none())
+    }
+
     fn get_value<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,

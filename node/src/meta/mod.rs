@@ -8,7 +8,9 @@
 //! Submodules split the work so that openraft's API is touched only by the
 //! adapters (`log_store`, `state_machine`, `network`, `service`); the business
 //! rules live in `state` and the voter choice in `voters`, both free of
-//! openraft's storage and network traits.
+//! openraft's storage and network traits. `membership` adds and removes nodes
+//! (and runs the leader's keeper task); `admission` decides whether a node
+//! that starts with an empty store may take part in Raft (the wiped-disk trap).
 //!
 //! This module must not hold bulk data: packs and shards travel over other
 //! services; only ids, placements and sealed records come here.
@@ -22,10 +24,15 @@
 //! - `read_barrier` returning `Ok` means every write committed before the call
 //!   is in the local state;
 //! - after `shutdown` returns, no handle on the sled files is left, so the
-//!   same directory can be opened again in this process.
+//!   same directory can be opened again in this process;
+//! - a node that opened an empty store answers no vote, append or snapshot
+//!   until its admission is decided, and never bootstraps a cluster unless a
+//!   majority of the initial voters answered that they are empty too.
 
+pub mod admission;
 pub mod codec;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod service;
 pub mod state;
@@ -33,7 +40,7 @@ pub mod state_machine;
 pub mod types;
 pub mod voters;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -48,14 +55,16 @@ use openraft::{LogId, Raft, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::kv::{KvError, SledDb};
+use crate::kv::{KvError, ReleaseWatch, SledDb};
+use admission::{Admission, Decision};
 use log_store::{LogStore, LogStoreError};
+use membership::ChangeError;
 use network::{CallError, NetworkFactory, PeerChannels, Rpc};
 use service::RaftService;
 use state::{StateError, StateView};
 use state_machine::StateMachineStore;
 use types::{
-    BlobLocation, Command, CommandResult, Id32, MetaStats, NodeId, NodeInfo, PackRecord,
+    BlobLocation, Command, CommandResult, Id32, MetaStats, NodeId, NodeInfo, NodeMark, PackRecord,
     SnapshotRecord, TypeConfig,
 };
 
@@ -98,6 +107,24 @@ impl MetaConfig {
         Duration::from_millis(
             self.rpc_timeout_ms
                 .saturating_add(self.election_max_ms.saturating_mul(2)),
+        )
+    }
+
+    /// How long `add_node` and `remove_node` keep trying: a new node may
+    /// have to catch up by snapshot before it can vote.
+    pub fn membership_timeout(&self) -> Duration {
+        self.op_timeout().saturating_mul(3)
+    }
+
+    /// Deadline of one `ClusterInfo` question to a peer: three heartbeats
+    /// (a connection and a round trip), at least 100 ms, at most one RPC
+    /// deadline. A node opening an empty store waits this long at most.
+    pub fn probe_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.heartbeat_ms
+                .saturating_mul(3)
+                .max(100)
+                .min(self.rpc_timeout_ms.max(1)),
         )
     }
 
@@ -190,6 +217,15 @@ pub enum MetaError {
     },
     #[error("node {node_id} is not in the initial cluster; add it there (same list on every node)")]
     NotInCluster { node_id: NodeId },
+    /// The store is empty, but the running cluster counts this node as a
+    /// member that held the log: the disk was wiped (or replaced).
+    #[error(
+        "node {node_id} has an empty data directory but is still a member of the running cluster: its log is gone. Remove it first with \"cairn cluster remove-node {node_id}\" (its shards are rebuilt from the others), then start it again to rejoin as a new learner."
+    )]
+    WipedMember { node_id: NodeId },
+    /// A membership change (`add_node`, `remove_node`) was refused or did not finish.
+    #[error("metadata membership change: {0}")]
+    Change(#[from] ChangeError),
     #[error("cannot create the metadata directory {path}: {source}")]
     CreateDir {
         path: PathBuf,
@@ -223,10 +259,6 @@ type ForwardAnswer =
 type ReadIndexAnswer =
     Result<Option<LogId<NodeId>>, RaftError<NodeId, CheckIsLeaderError<NodeId, NodeInfo>>>;
 
-/// Most membership attempts per initial node before giving up on it.
-const MAX_LEARNER_ATTEMPTS: u32 = 20;
-/// Longest pause between two learner attempts.
-const MAX_LEARNER_BACKOFF: Duration = Duration::from_secs(30);
 /// How long `shutdown` waits for openraft's tasks to release the files.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -234,12 +266,19 @@ struct Inner {
     node_id: NodeId,
     config: MetaConfig,
     raft: Raft<TypeConfig>,
+    /// The nodes named at start (`--initial-cluster`), and the voters chosen from them.
+    initial_cluster: BTreeMap<NodeId, NodeInfo>,
+    initial_voters: BTreeSet<NodeId>,
+    /// Whether this node takes part in Raft; read by the Raft service's gate.
+    admission: watch::Sender<Admission>,
+    /// Serializes membership changes run by this node as leader.
+    change_lock: tokio::sync::Mutex<()>,
     /// `None` once shut down: reads then fail instead of holding the files open.
     state: RwLock<Option<StateView>>,
     channels: PeerChannels,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    released: crate::kv::ReleaseWatch,
+    released: ReleaseWatch,
 }
 
 /// Handle on the metadata group. Cheap to clone.
@@ -259,10 +298,25 @@ impl Meta {
     /// there) and starts Raft.
     ///
     /// `initial_cluster` is every node of the cluster with its region and
-    /// address, the same on every node. If the log is empty and this node is
-    /// the lowest id among the voters chosen from it, it bootstraps the group
-    /// with those voters. A background task on whichever node is leader adds
-    /// every other initial node as a learner (bounded retries, logged).
+    /// address, the same on every node (a node added later lists the running
+    /// nodes and itself). A store that holds a log starts at once. An empty
+    /// store first asks the other nodes whether a cluster exists
+    /// ([`admission`], at most [`MetaConfig::probe_timeout`] here, then in
+    /// the background):
+    /// - if the cluster counts this node as a member that held the log, the
+    ///   disk was wiped: `open` fails with [`MetaError::WipedMember`] (or, if
+    ///   that only shows later, the node fences itself);
+    /// - if the cluster exists without this node (it was removed, or is new),
+    ///   the node starts empty and asks the leader to add it ([`Meta::add_node`]
+    ///   on itself, retried in the background): restarting a removed node with
+    ///   an empty directory is how it rejoins;
+    /// - if no cluster exists yet, the lowest of the voters chosen from
+    ///   `initial_cluster` bootstraps it, once a majority of the other initial
+    ///   voters answered that they are empty too.
+    ///
+    /// On the leader, a background task adds every other initial node as a
+    /// learner (unless removed on purpose; bounded retries, logged) and
+    /// records which members hold the log.
     pub async fn open(
         node_id: NodeId,
         dir: &Path,
@@ -293,55 +347,129 @@ impl Meta {
         drop(db);
         let log_store = LogStore::open(Arc::new(log_kv))?;
         let view = StateView::open(Arc::new(state_kv))?;
-        let state_machine = StateMachineStore::new(view.clone());
+        let empty = log_store.is_empty()? && view.applied_state()?.0.is_none();
 
+        let initial_voters = voters::choose_voters(&initial_cluster);
+        let region = initial_cluster[&node_id].region.clone();
         let channels = PeerChannels::new(Duration::from_millis(config.rpc_timeout_ms));
+        let decision = if empty {
+            let answers =
+                admission::probe(&channels, node_id, &initial_cluster, config.probe_timeout())
+                    .await;
+            let decision = admission::decide(node_id, &initial_voters, &answers);
+            tracing::info!(node_id, answers = answers.len(), decision = ?decision, "empty metadata store: asked the initial cluster");
+            Some(decision)
+        } else {
+            None
+        };
+        if let Some(Decision::Wiped { told_by }) = decision {
+            let refused = MetaError::WipedMember { node_id };
+            tracing::error!(node_id, told_by, error = %refused, "refusing to start");
+            drop((log_store, view));
+            wait_released(node_id, &released).await?;
+            return Err(refused);
+        }
+
+        let state_machine = StateMachineStore::new(view.clone());
         let network = NetworkFactory::new(node_id, channels.clone());
         let raft = Raft::new(node_id, raft_config, network, log_store, state_machine)
             .await
             .map_err(fatal)?;
+        tracing::info!(node_id, region = %region, voters = ?initial_voters, "metadata group opened");
 
-        let voters = voters::choose_voters(&initial_cluster);
-        let region = initial_cluster[&node_id].region.clone();
-        tracing::info!(node_id, region = %region, voters = ?voters, "metadata group opened");
-        if let Err(e) = bootstrap(&raft, node_id, &voters, &initial_cluster).await {
-            // Do not leave Raft running (and the files locked) behind an error.
-            tracing::error!(node_id, error = %e, "metadata bootstrap failed; stopping raft");
-            let _ = raft.shutdown().await;
-            return Err(e);
-        }
-
+        let admitted = match &decision {
+            None => Admission::Admitted,
+            Some(Decision::Undecided { .. }) => Admission::Probing,
+            // Taken over by `act_on` below.
+            Some(_) => Admission::Probing,
+        };
         let (stop, stop_rx) = watch::channel(false);
-        let learners = tokio::spawn(add_initial_learners(
-            raft.clone(),
-            node_id,
-            initial_cluster,
-            Duration::from_millis(config.heartbeat_ms.saturating_mul(5).max(100)),
-            config.op_timeout(),
-            stop_rx,
-        ));
-        Ok(Meta {
+        let meta = Meta {
             inner: Arc::new(Inner {
                 node_id,
                 config,
                 raft,
+                initial_cluster,
+                initial_voters,
+                admission: watch::Sender::new(admitted),
+                change_lock: tokio::sync::Mutex::new(()),
                 state: RwLock::new(Some(view)),
                 channels,
                 stop,
-                tasks: Mutex::new(vec![learners]),
+                tasks: Mutex::new(Vec::new()),
                 released,
             }),
-        })
+        };
+        if let Some(decision) = decision {
+            let undecided = matches!(decision, Decision::Undecided { .. });
+            if let Err(e) = meta.act_on(decision).await {
+                // Do not leave Raft running (and the files locked) behind an error.
+                tracing::error!(node_id, error = %e, "metadata bootstrap failed; stopping raft");
+                let _ = meta.shutdown().await;
+                return Err(e);
+            }
+            if undecided {
+                meta.spawn_task(admission::probe_until_decided(
+                    Arc::downgrade(&meta.inner),
+                    meta.tick(),
+                    stop_rx.clone(),
+                ));
+            }
+        }
+        meta.spawn_task(membership::keep_membership(
+            Arc::downgrade(&meta.inner),
+            meta.tick(),
+            stop_rx,
+        ));
+        Ok(meta)
     }
 
-    /// The gRPC service to mount on the node's server (Raft RPCs, Forward, ReadIndex).
+    /// Pause between two rounds of a background task: one heartbeat.
+    fn tick(&self) -> Duration {
+        Duration::from_millis(self.inner.config.heartbeat_ms.max(10))
+    }
+
+    /// Runs `task` in the background until shutdown (which waits for it).
+    /// Nothing is started once shutdown has begun.
+    fn spawn_task(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if *self.inner.stop.borrow() {
+            return;
+        }
+        tasks.push(tokio::spawn(task));
+    }
+
+    /// The gRPC service to mount on the node's server (Raft RPCs, Forward,
+    /// ReadIndex, ChangeMembership, ClusterInfo).
     pub fn raft_service(&self) -> RaftServer<RaftService> {
-        RaftServer::new(RaftService::new(
-            self.inner.node_id,
-            self.inner.raft.clone(),
-        ))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        RaftServer::new(RaftService::new(self.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Where this node stands towards Raft: a node that opened an empty store
+    /// is `Probing` until its peers' answers decide, then `Admitted`, or
+    /// `Fenced` for good if it turned out to be a wiped member.
+    pub fn admission(&self) -> Admission {
+        *self.inner.admission.borrow()
+    }
+
+    /// Whether `id` is in the membership this node knows (voter or learner).
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some()
+    }
+
+    /// Every node with a mark (removed on purpose, holds the log), by id
+    /// (local, possibly stale).
+    pub fn node_marks(&self) -> Result<BTreeMap<NodeId, NodeMark>, MetaError> {
+        Ok(self.view()?.node_marks()?)
     }
 
     /// Proposes a command on the leader (locally, or forwarded over the
@@ -623,18 +751,6 @@ impl Meta {
         Ok(self.view()?.stats()?)
     }
 
-    /// Adds a node to the metadata group (being written: not yet functional).
-    pub async fn add_node(&self, id: NodeId, info: NodeInfo) -> Result<(), MetaError> {
-        let _ = (id, info);
-        Err(MetaError::NoLeader { waited_ms: 0 })
-    }
-
-    /// Removes a node from the metadata group (being written: not yet functional).
-    pub async fn remove_node(&self, id: NodeId) -> Result<(), MetaError> {
-        let _ = id;
-        Err(MetaError::NoLeader { waited_ms: 0 })
-    }
-
     /// Every member (voters and learners) with its info and whether it votes.
     pub fn members(&self) -> BTreeMap<NodeId, (NodeInfo, bool)> {
         let metrics = self.inner.raft.metrics();
@@ -676,6 +792,11 @@ impl Meta {
         self.inner.node_id
     }
 
+    /// The settings this group runs with.
+    pub fn config(&self) -> &MetaConfig {
+        &self.inner.config
+    }
+
     /// The underlying openraft handle, for tests and status pages that need
     /// its metrics (`raft().wait(..)`).
     pub fn raft(&self) -> &Raft<TypeConfig> {
@@ -690,7 +811,7 @@ impl Meta {
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         let raft_stopped = self.inner.raft.shutdown().await;
         for task in tasks {
-            // The learner task ends on the stop signal or on Raft stopping.
+            // Every background task races its work against the stop signal.
             if let Err(e) = task.await {
                 tracing::warn!(error = %e, "metadata background task ended abnormally; continuing shutdown");
             }
@@ -702,19 +823,7 @@ impl Meta {
             .take();
         // openraft drops the log store and state machine from its own tasks
         // shortly after the core stops; wait for the last sled handle to go.
-        let started = Instant::now();
-        while !self.inner.released.is_released() {
-            if started.elapsed() >= RELEASE_TIMEOUT {
-                tracing::error!(
-                    node_id = self.inner.node_id,
-                    "metadata files still open after shutdown; reopening will fail until they close"
-                );
-                return Err(MetaError::FilesBusy {
-                    waited_ms: started.elapsed().as_millis() as u64,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_released(self.inner.node_id, &self.inner.released).await?;
         if let Err(e) = raft_stopped {
             tracing::warn!(error = %e, "metadata raft core ended abnormally");
         }
@@ -724,7 +833,8 @@ impl Meta {
 }
 
 /// Bootstraps the group with `voters` if this node is the lowest voter and
-/// its log is empty; otherwise does nothing.
+/// its log is empty; otherwise does nothing. Called only once admission has
+/// shown that no cluster exists (a majority of the initial voters is empty).
 async fn bootstrap(
     raft: &Raft<TypeConfig>,
     node_id: NodeId,
@@ -751,90 +861,20 @@ async fn bootstrap(
     }
 }
 
-/// Adds every initial node that is not yet a member as a learner, whenever
-/// this node is the leader. Ends when all are members, on shutdown, or when
-/// every missing node has used up its attempts.
-async fn add_initial_learners(
-    raft: Raft<TypeConfig>,
-    node_id: NodeId,
-    initial_cluster: BTreeMap<NodeId, NodeInfo>,
-    interval: Duration,
-    call_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut attempts: BTreeMap<NodeId, u32> = BTreeMap::new();
-    let mut pause = interval;
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(pause) => {}
+/// Waits until the last handle on the sled files is gone.
+async fn wait_released(node_id: NodeId, released: &ReleaseWatch) -> Result<(), MetaError> {
+    let started = Instant::now();
+    while !released.is_released() {
+        if started.elapsed() >= RELEASE_TIMEOUT {
+            tracing::error!(
+                node_id,
+                "metadata files still open after shutdown; reopening will fail until they close"
+            );
+            return Err(MetaError::FilesBusy {
+                waited_ms: started.elapsed().as_millis() as u64,
+            });
         }
-        if *stop.borrow() {
-            return;
-        }
-        let (is_leader, missing): (bool, Vec<NodeId>) = {
-            let metrics = raft.metrics();
-            let metrics = metrics.borrow();
-            if metrics.running_state.is_err() {
-                return;
-            }
-            let membership = metrics.membership_config.membership();
-            let missing = initial_cluster
-                .keys()
-                .filter(|id| membership.get_node(id).is_none())
-                .copied()
-                .collect();
-            (metrics.current_leader == Some(node_id), missing)
-        };
-        if missing.is_empty() {
-            tracing::info!(node_id, "every initial node is a metadata member");
-            return;
-        }
-        if !is_leader {
-            continue;
-        }
-        let mut progress = false;
-        for id in &missing {
-            let used = attempts.entry(*id).or_insert(0);
-            if *used >= MAX_LEARNER_ATTEMPTS {
-                continue;
-            }
-            *used += 1;
-            let info = initial_cluster[id].clone();
-            let added =
-                tokio::time::timeout(call_timeout, raft.add_learner(*id, info.clone(), false))
-                    .await;
-            let outcome = match added {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_elapsed) => Err(format!(
-                    "membership change not committed within {call_timeout:?}"
-                )),
-            };
-            match outcome {
-                Ok(_) => {
-                    progress = true;
-                    tracing::info!(node_id, learner = id, region = %info.region, "added initial node as metadata learner");
-                }
-                Err(e) if *used >= MAX_LEARNER_ATTEMPTS => {
-                    tracing::error!(node_id, learner = id, error = %e, "giving up adding initial node as learner; an operator must add it");
-                }
-                Err(e) => {
-                    tracing::warn!(node_id, learner = id, error = %e, attempt = *used, "cannot add initial node as learner yet; will retry");
-                }
-            }
-        }
-        if missing
-            .iter()
-            .all(|id| attempts.get(id).is_some_and(|n| *n >= MAX_LEARNER_ATTEMPTS))
-            && !progress
-        {
-            return;
-        }
-        pause = if progress {
-            interval
-        } else {
-            (pause * 2).min(MAX_LEARNER_BACKOFF)
-        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! The client side of the `Raft` gRPC service: openraft's `RaftNetworkFactory`
-//! and `RaftNetwork`, plus the `Forward` and `ReadIndex` calls `Meta` makes.
+//! and `RaftNetwork`, plus the calls `Meta` makes itself (`Forward`,
+//! `ReadIndex`, `ChangeMembership`, `ClusterInfo`).
 //!
 //! This is an openraft adapter (a move to openraft 0.10 touches it). It owns
 //! one lazily connected channel per peer address and the error mapping from
@@ -49,6 +50,8 @@ pub enum Rpc {
     InstallSnapshot,
     Forward,
     ReadIndex,
+    ChangeMembership,
+    ClusterInfo,
 }
 
 impl Rpc {
@@ -59,6 +62,8 @@ impl Rpc {
             Rpc::InstallSnapshot => "install-snapshot request",
             Rpc::Forward => "forwarded command",
             Rpc::ReadIndex => "read-index request",
+            Rpc::ChangeMembership => "membership change request",
+            Rpc::ClusterInfo => "cluster-info request",
         }
     }
 
@@ -69,6 +74,8 @@ impl Rpc {
             Rpc::InstallSnapshot => "install-snapshot response",
             Rpc::Forward => "forwarded command response",
             Rpc::ReadIndex => "read-index response",
+            Rpc::ChangeMembership => "membership change response",
+            Rpc::ClusterInfo => "cluster-info response",
         }
     }
 }
@@ -210,6 +217,8 @@ impl PeerChannels {
                 Rpc::InstallSnapshot => client.install_snapshot(request).await,
                 Rpc::Forward => client.forward(request).await,
                 Rpc::ReadIndex => client.read_index(request).await,
+                Rpc::ChangeMembership => client.change_membership(request).await,
+                Rpc::ClusterInfo => client.cluster_info(request).await,
             }
         };
         let addr = addr.to_string();

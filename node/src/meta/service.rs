@@ -1,12 +1,19 @@
 //! The server side of the `Raft` gRPC service: hands openraft's RPCs to the
-//! local `Raft`, runs forwarded commands and answers read-index requests.
+//! local `Raft`, runs forwarded commands and membership changes, and answers
+//! read-index and cluster-info requests.
 //!
 //! This is an openraft adapter (a move to openraft 0.10 touches it). It owns
-//! the node-id check and the gRPC status mapping of this service, in one
-//! place: a request for another node is `FailedPrecondition`, an undecodable
-//! payload is `InvalidArgument`. Raft-level outcomes (including errors such as
-//! "forward to leader") travel inside the payload as an encoded `Result`, so
-//! the caller sees openraft's typed error, never a gRPC status.
+//! the node-id check, the admission gate and the gRPC status mapping of this
+//! service, in one place: a request for another node is `FailedPrecondition`,
+//! an undecodable payload is `InvalidArgument`, a vote, append or snapshot
+//! reaching a node that is not admitted (see `admission`) is `Unavailable`
+//! (the sender treats it as unreachable and backs off), and a state read that
+//! fails while answering cluster-info is `Unavailable` too. Raft-level
+//! outcomes (including errors such as "forward to leader" or a refused
+//! membership change) travel inside the payload as an encoded `Result`, so
+//! the caller sees the typed error, never a gRPC status.
+
+use std::time::{Duration, Instant};
 
 use cairn_proto::v1::RaftPayload;
 use cairn_proto::v1::raft_server::Raft as RaftRpc;
@@ -16,7 +23,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
+use super::Meta;
+use super::admission::{Admission, ClusterInfoRequest};
 use super::codec;
+use super::membership::ChangeRequest;
 use super::network::NODE_ID_HEADER;
 use super::types::{Command, NodeId, TypeConfig};
 
@@ -25,12 +35,34 @@ use super::types::{Command, NodeId, TypeConfig};
 pub struct RaftService {
     node_id: NodeId,
     raft: Raft<TypeConfig>,
+    meta: Meta,
 }
 
 impl RaftService {
-    /// Serves `raft`, which runs as node `node_id`.
-    pub fn new(node_id: NodeId, raft: Raft<TypeConfig>) -> Self {
-        Self { node_id, raft }
+    /// Serves `meta`'s Raft.
+    pub fn new(meta: Meta) -> Self {
+        Self {
+            node_id: meta.node_id(),
+            raft: meta.raft().clone(),
+            meta,
+        }
+    }
+
+    /// Lets Raft traffic through only once this node is admitted: a node
+    /// that started empty must not vote or take entries before it knows its
+    /// disk was not wiped.
+    fn gate(&self) -> Result<(), Status> {
+        match self.meta.admission() {
+            Admission::Admitted => Ok(()),
+            Admission::Probing => Err(Status::unavailable(format!(
+                "node {} started with an empty store and is still checking with its peers that its log was not lost; not taking part in raft yet",
+                self.node_id
+            ))),
+            Admission::Fenced => Err(Status::unavailable(format!(
+                "node {} lost its log while a member (wiped data directory) and is fenced; remove it from the cluster and restart it",
+                self.node_id
+            ))),
+        }
     }
 
     /// Checks the target header and decodes the payload.
@@ -82,6 +114,7 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> =
             self.accept("append-entries request", request)?;
+        self.gate()?;
         reply(
             "append-entries response",
             &self.raft.append_entries(rpc).await,
@@ -90,6 +123,7 @@ impl RaftRpc for RaftService {
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: VoteRequest<NodeId> = self.accept("vote request", request)?;
+        self.gate()?;
         reply("vote response", &self.raft.vote(rpc).await)
     }
 
@@ -99,6 +133,7 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> =
             self.accept("install-snapshot request", request)?;
+        self.gate()?;
         reply(
             "install-snapshot response",
             &self.raft.install_snapshot(rpc).await,
@@ -129,5 +164,37 @@ impl RaftRpc for RaftService {
             .await
             .map(|(read_log_id, _applied)| read_log_id);
         reply("read-index response", &answer)
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let ChangeRequest { change, within_ms } =
+            self.accept("membership change request", request)?;
+        // The caller's budget, capped by ours.
+        let within = Duration::from_millis(within_ms).min(self.meta.config().membership_timeout());
+        let answer = self
+            .meta
+            .change_on_leader(&change, Instant::now() + within)
+            .await;
+        reply("membership change response", &answer)
+    }
+
+    async fn cluster_info(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let ClusterInfoRequest { asker } = self.accept("cluster-info request", request)?;
+        match self.meta.cluster_info(asker) {
+            Ok(info) => reply("cluster-info response", &info),
+            Err(e) => {
+                tracing::warn!(node_id = self.node_id, asker, error = %e, "cannot answer cluster-info; the asker will ask again");
+                Err(Status::unavailable(format!(
+                    "node {} cannot read its metadata state",
+                    self.node_id
+                )))
+            }
+        }
     }
 }

@@ -17,7 +17,10 @@
 //! 'p' pack:32           -> PackRecord
 //! 'b' T blob:32         -> BlobLocation
 //! 's' T snapshot:32     -> SnapshotRecord
+//! 'n' node:u64-BE       -> NodeMark                     (absent = every flag cleared)
 //! ```
+//! The `'n'` records came after the first release; older states simply have
+//! none, which reads as "no marks", so the layout marker did not change.
 //! Invariants: an entry's effects, `applied` and `stats` are written in one
 //! batch, so the stored state is always exactly "every entry up to `applied`";
 //! `stats` always equals the counts of the records it describes.
@@ -29,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{self, CodecError};
 use super::types::{
-    BlobLocation, Command, CommandResult, Id32, MetaStats, NodeId, NodeInfo, PackRecord,
+    BlobLocation, Command, CommandResult, Id32, MetaStats, NodeId, NodeInfo, NodeMark, PackRecord,
     SnapshotRecord,
 };
 use crate::kv::{KvError, KvPair, KvStore, WriteBatch};
@@ -56,6 +59,7 @@ const KEY_SLOT: u8 = b'k';
 const PACK: u8 = b'p';
 const BLOB: u8 = b'b';
 const SNAPSHOT: u8 = b's';
+const NODE_MARK: u8 = b'n';
 
 /// Last applied log id as stored.
 pub type AppliedLogId = Option<openraft::LogId<NodeId>>;
@@ -72,6 +76,11 @@ pub enum StateError {
     /// The tree holds data in another layout (another program, or a newer Cairn).
     #[error("metadata state has format {found:?}, expected {FORMAT_MAGIC:?}; refusing to touch it")]
     Format { found: String },
+    /// A node mark stored under a key that does not hold a node id.
+    #[error(
+        "node mark key {key:02x?} does not end in an 8-byte node id: the metadata state is corrupt; restore it from a peer"
+    )]
+    NodeMarkKey { key: Vec<u8> },
     /// A snapshot image that is not one (wrong magic).
     #[error("snapshot image has magic {found:?}, expected {SNAPSHOT_MAGIC:?}")]
     SnapshotMagic { found: [u8; 8] },
@@ -130,6 +139,12 @@ fn pack_key(id: &Id32) -> Vec<u8> {
 fn blob_key(tenant: &str, id: &Id32) -> Vec<u8> {
     let mut key = tenant_prefix(BLOB, tenant);
     key.extend_from_slice(id);
+    key
+}
+
+fn node_mark_key(node: NodeId) -> [u8; 9] {
+    let mut key = [NODE_MARK; 9];
+    key[1..].copy_from_slice(&node.to_be_bytes());
     key
 }
 
@@ -250,6 +265,29 @@ impl StateView {
         Ok(records)
     }
 
+    /// The marks of one node (every flag cleared if it has no record).
+    pub fn node_mark(&self, node: NodeId) -> Result<NodeMark, StateError> {
+        Ok(self
+            .get("node mark", &node_mark_key(node))?
+            .unwrap_or_default())
+    }
+
+    /// Every node with at least one mark set, by id.
+    pub fn node_marks(&self) -> Result<std::collections::BTreeMap<NodeId, NodeMark>, StateError> {
+        self.kv
+            .scan_prefix(&[NODE_MARK])?
+            .into_iter()
+            .map(|(key, value)| {
+                let id = key
+                    .get(1..9)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(NodeId::from_be_bytes)
+                    .ok_or_else(|| StateError::NodeMarkKey { key: key.clone() })?;
+                Ok((id, codec::decode("node mark", &value)?))
+            })
+            .collect()
+    }
+
     /// Every pair that belongs in a snapshot image, in key order.
     pub fn image_pairs(&self) -> Result<Vec<KvPair>, StateError> {
         let mut pairs = self.kv.scan_prefix(b"")?;
@@ -364,7 +402,40 @@ pub fn apply_command(
             stats.snapshots += 1;
             Ok(CommandResult::Ok)
         }
+        Command::MarkRemoved { node } => {
+            update_mark(view, *node, batch, |mark| mark.removed = true)
+        }
+        Command::MarkAdded { node } => update_mark(view, *node, batch, |mark| {
+            mark.removed = false;
+            mark.holds_log = false;
+        }),
+        Command::MarkHoldsLog { node } => {
+            update_mark(view, *node, batch, |mark| mark.holds_log = true)
+        }
     }
+}
+
+/// Queues `change` applied to `node`'s marks; `AlreadyExists` if it changes nothing.
+fn update_mark(
+    view: &StateView,
+    node: NodeId,
+    batch: &mut WriteBatch,
+    change: impl FnOnce(&mut NodeMark),
+) -> Result<CommandResult, StateError> {
+    let before = view.node_mark(node)?;
+    let mut after = before;
+    change(&mut after);
+    if after == before {
+        return Ok(CommandResult::AlreadyExists);
+    }
+    let key = node_mark_key(node);
+    if after == NodeMark::default() {
+        // No record means no marks: keep the state free of empty records.
+        batch.delete(key.to_vec());
+    } else {
+        batch.put(key.to_vec(), codec::encode("node mark", &after)?);
+    }
+    Ok(CommandResult::Ok)
 }
 
 #[cfg(test)]
@@ -571,6 +642,76 @@ mod tests {
         assert_eq!(d, vec![id(3), id(1)]);
         assert!(v.snapshots("u", None).expect("read").is_empty());
         assert_eq!(v.stats().expect("stats").snapshots, 3);
+    }
+
+    #[test]
+    fn node_marks_set_clear_and_are_idempotent() {
+        let v = view();
+        let removed = |node| Command::MarkRemoved { node };
+        let added = |node| Command::MarkAdded { node };
+        let holds = |node| Command::MarkHoldsLog { node };
+        assert_eq!(v.node_mark(7).expect("read"), NodeMark::default());
+        assert_eq!(run(&v, added(7)), CommandResult::AlreadyExists);
+
+        assert_eq!(run(&v, holds(7)), CommandResult::Ok);
+        assert_eq!(run(&v, holds(7)), CommandResult::AlreadyExists);
+        assert_eq!(run(&v, removed(7)), CommandResult::Ok);
+        assert_eq!(run(&v, removed(7)), CommandResult::AlreadyExists);
+        assert_eq!(
+            v.node_mark(7).expect("read"),
+            NodeMark {
+                removed: true,
+                holds_log: true
+            },
+            "removing a node does not forget that it held the log"
+        );
+        assert_eq!(run(&v, holds(2)), CommandResult::Ok);
+        assert_eq!(
+            v.node_marks()
+                .expect("read")
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![2, 7]
+        );
+
+        // An explicit add starts a new incarnation: both marks go, and the
+        // record with them.
+        assert_eq!(run(&v, added(7)), CommandResult::Ok);
+        assert_eq!(v.node_mark(7).expect("read"), NodeMark::default());
+        assert_eq!(
+            v.node_marks()
+                .expect("read")
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(v.stats().expect("stats"), MetaStats::default());
+    }
+
+    #[test]
+    fn node_marks_travel_in_snapshot_images() {
+        let v = view();
+        run(&v, Command::MarkRemoved { node: 3 });
+        run(&v, Command::MarkHoldsLog { node: u64::MAX });
+        let image = SnapshotImage {
+            magic: SNAPSHOT_MAGIC,
+            pairs: v.image_pairs().expect("pairs"),
+        };
+        let decoded = SnapshotImage::decode(&image.encode().expect("encode")).expect("decode");
+        let copy = StateView::open(Arc::new(MemKv::new())).expect("open");
+        let mut batch = WriteBatch::new();
+        for (key, value) in decoded.pairs {
+            batch.put(key, value);
+        }
+        copy.kv().apply_batch(batch).expect("batch");
+        assert_eq!(
+            copy.node_marks().expect("read"),
+            v.node_marks().expect("read")
+        );
+        assert!(copy.node_mark(3).expect("read").removed);
+        assert!(copy.node_mark(u64::MAX).expect("read").holds_log);
     }
 
     #[test]

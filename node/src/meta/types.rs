@@ -116,6 +116,29 @@ pub enum Command {
         tenant: String,
         snapshot: SnapshotRecord,
     },
+    // Variants below were added after the first release: only ever append
+    // (postcard encodes the variant index), never reorder or remove.
+    /// Records that `node` was removed from the group on purpose, so the
+    /// initial-member adder never re-adds it on its own. `AlreadyExists` if marked.
+    MarkRemoved { node: NodeId },
+    /// An explicit add of `node` is starting: clears its `removed` and
+    /// `holds_log` marks (a new incarnation holds nothing yet).
+    /// `AlreadyExists` if neither was set.
+    MarkAdded { node: NodeId },
+    /// `node` has acknowledged log entries as a member: from now on, the same
+    /// id starting with an empty store is a wiped disk, not a first start.
+    /// `AlreadyExists` if marked.
+    MarkHoldsLog { node: NodeId },
+}
+
+/// What the metadata group records about a node beyond the Raft membership.
+/// A node without a record has every flag cleared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMark {
+    /// Removed on purpose ([`Command::MarkRemoved`]); cleared by an explicit add.
+    pub removed: bool,
+    /// Has acknowledged log entries as a member ([`Command::MarkHoldsLog`]).
+    pub holds_log: bool,
 }
 
 /// What applying a command produced.
@@ -125,7 +148,8 @@ pub enum CommandResult {
     Ok,
     /// `InitTenant` for a tenant that already has a key slot; `AddPack` for a
     /// pack already stored; `CommitSnapshot` for a snapshot id already in the
-    /// catalog (a retried commit). Nothing changes.
+    /// catalog (a retried commit); a node mark already in the asked state.
+    /// Nothing changes.
     AlreadyExists,
     /// `SetPlacement` for an unknown pack.
     UnknownPack,
