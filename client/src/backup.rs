@@ -29,7 +29,7 @@ use crate::seal::BlobId;
 use crate::tree::{ChunkRef, EntryKind, Tree, TreeEntry};
 
 /// Chunks looked up in the index per request while reading a file.
-const DEDUP_BATCH_CHUNKS: usize = 256;
+const DEDUP_BATCH_CHUNKS: usize = 64;
 /// Packs waiting for upload (each up to a pack of memory).
 const PACKS_QUEUED_MAX: usize = 1;
 /// Packs uploading at once.
@@ -350,7 +350,7 @@ where
             let mut uploads = tokio_stream_from(rx)
                 .map(|pack| {
                     let repo = repo.clone();
-                    async move { repo.put_pack(&pack).await }
+                    async move { repo.put_pack(pack).await }
                 })
                 .buffer_unordered(UPLOADS_IN_FLIGHT_MAX);
             while let Some(result) = uploads.next().await {

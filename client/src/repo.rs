@@ -323,7 +323,7 @@ impl Repository {
     }
 
     /// Uploads one pack; idempotent (a pack is named by its content).
-    pub(crate) async fn put_pack(&self, pack: &Pack) -> Result<pb::PutPackReply> {
+    pub(crate) async fn put_pack(&self, pack: Pack) -> Result<pb::PutPackReply> {
         let blobs: Vec<pb::BlobEntry> = pack
             .blobs
             .iter()
@@ -333,12 +333,13 @@ impl Repository {
                 length: b.length,
             })
             .collect();
+        let data = prost::bytes::Bytes::from(pack.data);
         self.cluster
             .call("upload pack", |mut c| {
                 let request = pb::PutPackRequest {
                     tenant: self.tenant.clone(),
                     pack_id: pack.id.to_vec(),
-                    data: pack.data.clone(),
+                    data: data.clone(),
                     blobs: blobs.clone(),
                 };
                 async move { c.put_pack(request).await }

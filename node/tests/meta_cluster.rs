@@ -1,16 +1,19 @@
 //! The metadata group as a real cluster: several `Meta`s in this process, each
-//! behind its own gRPC server on `127.0.0.1:0`, in three regions. Every wait
-//! polls Raft metrics with a deadline; nothing sleeps for a fixed time.
+//! behind its own gRPC server on `127.0.0.1:0`, in three regions: replication,
+//! failover, restarts, snapshots, membership changes and the wiped-disk trap.
+//! Every wait polls a condition with a deadline; nothing sleeps for a fixed time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_node::meta::admission::Admission;
+use cairn_node::meta::membership::ChangeError;
 use cairn_node::meta::types::{
     BlobLocation, Command, CommandResult, NodeId, NodeInfo, PackRecord, ShardPlacement,
 };
-use cairn_node::meta::{Meta, MetaConfig};
+use cairn_node::meta::{Meta, MetaConfig, MetaError};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -18,6 +21,20 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 /// Longest any single condition in these tests may take to become true.
 const WAIT: Duration = Duration::from_secs(15);
+/// How often `eventually` looks at its condition (all in memory, cheap).
+const POLL: Duration = Duration::from_millis(10);
+
+/// Polls `condition` until it holds; panics naming `what` after [`WAIT`].
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting until {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
 
 struct Node {
     meta: Meta,
@@ -30,13 +47,31 @@ struct Cluster {
     map: BTreeMap<NodeId, NodeInfo>,
     config: MetaConfig,
     nodes: BTreeMap<NodeId, Node>,
+    /// Listeners of nodes in the map that are not running and never served
+    /// (or whose open was refused): holding them keeps their ports ours.
+    spare: BTreeMap<NodeId, TcpListener>,
 }
 
 impl Cluster {
     /// Binds one listener per node first (so addresses are known), then
-    /// opens every node with the same initial cluster.
+    /// opens every node at once with the same initial cluster, as nodes
+    /// started together do.
     async fn start(regions: &[(&str, &[NodeId])], config: MetaConfig) -> Cluster {
-        let mut listeners = BTreeMap::new();
+        let all: Vec<NodeId> = regions
+            .iter()
+            .flat_map(|(_, ids)| ids.iter().copied())
+            .collect();
+        Self::start_some(regions, config, &all).await
+    }
+
+    /// Like [`Cluster::start`], but only the nodes in `running` are started;
+    /// the others are in the initial cluster and start later (or never).
+    async fn start_some(
+        regions: &[(&str, &[NodeId])],
+        config: MetaConfig,
+        running: &[NodeId],
+    ) -> Cluster {
+        let mut listeners = Vec::new();
         let mut map = BTreeMap::new();
         for (region, ids) in regions {
             for id in *ids {
@@ -49,18 +84,20 @@ impl Cluster {
                         addr: addr.to_string(),
                     },
                 );
-                listeners.insert(*id, listener);
+                listeners.push((*id, listener));
             }
         }
+        let (listeners, spare): (Vec<_>, Vec<_>) = listeners
+            .into_iter()
+            .partition(|(id, _)| running.contains(id));
         let mut cluster = Cluster {
             root: tempfile::tempdir().expect("tempdir"),
             map,
             config,
             nodes: BTreeMap::new(),
+            spare: spare.into_iter().collect(),
         };
-        for (id, listener) in listeners {
-            cluster.open(id, listener).await;
-        }
+        cluster.open_together(listeners).await;
         cluster
     }
 
@@ -68,10 +105,20 @@ impl Cluster {
         self.root.path().join(format!("node-{id}"))
     }
 
-    async fn open(&mut self, id: NodeId, listener: TcpListener) {
-        let meta = Meta::open(id, &self.dir(id), self.map.clone(), self.config.clone())
-            .await
-            .expect("open meta");
+    async fn open_meta(&self, id: NodeId) -> Result<Meta, MetaError> {
+        Meta::open(id, &self.dir(id), self.map.clone(), self.config.clone()).await
+    }
+
+    /// Opens every given node concurrently, then serves each.
+    async fn open_together(&mut self, listeners: Vec<(NodeId, TcpListener)>) {
+        let opened =
+            futures::future::join_all(listeners.iter().map(|(id, _)| self.open_meta(*id))).await;
+        for ((id, listener), meta) in listeners.into_iter().zip(opened) {
+            self.serve(id, meta.expect("open meta"), listener);
+        }
+    }
+
+    fn serve(&mut self, id: NodeId, meta: Meta, listener: TcpListener) {
         let (stop_server, stopped) = oneshot::channel::<()>();
         let service = meta.raft_service();
         let server = tokio::spawn(
@@ -99,13 +146,69 @@ impl Cluster {
         node.meta.shutdown().await.expect("meta shutdown");
     }
 
+    /// The listener of a node's own address: its spare one, or the address
+    /// bound again after the node stopped. The kernel may briefly hand a
+    /// freed port to an outgoing connection, so binding is retried.
+    async fn bind(&mut self, id: NodeId) -> TcpListener {
+        if let Some(listener) = self.spare.remove(&id) {
+            return listener;
+        }
+        let addr: SocketAddr = self.map[&id].addr.parse().expect("addr");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => return listener,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "node {id}'s address {addr} stayed in use for {WAIT:?}"
+                    );
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(e) => panic!("rebind node {id}'s address {addr}: {e}"),
+            }
+        }
+    }
+
     /// Reopens a stopped node from its directory, on its old address.
     async fn restart(&mut self, id: NodeId) {
-        let addr: SocketAddr = self.map[&id].addr.parse().expect("addr");
-        let listener = TcpListener::bind(addr)
-            .await
-            .expect("rebind the node's address");
-        self.open(id, listener).await;
+        self.try_restart(id).await.expect("restart");
+    }
+
+    /// Like [`Cluster::restart`], returning `Meta::open`'s refusal instead of panicking.
+    async fn try_restart(&mut self, id: NodeId) -> Result<(), MetaError> {
+        let listener = self.bind(id).await;
+        match self.open_meta(id).await {
+            Ok(meta) => {
+                self.serve(id, meta, listener);
+                Ok(())
+            }
+            Err(e) => {
+                self.spare.insert(id, listener);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes a stopped node's whole data directory (a wiped or replaced disk).
+    fn wipe(&self, id: NodeId) {
+        assert!(!self.nodes.contains_key(&id), "wipe only a stopped node");
+        std::fs::remove_dir_all(self.dir(id)).expect("wipe the node's directory");
+    }
+
+    /// Puts a node that is not part of the cluster yet into the map, on a
+    /// fresh loopback port; returns its listener.
+    async fn add_to_map(&mut self, id: NodeId, region: &str) -> TcpListener {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        self.map.insert(
+            id,
+            NodeInfo {
+                region: region.into(),
+                addr: addr.to_string(),
+            },
+        );
+        listener
     }
 
     fn meta(&self, id: NodeId) -> &Meta {
@@ -115,12 +218,17 @@ impl Cluster {
     /// Waits until every running node agrees on one running leader, and
     /// returns it. On timeout, panics with every node's metrics.
     async fn leader(&self) -> NodeId {
+        let all: Vec<NodeId> = self.nodes.keys().copied().collect();
+        self.leader_of(&all).await
+    }
+
+    /// Like [`Cluster::leader`], among the running nodes `ids` only.
+    async fn leader_of(&self, ids: &[NodeId]) -> NodeId {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let leaders: BTreeSet<Option<NodeId>> = self
-                .nodes
-                .values()
-                .map(|n| n.meta.raft().metrics().borrow().current_leader)
+            let leaders: BTreeSet<Option<NodeId>> = ids
+                .iter()
+                .map(|id| self.meta(*id).raft().metrics().borrow().current_leader)
                 .collect();
             if let [Some(leader)] = leaders.iter().copied().collect::<Vec<_>>()[..]
                 && self.nodes.contains_key(&leader)
@@ -139,14 +247,20 @@ impl Cluster {
                 );
             }
             // Poll the metrics (cheap, in memory) until they agree.
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(POLL).await;
         }
     }
 
     /// Waits until every running node has applied at least `index`.
     async fn all_applied(&self, index: u64) {
-        for (id, node) in &self.nodes {
-            node.meta
+        let all: Vec<NodeId> = self.nodes.keys().copied().collect();
+        self.applied_on(&all, index).await;
+    }
+
+    /// Waits until the running nodes `ids` have applied at least `index`.
+    async fn applied_on(&self, ids: &[NodeId], index: u64) {
+        for id in ids {
+            self.meta(*id)
                 .raft()
                 .wait(Some(WAIT))
                 .applied_index_at_least(Some(index), format!("node {id} applies {index}"))
@@ -545,4 +659,347 @@ async fn a_node_outside_the_initial_cluster_is_refused() {
         err,
         cairn_node::meta::MetaError::NotInCluster { node_id: 9 }
     ));
+}
+
+fn voters_of(members: &BTreeMap<NodeId, (NodeInfo, bool)>) -> BTreeSet<NodeId> {
+    members
+        .iter()
+        .filter(|(_, (_, voter))| *voter)
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// Waits until node `on` knows that every node of `ids` holds the log (the
+/// leader's keeper records it): from then on, wiping one of them is detected.
+async fn wait_log_holders(cluster: &Cluster, on: NodeId, ids: &[NodeId]) {
+    let meta = cluster.meta(on);
+    eventually(
+        &format!("node {on} records {ids:?} as holding the log"),
+        || {
+            let marks = meta.node_marks().expect("marks");
+            ids.iter()
+                .all(|id| marks.get(id).is_some_and(|m| m.holds_log))
+        },
+    )
+    .await;
+}
+
+/// Writes `packs`, then waits until every running node has applied them.
+async fn write_packs(cluster: &Cluster, via: NodeId, packs: std::ops::Range<u8>) {
+    for n in packs {
+        assert_eq!(
+            cluster.meta(via).write(pack(n)).await.expect("write"),
+            CommandResult::Ok
+        );
+    }
+    cluster.all_applied(cluster.meta(via).last_applied()).await;
+}
+
+const SIX: &[(&str, &[NodeId])] = &[("r1", &[1, 2]), ("r2", &[3, 4]), ("r3", &[5, 6])];
+
+/// Waits until all six initial nodes are members on every running node.
+async fn wait_six_members(cluster: &Cluster) {
+    for (id, node) in &cluster.nodes {
+        node.meta
+            .raft()
+            .wait(Some(WAIT))
+            .metrics(
+                |m| m.membership_config.membership().nodes().count() >= 6,
+                format!("node {id} sees the six initial members"),
+            )
+            .await
+            .expect("initial learners are added");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seventh_node_joins_as_a_learner_and_catches_up() {
+    let mut cluster = Cluster::start(SIX, MetaConfig::default()).await;
+    let leader = cluster.leader().await;
+    wait_six_members(&cluster).await;
+    write_packs(&cluster, leader, 0..10).await;
+
+    // Node 7 (r2) lists the running nodes and itself; it starts empty while
+    // an operator adds it through another node, both at once.
+    let listener = cluster.add_to_map(7, "r2").await;
+    let info = cluster.map[&7].clone();
+    let follower = *cluster
+        .nodes
+        .keys()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    let adder = cluster.meta(follower).clone();
+    let added = tokio::spawn({
+        let info = info.clone();
+        async move { adder.add_node(7, info).await }
+    });
+    let opened = cluster.open_meta(7).await.expect("node 7 opens");
+    cluster.serve(7, opened, listener);
+    added.await.expect("add task").expect("add node 7");
+    assert_eq!(cluster.meta(7).admission(), Admission::Admitted);
+
+    // A learner on every node; voters unchanged (still 2/2/1) and spread.
+    for (id, node) in &cluster.nodes {
+        node.meta
+            .raft()
+            .wait(Some(WAIT))
+            .metrics(
+                |m| m.membership_config.membership().get_node(&7).is_some(),
+                format!("node {id} sees node 7"),
+            )
+            .await
+            .expect("node 7 is a member everywhere");
+    }
+    let members = cluster.meta(follower).members();
+    assert_eq!(members[&7], (info.clone(), false), "node 7 is a learner");
+    assert_eq!(voters_of(&members), [1, 2, 3, 4, 5].into_iter().collect());
+    assert_no_region_majority(&members);
+
+    // It catches up: the latest entry and every pack are on it.
+    write_packs(&cluster, follower, 10..12).await;
+    assert_eq!(
+        cluster.meta(7).packs().expect("packs"),
+        cluster.meta(leader).packs().expect("packs")
+    );
+    assert_eq!(cluster.meta(7).stats().expect("stats").packs, 12);
+
+    // Idempotent; another address for the same id is refused.
+    cluster
+        .meta(7)
+        .add_node(7, info.clone())
+        .await
+        .expect("adding a member again is a no-op");
+    let moved = NodeInfo {
+        region: "r3".into(),
+        addr: info.addr.clone(),
+    };
+    let err = cluster
+        .meta(leader)
+        .add_node(7, moved)
+        .await
+        .expect_err("a different region is refused");
+    assert!(
+        matches!(
+            err,
+            MetaError::Change(ChangeError::AddressConflict { node: 7, .. })
+        ),
+        "{err}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_a_voter_rechooses_spread_voters() {
+    let mut cluster = Cluster::start(SIX, MetaConfig::default()).await;
+    let leader = cluster.leader().await;
+    wait_six_members(&cluster).await;
+    write_packs(&cluster, leader, 0..5).await;
+
+    // Remove a voter of r2 that is not the leader, through another follower.
+    let victim = *[3, 4]
+        .iter()
+        .find(|id| **id != leader)
+        .expect("a voter in r2");
+    let via = *cluster
+        .nodes
+        .keys()
+        .find(|id| **id != leader && **id != victim)
+        .expect("another node");
+    cluster.meta(via).remove_node(victim).await.expect("remove");
+    cluster.stop(victim).await;
+
+    // Five voters again (the learner of r3 is promoted), 2/1/2, no majority.
+    let members = cluster.meta(via).members();
+    assert!(!members.contains_key(&victim));
+    assert_eq!(voters_of(&members).len(), 5);
+    assert!(
+        voters_of(&members).contains(&6),
+        "the caught-up learner votes"
+    );
+    assert_no_region_majority(&members);
+    for (id, node) in &cluster.nodes {
+        eventually(&format!("node {id} no longer lists node {victim}"), || {
+            !node.meta.is_member(victim)
+        })
+        .await;
+    }
+    assert!(
+        cluster.meta(leader).node_marks().expect("marks")[&victim].removed,
+        "removed on purpose"
+    );
+
+    // Writes go on, and removing again changes nothing.
+    write_packs(&cluster, via, 5..8).await;
+    cluster
+        .meta(leader)
+        .remove_node(victim)
+        .await
+        .expect("idempotent");
+    assert_eq!(cluster.meta(via).members(), members);
+
+    // The keeper does not add the removed initial node back: give it ten
+    // rounds (one per heartbeat) to make the mistake.
+    let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
+    let until = tokio::time::Instant::now() + heartbeat * 10;
+    while tokio::time::Instant::now() < until {
+        assert!(
+            !cluster.meta(leader).is_member(victim),
+            "node {victim} was re-added"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_voter_is_refused_then_rejoins_after_removal() {
+    let mut cluster = Cluster::start(SIX, MetaConfig::default()).await;
+    let leader = cluster.leader().await;
+    wait_six_members(&cluster).await;
+    assert_eq!(
+        cluster
+            .meta(leader)
+            .write(init_tenant("acme"))
+            .await
+            .expect("write"),
+        CommandResult::Ok
+    );
+    write_packs(&cluster, leader, 0..20).await;
+    let victim = *[1, 2, 3, 4, 5]
+        .iter()
+        .find(|id| **id != leader)
+        .expect("a voter that does not lead");
+    wait_log_holders(&cluster, leader, &[victim]).await;
+
+    // The disk is replaced: the node comes back empty under its old id.
+    cluster.stop(victim).await;
+    cluster.wipe(victim);
+    let err = cluster
+        .try_restart(victim)
+        .await
+        .expect_err("a wiped member must not start");
+    assert!(
+        matches!(err, MetaError::WipedMember { node_id } if node_id == victim),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("empty data directory")
+            && message.contains(&format!("cairn cluster remove-node {victim}")),
+        "the refusal tells the operator what to do: {message}"
+    );
+    write_packs(&cluster, leader, 20..22).await;
+
+    // The operator removes it, then starts it again with the empty directory:
+    // it joins as a new member and gets everything.
+    let via = *cluster
+        .nodes
+        .keys()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    cluster.meta(via).remove_node(victim).await.expect("remove");
+    assert_no_region_majority(&cluster.meta(via).members());
+    cluster.restart(victim).await;
+    assert_eq!(cluster.meta(victim).admission(), Admission::Admitted);
+    eventually(&format!("node {victim} is a member again"), || {
+        cluster.meta(leader).is_member(victim) && cluster.meta(victim).is_member(victim)
+    })
+    .await;
+    write_packs(&cluster, leader, 22..24).await;
+    let rejoined = cluster.meta(victim);
+    assert_eq!(
+        rejoined.packs().expect("packs"),
+        cluster.meta(leader).packs().expect("packs"),
+        "every committed pack is on the rejoined node"
+    );
+    assert_eq!(
+        rejoined.stats().expect("stats"),
+        cluster.meta(leader).stats().expect("stats")
+    );
+    assert_eq!(rejoined.key_slots("acme").expect("slots").len(), 1);
+    let leader = cluster.leader().await;
+    let members = cluster.meta(leader).members();
+    assert_eq!(members.len(), 6);
+    assert_eq!(voters_of(&members).len(), 5);
+    assert_no_region_majority(&members);
+    let marks = cluster.meta(leader).node_marks().expect("marks");
+    assert!(
+        !marks.get(&victim).is_some_and(|m| m.removed),
+        "joining again clears the removed mark"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_bootstrapper_never_starts_a_second_cluster() {
+    // Voters 1/2/3 (one per region); node 4 (r3) is in the initial cluster
+    // but never started, so it becomes a learner that never held the log.
+    let regions: &[(&str, &[NodeId])] = &[("r1", &[1]), ("r2", &[2]), ("r3", &[3, 4])];
+    let mut cluster = Cluster::start_some(regions, MetaConfig::default(), &[1, 2, 3]).await;
+    let leader = cluster.leader().await;
+    write_packs(&cluster, leader, 0..8).await;
+    wait_log_holders(&cluster, leader, &[1, 2, 3]).await;
+    let before = cluster.meta(leader).stats().expect("stats");
+
+    // Node 1, the bootstrapper, loses its disk: refused while the others run.
+    cluster.stop(1).await;
+    cluster.wipe(1);
+    let err = cluster.try_restart(1).await.expect_err("refused");
+    assert!(
+        matches!(err, MetaError::WipedMember { node_id: 1 }),
+        "{err}"
+    );
+    let leader = cluster.leader().await;
+    assert_ne!(leader, 1);
+
+    // Worse: the whole cluster is down, and node 1 (wiped) starts next to
+    // node 4 (empty, never started). Nobody can show node 1 a cluster and
+    // only one initial voter answers at all: neither may start anything.
+    cluster.stop(2).await;
+    cluster.stop(3).await;
+    let listeners = vec![(1, cluster.bind(1).await), (4, cluster.bind(4).await)];
+    cluster.open_together(listeners).await;
+    for id in [1, 4] {
+        assert_eq!(
+            cluster.meta(id).admission(),
+            Admission::Probing,
+            "node {id}"
+        );
+        let metrics = cluster.meta(id).raft().metrics().borrow().clone();
+        assert_eq!(metrics.membership_config.membership().nodes().count(), 0);
+        assert_eq!(metrics.current_leader, None);
+    }
+
+    // The old cluster comes back: node 1 learns it is a wiped member and
+    // fences itself; node 4, a member that never held the log, joins.
+    cluster.restart(2).await;
+    cluster.restart(3).await;
+    eventually("node 1 is fenced", || {
+        cluster.meta(1).admission() == Admission::Fenced
+    })
+    .await;
+    eventually("node 4 is admitted", || {
+        cluster.meta(4).admission() == Admission::Admitted
+    })
+    .await;
+    let leader = cluster.leader_of(&[2, 3, 4]).await;
+    assert!([2, 3].contains(&leader));
+    let index = cluster.meta(leader).last_applied();
+    cluster.applied_on(&[2, 3, 4], index).await;
+    assert_eq!(cluster.meta(4).stats().expect("stats"), before);
+    let wiped = cluster.meta(1).raft().metrics().borrow().clone();
+    assert_eq!(
+        wiped.membership_config.membership().nodes().count(),
+        0,
+        "node 1 never initialized anything"
+    );
+    assert_eq!(wiped.vote, openraft::Vote::default(), "nor voted");
+    assert_eq!(wiped.last_log_index, None);
+    let members = cluster.meta(leader).members();
+    assert!(
+        members[&1].1,
+        "node 1 still counts as a voter until removed"
+    );
+    assert_eq!(members.len(), 4);
+    cluster.shutdown().await;
 }

@@ -167,8 +167,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Few blocking threads: file workers are bounded anyway, and every extra
+    // thread can cost a malloc arena of resident memory.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(8)
         .build()
     {
         Ok(runtime) => runtime,

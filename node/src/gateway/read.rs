@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cairn_proto::v1 as pb;
+use futures::StreamExt;
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
 use tracing::warn;
 
 use super::{Gateway, GatewayError, id32, invalid};
@@ -18,6 +20,9 @@ use crate::placement::read_order;
 
 /// Most bytes one ReadPack may return.
 const READ_BYTES_MAX: u64 = cairn_proto::MAX_MESSAGE_BYTES as u64 - 1024 * 1024;
+
+/// A data shard slower than this gets a spare read started beside it.
+const HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(800);
 
 /// A shard payload that passed every check, or why it did not.
 type ShardResult = Result<Vec<u8>, String>;
@@ -58,59 +63,56 @@ impl Gateway {
             let last = (range.offset + range.length - 1) / shard_len;
             wanted.extend((first..=last).map(|i| i as u32));
         }
-        let direct: Vec<&ShardPlacement> = wanted
-            .iter()
-            .filter_map(|i| order.iter().find(|p| p.index == *i))
-            .collect();
-        let fetched = join_all(
-            direct
-                .iter()
-                .map(|p| self.fetch_verified(&pack, p, &members)),
-        )
-        .await;
+        // Fetch the covering data shards; when one fails or is slow (a
+        // straggler), start spares from the read order, so the read
+        // completes with whichever k shards answer first.
+        let k = pack.data_shards as usize;
+        let mut spares = order.iter().filter(|p| !wanted.contains(&p.index));
+        let mut in_flight = FuturesUnordered::new();
+        for placement in order.iter().filter(|p| wanted.contains(&p.index)) {
+            in_flight.push(self.fetch_tagged(&pack, placement, &members));
+        }
         let mut good: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
         let mut failures = Vec::new();
-        for (placement, result) in direct.iter().zip(fetched) {
-            match result {
-                Ok(payload) => {
-                    good.insert(placement.index, payload);
+        let hedge = tokio::time::sleep(HEDGE_AFTER);
+        tokio::pin!(hedge);
+        // Set once a wanted shard failed or straggled: from then on keep
+        // enough reads in flight to reach k shards and decode.
+        let mut reconstruct = false;
+        loop {
+            let have_wanted = wanted.iter().all(|i| good.contains_key(i));
+            if have_wanted || good.len() >= k {
+                break;
+            }
+            if reconstruct {
+                let short = k.saturating_sub(good.len() + in_flight.len());
+                for spare in spares.by_ref().take(short) {
+                    in_flight.push(self.fetch_tagged(&pack, spare, &members));
                 }
-                Err(reason) => failures.push(reason),
+            }
+            if in_flight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                next = in_flight.next() => match next {
+                    Some((index, Ok(payload))) => {
+                        good.insert(index, payload);
+                    }
+                    Some((_, Err(reason))) => {
+                        failures.push(reason);
+                        reconstruct = true;
+                    }
+                    None => {}
+                },
+                _ = &mut hedge, if !reconstruct => reconstruct = true,
             }
         }
+        drop(in_flight);
         let mut repaired_around = 0u32;
         if !wanted.iter().all(|i| good.contains_key(i)) {
-            // Reconstruct: gather good shards in read order until k.
             repaired_around = wanted.iter().filter(|i| !good.contains_key(i)).count() as u32;
             warn!(pack_id = %hex::encode(pack_id), missing = repaired_around,
-                "data shards unavailable, reconstructing from parity");
-            let k = pack.data_shards as usize;
-            let tried: BTreeSet<u32> = direct.iter().map(|p| p.index).collect();
-            let mut rest = order
-                .iter()
-                .filter(|p| !tried.contains(&p.index))
-                .collect::<Vec<_>>()
-                .into_iter();
-            while good.len() < k {
-                let batch: Vec<&ShardPlacement> = rest.by_ref().take(k - good.len()).collect();
-                if batch.is_empty() {
-                    break;
-                }
-                let results = join_all(
-                    batch
-                        .iter()
-                        .map(|p| self.fetch_verified(&pack, p, &members)),
-                )
-                .await;
-                for (placement, result) in batch.iter().zip(results) {
-                    match result {
-                        Ok(payload) => {
-                            good.insert(placement.index, payload);
-                        }
-                        Err(reason) => failures.push(reason),
-                    }
-                }
-            }
+                "data shards unavailable or slow, reconstructing from parity");
             if good.len() < k {
                 return Err(GatewayError::Unrecoverable {
                     pack: hex::encode(pack_id),
@@ -201,6 +203,19 @@ impl Gateway {
             .map(|(id, (info, _))| (*id, (info.region.clone(), self.peers.presumed_up(*id))))
             .collect();
         read_order(&pack.shards, &nodes, preferred_region, excluded)
+    }
+
+    /// [`Gateway::fetch_verified`], tagged with the shard index.
+    async fn fetch_tagged(
+        &self,
+        pack: &PackRecord,
+        placement: &ShardPlacement,
+        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
+    ) -> (u32, ShardResult) {
+        (
+            placement.index,
+            self.fetch_verified(pack, placement, members).await,
+        )
     }
 
     /// Fetches one shard and checks header, payload checksum and the

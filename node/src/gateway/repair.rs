@@ -313,7 +313,7 @@ impl Gateway {
                 });
             }
         }
-        let _pending_remove_node = node;
+        self.meta.remove_node(node).await?;
         self.repair.kick.notify_one();
         Ok(pb::RemoveNodeReply {
             shards_moved: if drain { before } else { 0 },
