@@ -221,3 +221,55 @@ async fn scrub_finds_flipped_bytes_and_repair_rewrites_them() {
     must_restore_identical(&repo, &summary.snapshot_id, &source, dir.path(), &[]).await;
     cluster.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drained_node_is_removed_only_after_its_shards_moved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logging();
+    let mut cluster =
+        LocalCluster::start_tuned(&dir.path().join("cluster"), &[3, 2, 2], "4+2", |node| {
+            node.down_after = Some(Duration::from_secs(2));
+            node.repair.interval = Duration::from_millis(500);
+            node.repair.rate_bytes_per_s = 0;
+        })
+        .await
+        .expect("cluster starts");
+    cluster
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready");
+    let source = source(dir.path());
+    let repo = must_init(&cluster).await;
+    let summary = must_backup(&repo, &source, "chat-messages").await;
+
+    let status = cluster.status().await.expect("status");
+    let victim = status
+        .nodes
+        .iter()
+        .filter(|n| n.node_id != status.leader_id && n.shards > 0)
+        .map(|n| n.node_id)
+        .next()
+        .expect("a follower holding shards");
+    let client = client(&cluster);
+    let reply = client
+        .call("remove node", |mut c| async move {
+            c.remove_node(cairn_proto::v1::RemoveNodeRequest {
+                node_id: victim,
+                drain: true,
+            })
+            .await
+        })
+        .await
+        .expect("drain and remove");
+    assert!(reply.shards_moved > 0);
+    let status = cluster.status().await.expect("status");
+    assert!(
+        status.nodes.iter().all(|n| n.node_id != victim),
+        "node {victim} left the membership"
+    );
+    // Its shards are elsewhere: stopping it costs nothing.
+    cluster.stop_node(victim).await.expect("stop");
+    must_check_clean(&repo, "after drain", Duration::from_secs(30)).await;
+    must_restore_identical(&repo, &summary.snapshot_id, &source, dir.path(), &[]).await;
+    cluster.shutdown().await.expect("shutdown");
+}
