@@ -4,7 +4,9 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-compose --profile cli down --volumes --remove-orphans --timeout 30 >&2 || true
+# A short grace period: the volumes go too, so a clean Raft shutdown buys
+# nothing here, and nodes that lose quorum while the others stop take ~10 s.
+compose --profile cli down --volumes --remove-orphans --timeout 10 >&2 || true
 # Containers a killed `compose run` may have left behind, and networks that
 # region-down.sh --partition reconnections could keep busy.
 leftovers=$(docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME")
