@@ -6,6 +6,7 @@
 #   deploy/compose/build-image.sh            # cargo build --release, then docker build
 #   CAIRN_SKIP_CARGO=1 deploy/compose/build-image.sh   # use target/release as it is
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 BINARIES=(cairn-node cairn)

@@ -7,5 +7,6 @@
 # directory) to back up from it or restore into it:
 #   CAIRN_WORK=$PWD deploy/compose/cairn.sh backup data --dataset chat-messages
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 cairn_cli "$@"

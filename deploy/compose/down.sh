@@ -2,6 +2,7 @@
 # Removes the compose deployment entirely: containers (one-off client runs
 # included), networks and the nodes' data volumes. Safe to run twice.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 # A short grace period: the volumes go too, so a clean Raft shutdown buys

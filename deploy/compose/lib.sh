@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers of the deploy/compose scripts; sourced, never run.
 #
 # Names are fixed so that the networks read as the regions they stand for:
@@ -6,6 +7,7 @@
 # engine at a time.
 
 COMPOSE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck disable=SC2034 # used by the scripts that source this file
 REPO_ROOT=$(cd "$COMPOSE_DIR/../.." && pwd)
 export COMPOSE_PROJECT_NAME=cairn
 export CAIRN_IMAGE=${CAIRN_IMAGE:-cairn:local}

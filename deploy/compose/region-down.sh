@@ -9,6 +9,7 @@
 #                reaches them and they reach nobody outside it
 # region-up.sh undoes either.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 mode=stop region=""

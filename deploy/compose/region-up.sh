@@ -4,6 +4,7 @@
 # waits (bounded) until the cluster shows a leader and the region's nodes up.
 #   deploy/compose/region-up.sh [--timeout SECONDS] REGION
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 timeout_s=120 region=""

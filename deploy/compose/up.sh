@@ -4,6 +4,7 @@
 #   deploy/compose/up.sh [--build] [--timeout SECONDS]
 # The image is built first when it does not exist yet, or always with --build.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 build=no timeout_s=120

@@ -22,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 COMPOSE=deploy/compose
-# shellcheck source=../../deploy/compose/lib.sh
+# shellcheck source-path=SCRIPTDIR source=../../deploy/compose/lib.sh
 source "$COMPOSE/lib.sh"
 
 MODE=${CAIRN_DRILL_MODE:-partition}
@@ -44,7 +44,7 @@ started=$SECONDS
 cleanup() {
   local rc=$?
   if [ $rc -ne 0 ]; then
-    log "FAILED at step: $STEP (exit $rc)"
+    log "FAILED at step: $STEP (exit $rc$([ $rc -eq 124 ] && echo ": a command ran past its time limit"))"
     if docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" | grep -q .; then
       log "node logs (last 30 lines each):"
       compose logs --no-color --tail 30 >&2 2>&1 || true
