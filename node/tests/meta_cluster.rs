@@ -795,11 +795,14 @@ async fn removing_a_voter_rechooses_spread_voters() {
     wait_six_members(&cluster).await;
     write_packs(&cluster, leader, 0..5).await;
 
-    // Remove a voter of r2 that is not the leader, through another follower.
-    let victim = *[3, 4]
+    // Remove a voter that is not the leader, from another region than the
+    // leader's (the leader goes next: three regions must remain), through
+    // another follower.
+    let region = |id: NodeId| cluster.map[&id].region.clone();
+    let victim = *[3, 4, 1, 2]
         .iter()
-        .find(|id| **id != leader)
-        .expect("a voter in r2");
+        .find(|id| **id != leader && region(**id) != region(leader))
+        .expect("a voter outside the leader's region");
     let via = *cluster
         .nodes
         .keys()
@@ -837,15 +840,37 @@ async fn removing_a_voter_rechooses_spread_voters() {
         .expect("idempotent");
     assert_eq!(cluster.meta(via).members(), members);
 
-    // The keeper does not add the removed initial node back: give it ten
-    // rounds (one per heartbeat) to make the mistake.
+    // The leader itself can be removed: it hands over, and the change
+    // completes on the next leader.
+    cluster
+        .meta(via)
+        .remove_node(leader)
+        .await
+        .expect("remove the leader");
+    cluster.stop(leader).await;
+    let new_leader = cluster.leader().await;
+    assert_ne!(new_leader, leader);
+    let members = cluster.meta(new_leader).members();
+    assert!(!members.contains_key(&leader) && !members.contains_key(&victim));
+    assert_eq!(
+        voters_of(&members).len(),
+        3,
+        "four members left: three voters"
+    );
+    assert_no_region_majority(&members);
+    write_packs(&cluster, new_leader, 8..10).await;
+
+    // The new leader's keeper (fresh attempts) does not add the removed
+    // initial nodes back: give it ten rounds, one per heartbeat, to err.
     let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
     let until = tokio::time::Instant::now() + heartbeat * 10;
     while tokio::time::Instant::now() < until {
-        assert!(
-            !cluster.meta(leader).is_member(victim),
-            "node {victim} was re-added"
-        );
+        for gone in [victim, leader] {
+            assert!(
+                !cluster.meta(new_leader).is_member(gone),
+                "node {gone} was re-added"
+            );
+        }
         tokio::time::sleep(POLL).await;
     }
     cluster.shutdown().await;

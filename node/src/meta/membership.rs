@@ -307,7 +307,9 @@ impl Meta {
                             .await?;
                         let add =
                             ChangeMembers::AddNodes([(*id, info.clone())].into_iter().collect());
-                        last_index = last_index.max(self.leader_change(add, deadline).await?);
+                        let index = self.leader_change(add, deadline).await?;
+                        self.wait_membership_at(index, deadline).await?;
+                        last_index = last_index.max(index);
                         tracing::info!(node_id = me, learner = id, region = %info.region, "added node as metadata learner");
                     }
                 }
@@ -331,7 +333,8 @@ impl Meta {
                 }
                 if self.member_info(*id).is_some() {
                     let drop = ChangeMembers::RemoveNodes([*id].into_iter().collect());
-                    last_index = last_index.max(self.leader_change(drop, deadline).await?);
+                    let index = self.leader_change(drop, deadline).await?;
+                    last_index = last_index.max(index);
                     tracing::info!(
                         node_id = me,
                         removed = id,
@@ -491,6 +494,33 @@ impl Meta {
         }
     }
 
+    /// Waits until this leader's metrics show the membership of entry
+    /// `index` (they lag the change's answer), so the next read sees it.
+    async fn wait_membership_at(&self, index: u64, deadline: Instant) -> Result<(), ChangeError> {
+        let me = self.inner.node_id;
+        let started = Instant::now();
+        let remaining = deadline.saturating_duration_since(started);
+        let waited = self
+            .inner
+            .raft
+            .wait(Some(remaining))
+            .metrics(
+                |m| {
+                    m.membership_config.log_id().map(|l| l.index) >= Some(index)
+                        || m.current_leader != Some(me)
+                },
+                format!("membership of entry {index} is visible"),
+            )
+            .await;
+        match waited {
+            Ok(_) => self.ensure_leader(),
+            Err(WaitError::ShuttingDown) => Err(ChangeError::Stopped { node_id: me }),
+            Err(WaitError::Timeout(..)) => Err(ChangeError::Unconfirmed {
+                waited_ms: started.elapsed().as_millis() as u64,
+            }),
+        }
+    }
+
     /// Changes the voters to [`target_voters`] (without `exclude`) until they
     /// match, each change a joint one that openraft commits in both
     /// configurations. Removed voters stay learners.
@@ -501,7 +531,6 @@ impl Meta {
     ) -> Result<u64, ChangeError> {
         let me = self.inner.node_id;
         let started = Instant::now();
-        let pause = Duration::from_millis(self.inner.config.heartbeat_ms.max(10));
         let mut last_index = 0;
         let mut changes = 0;
         loop {
@@ -530,27 +559,21 @@ impl Meta {
                     node: exclude.unwrap_or(me),
                 });
             }
-            if joint || changes >= MAX_VOTER_CHANGES {
-                // A joint configuration finishes on its own (openraft's second
-                // step); wait for it rather than stacking changes.
-                if Instant::now() + pause >= deadline {
-                    return Err(ChangeError::Busy {
-                        waited_ms: started.elapsed().as_millis() as u64,
-                    });
-                }
-                tokio::time::sleep(pause).await;
-                if changes >= MAX_VOTER_CHANGES && !joint {
-                    return Err(ChangeError::Busy {
-                        waited_ms: started.elapsed().as_millis() as u64,
-                    });
-                }
-                continue;
+            if changes >= MAX_VOTER_CHANGES {
+                // The target keeps moving (learners flapping between caught
+                // up and not): stop here rather than churn the voters.
+                return Err(ChangeError::Busy {
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
             }
+            // A joint configuration left by a leader that died between
+            // openraft's two steps is finished by the same call.
             tracing::info!(node_id = me, from = ?voters, to = ?target, "changing metadata voters");
-            last_index = last_index.max(
-                self.leader_change(ChangeMembers::ReplaceAllVoters(target), deadline)
-                    .await?,
-            );
+            let index = self
+                .leader_change(ChangeMembers::ReplaceAllVoters(target), deadline)
+                .await?;
+            self.wait_membership_at(index, deadline).await?;
+            last_index = last_index.max(index);
             changes += 1;
         }
     }
