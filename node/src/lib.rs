@@ -12,6 +12,7 @@ pub mod kv;
 pub mod liveness;
 pub mod local_cluster;
 pub mod meta;
+pub mod metrics;
 pub mod peers;
 pub mod placement;
 pub mod repair;

@@ -36,6 +36,11 @@ pub enum ServerError {
     ShardStore(#[from] ShardStoreError),
     #[error("metadata group: {0}")]
     Meta(#[from] MetaError),
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -94,6 +99,20 @@ pub async fn run(
         config.gateway_config().repair,
         workers_stopped.clone(),
     )));
+    let scrub_stats = Arc::new(ScrubStats::default());
+    if let Some(addr) = config.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::MetricsListen { addr, source })?;
+        workers.push(tokio::spawn(crate::metrics::serve(
+            listener,
+            crate::metrics::Sources {
+                gateway: gateway.clone(),
+                scrub: scrub_stats.clone(),
+            },
+            workers_stopped.clone(),
+        )));
+    }
     {
         let reporter = gateway.clone();
         workers.push(tokio::spawn(crate::scrub::run(
@@ -104,7 +123,7 @@ pub async fn run(
                 interval: config.scrub.interval,
                 rate_bytes_per_s: config.scrub.rate_bytes_per_s,
             },
-            Arc::new(ScrubStats::default()),
+            scrub_stats,
             move |request| {
                 let reporter = reporter.clone();
                 async move {

@@ -222,3 +222,53 @@ async fn no_reachable_node_names_the_addresses_tried() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_reports_protection_and_raft_state() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let cluster = cairn_node::local_cluster::LocalCluster::start_tuned(
+        &dir.path().join("cluster"),
+        &[2, 2, 2],
+        "4+2",
+        |node| {
+            if node.node_id == Some(1) {
+                node.metrics_listen = Some(([127, 0, 0, 1], port).into());
+            }
+        },
+    )
+    .await
+    .expect("cluster");
+    cluster
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready");
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("metrics port open");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    for name in [
+        "cairn_raft_term",
+        "cairn_protection_packs{state=\"fully_protected\"}",
+        "cairn_repair_queue_packs",
+        "cairn_scrub_faults_total",
+        "cairn_liveness_node_up{node=\"2\",region=\"r1\"} 1",
+    ] {
+        assert!(body.contains(name), "{name} missing from:\n{body}");
+    }
+    cluster.shutdown().await.expect("shutdown");
+}

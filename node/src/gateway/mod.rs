@@ -118,6 +118,18 @@ fn check_name(name: &str, field: &str) -> Result<(), GatewayError> {
     Ok(())
 }
 
+/// A point-in-time view for the metrics page.
+pub struct MetricsSnapshot {
+    pub term: u64,
+    pub is_leader: bool,
+    pub last_applied: u64,
+    pub shards: u64,
+    pub shard_bytes: u64,
+    pub protection: crate::repair::plan::ProtectionCounts,
+    /// (node, region, up)
+    pub nodes: Vec<(NodeId, String, bool)>,
+}
+
 /// The gateway: shared by every request on this node.
 pub struct Gateway {
     node_id: NodeId,
@@ -208,6 +220,24 @@ impl Gateway {
     async fn catch_up(&self) {
         if let Err(error) = self.meta.read_barrier().await {
             warn!(%error, "no linearizable read possible; serving the local (possibly stale) state");
+        }
+    }
+
+    /// Values for the metrics page.
+    pub fn metrics_snapshot(&self) -> MetricsSnapshot {
+        let (shards, shard_bytes) = self.store.stats();
+        MetricsSnapshot {
+            term: self.meta.term(),
+            is_leader: self.is_leader(),
+            last_applied: self.meta.last_applied(),
+            shards,
+            shard_bytes,
+            protection: self.protection().unwrap_or_default(),
+            nodes: self
+                .members()
+                .iter()
+                .map(|(id, (info, _))| (*id, info.region.clone(), !self.liveness.is_down(*id)))
+                .collect(),
         }
     }
 

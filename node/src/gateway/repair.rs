@@ -38,7 +38,7 @@ impl Gateway {
     }
 
     /// Protection of every pack, as this node sees the cluster now.
-    pub(super) fn protection(&self) -> Result<ProtectionCounts, GatewayError> {
+    pub(crate) fn protection(&self) -> Result<ProtectionCounts, GatewayError> {
         let members = self.members();
         let nodes = self.node_states(&members);
         let bad = self.repair.bad_shards();

@@ -1,0 +1,205 @@
+//! Prometheus metrics on `--metrics-listen` (`GET /metrics`).
+//!
+//! Values are read from the node's live state at scrape time (a fresh
+//! registry per scrape), so no subsystem carries metric objects around.
+//! Names follow `cairn_<subsystem>_<name>_<unit>`; labels stay low-cardinality.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::gateway::Gateway;
+use crate::scrub::ScrubStats;
+
+/// What the metrics page reads from.
+#[derive(Clone)]
+pub struct Sources {
+    pub gateway: Arc<Gateway>,
+    pub scrub: Arc<ScrubStats>,
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let metric: Counter = Counter::default();
+    metric.inc_by(value);
+    registry.register(name, help, metric);
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let metric: Gauge = Gauge::default();
+    metric.set(value);
+    registry.register(name, help, metric);
+}
+
+fn load(value: &AtomicU64) -> u64 {
+    value.load(Ordering::Relaxed)
+}
+
+/// Renders the metrics text.
+pub fn render(sources: &Sources) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    let snapshot = sources.gateway.metrics_snapshot();
+    let repair = sources.gateway.repair_state();
+    gauge(
+        &mut registry,
+        "cairn_raft_term",
+        "Current Raft term",
+        snapshot.term as i64,
+    );
+    gauge(
+        &mut registry,
+        "cairn_raft_leader",
+        "1 if this node is the Raft leader",
+        i64::from(snapshot.is_leader),
+    );
+    gauge(
+        &mut registry,
+        "cairn_raft_last_applied",
+        "Last applied log index",
+        snapshot.last_applied as i64,
+    );
+    gauge(
+        &mut registry,
+        "cairn_shard_store_shards",
+        "Shard files held by this node",
+        snapshot.shards as i64,
+    );
+    gauge(
+        &mut registry,
+        "cairn_shard_store_bytes",
+        "Bytes of shard files held by this node",
+        snapshot.shard_bytes as i64,
+    );
+    let packs = Family::<Vec<(String, String)>, Gauge>::default();
+    for (state, value) in [
+        ("fully_protected", snapshot.protection.fully_protected),
+        ("degraded", snapshot.protection.degraded),
+        ("at_risk", snapshot.protection.at_risk),
+        ("unrecoverable", snapshot.protection.unrecoverable),
+        ("misplaced", snapshot.protection.misplaced),
+    ] {
+        packs
+            .get_or_create(&vec![("state".to_string(), state.to_string())])
+            .set(value as i64);
+    }
+    registry.register("cairn_protection_packs", "Packs by protection state", packs);
+    let nodes_up = Family::<Vec<(String, String)>, Gauge>::default();
+    for (node, region, up) in &snapshot.nodes {
+        nodes_up
+            .get_or_create(&vec![
+                ("node".to_string(), node.to_string()),
+                ("region".to_string(), region.clone()),
+            ])
+            .set(i64::from(*up));
+    }
+    registry.register(
+        "cairn_liveness_node_up",
+        "1 unless the node is declared down",
+        nodes_up,
+    );
+    gauge(
+        &mut registry,
+        "cairn_repair_queue_packs",
+        "Packs waiting for repair",
+        load(&repair.queue) as i64,
+    );
+    counter(
+        &mut registry,
+        "cairn_repair_packs_repaired",
+        "Packs re-protected or rebalanced",
+        load(&repair.packs_repaired_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_repair_shards_written",
+        "Shards written by repair",
+        load(&repair.shards_written_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_repair_written_bytes",
+        "Bytes written by repair",
+        load(&repair.bytes_written_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_repair_errors",
+        "Failed pack repairs",
+        load(&repair.errors_total),
+    );
+    gauge(
+        &mut registry,
+        "cairn_repair_last_pass_timestamp_seconds",
+        "End of the last repair pass",
+        (load(&repair.last_pass_unix_ms) / 1000) as i64,
+    );
+    counter(
+        &mut registry,
+        "cairn_scrub_rounds",
+        "Completed scrub rounds",
+        load(&sources.scrub.rounds_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_scrub_shards_checked",
+        "Shards verified by scrub",
+        load(&sources.scrub.shards_checked_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_scrub_checked_bytes",
+        "Bytes verified by scrub",
+        load(&sources.scrub.bytes_checked_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_scrub_faults",
+        "Corrupt or missing shards found by scrub",
+        load(&sources.scrub.faults_total),
+    );
+    let mut text = String::new();
+    encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+/// Serves `/metrics` until `shutdown` flips.
+pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: watch::Receiver<bool>) {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let sources = sources.clone();
+            async move {
+                match render(&sources) {
+                    Ok(text) => (
+                        StatusCode::OK,
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                }
+            }
+        }),
+    );
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await;
+    if let Err(error) = served {
+        tracing::warn!(%error, "metrics endpoint stopped");
+    }
+}
