@@ -89,6 +89,9 @@ impl GatewayError {
             GatewayError::NotFound { .. } => Status::not_found(message),
             GatewayError::AlreadyExists { .. } => Status::already_exists(message),
             GatewayError::MissingRootTree { .. } => Status::failed_precondition(message),
+            GatewayError::Meta(MetaError::Change(change)) if !change.is_transient() => {
+                Status::failed_precondition(message)
+            }
             GatewayError::Meta(_) => Status::unavailable(message),
             GatewayError::Placement(_) | GatewayError::TooFewShards { .. } => {
                 Status::unavailable(message)
