@@ -127,6 +127,35 @@ impl ProcessCluster {
         }
     }
 
+    /// Deletes a killed node's data directory (its disk was replaced).
+    pub fn wipe(&self, id: u64) {
+        let data = self.dir.join(format!("node-{id}"));
+        if data.exists() {
+            std::fs::remove_dir_all(&data).expect("wipe data dir");
+        }
+    }
+
+    /// Waits for a node process to exit on its own; its exit status, or
+    /// `None` if it is still running after `timeout`.
+    pub async fn wait_exit(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            if let Some(child) = node.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                node.child = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
     /// The tail of a node's log, for failure messages.
     pub fn log_tail(&self, id: u64) -> String {
         let text =

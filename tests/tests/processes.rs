@@ -244,3 +244,77 @@ async fn a_node_restarted_after_kill_9_keeps_its_state() {
     must_restore_identical(&repo, &summary.snapshot_id, &source, dir.path(), &[]).await;
     assert!(Path::new(&dir.path().join("cluster")).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_is_refused_then_replaced_and_reprotected() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ProcessCluster::start(&dir.path().join("cluster"), &[2, 2, 2], DOWN_AFTER);
+    let leader = leader_of(&cluster).await;
+    let repo = must_init_on(&cluster).await;
+    let source = dir.path().join("source");
+    datagen::generate(&source, 4, 21).expect("data");
+    let summary = must_backup(&repo, &source, "user-profiles").await;
+
+    // A voter other than the leader loses its disk.
+    let status = cluster.wait_ready(Duration::from_secs(30)).await;
+    let victim = status
+        .nodes
+        .iter()
+        .find(|n| n.voter && n.node_id != leader)
+        .expect("a follower voter")
+        .node_id;
+    cluster.kill(victim);
+    cluster.wipe(victim);
+    cluster.start_node(victim, DOWN_AFTER);
+    let exit = cluster.wait_exit(victim, Duration::from_secs(30)).await;
+    assert!(
+        exit.is_some_and(|s| !s.success()),
+        "a wiped member must refuse to start:\n{}",
+        cluster.log_tail(victim)
+    );
+    assert!(
+        cluster.log_tail(victim).contains("remove-node"),
+        "{}",
+        cluster.log_tail(victim)
+    );
+
+    // The documented path: remove it (its shards are rebuilt), start it again.
+    let client = Cluster::new(&cluster.addrs()).expect("addrs");
+    client
+        .call("remove node", |mut c| async move {
+            c.remove_node(cairn_proto::v1::RemoveNodeRequest {
+                node_id: victim,
+                drain: false,
+            })
+            .await
+        })
+        .await
+        .expect("remove the wiped node");
+    cluster.start_node(victim, DOWN_AFTER);
+    let started = Instant::now();
+    loop {
+        let report = repo.check_packs(true).await.expect("check");
+        let rejoined = status_has_member(&cluster, victim).await;
+        if rejoined && report.problems.is_empty() && report.unrecoverable.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "not re-protected: rejoined={rejoined} problems={:?}\n{}",
+            report.problems.first(),
+            cluster.log_tail(victim)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    must_restore_identical(&repo, &summary.snapshot_id, &source, dir.path(), &[]).await;
+}
+
+async fn status_has_member(cluster: &ProcessCluster, id: u64) -> bool {
+    for addr in cluster.addrs() {
+        if let Ok(s) = status(&addr).await {
+            return s.nodes.iter().any(|n| n.node_id == id && n.up);
+        }
+    }
+    false
+}
