@@ -106,7 +106,10 @@ impl Peers {
         map.entry(node).or_default().last_failure = Some(Instant::now());
     }
 
-    /// A node is presumed up unless it failed recently and has not answered since.
+    /// A node is presumed up unless its last call failed and it has not
+    /// answered since. The liveness prober calls every node regularly, so
+    /// a node that returns is seen within a probe interval; `retry_after`
+    /// only bounds how long a node nobody probes stays shunned.
     pub fn presumed_up(&self, node: NodeId) -> bool {
         let map = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(&node) {

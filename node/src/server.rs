@@ -65,9 +65,10 @@ pub async fn run(
     .await?;
     let peers = Arc::new(Peers::new(
         Duration::from_secs(2),
-        // A failed peer is retried after this long for placement; being
-        // declared down (and repaired around) takes `down_after`.
-        Duration::from_secs(3),
+        // A failed peer is avoided by placement until the prober (or any
+        // call) hears from it again; being declared down, and repaired
+        // around, takes `down_after`.
+        Duration::from_secs(60),
     ));
     let liveness = Arc::new(Liveness::new(config.node_id, config.down_after));
     let gateway = Arc::new(Gateway::new(

@@ -63,6 +63,9 @@ async fn round_trip_survives_region_loss_and_nodes_hold_no_plaintext() {
         second.bytes_added
     );
 
+    // A drill: every shard of r2 ignored, the rest decodes.
+    must_restore_identical(&repo, &first.snapshot_id, &source, dir.path(), &["r2"]).await;
+
     cluster.stop_region("r1").await.expect("r1 stops");
     must_restore_identical(&repo, &first.snapshot_id, &source, dir.path(), &[]).await;
 

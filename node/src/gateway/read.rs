@@ -78,11 +78,16 @@ impl Gateway {
         tokio::pin!(hedge);
         // Set once a wanted shard failed or straggled: from then on keep
         // enough reads in flight to reach k shards and decode.
-        let mut reconstruct = false;
+        // A wanted shard with no readable copy in the read order (its region
+        // excluded, its node unknown) means decoding from the start.
+        let mut reconstruct = !wanted.iter().all(|i| order.iter().any(|p| p.index == *i));
         loop {
             let have_wanted = wanted.iter().all(|i| good.contains_key(i));
             if have_wanted || good.len() >= k {
                 break;
+            }
+            if in_flight.is_empty() {
+                reconstruct = true;
             }
             if reconstruct {
                 let short = k.saturating_sub(good.len() + in_flight.len());

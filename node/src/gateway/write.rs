@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use super::{Gateway, GatewayError, id32, invalid};
 use crate::erasure::encode_pack;
 use crate::meta::types::{BlobLocation, Command, NodeId, NodeInfo, PackRecord, ShardPlacement};
-use crate::placement::{Candidate, place};
+use crate::placement::{Candidate, complete};
 
 /// Rounds of re-placement for shards whose node failed.
 const PLACEMENT_ROUNDS_MAX: usize = 3;
@@ -84,12 +84,15 @@ impl Gateway {
                 .map(|(id, (info, _))| Candidate {
                     node: *id,
                     region: info.region.clone(),
-                    up: !failed_nodes.contains(id)
-                        && self.peers.presumed_up(*id)
-                        && !self.is_draining(*id),
+                    up: durable.values().any(|p| p.node == *id)
+                        || (!failed_nodes.contains(id)
+                            && self.peers.presumed_up(*id)
+                            && !self.is_draining(*id)),
                 })
                 .collect();
-            let plan = place(code, &pack_id, &candidates)?;
+            // Shards already durable stay where they are; only the rest is placed.
+            let keep: Vec<(u32, NodeId)> = durable.values().map(|p| (p.index, p.node)).collect();
+            let plan = complete(code, &pack_id, &candidates, &keep)?;
             let writes = plan
                 .shards
                 .iter()

@@ -43,6 +43,9 @@ impl ReleaseWatch {
     }
 }
 
+/// Page cache of one sled database.
+pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 impl SledDb {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, KvError> {
@@ -51,6 +54,9 @@ impl SledDb {
             // A Raft log is insert-then-delete, sled's worst case for space
             // growth; low-space mode trades some speed for less amplification.
             .mode(sled::Mode::LowSpace)
+            // sled's default cache is 1 GiB (or the cgroup limit): metadata
+            // is small and the node's budget is 512 MiB in all.
+            .cache_capacity(SLED_CACHE_BYTES)
             .open()
             .map_err(|source| KvError::Sled {
                 op: "open the database",
