@@ -82,6 +82,9 @@ pub struct BackupSummary {
     pub duration_s: f64,
 }
 
+/// The parent snapshot's trees, loaded once, by id.
+type ParentTrees = Arc<HashMap<BlobId, Tree>>;
+
 /// State shared by every file worker of one backup.
 struct Session {
     repo: Arc<Repository>,
@@ -242,7 +245,7 @@ pub async fn backup_paths(
         options,
         progress,
         info_paths,
-        move |session, parent| {
+        move |session, parent, trees| {
             Box::pin(async move {
                 let mut entries = Vec::new();
                 let permits = Arc::new(Semaphore::new(files_max));
@@ -251,6 +254,7 @@ pub async fn backup_paths(
                     let entry = backup_entry(
                         session.clone(),
                         permits.clone(),
+                        trees.clone(),
                         name,
                         path,
                         meta,
@@ -282,7 +286,7 @@ pub async fn backup_stream(
         options,
         progress,
         vec![format!("<stdin> as {filename}")],
-        move |session, _parent| {
+        move |session, _parent, _trees| {
             Box::pin(async move {
                 let worker = session.clone();
                 let (chunks, size) = tokio::task::spawn_blocking(move || {
@@ -321,7 +325,9 @@ async fn run_backup<F>(
     build_root: F,
 ) -> Result<BackupSummary>
 where
-    F: FnOnce(Arc<Session>, Option<Tree>) -> BoxFuture<'static, Result<Tree>> + Send + 'static,
+    F: FnOnce(Arc<Session>, Option<Tree>, ParentTrees) -> BoxFuture<'static, Result<Tree>>
+        + Send
+        + 'static,
 {
     let started = Instant::now();
     let parent = if options.use_parent {
@@ -329,10 +335,14 @@ where
     } else {
         None
     };
-    let parent_tree = match &parent {
-        Some(p) => Some(repo.load_tree(&p.root_tree).await?),
-        None => None,
+    let mut parent_trees = match &parent {
+        Some(p) => repo.load_trees(&p.root_tree, &[]).await?,
+        None => HashMap::new(),
     };
+    let parent_tree = parent
+        .as_ref()
+        .and_then(|p| parent_trees.remove(&p.root_tree));
+    let parent_trees: ParentTrees = Arc::new(parent_trees);
     let (tx, rx) = mpsc::channel::<Pack>(PACKS_QUEUED_MAX);
     let session = Arc::new(Session {
         repo: repo.clone(),
@@ -361,7 +371,7 @@ where
         })
     };
 
-    let root = build_root(session.clone(), parent_tree).await;
+    let root = build_root(session.clone(), parent_tree, parent_trees).await;
     // Whatever happened, close the pack stream so the uploader ends.
     let finished = match root {
         Ok(root) => {
@@ -457,6 +467,7 @@ fn find_entry(tree: &Tree, name: &str) -> Option<TreeEntry> {
 fn backup_entry(
     session: Arc<Session>,
     permits: Arc<Semaphore>,
+    parent_trees: ParentTrees,
     name: String,
     path: PathBuf,
     meta: std::fs::Metadata,
@@ -485,9 +496,9 @@ fn backup_entry(
         }
         if file_type.is_dir() {
             let parent_tree = match parent.as_ref().map(|p| &p.kind) {
-                Some(EntryKind::Dir { subtree }) => {
-                    Some((*subtree, session.repo.load_tree(subtree).await?))
-                }
+                Some(EntryKind::Dir { subtree }) => parent_trees
+                    .get(subtree)
+                    .map(|tree| (*subtree, tree.clone())),
                 _ => None,
             };
             let mut children = Vec::new();
@@ -504,6 +515,7 @@ fn backup_entry(
                 children.push(tokio::spawn(backup_entry(
                     session.clone(),
                     permits.clone(),
+                    parent_trees.clone(),
                     child_name,
                     child_path,
                     child_meta,

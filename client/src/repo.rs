@@ -482,6 +482,39 @@ impl Repository {
         Ok(out)
     }
 
+    /// Every tree reachable from `root`, fetched a level at a time (one
+    /// request per pack per level), so a walk costs a handful of round trips
+    /// instead of one per directory.
+    pub async fn load_trees(
+        &self,
+        root: &BlobId,
+        exclude_regions: &[String],
+    ) -> Result<HashMap<BlobId, Tree>> {
+        let mut trees: HashMap<BlobId, Tree> = HashMap::new();
+        let mut level = vec![*root];
+        while !level.is_empty() {
+            level.sort();
+            level.dedup();
+            level.retain(|id| !trees.contains_key(id));
+            let blobs = self.read_blobs(&level, exclude_regions).await?;
+            let mut next = Vec::new();
+            for id in &level {
+                let bytes = blobs
+                    .get(id)
+                    .ok_or_else(|| ClientError::integrity("tree missing from the answer"))?;
+                let tree = Tree::decode(bytes)?;
+                for entry in &tree.entries {
+                    if let crate::tree::EntryKind::Dir { subtree } = &entry.kind {
+                        next.push(*subtree);
+                    }
+                }
+                trees.insert(*id, tree);
+            }
+            level = next;
+        }
+        Ok(trees)
+    }
+
     /// Fetches and decodes one tree.
     pub async fn load_tree(&self, id: &BlobId) -> Result<Tree> {
         self.load_tree_excluding(id, &[]).await

@@ -23,7 +23,7 @@ use crate::error::{ClientError, Result};
 use crate::path_guard::{check_name, check_no_symlink_in_parents, safe_join};
 use crate::repo::{Located, Repository, Snapshot};
 use crate::seal::BlobId;
-use crate::tree::{EntryKind, Tree, TreeEntry};
+use crate::tree::{EntryKind, TreeEntry};
 
 /// Packs fetched at once during a restore.
 const PACKS_IN_FLIGHT_MAX: usize = 3;
@@ -69,28 +69,28 @@ pub async fn walk(
     snapshot: &Snapshot,
     exclude_regions: &[String],
 ) -> Result<Vec<Item>> {
+    let trees = repo
+        .load_trees(&snapshot.root_tree, exclude_regions)
+        .await?;
     let mut items = Vec::new();
     let mut level: Vec<(Vec<String>, BlobId)> = vec![(Vec::new(), snapshot.root_tree)];
     while !level.is_empty() {
-        let ids: Vec<BlobId> = level.iter().map(|(_, id)| *id).collect();
-        let mut unique = ids.clone();
-        unique.sort();
-        unique.dedup();
-        let blobs = repo.read_blobs(&unique, exclude_regions).await?;
         let mut next = Vec::new();
         for (prefix, id) in level {
-            let bytes = blobs
+            let tree = trees
                 .get(&id)
-                .ok_or_else(|| ClientError::integrity("tree missing from the answer"))?;
-            let tree = Tree::decode(bytes)?;
-            for entry in tree.entries {
+                .ok_or_else(|| ClientError::integrity("tree missing from the walk"))?;
+            for entry in &tree.entries {
                 check_name(&entry.name)?;
                 let mut path = prefix.clone();
                 path.push(entry.name.clone());
                 if let EntryKind::Dir { subtree } = &entry.kind {
                     next.push((path.clone(), *subtree));
                 }
-                items.push(Item { path, entry });
+                items.push(Item {
+                    path,
+                    entry: entry.clone(),
+                });
             }
         }
         level = next;

@@ -31,6 +31,8 @@ use crate::shard_store::ShardStore;
 
 /// Most ids one FindBlobs/LocateBlobs request may carry.
 pub const IDS_PER_REQUEST_MAX: usize = 100_000;
+/// Pack reads one gateway serves at once.
+pub const READS_IN_FLIGHT_MAX: usize = 4;
 /// Longest tenant or dataset name.
 pub const NAME_LEN_MAX: usize = 128;
 
@@ -144,6 +146,9 @@ pub struct Gateway {
     liveness: Arc<Liveness>,
     repair: Arc<RepairState>,
     pack_permits: Semaphore,
+    /// Pack reads served at once; bounds memory (each holds up to k shards
+    /// and the answer).
+    read_permits: Semaphore,
     /// Limit of repair traffic, bytes per second (reported in status).
     repair_rate_bytes_per_s: u64,
     /// Nodes being drained: treated as down by repair so their shards move.
@@ -173,6 +178,7 @@ impl Gateway {
             repair: Arc::new(RepairState::default()),
             repair_rate_bytes_per_s,
             pack_permits,
+            read_permits: Semaphore::new(READS_IN_FLIGHT_MAX),
             draining: Default::default(),
         }
     }

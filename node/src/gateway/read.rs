@@ -34,6 +34,11 @@ impl Gateway {
     ) -> Result<pb::ReadPackReply, GatewayError> {
         let pack_id = id32(&req.pack_id, "pack id")?;
         let pack = self.pack_record(&pack_id).await?;
+        let _permit = self
+            .read_permits
+            .acquire()
+            .await
+            .expect("the read semaphore is never closed");
         let mut total = 0u64;
         for range in &req.ranges {
             let end = range.offset.checked_add(range.length);
