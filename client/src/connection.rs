@@ -33,6 +33,10 @@ pub struct Cluster {
     endpoints: Vec<(String, Channel)>,
     preferred: AtomicUsize,
     budget: Duration,
+    /// How many leading endpoints share spread-out work (the client's own
+    /// region after `prefer_region`, else all of them).
+    spread_over: usize,
+    next_spread: AtomicUsize,
 }
 
 impl Cluster {
@@ -52,10 +56,13 @@ impl Cluster {
         if endpoints.is_empty() {
             return Err(ClientError::NoAddresses);
         }
+        let spread_over = endpoints.len();
         Ok(Self {
             endpoints,
             preferred: AtomicUsize::new(0),
             budget: FAILOVER_BUDGET,
+            spread_over,
+            next_spread: AtomicUsize::new(0),
         })
     }
 
@@ -83,6 +90,12 @@ impl Cluster {
         self.endpoints
             .sort_by_key(|(addr, _)| !local.contains(addr.as_str()));
         self.preferred.store(0, Ordering::Relaxed);
+        let near = self
+            .endpoints
+            .iter()
+            .filter(|(addr, _)| local.contains(addr.as_str()))
+            .count();
+        self.spread_over = if near > 0 { near } else { self.endpoints.len() };
         Ok(self)
     }
 
@@ -98,6 +111,27 @@ impl Cluster {
         F: Fn(CairnClient<Channel>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
+        let start = self.preferred.load(Ordering::Relaxed);
+        self.call_from(start, name, op).await
+    }
+
+    /// Like [`Cluster::call`], but successive calls start on different
+    /// nodes of the preferred group, so bulk reads use several gateways.
+    pub async fn call_spread<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T>
+    where
+        F: Fn(CairnClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        let turn = self.next_spread.fetch_add(1, Ordering::Relaxed);
+        let start = (self.preferred.load(Ordering::Relaxed) + turn) % self.spread_over.max(1);
+        self.call_from(start, name, op).await
+    }
+
+    async fn call_from<T, F, Fut>(&self, start: usize, name: &'static str, op: F) -> Result<T>
+    where
+        F: Fn(CairnClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
         let started = Instant::now();
         let n = self.endpoints.len();
         let mut tried: Vec<(String, String)> = Vec::new();
@@ -107,7 +141,6 @@ impl Cluster {
         let mut round_quorum_lost: Option<String> = None;
         let mut round_other = false;
         loop {
-            let start = self.preferred.load(Ordering::Relaxed);
             let index = (start + attempt) % n;
             let (addr, channel) = &self.endpoints[index];
             let client = CairnClient::new(channel.clone())
@@ -116,7 +149,9 @@ impl Cluster {
             let result = tokio::time::timeout(ATTEMPT_TIMEOUT, op(client)).await;
             let status = match result {
                 Ok(Ok(response)) => {
-                    self.preferred.store(index, Ordering::Relaxed);
+                    if index != start {
+                        self.preferred.store(index, Ordering::Relaxed);
+                    }
                     return Ok(response.into_inner());
                 }
                 Ok(Err(status)) => status,

@@ -403,7 +403,7 @@ impl Repository {
             let batch = &ranges[start..end];
             let reply = self
                 .cluster
-                .call("read pack", |mut c| {
+                .call_spread("read pack", |mut c| {
                     let request = pb::ReadPackRequest {
                         pack_id: pack_id.to_vec(),
                         ranges: batch

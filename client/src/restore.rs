@@ -26,7 +26,7 @@ use crate::seal::BlobId;
 use crate::tree::{EntryKind, TreeEntry};
 
 /// Packs fetched at once during a restore.
-const PACKS_IN_FLIGHT_MAX: usize = 3;
+const PACKS_IN_FLIGHT_MAX: usize = 6;
 
 /// One entry of a snapshot with its path from the root.
 #[derive(Debug, Clone)]
