@@ -187,7 +187,9 @@ impl PackBuilder {
     pub fn new(target_bytes: usize) -> Self {
         Self {
             target_bytes,
-            data: Vec::with_capacity(target_bytes.min(PACK_TARGET_BYTES) + 64 * 1024),
+            // Room for the last chunk past the target and the trailer, so the
+            // buffer never doubles (a doubled 16 MiB pack is 32 MiB resident).
+            data: Vec::with_capacity(target_bytes.min(PACK_TARGET_BYTES) + 1024 * 1024),
             blobs: Vec::new(),
         }
     }

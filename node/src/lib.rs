@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod kv;
 pub mod liveness;
 pub mod local_cluster;
+pub mod malloc;
 pub mod meta;
 pub mod metrics;
 pub mod peers;

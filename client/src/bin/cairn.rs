@@ -159,6 +159,7 @@ struct RestoreArgs {
 }
 
 fn main() {
+    cairn_node::malloc::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
