@@ -200,9 +200,4 @@ impl NodeHandle {
             Err(_) => Ok(()),
         }
     }
-
-    /// True once the node's task has ended (for example on a startup error).
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
 }

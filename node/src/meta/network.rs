@@ -40,7 +40,7 @@ use super::codec::{self, CodecError};
 use super::types::{NodeId, NodeInfo, TypeConfig};
 
 /// gRPC metadata key naming the node a request is meant for.
-pub const NODE_ID_HEADER: &str = "x-cairn-node-id";
+pub use crate::peers::NODE_ID_HEADER;
 
 /// The RPCs of the `Raft` service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,7 +25,7 @@ use super::{ShardStore, ShardStoreError};
 use crate::meta::types::{Id32, NodeId};
 
 /// Request metadata key naming the node a request is meant for.
-pub const NODE_ID_METADATA: &str = "x-cairn-node-id";
+pub use crate::peers::NODE_ID_HEADER as NODE_ID_METADATA;
 
 /// Errors of the shard service, before they become gRPC statuses.
 #[derive(Debug, thiserror::Error)]
