@@ -5,7 +5,9 @@
 #   deploy/local/cluster.sh stop-region r1
 #   deploy/local/cluster.sh start-region r1
 #   deploy/local/cluster.sh stop
-# CAIRN_BUILD=0 uses the binaries already in target/release.
+# CAIRN_BUILD=0 uses the binaries already in target/release; CAIRN_NODE_CONFIG
+# (a TOML file), CAIRN_DOWN_AFTER and CAIRN_METRICS_BASE (metrics on port
+# base+id) pass settings to every node.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DIR=${CAIRN_LOCAL_DIR:-${TMPDIR:-/tmp}/cairn-local}
@@ -18,8 +20,12 @@ start_node() { # id=region@addr
   local spec=$1 id=${1%%=*} rest=${1#*=}
   local region=${rest%%@*} addr=${rest#*@}
   mkdir -p "$DIR/node-$id"
+  local extra=()
+  [ -n "${CAIRN_NODE_CONFIG:-}" ] && extra+=(--config "$CAIRN_NODE_CONFIG")
+  [ -n "${CAIRN_DOWN_AFTER:-}" ] && extra+=(--down-after "$CAIRN_DOWN_AFTER")
+  [ -n "${CAIRN_METRICS_BASE:-}" ] && extra+=(--metrics-listen "127.0.0.1:$((CAIRN_METRICS_BASE + id))")
   "$BIN" --node-id "$id" --region "$region" --listen "$addr" --data-dir "$DIR/node-$id" \
-    --initial-cluster "$CLUSTER" --erasure 4+2 >>"$DIR/node-$id.log" 2>&1 &
+    --initial-cluster "$CLUSTER" --erasure 4+2 "${extra[@]}" >>"$DIR/node-$id.log" 2>&1 &
   echo $! >"$DIR/node-$id.pid"
   echo "node $id ($region) on $addr, log $DIR/node-$id.log"
 }
@@ -34,9 +40,16 @@ case "${1:-}" in
     ;;
   stop-region)
     for spec in "${NODES[@]}"; do [[ $spec == *"=$2@"* ]] && stop_node "${spec%%=*}"; done ;;
+  kill-region) # SIGKILL: no clean shutdown, as when a datacenter loses power
+    for spec in "${NODES[@]}"; do
+      [[ $spec == *"=$2@"* ]] || continue
+      id=${spec%%=*}; [ -f "$DIR/node-$id.pid" ] && kill -9 "$(cat "$DIR/node-$id.pid")" 2>/dev/null; rm -f "$DIR/node-$id.pid"
+    done ;;
+  kill-node)
+    [ -f "$DIR/node-$2.pid" ] && kill -9 "$(cat "$DIR/node-$2.pid")" 2>/dev/null; rm -f "$DIR/node-$2.pid" ;;
   start-region)
     for spec in "${NODES[@]}"; do [[ $spec == *"=$2@"* ]] && start_node "$spec"; done ;;
   stop)
     for spec in "${NODES[@]}"; do stop_node "${spec%%=*}"; done ;;
-  *) echo "usage: $0 start [DIR] | stop-region R | start-region R | stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start [DIR] | stop-region R | kill-region R | kill-node ID | start-region R | stop" >&2; exit 2 ;;
 esac
