@@ -136,6 +136,9 @@ impl ProcessCluster {
             .arg(&data)
             .args(["--erasure", "4+2", "--down-after", down_after])
             .env("RUST_LOG", "info,openraft=warn")
+            // The test's own RUST_BACKTRACE would bury a node's one-line error.
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
