@@ -275,3 +275,90 @@ async fn metrics_endpoint_reports_protection_and_raft_state() {
     }
     cluster.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_invalid_argument_and_the_node_keeps_serving() {
+    use cairn_proto::v1 as pb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = must_start_cluster(&dir.path().join("cluster")).await;
+    let client = client(&cluster);
+    let refused = |r: Result<_, ClientError>| match r {
+        Err(ClientError::Server { code, .. }) => code,
+        other => panic!("expected a refusal, got {:?}", other.map(|_: ()| ())),
+    };
+    // A pack whose id is not its hash.
+    let code = refused(
+        client
+            .call("put pack", |mut c| async move {
+                c.put_pack(pb::PutPackRequest {
+                    tenant: "t".into(),
+                    pack_id: vec![7; 32],
+                    data: vec![1, 2, 3].into(),
+                    blobs: vec![],
+                })
+                .await
+            })
+            .await
+            .map(|_| ()),
+    );
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    // An id of the wrong length, a blob entry outside its pack.
+    let data = b"sealed bytes".to_vec();
+    let id = blake3::hash(&data).as_bytes().to_vec();
+    let code = refused(
+        client
+            .call("put pack", |mut c| {
+                let (data, id) = (data.clone(), id.clone());
+                async move {
+                    c.put_pack(pb::PutPackRequest {
+                        tenant: "t".into(),
+                        pack_id: id,
+                        data: data.into(),
+                        blobs: vec![pb::BlobEntry {
+                            id: vec![1; 31],
+                            offset: 5,
+                            length: 100,
+                        }],
+                    })
+                    .await
+                }
+            })
+            .await
+            .map(|_| ()),
+    );
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    // A read of an unknown pack, a tenant name with control characters.
+    let code = refused(
+        client
+            .call("read pack", |mut c| async move {
+                c.read_pack(pb::ReadPackRequest {
+                    pack_id: vec![9; 32],
+                    ranges: vec![pb::ByteRange {
+                        offset: 0,
+                        length: u64::MAX,
+                    }],
+                    ..Default::default()
+                })
+                .await
+            })
+            .await
+            .map(|_| ()),
+    );
+    assert_eq!(code, tonic::Code::NotFound);
+    let code = refused(
+        client
+            .call("find blobs", |mut c| async move {
+                c.find_blobs(pb::FindBlobsRequest {
+                    tenant: "bad\u{0}tenant".into(),
+                    ids: vec![vec![0; 32]],
+                })
+                .await
+            })
+            .await
+            .map(|_| ()),
+    );
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    // Still serving.
+    assert!(cluster.status().await.expect("status").has_leader);
+    cluster.shutdown().await.expect("shutdown");
+}
