@@ -21,15 +21,15 @@ start_node() { # id=region@addr
   local region=${rest%%@*} addr=${rest#*@}
   mkdir -p "$DIR/node-$id"
   local extra=()
-  [ -n "${CAIRN_NODE_CONFIG:-}" ] && extra+=(--config "$CAIRN_NODE_CONFIG")
-  [ -n "${CAIRN_DOWN_AFTER:-}" ] && extra+=(--down-after "$CAIRN_DOWN_AFTER")
-  [ -n "${CAIRN_METRICS_BASE:-}" ] && extra+=(--metrics-listen "127.0.0.1:$((CAIRN_METRICS_BASE + id))")
+  if [ -n "${CAIRN_NODE_CONFIG:-}" ]; then extra+=(--config "$CAIRN_NODE_CONFIG"); fi
+  if [ -n "${CAIRN_DOWN_AFTER:-}" ]; then extra+=(--down-after "$CAIRN_DOWN_AFTER"); fi
+  if [ -n "${CAIRN_METRICS_BASE:-}" ]; then extra+=(--metrics-listen "127.0.0.1:$((CAIRN_METRICS_BASE + id))"); fi
   "$BIN" --node-id "$id" --region "$region" --listen "$addr" --data-dir "$DIR/node-$id" \
     --initial-cluster "$CLUSTER" --erasure 4+2 "${extra[@]}" >>"$DIR/node-$id.log" 2>&1 &
   echo $! >"$DIR/node-$id.pid"
   echo "node $id ($region) on $addr, log $DIR/node-$id.log"
 }
-stop_node() { local id=$1; [ -f "$DIR/node-$id.pid" ] && kill "$(cat "$DIR/node-$id.pid")" 2>/dev/null || true; rm -f "$DIR/node-$id.pid"; }
+stop_node() { local id=$1; if [ -f "$DIR/node-$id.pid" ]; then kill "$(cat "$DIR/node-$id.pid")" 2>/dev/null || true; fi; rm -f "$DIR/node-$id.pid"; }
 
 case "${1:-}" in
   start)
@@ -39,16 +39,16 @@ case "${1:-}" in
     echo "export CAIRN_CLUSTER=127.0.0.1:7101,127.0.0.1:7201,127.0.0.1:7301"
     ;;
   stop-region)
-    for spec in "${NODES[@]}"; do [[ $spec == *"=$2@"* ]] && stop_node "${spec%%=*}"; done ;;
+    for spec in "${NODES[@]}"; do if [[ $spec == *"=$2@"* ]]; then stop_node "${spec%%=*}"; fi; done ;;
   kill-region) # SIGKILL: no clean shutdown, as when a datacenter loses power
     for spec in "${NODES[@]}"; do
       [[ $spec == *"=$2@"* ]] || continue
-      id=${spec%%=*}; [ -f "$DIR/node-$id.pid" ] && kill -9 "$(cat "$DIR/node-$id.pid")" 2>/dev/null; rm -f "$DIR/node-$id.pid"
+      id=${spec%%=*}; if [ -f "$DIR/node-$id.pid" ]; then kill -9 "$(cat "$DIR/node-$id.pid")" 2>/dev/null || true; fi; rm -f "$DIR/node-$id.pid"
     done ;;
   kill-node)
-    [ -f "$DIR/node-$2.pid" ] && kill -9 "$(cat "$DIR/node-$2.pid")" 2>/dev/null; rm -f "$DIR/node-$2.pid" ;;
+    if [ -f "$DIR/node-$2.pid" ]; then kill -9 "$(cat "$DIR/node-$2.pid")" 2>/dev/null || true; fi; rm -f "$DIR/node-$2.pid" ;;
   start-region)
-    for spec in "${NODES[@]}"; do [[ $spec == *"=$2@"* ]] && start_node "$spec"; done ;;
+    for spec in "${NODES[@]}"; do if [[ $spec == *"=$2@"* ]]; then start_node "$spec"; fi; done ;;
   stop)
     for spec in "${NODES[@]}"; do stop_node "${spec%%=*}"; done ;;
   *) echo "usage: $0 start [DIR] | stop-region R | kill-region R | kill-node ID | start-region R | stop" >&2; exit 2 ;;

@@ -30,7 +30,7 @@ for _ in $(seq 1 100); do "$BIN/cairn" cluster status --json >/dev/null 2>&1 && 
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc -l | xargs printf '%.2f'; }
 status() { "$BIN/cairn" cluster status --json; }
-jqv() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {}, {'d': d}))" "$1"; }
+jqv() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {'d': d}))" "$1"; }
 
 echo "== region r1 lost (SIGKILL of both nodes, one of them the first leader)"
 t0=$(now)
@@ -57,8 +57,9 @@ leader=$(status | jqv "d['leader']")
 port=$((19100 + leader))
 written=$(curl -s "http://127.0.0.1:$port/metrics" | awk '/^cairn_repair_written_bytes_total/ {print $2}')
 echo "node 4 lost: check --read-data clean again after $took s (5 s of it is --down-after)"
+leader_addr=$(status | jqv "[n['addr'] for n in d['nodes'] if n['node_id'] == d['leader']][0]")
 echo "repair on the leader (node $leader): $written bytes of shards written in total"
-status | jqv "d['repair']"
+CAIRN_CLUSTER=$leader_addr "$BIN/cairn" cluster status --json | jqv "d['repair']"
 echo "== scrub rate (node 3, unlimited, one-second pauses between rounds)"
 b=$(curl -s http://127.0.0.1:19103/metrics | awk '/^cairn_scrub_checked_bytes_total/ {print $2}')
 sleep 10
