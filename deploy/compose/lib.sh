@@ -45,13 +45,13 @@ region_nodes() {
 
 # Runs the `cairn` CLI in a one-off client container on the WAN network.
 # CAIRN_PASSWORD and CAIRN_TENANT pass through from the caller's
-# environment. With CAIRN_WORK set, that host directory is mounted at /work
+# environment. With CAIRN_WORK set, that host directory is mounted at /files
 # (the client runs as the caller's uid so files it writes there stay the
 # caller's).
 cairn_cli() {
   local args=(run --rm -T --no-deps -u "$(id -u):$(id -g)")
   if [ -n "${CAIRN_WORK:-}" ]; then
-    args+=(-v "$CAIRN_WORK:/work")
+    args+=(-v "$CAIRN_WORK:/files")
   fi
   compose "${args[@]}" client "$@"
 }

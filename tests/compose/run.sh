@@ -142,7 +142,7 @@ step "cairn init"
 cli init
 
 step "cairn backup (all regions up)"
-cli backup /work/data --dataset chat-messages --tag compose-drill --json >"$WORK/backup.json"
+cli backup /files/data --dataset chat-messages --tag compose-drill --json >"$WORK/backup.json"
 snapshot=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["snapshot_id"])' "$WORK/backup.json") ||
   fail "backup --json has no snapshot_id: $(cat "$WORK/backup.json")"
 log "snapshot $snapshot: $(tr -d '\n ' <"$WORK/backup.json")"
@@ -151,11 +151,11 @@ step "take region r2 away ($MODE)"
 "$COMPOSE/region-down.sh" "--$MODE" r2
 
 step "restore latest with r2 away"
-cli restore latest --dataset chat-messages --target /work/restore
+cli restore latest --dataset chat-messages --target /files/restore
 must_restore_identical "$WORK/data" "$WORK/restore/data"
 
 step "backup with r2 away (writes go on)"
-cli backup /work/outage --dataset gift-records --json >"$WORK/backup-outage.json"
+cli backup /files/outage --dataset gift-records --json >"$WORK/backup-outage.json"
 log "outage snapshot: $(tr -d '\n ' <"$WORK/backup-outage.json")"
 
 step "cairn drill --without-region r2"
@@ -178,7 +178,7 @@ step "bring region r2 back"
 wait_nodes_up 120 1 2 3 4 5 6 || fail "not every node is up after r2 came back"
 
 step "restore the snapshot written during the outage"
-cli restore latest --dataset gift-records --target /work/restore-outage
+cli restore latest --dataset gift-records --target /files/restore-outage
 must_restore_identical "$WORK/outage" "$WORK/restore-outage/outage"
 
 step "cairn check --read-data"
