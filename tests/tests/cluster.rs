@@ -362,3 +362,51 @@ async fn malformed_requests_get_invalid_argument_and_the_node_keeps_serving() {
     assert!(cluster.status().await.expect("status").has_leader);
     cluster.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_two_regions_fails_writes_fast_with_quorum_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = must_start_cluster(&dir.path().join("cluster")).await;
+    let source = source_tree(dir.path());
+    let repo = must_init(&cluster).await;
+    let summary = must_backup(&repo, &source, "chat-messages").await;
+    cluster.stop_region("r1").await.expect("r1 stops");
+    cluster.stop_region("r2").await.expect("r2 stops");
+
+    // Nothing can be acknowledged: the client says why instead of hanging.
+    let started = std::time::Instant::now();
+    let client = cairn_client::Cluster::new(&cluster.addrs())
+        .expect("addresses")
+        .with_failover_budget(Duration::from_secs(120));
+    let err = Repository::init(
+        client,
+        "another-tenant",
+        PASSWORD,
+        KdfParams::fast_for_tests(),
+    )
+    .await
+    .err()
+    .expect("no quorum, no write");
+    assert!(
+        matches!(&err, ClientError::QuorumLost { detail } if detail.contains("2 of 3 regions")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "failed fast: {:?}",
+        started.elapsed()
+    );
+
+    // The catalog still answers from the surviving region's metadata
+    // (two regions hold four of the six shards, so data waits for them).
+    let listed = repo.snapshots(None).await.expect("stale-allowed listing");
+    assert!(listed.iter().any(|s| s.id_hex() == summary.snapshot_id));
+    cluster.start_region("r1").await.expect("r1 back");
+    cluster.start_region("r2").await.expect("r2 back");
+    cluster
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready");
+    must_restore_identical(&repo, &summary.snapshot_id, &source, dir.path(), &[]).await;
+    cluster.shutdown().await.expect("shutdown");
+}
