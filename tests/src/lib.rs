@@ -81,6 +81,25 @@ pub async fn must_backup(repo: &Arc<Repository>, source: &Path, dataset: &str) -
     .expect("backup succeeds")
 }
 
+/// Every regular file under `dir` (symlinks not followed), e.g. a node's
+/// shard files or its whole data directory.
+pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            let entries = std::fs::read_dir(&path).expect("readable directory");
+            stack.extend(entries.flatten().map(|e| e.path()));
+        } else if meta.is_file() {
+            files.push(path);
+        }
+    }
+    files
+}
+
 /// Restores `snapshot` (an id or `latest`) and asserts it equals `source`.
 pub async fn must_restore_identical(
     repo: &Repository,

@@ -20,24 +20,14 @@ fn source_tree(dir: &Path) -> std::path::PathBuf {
 
 /// Every file under `dir`, searched for `needle`.
 fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(&path).expect("readable dir").flatten() {
-                stack.push(entry.path());
-            }
-        } else if meta.is_file() {
-            let data = std::fs::read(&path).unwrap_or_default();
-            if data.windows(needle.len()).any(|w| w == needle) {
-                hits.push(path.display().to_string());
-            }
-        }
-    }
-    hits
+    files_under(dir)
+        .into_iter()
+        .filter(|path| {
+            let data = std::fs::read(path).unwrap_or_default();
+            data.windows(needle.len()).any(|w| w == needle)
+        })
+        .map(|path| path.display().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -153,22 +143,12 @@ async fn corrupted_shards_are_detected_and_restore_stays_identical() {
 
     // Flip bytes in every shard file of node 2 (at most one shard per pack there).
     let mut flipped = 0;
-    let mut stack = vec![cluster.data_dir(2).join("shards")];
-    while let Some(path) = stack.pop() {
-        if path.is_dir() {
-            stack.extend(
-                std::fs::read_dir(&path)
-                    .expect("dir")
-                    .flatten()
-                    .map(|e| e.path()),
-            );
-        } else {
-            let mut data = std::fs::read(&path).expect("shard readable");
-            let at = data.len() - 1;
-            data[at] ^= 0xFF;
-            std::fs::write(&path, data).expect("shard written");
-            flipped += 1;
-        }
+    for path in files_under(&cluster.data_dir(2).join("shards")) {
+        let mut data = std::fs::read(&path).expect("shard readable");
+        let at = data.len() - 1;
+        data[at] ^= 0xFF;
+        std::fs::write(&path, data).expect("shard written");
+        flipped += 1;
     }
     assert!(flipped > 0, "node 2 held shards");
     let report = repo.check_packs(true).await.expect("check");

@@ -10,9 +10,10 @@ use cairn_node::local_cluster::LocalCluster;
 use cairn_proto::v1::{ClusterStatusReply, Protection};
 use cairn_tests::*;
 
-async fn must_start_fast_cluster(dir: &Path) -> LocalCluster {
+/// A 4+2 cluster whose failure detection, repair and scrub act in seconds.
+async fn must_start_fast_cluster(dir: &Path, nodes_per_region: &[usize]) -> LocalCluster {
     init_logging();
-    let cluster = LocalCluster::start_tuned(dir, &[2, 2, 2], "4+2", |node| {
+    let cluster = LocalCluster::start_tuned(dir, nodes_per_region, "4+2", |node| {
         node.down_after = Some(Duration::from_secs(2));
         node.repair.interval = Duration::from_millis(500);
         node.repair.rate_bytes_per_s = 0;
@@ -84,7 +85,7 @@ fn source(dir: &Path) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_node_is_rebuilt_elsewhere_and_check_is_clean() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cluster = must_start_fast_cluster(&dir.path().join("cluster")).await;
+    let mut cluster = must_start_fast_cluster(&dir.path().join("cluster"), &[2, 2, 2]).await;
     let source = source(dir.path());
     let repo = must_init(&cluster).await;
     let summary = must_backup(&repo, &source, "chat-messages").await;
@@ -128,7 +129,7 @@ async fn a_lost_node_is_rebuilt_elsewhere_and_check_is_clean() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn region_loss_is_reprotected_survives_one_more_node_and_rebalances_on_return() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cluster = must_start_fast_cluster(&dir.path().join("cluster")).await;
+    let mut cluster = must_start_fast_cluster(&dir.path().join("cluster"), &[2, 2, 2]).await;
     let source = source(dir.path());
     let repo = must_init(&cluster).await;
     let summary = must_backup(&repo, &source, "chat-messages").await;
@@ -173,7 +174,7 @@ async fn region_loss_is_reprotected_survives_one_more_node_and_rebalances_on_ret
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scrub_finds_flipped_bytes_and_repair_rewrites_them() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = must_start_fast_cluster(&dir.path().join("cluster")).await;
+    let cluster = must_start_fast_cluster(&dir.path().join("cluster"), &[2, 2, 2]).await;
     let source = source(dir.path());
     let repo = must_init(&cluster).await;
     let summary = must_backup(&repo, &source, "chat-messages").await;
@@ -186,22 +187,12 @@ async fn scrub_finds_flipped_bytes_and_repair_rewrites_them() {
     .await;
 
     let mut flipped = Vec::new();
-    let mut stack = vec![cluster.data_dir(3).join("shards")];
-    while let Some(path) = stack.pop() {
-        if path.is_dir() {
-            stack.extend(
-                std::fs::read_dir(&path)
-                    .expect("dir")
-                    .flatten()
-                    .map(|e| e.path()),
-            );
-        } else {
-            let mut data = std::fs::read(&path).expect("shard");
-            let at = data.len() / 2;
-            data[at] ^= 0x5A;
-            std::fs::write(&path, &data).expect("write");
-            flipped.push((path, data));
-        }
+    for path in files_under(&cluster.data_dir(3).join("shards")) {
+        let mut data = std::fs::read(&path).expect("shard");
+        let at = data.len() / 2;
+        data[at] ^= 0x5A;
+        std::fs::write(&path, &data).expect("write");
+        flipped.push((path, data));
     }
     assert!(!flipped.is_empty(), "node 3 held shards");
 
@@ -225,19 +216,7 @@ async fn scrub_finds_flipped_bytes_and_repair_rewrites_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drained_node_is_removed_only_after_its_shards_moved() {
     let dir = tempfile::tempdir().expect("tempdir");
-    init_logging();
-    let mut cluster =
-        LocalCluster::start_tuned(&dir.path().join("cluster"), &[3, 2, 2], "4+2", |node| {
-            node.down_after = Some(Duration::from_secs(2));
-            node.repair.interval = Duration::from_millis(500);
-            node.repair.rate_bytes_per_s = 0;
-        })
-        .await
-        .expect("cluster starts");
-    cluster
-        .wait_ready(Duration::from_secs(30))
-        .await
-        .expect("ready");
+    let mut cluster = must_start_fast_cluster(&dir.path().join("cluster"), &[3, 2, 2]).await;
     let source = source(dir.path());
     let repo = must_init(&cluster).await;
     let summary = must_backup(&repo, &source, "chat-messages").await;

@@ -726,23 +726,8 @@ impl Meta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::meta::voters::tests::topology;
     use proptest::prelude::*;
-
-    fn topology(spec: &[(&str, &[NodeId])]) -> BTreeMap<NodeId, NodeInfo> {
-        spec.iter()
-            .flat_map(|(region, ids)| {
-                ids.iter().map(move |id| {
-                    (
-                        *id,
-                        NodeInfo {
-                            region: region.to_string(),
-                            addr: format!("n{id}"),
-                        },
-                    )
-                })
-            })
-            .collect()
-    }
 
     fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
         ids.iter().copied().collect()

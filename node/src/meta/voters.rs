@@ -79,11 +79,12 @@ fn max_per_region(chosen: &[(&str, NodeId)]) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn topology(spec: &[(&str, &[NodeId])]) -> BTreeMap<NodeId, NodeInfo> {
+    /// A cluster map from `(region, node ids)`; shared with other meta tests.
+    pub(crate) fn topology(spec: &[(&str, &[NodeId])]) -> BTreeMap<NodeId, NodeInfo> {
         spec.iter()
             .flat_map(|(region, ids)| {
                 ids.iter().map(move |id| {
