@@ -11,49 +11,15 @@ use std::time::{Duration, Instant};
 use cairn_proto::MAX_MESSAGE_BYTES;
 use cairn_proto::v1::shards_client::ShardsClient;
 use tonic::Request;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::meta::types::NodeId;
 
-/// Metadata key naming the node a request is meant for; servers refuse a
-/// mismatch so a reused address can never answer for another node.
-pub const NODE_ID_HEADER: &str = "x-cairn-node-id";
+pub use cairn_proto::transport::{NODE_ID_HEADER, lazy_channel};
 
-/// HTTP/2 flow-control windows sized for whole shards and packs in flight.
-pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
-pub const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
-
-/// Builds a channel with Cairn's transport settings. It connects on first use.
-pub fn lazy_channel(
-    addr: &str,
-    connect_timeout: Duration,
-) -> Result<Channel, tonic::transport::Error> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        // Find a connection that died silently (a partition drops packets)
-        // in seconds, not at the next RPC deadline.
-        .http2_keep_alive_interval(Duration::from_secs(3))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
-}
-
-/// Wraps a message with the target node id header.
+/// Wraps a message with the target node id header and a deadline.
 pub fn addressed<T>(node: NodeId, message: T, timeout: Duration) -> Request<T> {
-    let mut request = Request::new(message);
-    request.set_timeout(timeout);
-    if let Ok(value) = node.to_string().parse() {
-        request.metadata_mut().insert(NODE_ID_HEADER, value);
-    }
-    request
+    cairn_proto::transport::addressed(node, message, timeout)
 }
 
 #[derive(Debug, Clone, Copy, Default)]

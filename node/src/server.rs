@@ -19,10 +19,11 @@ use crate::config::NodeConfig;
 use crate::gateway::Gateway;
 use crate::liveness::{Liveness, run_prober};
 use crate::meta::{Meta, MetaError};
-use crate::peers::{CONNECTION_WINDOW_BYTES, Peers, STREAM_WINDOW_BYTES};
+use crate::peers::Peers;
 use crate::scrub::{ScrubConfig, ScrubStats};
 use crate::shard_store::service::ShardService;
 use crate::shard_store::{ShardStore, ShardStoreError};
+use cairn_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 
 /// Why a node could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -6,10 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_cli::verify;
 use cairn_client::backup::{BackupOptions, BackupSummary, Progress, backup_paths};
 use cairn_client::restore::{RestoreOptions, restore};
 use cairn_client::seal::KdfParams;
-use cairn_client::{Cluster, Repository, verify};
+use cairn_client::{Cluster, Repository};
 use cairn_node::local_cluster::LocalCluster;
 
 pub const PASSWORD: &[u8] = b"correct horse battery staple";

@@ -9,21 +9,32 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `cairn-node` binary next to this test's build (cargo builds it for
-/// the node crate's own integration tests).
+/// The `cairn-node` binary next to this test's build. `cargo test
+/// --workspace` builds it; when this crate's tests run alone (`cargo test -p
+/// cairn-tests`), it is built here, once, with the same profile.
 pub fn node_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let bin = dir.join("cairn-node");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bin cairn-node` (cargo test --workspace builds it)",
-        bin.display()
-    );
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            let dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target/<profile>/deps/<test>");
+            let bin = dir.join("cairn-node");
+            if !bin.exists() {
+                let mut build = Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
+                build.args(["build", "-p", "cairn-node", "--bin", "cairn-node"]);
+                if dir.file_name().is_some_and(|name| name == "release") {
+                    build.arg("--release");
+                }
+                let status = build.status().expect("cargo runs to build cairn-node");
+                assert!(status.success(), "building cairn-node failed");
+            }
+            assert!(bin.exists(), "{} is missing after a build", bin.display());
+            bin
+        })
+        .clone()
 }
 
 /// A port no other test of this process was given, below the kernel's
@@ -233,8 +244,8 @@ impl Drop for ProcessCluster {
 
 /// One ClusterStatus call.
 pub async fn status(addr: &str) -> Result<cairn_proto::v1::ClusterStatusReply, String> {
-    let channel =
-        cairn_node::peers::lazy_channel(addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let channel = cairn_proto::transport::lazy_channel(addr, Duration::from_secs(1))
+        .map_err(|e| e.to_string())?;
     let mut client = cairn_proto::v1::cairn_client::CairnClient::new(channel);
     let mut request = tonic::Request::new(cairn_proto::v1::ClusterStatusRequest {});
     request.set_timeout(Duration::from_secs(3));

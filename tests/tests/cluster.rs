@@ -4,8 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use cairn_cli::datagen;
 use cairn_client::seal::KdfParams;
-use cairn_client::{ClientError, Repository, datagen};
+use cairn_client::{ClientError, Repository};
 use cairn_tests::*;
 
 const MARKER: &str = "PLAINTEXT-MARKER-7f3a91c2-never-on-a-node";

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use cairn_cli::datagen;
 use cairn_client::backup::{BackupOptions, Progress, backup_paths};
 use cairn_client::seal::KdfParams;
-use cairn_client::{Cluster, Repository, datagen};
+use cairn_client::{Cluster, Repository};
 use cairn_tests::process::{ProcessCluster, status};
 use cairn_tests::*;
 

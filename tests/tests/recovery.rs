@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cairn_client::datagen;
+use cairn_cli::datagen;
 use cairn_node::local_cluster::LocalCluster;
 use cairn_proto::v1::{ClusterStatusReply, Protection};
 use cairn_tests::*;

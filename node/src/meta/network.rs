@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_proto::MAX_MESSAGE_BYTES;
+use cairn_proto::transport::lazy_channel;
 use cairn_proto::v1::RaftPayload;
 use cairn_proto::v1::raft_client::RaftClient;
 use openraft::error::{
@@ -34,7 +35,7 @@ use openraft::{RPCTypes, RaftNetwork, RaftNetworkFactory};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::codec::{self, CodecError};
 use super::types::{NodeId, NodeInfo, TypeConfig};
@@ -166,20 +167,15 @@ impl PeerChannels {
         let channel = match channels.get(addr) {
             Some(channel) => channel.clone(),
             None => {
-                let uri = if addr.contains("://") {
-                    addr.to_string()
-                } else {
-                    format!("http://{addr}")
-                };
-                let channel = Endpoint::from_shared(uri)
-                    .map_err(|source| CallError::BadAddress {
+                // The shared transport policy: HTTP/2 keep-alive finds a
+                // partitioned peer in seconds, as on the shard channels.
+                let channel = lazy_channel(addr, self.connect_timeout).map_err(|source| {
+                    CallError::BadAddress {
                         target,
                         addr: addr.to_string(),
                         source,
-                    })?
-                    .connect_timeout(self.connect_timeout)
-                    .tcp_nodelay(true)
-                    .connect_lazy();
+                    }
+                })?;
                 channels.insert(addr.to_string(), channel.clone());
                 channel
             }

@@ -6,8 +6,9 @@
 
 use std::sync::Arc;
 
+use cairn_cli::{datagen, verify};
 use cairn_client::seal::KdfParams;
-use cairn_client::{Cluster, Repository, backup, restore, verify};
+use cairn_client::{Cluster, Repository, backup, restore};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -16,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
         Some(dir) => dir.into(),
         None => {
             let dir = scratch.path().join("chat");
-            cairn_client::datagen::generate(&dir, 4, 1)?;
+            datagen::generate(&dir, 4, 1)?;
             dir
         }
     };

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use cairn_cli::{demo, progress};
 use cairn_client::backup::{self, BackupOptions, Progress};
 use cairn_client::restore::{self, RestoreOptions};
 use cairn_client::seal::KdfParams;
 use cairn_client::tree::EntryKind;
-use cairn_client::{Cluster, Repository, demo};
+use cairn_client::{Cluster, Repository};
 use cairn_proto::v1 as pb;
 use clap::{Args, Parser, Subcommand};
 
@@ -262,8 +263,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let progress = Arc::new(Progress::default());
             let display = show_progress(&cli).then(|| {
-                let total = (!args.stdin).then(|| backup::measure(&args.paths));
-                backup::progress_ticker(progress.clone(), total)
+                let total = (!args.stdin).then(|| progress::measure(&args.paths));
+                progress::progress_ticker(progress.clone(), total)
             });
             let result = if args.stdin {
                 backup::backup_stream(
@@ -380,7 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let progress = Arc::new(Progress::default());
             let display = show_progress(&cli)
-                .then(|| backup::progress_ticker(progress.clone(), Some(snapshot.bytes)));
+                .then(|| progress::progress_ticker(progress.clone(), Some(snapshot.bytes)));
             let result = restore::restore(&repo, &snapshot, &args.target, &options, progress).await;
             if let Some(display) = display {
                 display.finish().await;

@@ -24,8 +24,6 @@
 pub mod backup;
 pub mod chunker;
 pub mod connection;
-pub mod datagen;
-pub mod demo;
 pub mod error;
 pub mod pack;
 pub mod path_guard;
@@ -33,7 +31,6 @@ pub mod repo;
 pub mod restore;
 pub mod seal;
 pub mod tree;
-pub mod verify;
 
 pub use connection::Cluster;
 pub use error::ClientError;

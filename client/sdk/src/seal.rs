@@ -630,7 +630,7 @@ pub(crate) mod tests {
         MasterKey::from_bytes(&bytes)
     }
 
-    /// A golden vector from `client/tests/vectors/`. Vectors are written
+    /// A golden vector from `client/sdk/tests/vectors/`. Vectors are written
     /// once (run the tests with `CAIRN_WRITE_VECTORS=1` to create missing
     /// files) and never edited afterwards: new format versions add files.
     pub(crate) fn golden_vector(name: &str, make: impl FnOnce() -> Vec<u8>) -> Vec<u8> {

@@ -10,12 +10,11 @@ use anyhow::{Context, bail};
 use cairn_node::local_cluster::LocalCluster;
 use serde::Serialize;
 
-use crate::backup::{BackupOptions, BackupSummary, Progress, backup_paths};
-use crate::connection::Cluster;
-use crate::repo::Repository;
-use crate::restore::{RestoreOptions, RestoreSummary, restore};
-use crate::seal::KdfParams;
 use crate::{datagen, verify};
+use cairn_client::backup::{BackupOptions, BackupSummary, Progress, backup_paths};
+use cairn_client::restore::{RestoreOptions, RestoreSummary, restore};
+use cairn_client::seal::KdfParams;
+use cairn_client::{Cluster, Repository};
 
 const TENANT: &str = "demo";
 const PASSWORD: &[u8] = b"demo-only passphrase";
@@ -205,7 +204,7 @@ pub async fn bench(size_mb: u64, data: Option<PathBuf>, json: bool) -> anyhow::R
             source
         }
     };
-    let dataset_bytes = crate::backup::measure(std::slice::from_ref(&source));
+    let dataset_bytes = crate::progress::measure(std::slice::from_ref(&source));
     let client = Cluster::new(&cluster.addrs())?;
     let repo = Arc::new(Repository::init(client, TENANT, PASSWORD, KdfParams::default()).await?);
     if !json {
