@@ -26,7 +26,7 @@ use std::str::FromStr;
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use serde::{Deserialize, Serialize};
 
-use crate::meta::types::Id32;
+use crate::model::Id32;
 
 /// First bytes of every shard file.
 pub const SHARD_MAGIC: [u8; 8] = *b"CAIRNSHD";

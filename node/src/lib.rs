@@ -14,6 +14,7 @@ pub mod local_cluster;
 pub mod malloc;
 pub mod meta;
 pub mod metrics;
+pub mod model;
 pub mod peers;
 pub mod placement;
 pub mod repair;

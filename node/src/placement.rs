@@ -22,7 +22,7 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
 use crate::erasure::{Code, ErasureError};
-use crate::meta::types::{Id32, NodeId, ShardPlacement};
+use crate::model::{Id32, NodeId, ShardPlacement};
 
 /// A node that may receive shards.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,31 +2,11 @@
 //! machine holds. Bulk data never appears here, only ids, placement and sealed
 //! records the node cannot read.
 
-use std::fmt;
 use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-/// Identifies a node for the lifetime of the cluster; never reused.
-pub type NodeId = u64;
-
-/// A 32-byte content id (blob id, pack id, snapshot id, tree id).
-pub type Id32 = [u8; 32];
-
-/// A member of the cluster map, carried in openraft's membership.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    /// Failure domain (datacenter) this node lives in.
-    pub region: String,
-    /// `host:port` other nodes and clients dial.
-    pub addr: String,
-}
-
-impl fmt::Display for NodeInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.region, self.addr)
-    }
-}
+pub use crate::model::{Id32, NodeId, NodeInfo, ShardPlacement};
 
 openraft::declare_raft_types!(
     /// openraft type configuration of the Cairn metadata group.
@@ -37,16 +17,6 @@ openraft::declare_raft_types!(
         Node = NodeInfo,
         SnapshotData = Cursor<Vec<u8>>,
 );
-
-/// Where one shard of a pack lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardPlacement {
-    /// Index of the shard in the Reed-Solomon codeword: `0..k` data, `k..k+m` parity.
-    pub index: u32,
-    pub node: NodeId,
-    /// blake3 of the shard payload (without header).
-    pub checksum: Id32,
-}
 
 /// One erasure-coded pack: its code, length and where its shards are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::erasure::Code;
-use crate::meta::types::{Id32, NodeId, PackRecord, ShardPlacement};
+use crate::meta::types::PackRecord;
+use crate::model::{Id32, NodeId, ShardPlacement};
 use crate::placement::{Candidate, PlacementError, complete, healthy_possible};
 
 /// What the repair worker knows of a node.
