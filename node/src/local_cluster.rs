@@ -288,3 +288,28 @@ impl LocalCluster {
         Ok(())
     }
 }
+
+/// Polls `condition` until it yields a value or `timeout` passes, then
+/// panics naming `what` and the last reason the condition gave. The one way
+/// tests wait: on a condition, with a deadline and a reason, never a bare
+/// sleep. `condition` returns `Ok(value)` when satisfied, `Err(reason)` while not.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let reason = match condition().await {
+            Ok(value) => return value,
+            Err(reason) => reason,
+        };
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}: {reason}"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}

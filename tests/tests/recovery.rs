@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cairn_cli::datagen;
-use cairn_node::local_cluster::LocalCluster;
+use cairn_node::local_cluster::{LocalCluster, wait_until};
 use cairn_proto::v1::{ClusterStatusReply, Protection};
 use cairn_tests::*;
 
@@ -29,47 +29,40 @@ async fn must_start_fast_cluster(dir: &Path, nodes_per_region: &[usize]) -> Loca
     cluster
 }
 
-/// Polls the cluster status until `done` holds, or panics saying `what`.
+/// Waits until the cluster status satisfies `done`, or panics saying `what`.
 async fn must_reach(
     cluster: &LocalCluster,
     what: &str,
     timeout: Duration,
     done: impl Fn(&ClusterStatusReply, &Protection) -> bool,
 ) -> ClusterStatusReply {
-    let started = Instant::now();
-    let mut last = String::new();
-    loop {
-        if let Ok(status) = cluster.status().await {
-            let protection = status.protection.unwrap_or_default();
-            if done(&status, &protection) {
-                return status;
-            }
-            last = format!("{protection:?} packs={}", status.packs);
+    wait_until(what, timeout, || async {
+        let status = cluster.status().await?;
+        let protection = status.protection.unwrap_or_default();
+        if done(&status, &protection) {
+            Ok(status)
+        } else {
+            Err(format!("{protection:?} packs={}", status.packs))
         }
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: not reached after {timeout:?}; last: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
-/// Polls `check --read-data` until every recorded shard reads back good.
+/// Waits until `check --read-data` finds every recorded shard good.
 async fn must_check_clean(repo: &cairn_client::Repository, what: &str, timeout: Duration) {
-    let started = Instant::now();
-    loop {
-        let report = repo.check_packs(true).await.expect("check runs");
+    wait_until(what, timeout, || async {
+        let report = repo.check_packs(true).await.map_err(|e| e.to_string())?;
         if report.problems.is_empty() && report.unrecoverable.is_empty() {
-            return;
+            Ok(())
+        } else {
+            Err(format!(
+                "{} problem(s), first {:?}",
+                report.problems.len(),
+                report.problems.first()
+            ))
         }
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: check still reports {} problem(s) after {timeout:?}: {:?}",
-            report.problems.len(),
-            report.problems.first()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await
 }
 
 fn fully_protected(status: &ClusterStatusReply, p: &Protection) -> bool {
