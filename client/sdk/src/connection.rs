@@ -216,11 +216,43 @@ fn describe(status: &Status) -> String {
     if message.is_empty() {
         format!("{:?}", status.code())
     } else {
-        let mut text = message.to_string();
-        if text.len() > 160 {
-            text.truncate(160);
-            text.push('…');
+        shorten(message, DESCRIBE_LEN_MAX)
+    }
+}
+
+/// Longest node message kept in an error, in bytes.
+const DESCRIBE_LEN_MAX: usize = 160;
+
+/// `text` cut to at most `max` bytes on a character boundary (a node's
+/// message may hold any UTF-8), with `…` when something was cut.
+fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        // 3-byte characters: byte 160 falls inside one.
+        let message = "é€".repeat(100);
+        let status = Status::unavailable(message.clone());
+        let text = describe(&status);
+        assert!(text.ends_with('…'));
+        assert!(text.len() <= DESCRIBE_LEN_MAX + '…'.len_utf8());
+        assert!(message.starts_with(text.trim_end_matches('…')));
+        for len in 0..12 {
+            let cut = shorten("ü€😀a", len);
+            assert!(cut.len() <= len + '…'.len_utf8(), "{cut}");
         }
-        text
+        assert_eq!(shorten("short", DESCRIBE_LEN_MAX), "short");
     }
 }
