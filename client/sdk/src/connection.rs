@@ -24,9 +24,11 @@ use crate::error::{ClientError, Result};
 pub const FAILOVER_BUDGET: Duration = Duration::from_secs(30);
 /// Deadline of one attempt (a pack upload of 16 MiB included).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long to wait out "quorum lost" answers (an election takes about a
-/// second) before reporting it instead of hanging for the whole budget.
-pub const QUORUM_GRACE: Duration = Duration::from_secs(5);
+/// How long to wait out "quorum lost" answers before reporting it instead
+/// of cycling for the whole budget. A node says "quorum lost" only once it
+/// sees a majority of voters unreachable (not during a mere election), so
+/// this only covers a node's view lagging a recovery by a probe or two.
+pub const QUORUM_GRACE: Duration = Duration::from_secs(2);
 
 /// Connections to every configured node.
 pub struct Cluster {
@@ -179,6 +181,11 @@ impl Cluster {
             }
             attempt += 1;
             if started.elapsed() >= self.budget {
+                if let Some(detail) = round_quorum_lost.take()
+                    && !round_other
+                {
+                    return Err(quorum_lost(&detail));
+                }
                 return Err(ClientError::NoNodeReachable { tried });
             }
             if attempt.is_multiple_of(n) {
@@ -186,9 +193,7 @@ impl Cluster {
                     && !round_other
                     && started.elapsed() >= QUORUM_GRACE
                 {
-                    return Err(ClientError::QuorumLost {
-                        detail: detail.trim_start_matches("quorum lost: ").to_string(),
-                    });
+                    return Err(quorum_lost(&detail));
                 }
                 round_other = false;
                 // A full round failed: wait a little (an election, a restart).
@@ -196,6 +201,12 @@ impl Cluster {
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+fn quorum_lost(message: &str) -> ClientError {
+    ClientError::QuorumLost {
+        detail: message.trim_start_matches("quorum lost: ").to_string(),
     }
 }
 
