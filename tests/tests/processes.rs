@@ -331,6 +331,31 @@ async fn two_regions_killed_backup_fails_fast_with_quorum_lost() {
     for id in [1, 2, 3, 4] {
         cluster.kill(id);
     }
+    // As a user would find it: the survivors have noticed the outage.
+    for survivor in [5, 6] {
+        let addr = cluster.addr(survivor).to_string();
+        cairn_node::local_cluster::wait_until(
+            "the survivors declare r1 and r2 down",
+            Duration::from_secs(30),
+            || {
+                let addr = addr.clone();
+                async move {
+                    let reply = status(&addr).await?;
+                    let down = reply
+                        .nodes
+                        .iter()
+                        .filter(|n| n.down_since_unix_ms > 0)
+                        .count();
+                    if down == 4 {
+                        Ok(())
+                    } else {
+                        Err(format!("{down} of 4 nodes declared down"))
+                    }
+                }
+            },
+        )
+        .await;
+    }
     // New data, so the backup has a pack to upload and a snapshot to commit.
     std::fs::write(source.join("users/new.txt"), b"written during the outage").expect("write");
 

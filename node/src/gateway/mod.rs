@@ -240,6 +240,9 @@ impl Gateway {
                     | MetaError::Unconfirmed { .. }
             ) | GatewayError::Placement(_)
                 | GatewayError::TooFewShards { .. }
+                // Shards out of reach because their regions are: not lost,
+                // and not worth retrying elsewhere until they return.
+                | GatewayError::Unrecoverable { .. }
         );
         if quorum_related && let Some(reason) = self.quorum_lost() {
             return Status::unavailable(format!("{reason}; {error}"));
