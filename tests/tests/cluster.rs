@@ -19,11 +19,7 @@ fn source_tree(dir: &Path) -> std::path::PathBuf {
 /// incompressible (a repeated marker would compress into something no grep
 /// finds, so its absence would prove nothing).
 fn canaries() -> Vec<Vec<u8>> {
-    let seed = format!(
-        "{:?} {}",
-        std::time::SystemTime::now(),
-        std::process::id()
-    );
+    let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
     (0..4u8)
         .map(|i| {
             let mut h = blake3::Hasher::new();
@@ -493,7 +489,13 @@ async fn bad_catalog_records_are_skipped_by_name_and_the_rest_still_works() {
     let find = |id: &str| {
         records
             .iter()
-            .find(|r| <[u8; 32]>::try_from(r.id.as_slice()).map(hex_of).ok().as_deref() == Some(id))
+            .find(|r| {
+                <[u8; 32]>::try_from(r.id.as_slice())
+                    .map(hex_of)
+                    .ok()
+                    .as_deref()
+                    == Some(id)
+            })
             .expect("record listed")
             .clone()
     };
@@ -540,10 +542,21 @@ async fn bad_catalog_records_are_skipped_by_name_and_the_rest_still_works() {
     );
     let list = repo.list_snapshots(None).await.expect("listing");
     let listed: Vec<String> = list.snapshots.iter().map(|s| s.id_hex()).collect();
-    assert_eq!(listed, vec![first.snapshot_id.clone(), second.snapshot_id.clone()]);
-    let skipped: Vec<&str> = list.skipped.iter().map(|w| w.snapshot_id.as_str()).collect();
+    assert_eq!(
+        listed,
+        vec![first.snapshot_id.clone(), second.snapshot_id.clone()]
+    );
+    let skipped: Vec<&str> = list
+        .skipped
+        .iter()
+        .map(|w| w.snapshot_id.as_str())
+        .collect();
     assert_eq!(skipped, vec![junk_id.as_str(), swapped_id.as_str()]);
-    assert!(list.skipped.iter().all(|w| w.message.contains(&w.snapshot_id)));
+    assert!(
+        list.skipped
+            .iter()
+            .all(|w| w.message.contains(&w.snapshot_id))
+    );
 
     // `restore latest` restores the genuine newest snapshot.
     let latest = repo.find_snapshot("latest", None).await.expect("latest");
@@ -553,7 +566,10 @@ async fn bad_catalog_records_are_skipped_by_name_and_the_rest_still_works() {
     // A parent-based backup uses the genuine newest snapshot as its parent.
     std::fs::write(source.join("users/third.txt"), b"a third version").expect("write");
     let third = must_backup(&repo, &source, "chat-messages").await;
-    let third = repo.find_snapshot(&third.snapshot_id, None).await.expect("third");
+    let third = repo
+        .find_snapshot(&third.snapshot_id, None)
+        .await
+        .expect("third");
     assert_eq!(third.parent.map(hex_of), Some(second.snapshot_id.clone()));
     assert_eq!(third.kind, "incremental");
 
@@ -563,7 +579,11 @@ async fn bad_catalog_records_are_skipped_by_name_and_the_rest_still_works() {
         .iter()
         .map(|w| w.snapshot_id.clone())
         .collect();
-    assert_eq!(warned, vec![junk_id, swapped_id], "each bad record named once");
+    assert_eq!(
+        warned,
+        vec![junk_id, swapped_id],
+        "each bad record named once"
+    );
     cluster.shutdown().await.expect("shutdown");
 }
 

@@ -202,8 +202,8 @@ impl Gateway {
         let mut regions: BTreeMap<&str, bool> = BTreeMap::new();
         let (mut voters, mut voters_up) = (0usize, 0usize);
         for (id, (info, voter)) in &members {
-            let reachable = *id == self.node_id
-                || (self.peers.presumed_up(*id) && !self.liveness.is_down(*id));
+            let reachable =
+                *id == self.node_id || (self.peers.presumed_up(*id) && !self.liveness.is_down(*id));
             *regions.entry(info.region.as_str()).or_default() |= reachable;
             if *voter {
                 voters += 1;
@@ -222,7 +222,11 @@ impl Gateway {
             "quorum lost: {} of {} regions unreachable ({}); {voters_up} of {voters} voters reachable, writes need a majority of voters",
             lost.len(),
             regions.len(),
-            if lost.is_empty() { "none".to_string() } else { lost.join(", ") },
+            if lost.is_empty() {
+                "none".to_string()
+            } else {
+                lost.join(", ")
+            },
         ))
     }
 
