@@ -9,14 +9,65 @@ use cairn_client::seal::KdfParams;
 use cairn_client::{ClientError, Repository};
 use cairn_tests::*;
 
-const MARKER: &str = "PLAINTEXT-MARKER-7f3a91c2-never-on-a-node";
-
 fn source_tree(dir: &Path) -> std::path::PathBuf {
     let source = dir.join("source");
     datagen::generate(&source, 3, 7).expect("data generated");
-    // A file every node must never see in the clear.
-    std::fs::write(source.join("users/secret.txt"), MARKER.repeat(50)).expect("marker written");
     source
+}
+
+/// Canaries no node may ever hold: 64 bytes each, unpredictable and
+/// incompressible (a repeated marker would compress into something no grep
+/// finds, so its absence would prove nothing).
+fn canaries() -> Vec<Vec<u8>> {
+    let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
+    (0..4u8)
+        .map(|i| {
+            let mut h = blake3::Hasher::new();
+            h.update(seed.as_bytes()).update(&[i]);
+            let mut out = vec![0u8; 64];
+            h.finalize_xof().fill(&mut out);
+            if i % 2 == 0 {
+                // Text canaries: 64 hex characters, as a secret in a log line.
+                blake3::hash(&out).to_hex().as_bytes().to_vec()
+            } else {
+                out
+            }
+        })
+        .collect()
+}
+
+/// Embeds each canary in a different file of `source`: alone, inside text,
+/// appended to a generated file, and inside a larger binary file.
+fn plant_canaries(source: &Path, canaries: &[Vec<u8>]) {
+    let generated = files_under(source);
+    let big = generated
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("generated files")
+        .clone();
+    for (i, canary) in canaries.iter().enumerate() {
+        match i % 4 {
+            0 => std::fs::write(source.join("users/secret.txt"), canary),
+            1 => {
+                let mut text = b"{\"user\":42,\"token\":\"".to_vec();
+                text.extend_from_slice(canary);
+                text.extend_from_slice(b"\"}\n");
+                std::fs::write(source.join("users/token.json"), text)
+            }
+            2 => {
+                let mut data = std::fs::read(&big).expect("read generated file");
+                data.extend_from_slice(canary);
+                std::fs::write(&big, data)
+            }
+            _ => {
+                let mut data = vec![0u8; 200_000];
+                data.extend_from_slice(canary);
+                data.extend(std::iter::repeat_n(7u8, 100_000));
+                std::fs::write(source.join("users/blob.bin"), data)
+            }
+        }
+        .expect("canary planted");
+    }
 }
 
 /// Every file under `dir`, searched for `needle`.
@@ -36,15 +87,27 @@ async fn round_trip_survives_region_loss_and_nodes_hold_no_plaintext() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = must_start_cluster(&dir.path().join("cluster")).await;
     let source = source_tree(dir.path());
+    let canaries = canaries();
+    plant_canaries(&source, &canaries);
     let repo = must_init(&cluster).await;
     let first = must_backup(&repo, &source, "chat-messages").await;
     assert!(first.files > 10 && first.bytes_added > 0);
 
-    // Nothing a user wrote appears on any node's disk.
-    let hits = grep_dir(cluster.base_dir(), MARKER.as_bytes());
-    assert!(hits.is_empty(), "plaintext found on nodes: {hits:?}");
-    let hits = grep_dir(cluster.base_dir(), b"secret.txt");
-    assert!(hits.is_empty(), "a file name found on nodes: {hits:?}");
+    // Nothing a user wrote appears on any node's disk: every node holds
+    // files (so the search is not vacuous) and none holds a canary.
+    for id in cluster.members().keys() {
+        let node_dir = cluster.data_dir(*id);
+        assert!(
+            !files_under(&node_dir).is_empty(),
+            "node {id} holds no files"
+        );
+        for canary in &canaries {
+            let hits = grep_dir(&node_dir, canary);
+            assert!(hits.is_empty(), "plaintext found on node {id}: {hits:?}");
+        }
+        let hits = grep_dir(&node_dir, b"secret.txt");
+        assert!(hits.is_empty(), "a file name found on node {id}: {hits:?}");
+    }
 
     // Unchanged data dedups: a second backup adds only its new root.
     let second = must_backup(&repo, &source, "chat-messages").await;
@@ -390,4 +453,140 @@ async fn losing_two_regions_fails_writes_fast_with_quorum_lost() {
         .expect("ready");
     must_restore_identical(&repo, &summary.snapshot_id, &source, dir.path(), &[]).await;
     cluster.shutdown().await.expect("shutdown");
+}
+
+/// The catalog with hostile records in it: one that is not sealed at all,
+/// one that reuses a good record's sealed part with another root tree (which
+/// would become `latest`), committed straight through `CommitSnapshot`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_catalog_records_are_skipped_by_name_and_the_rest_still_works() {
+    use cairn_proto::v1 as pb;
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = must_start_cluster(&dir.path().join("cluster")).await;
+    let source = dir.path().join("source");
+    datagen::generate(&source, 1, 3).expect("data generated");
+    let repo = must_init(&cluster).await;
+    let first = must_backup(&repo, &source, "chat-messages").await;
+    std::fs::write(source.join("users/new.txt"), b"a second version").expect("write");
+    let second = must_backup(&repo, &source, "chat-messages").await;
+
+    // Raw catalog calls, as a hostile or buggy node or client could make.
+    let raw = client(&cluster);
+    let list_raw = || async {
+        raw.call("list snapshots", |mut c| async move {
+            c.list_snapshots(pb::ListSnapshotsRequest {
+                tenant: TENANT.into(),
+                dataset: String::new(),
+            })
+            .await
+        })
+        .await
+        .expect("raw listing")
+        .snapshots
+    };
+    let records = list_raw().await;
+    let find = |id: &str| {
+        records
+            .iter()
+            .find(|r| {
+                <[u8; 32]>::try_from(r.id.as_slice())
+                    .map(hex_of)
+                    .ok()
+                    .as_deref()
+                    == Some(id)
+            })
+            .expect("record listed")
+            .clone()
+    };
+    let (old, new) = (find(&first.snapshot_id), find(&second.snapshot_id));
+    let junk = pb::SnapshotRecord {
+        id: vec![0xa1; 32],
+        time_unix_ms: new.time_unix_ms + 1000,
+        sealed_info: b"not a sealed record".to_vec(),
+        ..new.clone()
+    };
+    let swapped_root = pb::SnapshotRecord {
+        id: vec![0xb2; 32],
+        time_unix_ms: new.time_unix_ms + 2000,
+        root_tree: old.root_tree.clone(),
+        ..new.clone()
+    };
+    for record in [junk, swapped_root] {
+        raw.call("commit snapshot", |mut c| {
+            let record = record.clone();
+            async move {
+                c.commit_snapshot(pb::CommitSnapshotRequest {
+                    tenant: TENANT.into(),
+                    snapshot: Some(record),
+                })
+                .await
+            }
+        })
+        .await
+        .expect("the node stores what it cannot check");
+    }
+    assert_eq!(list_raw().await.len(), 4);
+    let (junk_id, swapped_id) = ("a1".repeat(32), "b2".repeat(32));
+
+    // A client collecting warnings: each bad record is named, once.
+    let warnings = Arc::new(Mutex::new(Vec::new()));
+    let sink = warnings.clone();
+    let repo = Arc::new(
+        Repository::open(client(&cluster), TENANT, PASSWORD)
+            .await
+            .expect("open")
+            .with_warning_sink(Arc::new(move |w: &cairn_client::CatalogWarning| {
+                sink.lock().expect("lock").push(w.clone());
+            })),
+    );
+    let list = repo.list_snapshots(None).await.expect("listing");
+    let listed: Vec<String> = list.snapshots.iter().map(|s| s.id_hex()).collect();
+    assert_eq!(
+        listed,
+        vec![first.snapshot_id.clone(), second.snapshot_id.clone()]
+    );
+    let skipped: Vec<&str> = list
+        .skipped
+        .iter()
+        .map(|w| w.snapshot_id.as_str())
+        .collect();
+    assert_eq!(skipped, vec![junk_id.as_str(), swapped_id.as_str()]);
+    assert!(
+        list.skipped
+            .iter()
+            .all(|w| w.message.contains(&w.snapshot_id))
+    );
+
+    // `restore latest` restores the genuine newest snapshot.
+    let latest = repo.find_snapshot("latest", None).await.expect("latest");
+    assert_eq!(latest.id_hex(), second.snapshot_id);
+    must_restore_identical(&repo, "latest", &source, dir.path(), &[]).await;
+
+    // A parent-based backup uses the genuine newest snapshot as its parent.
+    std::fs::write(source.join("users/third.txt"), b"a third version").expect("write");
+    let third = must_backup(&repo, &source, "chat-messages").await;
+    let third = repo
+        .find_snapshot(&third.snapshot_id, None)
+        .await
+        .expect("third");
+    assert_eq!(third.parent.map(hex_of), Some(second.snapshot_id.clone()));
+    assert_eq!(third.kind, "incremental");
+
+    let warned: Vec<String> = warnings
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|w| w.snapshot_id.clone())
+        .collect();
+    assert_eq!(
+        warned,
+        vec![junk_id, swapped_id],
+        "each bad record named once"
+    );
+    cluster.shutdown().await.expect("shutdown");
+}
+
+fn hex_of(id: [u8; 32]) -> String {
+    blake3::Hash::from_bytes(id).to_hex().to_string()
 }

@@ -314,3 +314,80 @@ async fn status_has_member(cluster: &ProcessCluster, id: u64) -> bool {
     }
     false
 }
+
+/// Two regions killed: a backup given every address fails fast and says
+/// "quorum lost", naming the regions, instead of cycling through the
+/// failover budget and reporting "no reachable node".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_regions_killed_backup_fails_fast_with_quorum_lost() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ProcessCluster::start(&dir.path().join("cluster"), &[2, 2, 2], DOWN_AFTER);
+    leader_of(&cluster).await;
+    let repo = must_init_on(&cluster).await;
+    let source = dir.path().join("source");
+    datagen::generate(&source, 1, 3).expect("data");
+    must_backup(&repo, &source, "chat-messages").await;
+    for id in [1, 2, 3, 4] {
+        cluster.kill(id);
+    }
+    // As a user would find it: the survivors have noticed the outage.
+    for survivor in [5, 6] {
+        let addr = cluster.addr(survivor).to_string();
+        cairn_node::local_cluster::wait_until(
+            "the survivors declare r1 and r2 down",
+            Duration::from_secs(30),
+            || {
+                let addr = addr.clone();
+                async move {
+                    let reply = status(&addr).await?;
+                    let down = reply
+                        .nodes
+                        .iter()
+                        .filter(|n| n.down_since_unix_ms > 0)
+                        .count();
+                    if down == 4 {
+                        Ok(())
+                    } else {
+                        Err(format!("{down} of 4 nodes declared down"))
+                    }
+                }
+            },
+        )
+        .await;
+    }
+    // New data, so the backup has a pack to upload and a snapshot to commit.
+    std::fs::write(source.join("users/new.txt"), b"written during the outage").expect("write");
+
+    let started = Instant::now();
+    let client = Cluster::new(&cluster.addrs()).expect("addresses");
+    let outcome = async {
+        let repo = Arc::new(Repository::open(client, TENANT, PASSWORD).await?);
+        let options = BackupOptions {
+            dataset: "chat-messages".into(),
+            ..BackupOptions::default()
+        };
+        backup_paths(
+            repo,
+            std::slice::from_ref(&source),
+            &options,
+            Arc::new(Progress::default()),
+        )
+        .await
+    }
+    .await;
+    let elapsed = started.elapsed();
+    let Err(err) = outcome else {
+        panic!("no quorum, no backup: the backup succeeded");
+    };
+    let text = err.to_string();
+    assert!(text.starts_with("quorum lost"), "{text}");
+    assert!(
+        text.contains("2 of 3 regions unreachable (r1, r2)"),
+        "{text}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "took {elapsed:?}: {text}"
+    );
+}

@@ -183,9 +183,20 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(run(cli)) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", render_error(&e));
         std::process::exit(1);
     }
+}
+
+/// The one-line report of a failed command: every context and cause once,
+/// outermost first (a cause its parent already quotes is not repeated).
+fn render_error(error: &anyhow::Error) -> String {
+    cairn_client::error::error_chain(error.as_ref())
+}
+
+/// Prints a catalog warning (a skipped or unauthenticated snapshot record).
+fn print_catalog_warning(warning: &cairn_client::repo::CatalogWarning) {
+    eprintln!("warning: {}", warning.message);
 }
 
 fn passphrase(cli: &Cli) -> anyhow::Result<Vec<u8>> {
@@ -213,7 +224,9 @@ async fn open(cli: &Cli) -> anyhow::Result<Arc<Repository>> {
     if let Some(region) = &cli.region {
         cluster = cluster.prefer_region(region).await?;
     }
-    let repo = Repository::open(cluster, &cli.tenant, &passphrase(cli)?).await?;
+    let repo = Repository::open(cluster, &cli.tenant, &passphrase(cli)?)
+        .await?
+        .with_warning_sink(Arc::new(print_catalog_warning));
     Ok(Arc::new(match &cli.region {
         Some(region) => repo.with_region(region),
         None => repo,
@@ -735,4 +748,38 @@ async fn drill(
         std::process::exit(1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_client::ClientError;
+
+    #[test]
+    fn an_io_error_is_printed_with_its_cause_once() {
+        let missing = std::fs::metadata("/nonexistent/cairn-test-path").expect_err("missing");
+        let error = anyhow::Error::new(ClientError::Io {
+            path: "/nonexistent/cairn-test-path".into(),
+            error: missing,
+        });
+        let text = render_error(&error);
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.starts_with("/nonexistent/cairn-test-path: "), "{text}");
+    }
+
+    #[test]
+    fn contexts_and_causes_are_each_printed_once() {
+        let inner = std::fs::read("/nonexistent/password-file").expect_err("missing");
+        let error = anyhow::Error::new(inner)
+            .context("cannot read password file /nonexistent/password-file");
+        let text = render_error(&error);
+        assert_eq!(
+            text,
+            "cannot read password file /nonexistent/password-file: No such file or directory (os error 2)"
+        );
+    }
 }

@@ -24,9 +24,11 @@ use crate::error::{ClientError, Result};
 pub const FAILOVER_BUDGET: Duration = Duration::from_secs(30);
 /// Deadline of one attempt (a pack upload of 16 MiB included).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long to wait out "quorum lost" answers (an election takes about a
-/// second) before reporting it instead of hanging for the whole budget.
-pub const QUORUM_GRACE: Duration = Duration::from_secs(5);
+/// How long to wait out "quorum lost" answers before reporting it instead
+/// of cycling for the whole budget. A node says "quorum lost" only once it
+/// sees a majority of voters unreachable (not during a mere election), so
+/// this only covers a node's view lagging a recovery by a probe or two.
+pub const QUORUM_GRACE: Duration = Duration::from_secs(2);
 
 /// Connections to every configured node.
 pub struct Cluster {
@@ -179,6 +181,11 @@ impl Cluster {
             }
             attempt += 1;
             if started.elapsed() >= self.budget {
+                if let Some(detail) = round_quorum_lost.take()
+                    && !round_other
+                {
+                    return Err(quorum_lost(&detail));
+                }
                 return Err(ClientError::NoNodeReachable { tried });
             }
             if attempt.is_multiple_of(n) {
@@ -186,9 +193,7 @@ impl Cluster {
                     && !round_other
                     && started.elapsed() >= QUORUM_GRACE
                 {
-                    return Err(ClientError::QuorumLost {
-                        detail: detail.trim_start_matches("quorum lost: ").to_string(),
-                    });
+                    return Err(quorum_lost(&detail));
                 }
                 round_other = false;
                 // A full round failed: wait a little (an election, a restart).
@@ -196,6 +201,12 @@ impl Cluster {
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+fn quorum_lost(message: &str) -> ClientError {
+    ClientError::QuorumLost {
+        detail: message.trim_start_matches("quorum lost: ").to_string(),
     }
 }
 
@@ -216,11 +227,43 @@ fn describe(status: &Status) -> String {
     if message.is_empty() {
         format!("{:?}", status.code())
     } else {
-        let mut text = message.to_string();
-        if text.len() > 160 {
-            text.truncate(160);
-            text.push('…');
+        shorten(message, DESCRIBE_LEN_MAX)
+    }
+}
+
+/// Longest node message kept in an error, in bytes.
+const DESCRIBE_LEN_MAX: usize = 160;
+
+/// `text` cut to at most `max` bytes on a character boundary (a node's
+/// message may hold any UTF-8), with `…` when something was cut.
+fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        // 3-byte characters: byte 160 falls inside one.
+        let message = "é€".repeat(100);
+        let status = Status::unavailable(message.clone());
+        let text = describe(&status);
+        assert!(text.ends_with('…'));
+        assert!(text.len() <= DESCRIBE_LEN_MAX + '…'.len_utf8());
+        assert!(message.starts_with(text.trim_end_matches('…')));
+        for len in 0..12 {
+            let cut = shorten("ü€😀a", len);
+            assert!(cut.len() <= len + '…'.len_utf8(), "{cut}");
         }
-        text
+        assert_eq!(shorten("short", DESCRIBE_LEN_MAX), "short");
     }
 }

@@ -36,16 +36,18 @@ pub enum ClientError {
         code: tonic::Code,
         message: String,
     },
-    #[error("{path}: {source}")]
+    /// The cause is part of the message and deliberately not also a
+    /// `source()`: a reporter that prints the chain would show it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("data integrity: {what}")]
     Integrity { what: String },
+    /// The cause is part of the message (not also a `source()`).
     #[error("unsafe path in snapshot: {0}")]
-    UnsafePath(#[from] crate::path_guard::PathError),
+    UnsafePath(crate::path_guard::PathError),
     #[error("restore incomplete: {count} file(s) could not be restored: {files}")]
     RestoreFailed { count: usize, files: String },
     #[error("invalid --include pattern {pattern:?}: {reason}")]
@@ -63,10 +65,10 @@ fn format_tried(tried: &[(String, String)]) -> String {
 }
 
 impl ClientError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         ClientError::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 
@@ -75,16 +77,68 @@ impl ClientError {
     }
 }
 
+impl From<crate::path_guard::PathError> for ClientError {
+    fn from(e: crate::path_guard::PathError) -> Self {
+        ClientError::UnsafePath(e)
+    }
+}
+
+/// `error` and its causes, each once: a cause already quoted in the message
+/// before it (the `"{source}"`-and-`#[source]` pattern) is not repeated.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let part = e.to_string();
+        if !part.is_empty() && !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 impl From<crate::seal::SealError> for ClientError {
     fn from(e: crate::seal::SealError) -> Self {
-        ClientError::integrity(e.to_string())
+        ClientError::integrity(error_chain(&e))
     }
 }
 
 impl From<crate::tree::TreeError> for ClientError {
     fn from(e: crate::tree::TreeError) -> Self {
-        ClientError::integrity(e.to_string())
+        ClientError::integrity(error_chain(&e))
     }
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_names_its_cause_once() {
+        let error = ClientError::io(
+            "/nonexistent",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        let text = error_chain(&error);
+        assert_eq!(text, "/nonexistent: entity not found");
+        assert!(std::error::Error::source(&error).is_none());
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {source}")]
+        struct Outer {
+            #[source]
+            source: std::io::Error,
+        }
+        let error = Outer {
+            source: std::io::Error::other("disk on fire"),
+        };
+        assert_eq!(error_chain(&error), "outer: disk on fire");
+    }
+}

@@ -34,4 +34,4 @@ pub mod tree;
 
 pub use connection::Cluster;
 pub use error::ClientError;
-pub use repo::{Repository, Snapshot};
+pub use repo::{CatalogWarning, Repository, Snapshot, SnapshotList};

@@ -5,7 +5,8 @@
 //! resolved here; blobs are fetched and checked here; the pipelines in
 //! `backup` and `restore` build on it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use cairn_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::connection::Cluster;
 use crate::error::{ClientError, Result};
 use crate::pack::Pack;
-use crate::seal::{BlobId, KdfParams, MasterKey, create_key_slot, open_key_slot};
+use crate::seal::{
+    BlobId, KdfParams, MasterKey, SnapshotAuth, SnapshotFields, create_key_slot, open_key_slot,
+};
 use crate::tree::Tree;
 
 /// The tenant used when none is given.
@@ -73,6 +76,38 @@ impl Snapshot {
     }
 }
 
+/// A catalog record that was left out of a listing, or listed with a caveat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CatalogWarning {
+    /// Hex of the record's snapshot id (or of its bytes, if not an id).
+    pub snapshot_id: String,
+    /// What is wrong, in a sentence a user can act on.
+    pub message: String,
+}
+
+/// The catalog as this client could open it.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotList {
+    /// Records that opened, oldest first.
+    pub snapshots: Vec<Snapshot>,
+    /// Records that did not open (undecodable, tampered with, another key):
+    /// left out, so one bad record cannot hide every good one.
+    pub skipped: Vec<CatalogWarning>,
+    /// Format v1 records among `snapshots`: their clear fields (root tree,
+    /// time, tags...) are not authenticated.
+    pub unauthenticated: Vec<CatalogWarning>,
+}
+
+impl SnapshotList {
+    /// Every warning of this listing, skipped records first.
+    pub fn warnings(&self) -> impl Iterator<Item = &CatalogWarning> {
+        self.skipped.iter().chain(&self.unauthenticated)
+    }
+}
+
+/// Called once per catalog warning and record per [`Repository`].
+pub type WarningSink = Arc<dyn Fn(&CatalogWarning) + Send + Sync>;
+
 /// Where a blob lives, as the index says.
 #[derive(Debug, Clone, Copy)]
 pub struct Located {
@@ -87,12 +122,127 @@ pub struct Repository {
     tenant: String,
     key: MasterKey,
     region: String,
+    warn: WarningSink,
+    /// Records already warned about, so a listing repeated by one command
+    /// (backup's parent, then restore) warns once.
+    warned: Mutex<HashSet<String>>,
+}
+
+fn log_warning(warning: &CatalogWarning) {
+    tracing::warn!(snapshot_id = %warning.snapshot_id, "{}", warning.message);
 }
 
 fn id32(bytes: &[u8], what: &str) -> Result<[u8; 32]> {
     bytes
         .try_into()
         .map_err(|_| ClientError::integrity(format!("{what}: not a 32-byte id")))
+}
+
+/// The catalog record of `snapshot` (format v2): its info sealed with its
+/// clear fields as associated data.
+fn seal_snapshot(key: &MasterKey, tenant: &str, snapshot: &Snapshot) -> Result<pb::SnapshotRecord> {
+    let info = serde_json::to_vec(&snapshot.info)
+        .map_err(|e| ClientError::integrity(format!("snapshot info: {e}")))?;
+    let fields = SnapshotFields {
+        tenant,
+        id: &snapshot.id,
+        dataset: &snapshot.dataset,
+        parent: snapshot.parent.as_ref(),
+        time_unix_ms: snapshot.time_unix_ms,
+        kind: &snapshot.kind,
+        root_tree: &snapshot.root_tree,
+        files: snapshot.files,
+        bytes: snapshot.bytes,
+        bytes_added: snapshot.bytes_added,
+        tags: &snapshot.tags,
+    };
+    Ok(pb::SnapshotRecord {
+        id: snapshot.id.to_vec(),
+        dataset: snapshot.dataset.clone(),
+        parent: snapshot.parent.map(|p| p.to_vec()).unwrap_or_default(),
+        time_unix_ms: snapshot.time_unix_ms,
+        kind: snapshot.kind.clone(),
+        root_tree: snapshot.root_tree.to_vec(),
+        sealed_info: key.seal_snapshot_info(&fields, &info),
+        files: snapshot.files,
+        bytes: snapshot.bytes,
+        bytes_added: snapshot.bytes_added,
+        tags: snapshot.tags.clone(),
+    })
+}
+
+/// Opens every record of a catalog listing that opens; the others are
+/// skipped with the reason. Pure: no I/O, no warnings sent.
+fn open_catalog(key: &MasterKey, tenant: &str, records: Vec<pb::SnapshotRecord>) -> SnapshotList {
+    let mut list = SnapshotList::default();
+    for record in records {
+        let snapshot_id = hex::encode(&record.id);
+        match open_snapshot(key, tenant, record) {
+            Ok((snapshot, SnapshotAuth::Full)) => list.snapshots.push(snapshot),
+            Ok((snapshot, SnapshotAuth::SealedPartOnly)) => {
+                list.unauthenticated.push(CatalogWarning {
+                    message: format!(
+                        "snapshot {snapshot_id} is a format v1 record: its root tree, time and tags are not authenticated; a new backup of dataset {:?} supersedes it",
+                        snapshot.dataset
+                    ),
+                    snapshot_id,
+                });
+                list.snapshots.push(snapshot);
+            }
+            Err(e) => list.skipped.push(CatalogWarning {
+                message: format!("snapshot record {snapshot_id} skipped: {e}"),
+                snapshot_id,
+            }),
+        }
+    }
+    list.snapshots.sort_by_key(|s| (s.time_unix_ms, s.id));
+    list
+}
+
+/// Opens one catalog record: its sealed part must authenticate its clear
+/// fields (format v2), or at least its id (format v1).
+fn open_snapshot(
+    key: &MasterKey,
+    tenant: &str,
+    record: pb::SnapshotRecord,
+) -> Result<(Snapshot, SnapshotAuth)> {
+    let id = id32(&record.id, "snapshot id")?;
+    let parent = if record.parent.is_empty() {
+        None
+    } else {
+        Some(id32(&record.parent, "parent id")?)
+    };
+    let root_tree = id32(&record.root_tree, "root tree id")?;
+    let fields = SnapshotFields {
+        tenant,
+        id: &id,
+        dataset: &record.dataset,
+        parent: parent.as_ref(),
+        time_unix_ms: record.time_unix_ms,
+        kind: &record.kind,
+        root_tree: &root_tree,
+        files: record.files,
+        bytes: record.bytes,
+        bytes_added: record.bytes_added,
+        tags: &record.tags,
+    };
+    let (info_bytes, auth) = key.open_snapshot_info(&fields, &record.sealed_info)?;
+    let info: SnapshotInfo = serde_json::from_slice(&info_bytes)
+        .map_err(|e| ClientError::integrity(format!("snapshot info: {e}")))?;
+    let snapshot = Snapshot {
+        id,
+        dataset: record.dataset,
+        parent,
+        time_unix_ms: record.time_unix_ms,
+        kind: record.kind,
+        root_tree,
+        info,
+        files: record.files,
+        bytes: record.bytes,
+        bytes_added: record.bytes_added,
+        tags: record.tags,
+    };
+    Ok((snapshot, auth))
 }
 
 impl Repository {
@@ -127,12 +277,18 @@ impl Repository {
             }
             Err(e) => return Err(e),
         }
-        Ok(Self {
+        Ok(Self::unlocked(cluster, tenant, key))
+    }
+
+    fn unlocked(cluster: Cluster, tenant: &str, key: MasterKey) -> Self {
+        Self {
             cluster,
             tenant: tenant.to_string(),
             key,
             region: String::new(),
-        })
+            warn: Arc::new(log_warning),
+            warned: Mutex::new(HashSet::new()),
+        }
     }
 
     /// Unlocks the tenant's key with the passphrase.
@@ -159,14 +315,7 @@ impl Repository {
                 .await
                 .map_err(|e| ClientError::integrity(format!("key derivation task: {e}")))?;
             match opened {
-                Ok(key) => {
-                    return Ok(Self {
-                        cluster,
-                        tenant: tenant.to_string(),
-                        key,
-                        region: String::new(),
-                    });
-                }
+                Ok(key) => return Ok(Self::unlocked(cluster, tenant, key)),
                 Err(crate::seal::SealError::WrongPassword) => {}
                 Err(e) => last_error = e.into(),
             }
@@ -180,6 +329,13 @@ impl Repository {
         self
     }
 
+    /// Where catalog warnings go (a record skipped, a v1 record); by
+    /// default a `tracing` warning. The CLI prints them on stderr.
+    pub fn with_warning_sink(mut self, sink: WarningSink) -> Self {
+        self.warn = sink;
+        self
+    }
+
     pub fn tenant(&self) -> &str {
         &self.tenant
     }
@@ -188,8 +344,16 @@ impl Repository {
         &self.key
     }
 
-    /// Every snapshot (of one dataset, or all), oldest first.
+    /// Every snapshot (of one dataset, or all), oldest first. Records that
+    /// do not open are left out and reported to the warning sink, once each.
     pub async fn snapshots(&self, dataset: Option<&str>) -> Result<Vec<Snapshot>> {
+        Ok(self.list_snapshots(dataset).await?.snapshots)
+    }
+
+    /// The catalog: the snapshots that open, oldest first, and the records
+    /// skipped or not fully authenticated, each also sent once to the
+    /// warning sink.
+    pub async fn list_snapshots(&self, dataset: Option<&str>) -> Result<SnapshotList> {
         let reply = self
             .cluster
             .call("list snapshots", |mut c| {
@@ -200,37 +364,14 @@ impl Repository {
                 async move { c.list_snapshots(request).await }
             })
             .await?;
-        let mut snapshots = reply
-            .snapshots
-            .into_iter()
-            .map(|record| self.open_snapshot(record))
-            .collect::<Result<Vec<_>>>()?;
-        snapshots.sort_by_key(|s| (s.time_unix_ms, s.id));
-        Ok(snapshots)
-    }
-
-    fn open_snapshot(&self, record: pb::SnapshotRecord) -> Result<Snapshot> {
-        let id = id32(&record.id, "snapshot id")?;
-        let info_bytes = self.key.open(&record.sealed_info, &id)?;
-        let info: SnapshotInfo = serde_json::from_slice(&info_bytes)
-            .map_err(|e| ClientError::integrity(format!("snapshot info: {e}")))?;
-        Ok(Snapshot {
-            id,
-            dataset: record.dataset,
-            parent: if record.parent.is_empty() {
-                None
-            } else {
-                Some(id32(&record.parent, "parent id")?)
-            },
-            time_unix_ms: record.time_unix_ms,
-            kind: record.kind,
-            root_tree: id32(&record.root_tree, "root tree id")?,
-            info,
-            files: record.files,
-            bytes: record.bytes,
-            bytes_added: record.bytes_added,
-            tags: record.tags,
-        })
+        let list = open_catalog(&self.key, &self.tenant, reply.snapshots);
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        for warning in list.warnings() {
+            if warned.insert(warning.snapshot_id.clone()) {
+                (self.warn)(warning);
+            }
+        }
+        Ok(list)
     }
 
     /// Resolves `latest` (of `dataset`, or of all) or a hex prefix of ≥ 8 characters.
@@ -271,21 +412,7 @@ impl Repository {
 
     /// Commits a snapshot record: after this, it exists.
     pub(crate) async fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
-        let info = serde_json::to_vec(&snapshot.info)
-            .map_err(|e| ClientError::integrity(format!("snapshot info: {e}")))?;
-        let record = pb::SnapshotRecord {
-            id: snapshot.id.to_vec(),
-            dataset: snapshot.dataset.clone(),
-            parent: snapshot.parent.map(|p| p.to_vec()).unwrap_or_default(),
-            time_unix_ms: snapshot.time_unix_ms,
-            kind: snapshot.kind.clone(),
-            root_tree: snapshot.root_tree.to_vec(),
-            sealed_info: self.key.seal(&info, &snapshot.id),
-            files: snapshot.files,
-            bytes: snapshot.bytes,
-            bytes_added: snapshot.bytes_added,
-            tags: snapshot.tags.clone(),
-        };
+        let record = seal_snapshot(&self.key, &self.tenant, snapshot)?;
         self.cluster
             .call("commit snapshot", |mut c| {
                 let request = pb::CommitSnapshotRequest {
@@ -530,5 +657,144 @@ impl Repository {
             .remove(id)
             .ok_or_else(|| ClientError::integrity("tree blob missing from the answer"))?;
         Ok(Tree::decode(&bytes)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(id: u8, time_unix_ms: i64, root_tree: u8) -> Snapshot {
+        Snapshot {
+            id: [id; 32],
+            dataset: "chat-messages".into(),
+            parent: None,
+            time_unix_ms,
+            kind: "full".into(),
+            root_tree: [root_tree; 32],
+            info: SnapshotInfo {
+                paths: vec!["/srv/chat".into()],
+                hostname: "h".into(),
+            },
+            files: 3,
+            bytes: 300,
+            bytes_added: 30,
+            tags: vec!["daily".into()],
+        }
+    }
+
+    fn ids(list: &SnapshotList) -> Vec<u8> {
+        list.snapshots.iter().map(|s| s.id[0]).collect()
+    }
+
+    fn skipped(list: &SnapshotList) -> Vec<String> {
+        list.skipped.iter().map(|w| w.snapshot_id.clone()).collect()
+    }
+
+    #[test]
+    fn good_records_open_oldest_first() {
+        let key = MasterKey::generate();
+        let records = vec![
+            seal_snapshot(&key, "t", &snapshot(2, 2000, 20)).expect("seals"),
+            seal_snapshot(&key, "t", &snapshot(1, 1000, 10)).expect("seals"),
+        ];
+        let list = open_catalog(&key, "t", records);
+        assert_eq!(ids(&list), vec![1, 2]);
+        assert!(list.skipped.is_empty() && list.unauthenticated.is_empty());
+        assert_eq!(list.snapshots[1].root_tree, [20; 32]);
+        assert_eq!(list.snapshots[1].info.paths, vec!["/srv/chat".to_string()]);
+    }
+
+    #[test]
+    fn one_bad_record_is_skipped_by_name_and_the_rest_listed() {
+        let key = MasterKey::generate();
+        let old = seal_snapshot(&key, "t", &snapshot(1, 1000, 10)).expect("seals");
+        let new = seal_snapshot(&key, "t", &snapshot(2, 2000, 20)).expect("seals");
+        let junk = pb::SnapshotRecord {
+            id: vec![3; 32],
+            sealed_info: b"not sealed at all".to_vec(),
+            ..new.clone()
+        };
+        let short_id = pb::SnapshotRecord {
+            id: vec![4; 5],
+            ..new.clone()
+        };
+        // A node swaps the root tree of the newest record...
+        let swapped_root = pb::SnapshotRecord {
+            root_tree: vec![10; 32],
+            ..new.clone()
+        };
+        // ...re-labels the old record as the newest to roll `latest` back...
+        let relabelled = pb::SnapshotRecord {
+            time_unix_ms: 9000,
+            ..old.clone()
+        };
+        // ...or moves the old record's sealed part onto a new id.
+        let moved = pb::SnapshotRecord {
+            id: vec![5; 32],
+            time_unix_ms: 9500,
+            ..old.clone()
+        };
+        let undecodable_info =
+            seal_snapshot(&key, "other-tenant", &snapshot(6, 500, 10)).expect("seals");
+        let list = open_catalog(
+            &key,
+            "t",
+            vec![
+                junk,
+                old.clone(),
+                short_id,
+                swapped_root,
+                relabelled,
+                moved,
+                undecodable_info,
+                new,
+            ],
+        );
+        assert_eq!(ids(&list), vec![1, 2], "only the genuine records open");
+        assert_eq!(
+            skipped(&list),
+            vec![
+                hex::encode([3; 32]),
+                hex::encode([4; 5]),
+                hex::encode([2; 32]),
+                hex::encode([1; 32]),
+                hex::encode([5; 32]),
+                hex::encode([6; 32]),
+            ]
+        );
+        for warning in &list.skipped {
+            assert!(
+                warning.message.starts_with(&format!(
+                    "snapshot record {} skipped: ",
+                    warning.snapshot_id
+                )),
+                "{}",
+                warning.message
+            );
+        }
+        assert_eq!(list.snapshots.last().map(|s| s.root_tree), Some([20; 32]));
+    }
+
+    #[test]
+    fn v1_records_open_with_a_warning_that_names_them() {
+        let key = MasterKey::generate();
+        let s = snapshot(7, 1000, 10);
+        let info = serde_json::to_vec(&s.info).expect("json");
+        let v1 = pb::SnapshotRecord {
+            sealed_info: key.seal(&info, &s.id),
+            ..seal_snapshot(&key, "t", &s).expect("seals")
+        };
+        let list = open_catalog(&key, "t", vec![v1]);
+        assert_eq!(ids(&list), vec![7]);
+        assert!(list.skipped.is_empty());
+        assert_eq!(list.unauthenticated.len(), 1);
+        let warning = &list.unauthenticated[0];
+        assert_eq!(warning.snapshot_id, hex::encode([7; 32]));
+        assert!(
+            warning.message.contains("not authenticated"),
+            "{}",
+            warning.message
+        );
     }
 }

@@ -73,6 +73,16 @@ pub const SEAL_OVERHEAD: usize = SEAL_HEADER_LEN + SALT_LEN + TAG_LEN;
 const SUBKEY_CONTEXT: &str = "cairn 2025 seal subkey v1";
 const CHUNKER_SEED_CONTEXT: &str = "cairn 2025 chunker seed v1";
 
+/// Magic and version of a snapshot record's sealed part (format v2; v1 was
+/// a bare sealed record bound to the snapshot id only). See
+/// `docs/format.md`, "Snapshot records".
+const SNAPSHOT_MAGIC: [u8; 4] = *b"CSNP";
+/// Version of the snapshot record format this client writes.
+pub const SNAPSHOT_RECORD_VERSION: u8 = 2;
+const SNAPSHOT_HEADER_LEN: usize = SNAPSHOT_MAGIC.len() + 1;
+/// Domain separation of the associated data of a v2 snapshot record.
+const SNAPSHOT_AAD_CONTEXT: &[u8] = b"cairn 2026 snapshot record v2\0";
+
 /// Codec byte at the start of a blob's inner frame.
 const CODEC_STORED: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
@@ -126,6 +136,14 @@ pub enum SealError {
         "authentication failed: the record is corrupted or tampered with, or belongs to another key or context"
     )]
     Authentication,
+    /// A snapshot record written by a newer client.
+    #[error(
+        "snapshot record version {version} is not supported by this client (it reads 1 and {SNAPSHOT_RECORD_VERSION}); upgrade the client"
+    )]
+    UnsupportedSnapshotVersion {
+        /// Version byte found.
+        version: u8,
+    },
     /// A blob's codec byte names no known codec.
     #[error("blob uses unknown codec {codec}; upgrade the client")]
     UnknownCodec {
@@ -140,19 +158,18 @@ pub enum SealError {
         /// [`MAX_BLOB_BYTES`].
         max: usize,
     },
-    /// zstd failed to compress.
-    #[error("zstd compression failed: {source}")]
+    /// zstd failed to compress. (The cause is in the message, so it is
+    /// not also a `source()`.)
+    #[error("zstd compression failed: {error}")]
     Compress {
         /// zstd's error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// zstd failed to decompress, or the output would exceed the stated size.
-    #[error("blob decompression failed: {source}")]
+    #[error("blob decompression failed: {error}")]
     Decompress {
         /// zstd's error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The decoded blob is not as long as its frame says.
     #[error("blob frame says {stated} bytes but {actual} were decoded")]
@@ -210,6 +227,73 @@ pub enum SealError {
         /// argon2's description (its error type is not `std::error::Error` here).
         reason: String,
     },
+}
+
+/// The fields of a snapshot record that the metadata group stores in the
+/// clear, which a v2 record authenticates together with its sealed part.
+///
+/// A node that edits any of them (a swapped root tree, a re-labelled time
+/// that would change `latest`), or moves a sealed part to another record or
+/// tenant, makes the record fail to open.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotFields<'a> {
+    pub tenant: &'a str,
+    pub id: &'a BlobId,
+    pub dataset: &'a str,
+    pub parent: Option<&'a BlobId>,
+    pub time_unix_ms: i64,
+    pub kind: &'a str,
+    pub root_tree: &'a BlobId,
+    pub files: u64,
+    pub bytes: u64,
+    pub bytes_added: u64,
+    pub tags: &'a [String],
+}
+
+impl SnapshotFields<'_> {
+    /// The associated data: the record header, then every field in a fixed
+    /// order, variable-length ones prefixed with their u32 LE length, so
+    /// two different field sets never encode alike.
+    fn aad(&self, header: &[u8]) -> Vec<u8> {
+        fn text(out: &mut Vec<u8>, value: &str) {
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(value.as_bytes());
+        }
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(SNAPSHOT_AAD_CONTEXT);
+        out.extend_from_slice(header);
+        text(&mut out, self.tenant);
+        out.extend_from_slice(self.id);
+        text(&mut out, self.dataset);
+        match self.parent {
+            Some(parent) => {
+                out.push(1);
+                out.extend_from_slice(parent);
+            }
+            None => out.push(0),
+        }
+        out.extend_from_slice(&self.time_unix_ms.to_le_bytes());
+        text(&mut out, self.kind);
+        out.extend_from_slice(self.root_tree);
+        out.extend_from_slice(&self.files.to_le_bytes());
+        out.extend_from_slice(&self.bytes.to_le_bytes());
+        out.extend_from_slice(&self.bytes_added.to_le_bytes());
+        out.extend_from_slice(&(self.tags.len() as u32).to_le_bytes());
+        for tag in self.tags {
+            text(&mut out, tag);
+        }
+        out
+    }
+}
+
+/// How much of an opened snapshot record was authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotAuth {
+    /// Format v2: the sealed part and every clear field.
+    Full,
+    /// Format v1 (written before v2 existed): only the sealed part and the
+    /// snapshot id; the clear fields could have been edited by a node.
+    SealedPartOnly,
 }
 
 /// The tenant's master key: an id key for keyed blake3 and an encryption key.
@@ -339,6 +423,57 @@ impl MasterKey {
         Ok(buf)
     }
 
+    /// The sealed part of a snapshot record (format v2): `info` sealed with
+    /// every clear field of the record as associated data.
+    pub fn seal_snapshot_info(&self, fields: &SnapshotFields<'_>, info: &[u8]) -> Vec<u8> {
+        let mut salt = [0u8; SALT_LEN];
+        OsRng.fill_bytes(&mut salt);
+        self.seal_snapshot_info_with_salt(fields, info, &salt)
+    }
+
+    fn seal_snapshot_info_with_salt(
+        &self,
+        fields: &SnapshotFields<'_>,
+        info: &[u8],
+        salt: &[u8; SALT_LEN],
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(SNAPSHOT_HEADER_LEN + SEAL_OVERHEAD + info.len());
+        out.extend_from_slice(&SNAPSHOT_MAGIC);
+        out.push(SNAPSHOT_RECORD_VERSION);
+        let aad = fields.aad(&out);
+        out.extend_from_slice(&self.seal_with_salt(info, &aad, salt));
+        out
+    }
+
+    /// Opens the sealed part of a snapshot record, checking it against the
+    /// record's clear fields. Format v1 records (a bare sealed record bound
+    /// only to the snapshot id) still open, reported as
+    /// [`SnapshotAuth::SealedPartOnly`] so the caller can warn.
+    pub fn open_snapshot_info(
+        &self,
+        fields: &SnapshotFields<'_>,
+        sealed: &[u8],
+    ) -> Result<(Vec<u8>, SnapshotAuth), SealError> {
+        if sealed.starts_with(&SNAPSHOT_MAGIC) {
+            let Some(&version) = sealed.get(SNAPSHOT_MAGIC.len()) else {
+                return Err(SealError::Truncated {
+                    len: sealed.len(),
+                    min: SNAPSHOT_HEADER_LEN + SEAL_OVERHEAD,
+                });
+            };
+            if version != SNAPSHOT_RECORD_VERSION {
+                return Err(SealError::UnsupportedSnapshotVersion { version });
+            }
+            let (header, rest) = sealed.split_at(SNAPSHOT_HEADER_LEN);
+            let info = self.open(rest, &fields.aad(header))?;
+            return Ok((info, SnapshotAuth::Full));
+        }
+        // v1: `seal(info, id)`. It cannot be made from a v2 record (the
+        // associated data differs), so there is no downgrade path.
+        let info = self.open(sealed, fields.id)?;
+        Ok((info, SnapshotAuth::SealedPartOnly))
+    }
+
     /// Compress (zstd level 1, or stored raw if that does not help) and seal
     /// a chunk or tree under its id. `id` must be `self.blob_id(plaintext)`;
     /// this is checked, so a wrong id fails here rather than at restore.
@@ -350,8 +485,7 @@ impl MasterKey {
             });
         }
         self.check_id(id, plaintext)?;
-        let compressed =
-            zstd_compress(plaintext).map_err(|source| SealError::Compress { source })?;
+        let compressed = zstd_compress(plaintext).map_err(|error| SealError::Compress { error })?;
         // Keep zstd only when it saves at least 1/64: decompression is not
         // free, and already-compressed media would gain nothing.
         let worth_it = compressed.len() < plaintext.len() - plaintext.len() / 64;
@@ -399,8 +533,9 @@ impl MasterKey {
             }
             // The capacity is both the allocation and the hard cap: zstd
             // fails rather than write more, so no bomb gets past `stated`.
-            CODEC_ZSTD => zstd_decompress(payload, stated)
-                .map_err(|source| SealError::Decompress { source })?,
+            CODEC_ZSTD => {
+                zstd_decompress(payload, stated).map_err(|error| SealError::Decompress { error })?
+            }
             codec => return Err(SealError::UnknownCodec { codec }),
         };
         if plaintext.len() != stated {
@@ -726,6 +861,208 @@ pub(crate) mod tests {
             open_key_slot(&slot, b"golden passwore"),
             Err(SealError::WrongPassword)
         ));
+    }
+
+    const GOLDEN_SNAPSHOT_INFO: &[u8] = br#"{"paths":["/srv/chat"],"hostname":"golden"}"#;
+
+    /// The clear fields of the golden v2 snapshot record.
+    fn with_golden_fields<T>(f: impl FnOnce(&SnapshotFields<'_>) -> T) -> T {
+        let tags = vec!["daily".to_string(), "golden".to_string()];
+        f(&SnapshotFields {
+            tenant: "golden-tenant",
+            id: &[0x11; 32],
+            dataset: "chat-messages",
+            parent: Some(&[0x22; 32]),
+            time_unix_ms: 1_790_000_000_000,
+            kind: "incremental",
+            root_tree: &[0x33; 32],
+            files: 7,
+            bytes: 4096,
+            bytes_added: 512,
+            tags: &tags,
+        })
+    }
+
+    #[test]
+    fn golden_snapshot_record_v2() {
+        let key = golden_key();
+        let make = || {
+            with_golden_fields(|fields| {
+                key.seal_snapshot_info_with_salt(fields, GOLDEN_SNAPSHOT_INFO, &[0x6b; 32])
+            })
+        };
+        let golden = golden_vector("snapshot-record-v2.bin", make);
+        assert_eq!(golden, make());
+        assert_eq!(&golden[..5], b"CSNP\x02");
+        let (info, auth) =
+            with_golden_fields(|fields| key.open_snapshot_info(fields, &golden)).expect("opens");
+        assert_eq!(info, GOLDEN_SNAPSHOT_INFO);
+        assert_eq!(auth, SnapshotAuth::Full);
+    }
+
+    #[test]
+    fn every_clear_field_of_a_snapshot_record_is_authenticated() {
+        let key = MasterKey::generate();
+        let sealed = with_golden_fields(|f| key.seal_snapshot_info(f, b"info"));
+        let other: BlobId = [0x99; 32];
+        let tags = vec!["daily".to_string()];
+        let more_tags = vec!["daily".to_string(), "golden".to_string(), "x".to_string()];
+        with_golden_fields(|fields| {
+            assert!(key.open_snapshot_info(fields, &sealed).is_ok());
+            // Each edit changes one clear field, as a hostile node could.
+            let edits: Vec<(&str, SnapshotFields<'_>)> = vec![
+                (
+                    "tenant",
+                    SnapshotFields {
+                        tenant: "another-tenant",
+                        ..*fields
+                    },
+                ),
+                (
+                    "id",
+                    SnapshotFields {
+                        id: &other,
+                        ..*fields
+                    },
+                ),
+                (
+                    "dataset",
+                    SnapshotFields {
+                        dataset: "gift-records",
+                        ..*fields
+                    },
+                ),
+                (
+                    "parent",
+                    SnapshotFields {
+                        parent: None,
+                        ..*fields
+                    },
+                ),
+                (
+                    "parent id",
+                    SnapshotFields {
+                        parent: Some(&other),
+                        ..*fields
+                    },
+                ),
+                (
+                    "time",
+                    SnapshotFields {
+                        time_unix_ms: fields.time_unix_ms + 1,
+                        ..*fields
+                    },
+                ),
+                (
+                    "kind",
+                    SnapshotFields {
+                        kind: "full",
+                        ..*fields
+                    },
+                ),
+                (
+                    "root tree",
+                    SnapshotFields {
+                        root_tree: &other,
+                        ..*fields
+                    },
+                ),
+                (
+                    "files",
+                    SnapshotFields {
+                        files: fields.files + 1,
+                        ..*fields
+                    },
+                ),
+                (
+                    "bytes",
+                    SnapshotFields {
+                        bytes: fields.bytes - 1,
+                        ..*fields
+                    },
+                ),
+                (
+                    "bytes added",
+                    SnapshotFields {
+                        bytes_added: 0,
+                        ..*fields
+                    },
+                ),
+                (
+                    "tags",
+                    SnapshotFields {
+                        tags: &tags,
+                        ..*fields
+                    },
+                ),
+                (
+                    "more tags",
+                    SnapshotFields {
+                        tags: &more_tags,
+                        ..*fields
+                    },
+                ),
+            ];
+            for (what, changed) in &edits {
+                assert!(
+                    matches!(
+                        key.open_snapshot_info(changed, &sealed),
+                        Err(SealError::Authentication)
+                    ),
+                    "an edited {what} went unnoticed"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn snapshot_sealed_parts_cannot_be_swapped_or_downgraded() {
+        let key = MasterKey::generate();
+        let tags: Vec<String> = Vec::new();
+        let old = SnapshotFields {
+            tenant: "t",
+            id: &[1; 32],
+            dataset: "d",
+            parent: None,
+            time_unix_ms: 1000,
+            kind: "full",
+            root_tree: &[2; 32],
+            files: 1,
+            bytes: 1,
+            bytes_added: 1,
+            tags: &tags,
+        };
+        let new = SnapshotFields {
+            id: &[3; 32],
+            time_unix_ms: 2000,
+            root_tree: &[4; 32],
+            ..old
+        };
+        let old_sealed = key.seal_snapshot_info(&old, b"old");
+        // The old record's sealed part under the new record's fields (or
+        // the other way round) does not open.
+        assert!(key.open_snapshot_info(&new, &old_sealed).is_err());
+        // Stripping the v2 header to pass it off as v1 does not open either.
+        assert!(matches!(
+            key.open_snapshot_info(&old, &old_sealed[SNAPSHOT_HEADER_LEN..]),
+            Err(SealError::Authentication)
+        ));
+        // A v1 record opens, reported as authenticating only its sealed part.
+        let v1 = key.seal(b"legacy", old.id);
+        let (info, auth) = key.open_snapshot_info(&old, &v1).expect("v1 opens");
+        assert_eq!(
+            (info.as_slice(), auth),
+            (&b"legacy"[..], SnapshotAuth::SealedPartOnly)
+        );
+        // A newer version is named, junk is refused.
+        let mut newer = old_sealed.clone();
+        newer[4] = 3;
+        assert!(matches!(
+            key.open_snapshot_info(&old, &newer),
+            Err(SealError::UnsupportedSnapshotVersion { version: 3 })
+        ));
+        assert!(key.open_snapshot_info(&old, b"CSNP").is_err());
+        assert!(key.open_snapshot_info(&old, b"junk").is_err());
     }
 
     fn noise(len: usize, seed: u8) -> Vec<u8> {

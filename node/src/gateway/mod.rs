@@ -194,30 +194,62 @@ impl Gateway {
         self.meta.members()
     }
 
+    /// What this node knows of a lost quorum: `Some(reason)` when a
+    /// majority of the voters is unreachable from here (a peer counts as
+    /// unreachable once its last call failed or the prober declared it down).
+    fn quorum_lost(&self) -> Option<String> {
+        let members = self.members();
+        let mut regions: BTreeMap<&str, bool> = BTreeMap::new();
+        let (mut voters, mut voters_up) = (0usize, 0usize);
+        for (id, (info, voter)) in &members {
+            let reachable =
+                *id == self.node_id || (self.peers.presumed_up(*id) && !self.liveness.is_down(*id));
+            *regions.entry(info.region.as_str()).or_default() |= reachable;
+            if *voter {
+                voters += 1;
+                voters_up += usize::from(reachable);
+            }
+        }
+        if voters == 0 || voters_up * 2 > voters {
+            return None;
+        }
+        let lost: Vec<&str> = regions
+            .iter()
+            .filter(|(_, up)| !**up)
+            .map(|(r, _)| *r)
+            .collect();
+        Some(format!(
+            "quorum lost: {} of {} regions unreachable ({}); {voters_up} of {voters} voters reachable, writes need a majority of voters",
+            lost.len(),
+            regions.len(),
+            if lost.is_empty() {
+                "none".to_string()
+            } else {
+                lost.join(", ")
+            },
+        ))
+    }
+
     /// The status for an error, with what this node knows of the outage
-    /// when the metadata group has no quorum (clients fail fast on it).
+    /// when the metadata group has no quorum (clients fail fast on it):
+    /// a write that cannot commit or place its shards for that reason says
+    /// "quorum lost", not a retryable "unavailable" the client would cycle on.
     fn status(&self, error: GatewayError) -> Status {
-        if let GatewayError::Meta(MetaError::NoLeader { .. } | MetaError::NoQuorum { .. }) = &error
-        {
-            let members = self.members();
-            let mut regions: BTreeMap<&str, bool> = BTreeMap::new();
-            for (id, (info, _)) in &members {
-                let reachable = *id == self.node_id || self.peers.presumed_up(*id);
-                *regions.entry(info.region.as_str()).or_default() |= reachable;
-            }
-            let lost: Vec<&str> = regions
-                .iter()
-                .filter(|(_, up)| !**up)
-                .map(|(r, _)| *r)
-                .collect();
-            if !lost.is_empty() {
-                return Status::unavailable(format!(
-                    "quorum lost: {} of {} regions unreachable ({}); {error}",
-                    lost.len(),
-                    regions.len(),
-                    lost.join(", ")
-                ));
-            }
+        let quorum_related = matches!(
+            &error,
+            GatewayError::Meta(
+                MetaError::NoLeader { .. }
+                    | MetaError::NoQuorum { .. }
+                    | MetaError::Unavailable { .. }
+                    | MetaError::Unconfirmed { .. }
+            ) | GatewayError::Placement(_)
+                | GatewayError::TooFewShards { .. }
+                // Shards out of reach because their regions are: not lost,
+                // and not worth retrying elsewhere until they return.
+                | GatewayError::Unrecoverable { .. }
+        );
+        if quorum_related && let Some(reason) = self.quorum_lost() {
+            return Status::unavailable(format!("{reason}; {error}"));
         }
         error.into_status()
     }
@@ -225,8 +257,16 @@ impl Gateway {
     /// Brings the local state up to date with the leader when it can. Without
     /// a quorum, reads go on from the local state: snapshots are immutable,
     /// so at worst the newest commits are missing — and a restore during a
-    /// disaster must not wait for the metadata group to heal.
+    /// disaster must not wait for the metadata group to heal. When no leader
+    /// is known and a majority of voters is unreachable, the barrier is not
+    /// even tried: it could only wait out its whole deadline on every read.
     async fn catch_up(&self) {
+        if self.meta.leader().is_none()
+            && let Some(reason) = self.quorum_lost()
+        {
+            warn!(%reason, "no linearizable read possible; serving the local (possibly stale) state");
+            return;
+        }
         if let Err(error) = self.meta.read_barrier().await {
             warn!(%error, "no linearizable read possible; serving the local (possibly stale) state");
         }
