@@ -24,6 +24,7 @@ use crate::erasure::Code;
 use crate::liveness::Liveness;
 use crate::meta::types::{Command, CommandResult, Id32, NodeId, NodeInfo, SnapshotRecord};
 use crate::meta::{Meta, MetaError};
+use crate::model::NodeView;
 use crate::peers::{Peers, addressed};
 use crate::placement::PlacementError;
 use crate::repair::RepairState;
@@ -192,6 +193,20 @@ impl Gateway {
 
     fn members(&self) -> BTreeMap<NodeId, (NodeInfo, bool)> {
         self.meta.members()
+    }
+
+    /// The cluster map as this gateway sees it: the membership, with `up`
+    /// from liveness (not declared down) and `draining` from drains in progress.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        self.meta
+            .node_views()
+            .into_values()
+            .map(|view| NodeView {
+                up: view.id == self.node_id || !self.liveness.is_down(view.id),
+                draining: self.is_draining(view.id),
+                ..view
+            })
+            .collect()
     }
 
     /// The status for an error, with what this node knows of the outage
@@ -647,30 +662,30 @@ impl Cairn for Gateway {
         _request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
         let run = async {
-            let members = self.members();
+            let views = self.node_views();
             let stats = futures::future::join_all(
-                members
+                views
                     .iter()
-                    .map(|(id, (info, _))| self.node_stats(*id, info)),
+                    .map(|view| async move { self.node_stats(view.id, &view.info()).await }),
             )
             .await;
-            let nodes = members
-                .iter()
+            let nodes = views
+                .into_iter()
                 .zip(stats)
-                .map(|((id, (info, voter)), stats)| {
+                .map(|(view, stats)| {
                     if stats.is_some() {
-                        self.liveness.saw(*id);
+                        self.liveness.saw(view.id);
                     }
                     pb::NodeStatus {
-                        node_id: *id,
-                        region: info.region.clone(),
-                        addr: info.addr.clone(),
+                        node_id: view.id,
                         up: stats.is_some(),
-                        voter: *voter,
+                        voter: view.voter,
                         shards: stats.map(|s| s.0).unwrap_or_default(),
                         bytes: stats.map(|s| s.1).unwrap_or_default(),
-                        last_seen_unix_ms: self.liveness.last_seen_unix_ms(*id),
-                        down_since_unix_ms: self.liveness.down_since_unix_ms(*id),
+                        last_seen_unix_ms: self.liveness.last_seen_unix_ms(view.id),
+                        down_since_unix_ms: self.liveness.down_since_unix_ms(view.id),
+                        region: view.region,
+                        addr: view.addr,
                     }
                 })
                 .collect();

@@ -56,6 +56,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::kv::{KvError, ReleaseWatch, SledDb};
+use crate::model::NodeView;
 use admission::{Admission, Decision};
 use log_store::{LogStore, LogStoreError};
 use membership::ChangeError;
@@ -752,14 +753,25 @@ impl Meta {
     }
 
     /// Every member (voters and learners) with its info and whether it votes.
+    /// Older shape of [`Meta::node_views`], kept for its callers.
     pub fn members(&self) -> BTreeMap<NodeId, (NodeInfo, bool)> {
+        self.node_views()
+            .into_values()
+            .map(|view| (view.id, (view.info(), view.voter)))
+            .collect()
+    }
+
+    /// The cluster map as this node's membership knows it, by id: voters and
+    /// learners, presumed up and not draining (the gateway, which knows
+    /// liveness and drains, fills those in).
+    pub fn node_views(&self) -> BTreeMap<NodeId, NodeView> {
         let metrics = self.inner.raft.metrics();
         let metrics = metrics.borrow();
         let membership = metrics.membership_config.membership();
-        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         membership
             .nodes()
-            .map(|(id, info)| (*id, (info.clone(), voters.contains(id))))
+            .map(|(id, info)| (*id, NodeView::member(*id, info, voters.contains(id))))
             .collect()
     }
 
