@@ -22,6 +22,7 @@ use tracing::warn;
 
 use crate::erasure::Code;
 use crate::liveness::Liveness;
+use crate::meta::membership::{AddPlan, AddRefused, check_add};
 use crate::meta::types::{Command, CommandResult, Id32, NodeId, NodeInfo, SnapshotRecord};
 use crate::meta::{Meta, MetaError};
 use crate::model::NodeView;
@@ -61,6 +62,22 @@ pub enum GatewayError {
     MissingRootTree { tree: String },
     #[error("metadata group: {0}")]
     Meta(#[from] MetaError),
+    #[error("cannot add node: {0}")]
+    AddRefused(#[from] AddRefused),
+    #[error(
+        "cannot add node {node}: nothing answers as it at {addr} ({reason}); start it first (cairn-node --node-id {node} --listen {addr} ...) and check that this node can reach it"
+    )]
+    NodeUnreachable {
+        node: NodeId,
+        addr: String,
+        reason: String,
+    },
+    #[error("cannot add node {node}: another node answers at {addr} ({answer})")]
+    WrongNodeAtAddress {
+        node: NodeId,
+        addr: String,
+        answer: String,
+    },
     #[error("cannot place pack: {0}")]
     Placement(#[from] PlacementError),
     #[error(
@@ -92,6 +109,12 @@ impl GatewayError {
             GatewayError::NotFound { .. } => Status::not_found(message),
             GatewayError::AlreadyExists { .. } => Status::already_exists(message),
             GatewayError::MissingRootTree { .. } => Status::failed_precondition(message),
+            GatewayError::AddRefused(refused) if refused.is_bad_request() => {
+                Status::invalid_argument(message)
+            }
+            GatewayError::AddRefused(_)
+            | GatewayError::NodeUnreachable { .. }
+            | GatewayError::WrongNodeAtAddress { .. } => Status::failed_precondition(message),
             GatewayError::Meta(MetaError::Change(change)) if !change.is_transient() => {
                 Status::failed_precondition(message)
             }
@@ -207,6 +230,33 @@ impl Gateway {
                 ..view
             })
             .collect()
+    }
+
+    /// Checks that `addr` is served by node `id` before it is added: a node
+    /// that is not running (or another node at that address) must not enter
+    /// the membership, where it would count for placement and voting.
+    async fn must_answer_as(&self, id: NodeId, addr: &str) -> Result<(), GatewayError> {
+        let unreachable = |reason: String| GatewayError::NodeUnreachable {
+            node: id,
+            addr: addr.to_string(),
+            reason,
+        };
+        let mut client = self
+            .peers
+            .shards(addr)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let request = addressed(id, pb::ShardStatsRequest {}, self.config.rpc_timeout);
+        match client.shard_stats(request).await {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                Err(GatewayError::WrongNodeAtAddress {
+                    node: id,
+                    addr: addr.to_string(),
+                    answer: status.message().to_string(),
+                })
+            }
+            Err(status) => Err(unreachable(status.message().to_string())),
+        }
     }
 
     /// The status for an error, with what this node knows of the outage
@@ -763,16 +813,21 @@ impl Cairn for Gateway {
         let req = request.into_inner();
         let run = async {
             check_name(&req.region, "region")?;
-            if req.addr.is_empty() || req.node_id == 0 {
-                return Err(invalid("node id and address are required"));
+            let (id, info) = (
+                req.node_id,
+                NodeInfo {
+                    region: req.region,
+                    addr: req.addr,
+                },
+            );
+            let plan = check_add(&self.meta.node_views(), id, &info)?;
+            if plan == AddPlan::Join {
+                self.must_answer_as(id, &info.addr).await?;
             }
-            let _ = NodeInfo {
-                region: req.region,
-                addr: req.addr,
-            };
-            Err::<pb::AddNodeReply, _>(GatewayError::NotFound {
-                what: "PENDING add_node".into(),
-            })
+            // Runs on the leader: `Meta::add_node` forwards the change there.
+            self.meta.add_node(id, info.clone()).await?;
+            tracing::info!(node_id = self.node_id, added = id, region = %info.region, addr = %info.addr, ?plan, "node added to the cluster");
+            Ok(pb::AddNodeReply {})
         };
         run.await.map(Response::new).map_err(|e| self.status(e))
     }

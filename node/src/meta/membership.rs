@@ -35,6 +35,7 @@ use super::types::{Command, NodeId, NodeInfo};
 use super::voters::choose_voters;
 use super::{Inner, Meta, MetaError, admission};
 use crate::meta::network::Rpc;
+use crate::model::NodeView;
 
 /// A learner is caught up when the leader knows it holds the log up to at
 /// most this many entries behind the leader's last entry.
@@ -143,6 +144,106 @@ pub fn target_voters(
         .map(|(id, info)| (*id, info.clone()))
         .collect();
     choose_voters(&candidates)
+}
+
+/// Why an operator's request to add a node is refused before anything
+/// changes. Decided by [`check_add`] from the cluster map alone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddRefused {
+    #[error("node id 0 is not valid: node ids start at 1 and are never reused")]
+    ZeroId,
+    #[error(
+        "address {addr:?} is not HOST:PORT (the address the node listens on, as other nodes dial it)"
+    )]
+    BadAddress { addr: String },
+    #[error(
+        "region {region:?} is not a region of this cluster (it has {known}); check the spelling: a node can only join an existing region"
+    )]
+    UnknownRegion { region: String, known: String },
+    #[error(
+        "node {node} is already a member at {member}, not at {requested}; remove it first to move it"
+    )]
+    MemberElsewhere {
+        node: NodeId,
+        member: NodeInfo,
+        requested: NodeInfo,
+    },
+    #[error(
+        "address {addr} already belongs to member node {holder}; give node {node} an address of its own"
+    )]
+    AddressTaken {
+        addr: String,
+        holder: NodeId,
+        node: NodeId,
+    },
+}
+
+impl AddRefused {
+    /// True if the request itself is malformed (as opposed to conflicting
+    /// with the cluster as it is).
+    pub fn is_bad_request(&self) -> bool {
+        matches!(
+            self,
+            AddRefused::ZeroId | AddRefused::BadAddress { .. } | AddRefused::UnknownRegion { .. }
+        )
+    }
+}
+
+/// What adding a node amounts to, once [`check_add`] accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddPlan {
+    /// Not a member: it joins as a learner, then the voters are re-chosen.
+    Join,
+    /// Already a member at this very region and address: only the voters are
+    /// re-checked (adding is idempotent).
+    AlreadyMember,
+}
+
+/// Checks a request to add `id` at `info` against the cluster map `members`.
+/// Pure: the caller still has to reach the node before proposing the change.
+pub fn check_add(
+    members: &BTreeMap<NodeId, NodeView>,
+    id: NodeId,
+    info: &NodeInfo,
+) -> Result<AddPlan, AddRefused> {
+    if id == 0 {
+        return Err(AddRefused::ZeroId);
+    }
+    let port_ok = info
+        .addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok {
+        return Err(AddRefused::BadAddress {
+            addr: info.addr.clone(),
+        });
+    }
+    if let Some(member) = members.get(&id) {
+        return if member.info() == *info {
+            Ok(AddPlan::AlreadyMember)
+        } else {
+            Err(AddRefused::MemberElsewhere {
+                node: id,
+                member: member.info(),
+                requested: info.clone(),
+            })
+        };
+    }
+    let regions: BTreeSet<&str> = members.values().map(|m| m.region.as_str()).collect();
+    if !regions.contains(info.region.as_str()) {
+        return Err(AddRefused::UnknownRegion {
+            region: info.region.clone(),
+            known: regions.into_iter().collect::<Vec<_>>().join(", "),
+        });
+    }
+    if let Some(holder) = members.values().find(|m| m.addr == info.addr) {
+        return Err(AddRefused::AddressTaken {
+            addr: info.addr.clone(),
+            holder: holder.id,
+            node: id,
+        });
+    }
+    Ok(AddPlan::Join)
 }
 
 impl Meta {
@@ -755,6 +856,69 @@ mod tests {
         assert_eq!(
             target_voters(&members, &voters, &set(&[6, 7]), None),
             voters
+        );
+    }
+
+    fn map_of(members: &BTreeMap<NodeId, NodeInfo>) -> BTreeMap<NodeId, NodeView> {
+        members
+            .iter()
+            .map(|(id, info)| (*id, NodeView::member(*id, info, false)))
+            .collect()
+    }
+
+    fn at(region: &str, addr: &str) -> NodeInfo {
+        NodeInfo {
+            region: region.into(),
+            addr: addr.into(),
+        }
+    }
+
+    #[test]
+    fn adding_checks_region_address_and_membership() {
+        let mut members = topology(&[("r1", &[1, 2]), ("r2", &[3, 4]), ("r3", &[5, 6])]);
+        for (id, info) in members.iter_mut() {
+            info.addr = format!("10.0.0.{id}:7100");
+        }
+        let map = map_of(&members);
+        assert_eq!(
+            check_add(&map, 7, &at("r2", "10.0.0.7:7100")),
+            Ok(AddPlan::Join)
+        );
+        assert_eq!(
+            check_add(&map, 3, &members[&3]),
+            Ok(AddPlan::AlreadyMember),
+            "adding a member again at its own place is idempotent"
+        );
+        assert!(matches!(
+            check_add(&map, 3, &at("r2", "10.0.0.9:7100")),
+            Err(AddRefused::MemberElsewhere { node: 3, .. })
+        ));
+        let unknown = check_add(&map, 7, &at("r9", "10.0.0.7:7100")).expect_err("no region r9");
+        assert!(unknown.is_bad_request());
+        assert!(unknown.to_string().contains("r1, r2, r3"), "{unknown}");
+        assert!(matches!(
+            check_add(&map, 7, &at("r2", "10.0.0.4:7100")),
+            Err(AddRefused::AddressTaken { holder: 4, .. })
+        ));
+        for addr in [
+            "",
+            "10.0.0.7",
+            "10.0.0.7:",
+            ":7100",
+            "10.0.0.7:x",
+            "10.0.0.7:0",
+        ] {
+            assert!(
+                matches!(
+                    check_add(&map, 7, &at("r2", addr)),
+                    Err(AddRefused::BadAddress { .. })
+                ),
+                "{addr:?} must be refused"
+            );
+        }
+        assert_eq!(
+            check_add(&map, 0, &at("r2", "10.0.0.7:7100")),
+            Err(AddRefused::ZeroId)
         );
     }
 
