@@ -11,7 +11,7 @@ use cairn_proto::v1::cairn_client::CairnClient;
 use cairn_proto::v1::{ClusterStatusReply, ClusterStatusRequest};
 use tokio::net::TcpListener;
 
-use crate::config::{GatewaySection, NodeConfig, NodeFile, format_initial_cluster};
+use crate::config::{GatewaySection, NodeConfig, NodeFile, RaftSection, format_initial_cluster};
 use crate::meta::types::{NodeId, NodeInfo};
 use crate::peers::lazy_channel;
 use crate::server::{NodeHandle, ServerError};
@@ -87,6 +87,11 @@ impl LocalCluster {
         let initial = format_initial_cluster(&members);
         let base = NodeFile {
             erasure: Some(erasure.to_string()),
+            // Loopback: a peer that does not answer within 5 s is gone.
+            raft: RaftSection {
+                rpc_timeout: Duration::from_secs(5),
+                ..RaftSection::default()
+            },
             gateway: GatewaySection {
                 rpc_timeout: Duration::from_secs(5),
                 ..GatewaySection::default()

@@ -55,6 +55,7 @@ use openraft::{LogId, Raft, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::config::RaftSection;
 use crate::kv::{KvError, ReleaseWatch, SledDb};
 use crate::model::NodeView;
 use admission::{Admission, Decision};
@@ -69,10 +70,12 @@ use types::{
     SnapshotRecord, TypeConfig,
 };
 
-/// Timing and compaction settings of the metadata group.
+/// Timing and compaction settings of the metadata group, built from the
+/// node's `[raft]` section ([`RaftSection`]); its defaults are that
+/// section's defaults, so tests run the timings production runs.
 ///
-/// Loopback defaults; across regions, `heartbeat_ms` must exceed the
-/// round-trip time and elections should be about ten heartbeats.
+/// Across regions, `heartbeat_ms` must exceed the round-trip time and
+/// elections should be about ten heartbeats.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaConfig {
     /// Leader heartbeat interval.
@@ -90,15 +93,22 @@ pub struct MetaConfig {
     pub rpc_timeout_ms: u64,
 }
 
+impl From<&RaftSection> for MetaConfig {
+    fn from(raft: &RaftSection) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            heartbeat_ms: ms(raft.heartbeat),
+            election_min_ms: ms(raft.election_min),
+            election_max_ms: ms(raft.election_max),
+            snapshot_every_logs: raft.snapshot_every_logs,
+            rpc_timeout_ms: ms(raft.rpc_timeout),
+        }
+    }
+}
+
 impl Default for MetaConfig {
     fn default() -> Self {
-        Self {
-            heartbeat_ms: 100,
-            election_min_ms: 400,
-            election_max_ms: 800,
-            snapshot_every_logs: 5000,
-            rpc_timeout_ms: 2000,
-        }
+        Self::from(&RaftSection::default())
     }
 }
 
