@@ -29,7 +29,7 @@ impl Meta {
     /// address, the same on every node (a node added later lists the running
     /// nodes and itself). A store that holds a log starts at once. An empty
     /// store first asks the other nodes whether a cluster exists
-    /// ([`admission`], at most [`MetaConfig::probe_timeout`] here, then in
+    /// ([`admission`], at most [`MetaConfig::probe_timeout`](crate::meta::MetaConfig::probe_timeout) here, then in
     /// the background):
     /// - if the cluster counts this node as a member that held the log, the
     ///   disk was wiped: `open` fails with [`MetaError::WipedMember`] (or, if

@@ -28,7 +28,7 @@ pub(super) enum Attempt<T> {
 impl Meta {
     /// Proposes a command on the leader (locally, or forwarded over the
     /// `Forward` RPC), retrying while there is no leader, for at most
-    /// [`MetaConfig::op_timeout`]. Returns only once the command is applied
+    /// [`MetaConfig::op_timeout`](crate::meta::MetaConfig::op_timeout). Returns only once the command is applied
     /// on this node too (read-your-writes on the proposing node).
     ///
     /// A call that fails with [`MetaError::Unavailable`] may have been
@@ -95,7 +95,7 @@ impl Meta {
     }
 
     /// Runs `attempt` against the current leader until it is done, an error
-    /// is final, or [`MetaConfig::op_timeout`] has passed.
+    /// is final, or [`MetaConfig::op_timeout`](crate::meta::MetaConfig::op_timeout) has passed.
     pub(super) async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, MetaError>
     where
         F: FnMut(NodeId, Instant) -> Fut,
