@@ -100,7 +100,17 @@ async fn a_seventh_node_joins_through_add_node_and_takes_shards_of_new_packs() {
         .expect("seventh node starts");
     assert_eq!(id, 7);
     let addr = cluster.members()[&id].addr.clone();
-    add_node(&admin, id, "r2", &addr)
+    // Through a follower: the change is sent on to the leader.
+    let status = cluster.status().await.expect("status");
+    let follower = status
+        .nodes
+        .iter()
+        .find(|n| n.node_id != status.leader_id && n.node_id != id)
+        .expect("a follower");
+    let via_follower = cairn_client::Cluster::new(std::slice::from_ref(&follower.addr))
+        .expect("address parses")
+        .with_failover_budget(Duration::from_secs(60));
+    add_node(&via_follower, id, "r2", &addr)
         .await
         .expect("add-node succeeds");
     // Again: adding is idempotent.
