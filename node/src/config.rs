@@ -1,21 +1,38 @@
-//! The node's configuration: TOML file, then command-line flags on top.
+//! The node's configuration: defaults, then a TOML file, then the
+//! environment, then command-line flags.
 //!
-//! Precedence: defaults < `--config` file < flags. Validated once, at start:
-//! a configuration that could not keep its promises (an erasure code that a
-//! region loss would break on this topology) is refused with the reason.
+//! Precedence: defaults < `--config` file < `CAIRN_NODE_*` environment <
+//! flags. Every default is defined once, in the `Default` impl of its
+//! section (or a `DEFAULT_*` constant for top-level keys): serde fills
+//! missing keys from it and the components are built from the sections, so
+//! tests and production run the same numbers unless they say otherwise.
+//! Each component gets its own section (`[raft]` → the metadata group,
+//! `[gateway]`, `[repair]`, `[scrub]`), never the whole configuration.
+//!
+//! Validated once, at start: a configuration that could not keep its
+//! promises (an erasure code that a region loss would break on this
+//! topology, election timeouts below the heartbeat) is refused with the reason.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use crate::erasure::Code;
 use crate::gateway::GatewayConfig;
-use crate::meta::MetaConfig;
-use crate::meta::types::{NodeId, NodeInfo};
+use crate::model::{NodeId, NodeInfo};
 use crate::placement::{Candidate, place};
+
+/// Prefix of the environment variables that configure a node.
+pub const ENV_PREFIX: &str = "CAIRN_NODE_";
+/// The environment variable naming the config file (like `--config`).
+pub const ENV_CONFIG: &str = "CAIRN_NODE_CONFIG";
+/// Reed-Solomon code when none is given.
+pub const DEFAULT_ERASURE: &str = "4+2";
+/// Unreachable this long and a node counts as down, when not given.
+pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(600);
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -30,10 +47,23 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
-    #[error("missing setting: {name} (flag --{flag} or `{name}` in the config file)")]
+    #[error("environment {vars}: {source}")]
+    Env {
+        /// The `CAIRN_NODE_*` variables that were applied.
+        vars: String,
+        source: toml::de::Error,
+    },
+    #[error(
+        "environment variable {var} is not a node setting: use {ENV_PREFIX}ID, _REGION, _LISTEN, _DATA_DIR, _INITIAL_CLUSTER, _ERASURE, _DOWN_AFTER, _METRICS_LISTEN or {ENV_PREFIX}<SECTION>_<KEY> with a section of raft, gateway, repair, scrub"
+    )]
+    EnvUnknown { var: String },
+    #[error("environment variable {var}={value:?}: expected a whole number")]
+    EnvNumber { var: String, value: String },
+    #[error("missing setting: {name} (flag --{flag}, {env} or `{name}` in the config file)")]
     Missing {
         name: &'static str,
         flag: &'static str,
+        env: &'static str,
     },
     #[error("--initial-cluster entry {entry:?}: expected ID=REGION@HOST:PORT")]
     ClusterEntry { entry: String },
@@ -53,11 +83,37 @@ pub enum ConfigError {
         "erasure {code} cannot survive the loss of a region on this cluster ({topology}): use at least 3 regions with enough nodes, or a code with more parity"
     )]
     CodeTooWide { code: String, topology: String },
+    #[error("setting {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// Reads a byte size: a whole number of bytes (`67108864`) or a string with
+/// a unit (`"64MiB"`, `"64 MB"`, `"512KiB"`), as `byte-unit` parses it.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let byte: byte_unit::Byte = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("{text:?} is not a size such as \"64MiB\": {e}"))?;
+    Ok(byte.as_u64())
+}
+
+/// serde: a byte size as an integer or a string with a unit ([`parse_size`]).
+fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(deserializer)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(text) => parse_size(&text).map_err(serde::de::Error::custom),
+    }
 }
 
 /// `[raft]`: timings of the metadata group. Multi-region deployments need a
 /// heartbeat above the inter-region RTT and elections about 10× that.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftSection {
     #[serde(with = "humantime_serde")]
@@ -66,7 +122,12 @@ pub struct RaftSection {
     pub election_min: Duration,
     #[serde(with = "humantime_serde")]
     pub election_max: Duration,
+    /// Build a snapshot (and purge older log) every this many entries; 0 = never.
     pub snapshot_every_logs: u64,
+    /// Deadline of one call to a peer of the group (forwarded write, read
+    /// index, snapshot chunk).
+    #[serde(with = "humantime_serde")]
+    pub rpc_timeout: Duration,
 }
 
 impl Default for RaftSection {
@@ -76,14 +137,16 @@ impl Default for RaftSection {
             election_min: Duration::from_millis(500),
             election_max: Duration::from_millis(1000),
             snapshot_every_logs: 5000,
+            rpc_timeout: Duration::from_secs(20),
         }
     }
 }
 
 /// `[gateway]`: limits of the client-facing role.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
+    /// Deadline of one shard call to a peer.
     #[serde(with = "humantime_serde")]
     pub rpc_timeout: Duration,
     pub packs_in_flight_max: usize,
@@ -99,13 +162,14 @@ impl Default for GatewaySection {
 }
 
 /// `[repair]`: re-protection after node loss and rebalancing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RepairSection {
     /// Time between passes.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Shard bytes written per second at most (0 = unlimited).
+    /// Shard bytes written per second at most (0 = unlimited); `"64MiB"` or bytes.
+    #[serde(deserialize_with = "size")]
     pub rate_bytes_per_s: u64,
 }
 
@@ -118,14 +182,24 @@ impl Default for RepairSection {
     }
 }
 
+impl From<&RepairSection> for crate::repair::RepairConfig {
+    fn from(section: &RepairSection) -> Self {
+        Self {
+            interval: section.interval,
+            rate_bytes_per_s: section.rate_bytes_per_s,
+        }
+    }
+}
+
 /// `[scrub]`: background verification of this node's shards.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScrubSection {
     /// Pause between two full rounds.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Shard bytes read per second at most (0 = unlimited).
+    /// Shard bytes read per second at most (0 = unlimited); `"32MiB"` or bytes.
+    #[serde(deserialize_with = "size")]
     pub rate_bytes_per_s: u64,
 }
 
@@ -137,6 +211,32 @@ impl Default for ScrubSection {
         }
     }
 }
+
+impl From<&ScrubSection> for crate::scrub::ScrubConfig {
+    fn from(section: &ScrubSection) -> Self {
+        Self {
+            interval: section.interval,
+            rate_bytes_per_s: section.rate_bytes_per_s,
+        }
+    }
+}
+
+/// The sections an environment variable `CAIRN_NODE_<SECTION>_<KEY>` may set.
+const SECTIONS: [&str; 4] = ["raft", "gateway", "repair", "scrub"];
+/// Top-level keys and their variables (`CAIRN_NODE_ID` is `node_id`).
+const TOP_LEVEL: [(&str, &str); 8] = [
+    ("ID", "node_id"),
+    ("REGION", "region"),
+    ("LISTEN", "listen"),
+    ("DATA_DIR", "data_dir"),
+    ("INITIAL_CLUSTER", "initial_cluster"),
+    ("ERASURE", "erasure"),
+    ("DOWN_AFTER", "down_after"),
+    ("METRICS_LISTEN", "metrics_listen"),
+];
+/// Keys whose values are whole numbers (every other value is a string:
+/// durations, sizes, addresses and names parse from text).
+const NUMBER_KEYS: [&str; 3] = ["node_id", "snapshot_every_logs", "packs_in_flight_max"];
 
 /// The whole file, every section optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -158,15 +258,155 @@ pub struct NodeFile {
 }
 
 impl NodeFile {
-    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
+    /// Reads a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(Some(path), std::iter::empty())
+    }
+
+    /// Defaults, then the file at `path` (if any), then the `CAIRN_NODE_*`
+    /// variables among `env` (other variables are ignored). A variable with
+    /// that prefix that names no setting is refused, like an unknown key.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            None => toml::Table::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let parse = |source| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    source,
+                };
+                let table: toml::Table = toml::from_str(&text).map_err(parse)?;
+                // Checked alone first, so its mistakes are blamed on the file.
+                NodeFile::deserialize(table.clone()).map_err(parse)?;
+                table
+            }
+        };
+        let mut applied = Vec::new();
+        for (var, value) in env {
+            let Some(name) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if var == ENV_CONFIG {
+                continue;
+            }
+            let (section, key) =
+                env_key(name).ok_or_else(|| ConfigError::EnvUnknown { var: var.clone() })?;
+            let item = if NUMBER_KEYS.contains(&key.as_str()) {
+                let n: i64 = value.trim().parse().map_err(|_| ConfigError::EnvNumber {
+                    var: var.clone(),
+                    value: value.clone(),
+                })?;
+                toml::Value::Integer(n)
+            } else {
+                toml::Value::String(value)
+            };
+            let target = match section {
+                None => &mut table,
+                Some(section) => table
+                    .entry(section)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or(ConfigError::Invalid {
+                        key: section,
+                        reason: "must be a [section]".into(),
+                    })?,
+            };
+            target.insert(key, item);
+            applied.push(var);
+        }
+        NodeFile::deserialize(table).map_err(|source| ConfigError::Env {
+            vars: applied.join(", "),
             source,
         })
+    }
+}
+
+/// `CAIRN_NODE_` + `name` → (section, key): `REGION` → (None, "region"),
+/// `SCRUB_INTERVAL` → (Some("scrub"), "interval").
+fn env_key(name: &str) -> Option<(Option<&'static str>, String)> {
+    if let Some((_, key)) = TOP_LEVEL.iter().find(|(var, _)| *var == name) {
+        return Some((None, key.to_string()));
+    }
+    let lower = name.to_ascii_lowercase();
+    SECTIONS.iter().find_map(|section| {
+        let key = lower.strip_prefix(section)?.strip_prefix('_')?;
+        (!key.is_empty()).then(|| (Some(*section), key.to_string()))
+    })
+}
+
+/// The command line of `cairn-node`: flags win over the environment and
+/// the file.
+#[derive(Debug, Default, clap::Parser)]
+#[command(
+    name = "cairn-node",
+    version,
+    about = "A Cairn storage node: Raft metadata member, shard store and gateway."
+)]
+pub struct NodeArgs {
+    /// This node's id; unique and never reused in the cluster. [env: CAIRN_NODE_ID]
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    /// The region (failure domain) this node is in. [env: CAIRN_NODE_REGION]
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Address to serve gRPC on, as listed in --initial-cluster. [env: CAIRN_NODE_LISTEN]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Directory for shards and metadata. [env: CAIRN_NODE_DATA_DIR]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Every node: ID=REGION@HOST:PORT,... (the same on every node; a node
+    /// added later lists the running nodes and itself). [env: CAIRN_NODE_INITIAL_CLUSTER]
+    #[arg(long)]
+    pub initial_cluster: Option<String>,
+    /// Reed-Solomon code, data+parity shards [default: 4+2]. [env: CAIRN_NODE_ERASURE]
+    #[arg(long)]
+    pub erasure: Option<String>,
+    /// How long a node may be unreachable before it counts as down
+    /// [default: 10m]. [env: CAIRN_NODE_DOWN_AFTER]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub down_after: Option<Duration>,
+    /// Address for Prometheus metrics. [env: CAIRN_NODE_METRICS_LISTEN]
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// TOML configuration file; the environment and flags override it.
+    #[arg(long, env = ENV_CONFIG)]
+    pub config: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    /// Sets every flag given on top of `file`.
+    pub fn apply(self, file: &mut NodeFile) {
+        fn set<T>(flag: Option<T>, key: &mut Option<T>) {
+            if flag.is_some() {
+                *key = flag;
+            }
+        }
+        set(self.node_id, &mut file.node_id);
+        set(self.region, &mut file.region);
+        set(self.listen, &mut file.listen);
+        set(self.data_dir, &mut file.data_dir);
+        set(self.initial_cluster, &mut file.initial_cluster);
+        set(self.erasure, &mut file.erasure);
+        set(self.down_after, &mut file.down_after);
+        set(self.metrics_listen, &mut file.metrics_listen);
+    }
+
+    /// The whole configuration: defaults < file < `env` < these flags,
+    /// validated.
+    pub fn load(
+        self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<NodeConfig, ConfigError> {
+        let mut file = NodeFile::load_with_env(self.config.as_deref(), env)?;
+        self.apply(&mut file);
+        NodeConfig::from_file(file)
     }
 }
 
@@ -188,29 +428,82 @@ pub struct NodeConfig {
     pub scrub: ScrubSection,
 }
 
+fn missing(name: &'static str, flag: &'static str, env: &'static str) -> ConfigError {
+    ConfigError::Missing { name, flag, env }
+}
+
+fn positive(key: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: "must be more than 0".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The checks of values that stand on their own (the topology is checked
+/// with the initial cluster).
+fn check_sections(file: &NodeFile) -> Result<(), ConfigError> {
+    let raft = &file.raft;
+    positive("raft.heartbeat", raft.heartbeat)?;
+    positive("raft.rpc_timeout", raft.rpc_timeout)?;
+    if raft.election_min <= raft.heartbeat {
+        return Err(ConfigError::Invalid {
+            key: "raft.election_min",
+            reason: format!(
+                "{} must be longer than the heartbeat ({}), or followers start elections while the leader is alive",
+                humantime::format_duration(raft.election_min),
+                humantime::format_duration(raft.heartbeat)
+            ),
+        });
+    }
+    if raft.election_max <= raft.election_min {
+        return Err(ConfigError::Invalid {
+            key: "raft.election_max",
+            reason: format!(
+                "{} must be longer than raft.election_min ({})",
+                humantime::format_duration(raft.election_max),
+                humantime::format_duration(raft.election_min)
+            ),
+        });
+    }
+    positive("gateway.rpc_timeout", file.gateway.rpc_timeout)?;
+    if file.gateway.packs_in_flight_max == 0 {
+        return Err(ConfigError::Invalid {
+            key: "gateway.packs_in_flight_max",
+            reason: "must be at least 1".into(),
+        });
+    }
+    positive("repair.interval", file.repair.interval)?;
+    positive("scrub.interval", file.scrub.interval)?;
+    if let Some(down_after) = file.down_after {
+        positive("down_after", down_after)?;
+    }
+    Ok(())
+}
+
 impl NodeConfig {
-    /// Validates a merged file (flags already applied on top of it).
+    /// Validates a merged file (environment and flags already applied on top of it).
     pub fn from_file(file: NodeFile) -> Result<Self, ConfigError> {
-        let node_id = file.node_id.ok_or(ConfigError::Missing {
-            name: "node_id",
-            flag: "node-id",
-        })?;
-        let region = file.region.ok_or(ConfigError::Missing {
-            name: "region",
-            flag: "region",
-        })?;
-        let listen = file.listen.ok_or(ConfigError::Missing {
-            name: "listen",
-            flag: "listen",
-        })?;
-        let data_dir = file.data_dir.ok_or(ConfigError::Missing {
-            name: "data_dir",
-            flag: "data-dir",
-        })?;
-        let cluster_text = file.initial_cluster.ok_or(ConfigError::Missing {
-            name: "initial_cluster",
-            flag: "initial-cluster",
-        })?;
+        check_sections(&file)?;
+        let node_id = file
+            .node_id
+            .ok_or(missing("node_id", "node-id", "CAIRN_NODE_ID"))?;
+        let region = file
+            .region
+            .ok_or(missing("region", "region", "CAIRN_NODE_REGION"))?;
+        let listen = file
+            .listen
+            .ok_or(missing("listen", "listen", "CAIRN_NODE_LISTEN"))?;
+        let data_dir =
+            file.data_dir
+                .ok_or(missing("data_dir", "data-dir", "CAIRN_NODE_DATA_DIR"))?;
+        let cluster_text = file.initial_cluster.ok_or(missing(
+            "initial_cluster",
+            "initial-cluster",
+            "CAIRN_NODE_INITIAL_CLUSTER",
+        ))?;
         let initial_cluster = parse_initial_cluster(&cluster_text)?;
         let me = initial_cluster
             .get(&node_id)
@@ -222,7 +515,7 @@ impl NodeConfig {
                 flags: format!("{region}@{listen}"),
             });
         }
-        let erasure = file.erasure.unwrap_or_else(|| "4+2".into());
+        let erasure = file.erasure.unwrap_or_else(|| DEFAULT_ERASURE.into());
         let code: Code =
             erasure
                 .parse()
@@ -238,7 +531,7 @@ impl NodeConfig {
             data_dir,
             initial_cluster,
             code,
-            down_after: file.down_after.unwrap_or(Duration::from_secs(600)),
+            down_after: file.down_after.unwrap_or(DEFAULT_DOWN_AFTER),
             metrics_listen: file.metrics_listen,
             raft: file.raft,
             gateway: file.gateway,
@@ -247,25 +540,19 @@ impl NodeConfig {
         })
     }
 
-    pub fn meta_config(&self) -> MetaConfig {
-        MetaConfig {
-            heartbeat_ms: self.raft.heartbeat.as_millis() as u64,
-            election_min_ms: self.raft.election_min.as_millis() as u64,
-            election_max_ms: self.raft.election_max.as_millis() as u64,
-            snapshot_every_logs: self.raft.snapshot_every_logs,
-            rpc_timeout_ms: self.gateway.rpc_timeout.as_millis() as u64,
-        }
+    /// The metadata group's settings: from `[raft]` alone.
+    pub fn meta_config(&self) -> crate::meta::MetaConfig {
+        crate::meta::MetaConfig::from(&self.raft)
     }
 
+    /// The gateway's settings: the code, `[gateway]`, and `[repair]` for the
+    /// repair worker it hosts.
     pub fn gateway_config(&self) -> GatewayConfig {
         GatewayConfig {
             code: self.code,
             rpc_timeout: self.gateway.rpc_timeout,
             packs_in_flight_max: self.gateway.packs_in_flight_max,
-            repair: crate::repair::RepairConfig {
-                interval: self.repair.interval,
-                rate_bytes_per_s: self.repair.rate_bytes_per_s,
-            },
+            repair: (&self.repair).into(),
         }
     }
 }
@@ -292,10 +579,11 @@ pub fn parse_initial_cluster(text: &str) -> Result<BTreeMap<NodeId, NodeInfo>, C
         );
     }
     if nodes.is_empty() {
-        return Err(ConfigError::Missing {
-            name: "initial_cluster",
-            flag: "initial-cluster",
-        });
+        return Err(missing(
+            "initial_cluster",
+            "initial-cluster",
+            "CAIRN_NODE_INITIAL_CLUSTER",
+        ));
     }
     Ok(nodes)
 }
@@ -378,5 +666,185 @@ mod tests {
         );
         let three = "1=r1@a:1,2=r1@a:2,3=r2@b:1,4=r2@b:2,5=r3@c:1,6=r3@c:2";
         NodeConfig::from_file(file(three, "4+2")).expect("4+2 on 3x2 is fine");
+    }
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const CLUSTER: &str = "1=r1@127.0.0.1:7101,2=r1@127.0.0.1:7102,3=r2@127.0.0.1:7201,4=r2@127.0.0.1:7202,5=r3@127.0.0.1:7301,6=r3@127.0.0.1:7302";
+
+    fn write_file(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("node.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    #[test]
+    fn file_then_environment_then_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_file(
+            dir.path(),
+            &format!(
+                "node_id = 1\nregion = \"r1\"\nlisten = \"127.0.0.1:7101\"\ndata_dir = \"/srv/a\"\ninitial_cluster = \"{CLUSTER}\"\n\n[scrub]\ninterval = \"2h\"\nrate_bytes_per_s = \"8MiB\"\n[raft]\nheartbeat = \"200ms\"\nelection_min = \"2s\"\nelection_max = \"4s\"\n"
+            ),
+        );
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["cairn-node", "--config", path.to_str().expect("utf-8 path")];
+            argv.extend_from_slice(extra);
+            <NodeArgs as clap::Parser>::try_parse_from(argv).expect("flags parse")
+        };
+        // The file over the defaults.
+        let config = args(&[])
+            .load(env(&[("PATH", "/bin")]))
+            .expect("file alone");
+        assert_eq!(config.data_dir, PathBuf::from("/srv/a"));
+        assert_eq!(config.scrub.interval, Duration::from_secs(7200));
+        assert_eq!(config.scrub.rate_bytes_per_s, 8 * 1024 * 1024);
+        assert_eq!(config.repair, RepairSection::default());
+        assert_eq!(config.raft.heartbeat, Duration::from_millis(200));
+
+        // The environment over the file.
+        let vars = env(&[
+            ("CAIRN_NODE_DATA_DIR", "/srv/b"),
+            ("CAIRN_NODE_SCRUB_INTERVAL", "30m"),
+            ("CAIRN_NODE_REPAIR_RATE_BYTES_PER_S", "1GiB"),
+            ("CAIRN_NODE_RAFT_SNAPSHOT_EVERY_LOGS", "77"),
+            ("CAIRN_NODE_DOWN_AFTER", "45s"),
+        ]);
+        let config = args(&[]).load(vars.clone()).expect("file and environment");
+        assert_eq!(config.data_dir, PathBuf::from("/srv/b"));
+        assert_eq!(config.scrub.interval, Duration::from_secs(1800));
+        assert_eq!(
+            config.scrub.rate_bytes_per_s,
+            8 * 1024 * 1024,
+            "kept from the file"
+        );
+        assert_eq!(config.repair.rate_bytes_per_s, 1 << 30);
+        assert_eq!(config.raft.snapshot_every_logs, 77);
+        assert_eq!(config.down_after, Duration::from_secs(45));
+
+        // Flags over the environment.
+        let config = args(&["--data-dir", "/srv/c", "--down-after", "1m"])
+            .load(vars)
+            .expect("all layers");
+        assert_eq!(config.data_dir, PathBuf::from("/srv/c"));
+        assert_eq!(config.down_after, Duration::from_secs(60));
+        assert_eq!(config.scrub.interval, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn the_environment_alone_configures_a_node_and_typos_are_refused() {
+        let vars = env(&[
+            ("CAIRN_NODE_ID", "3"),
+            ("CAIRN_NODE_REGION", "r2"),
+            ("CAIRN_NODE_LISTEN", "127.0.0.1:7201"),
+            ("CAIRN_NODE_DATA_DIR", "/srv/3"),
+            ("CAIRN_NODE_INITIAL_CLUSTER", CLUSTER),
+        ]);
+        let config = NodeArgs::default()
+            .load(vars.clone())
+            .expect("from the environment");
+        assert_eq!((config.node_id, config.region.as_str()), (3, "r2"));
+
+        let mut typo = vars.clone();
+        typo.push(("CAIRN_NODE_SCRUB_INTERVALL".into(), "1h".into()));
+        let err = NodeArgs::default().load(typo).expect_err("unknown key");
+        assert!(
+            err.to_string().contains("CAIRN_NODE_SCRUB_INTERVALL"),
+            "{err}"
+        );
+
+        let mut unknown = vars.clone();
+        unknown.push(("CAIRN_NODE_COLOUR".into(), "blue".into()));
+        let err = NodeArgs::default()
+            .load(unknown)
+            .expect_err("not a setting");
+        assert!(err.to_string().contains("is not a node setting"), "{err}");
+
+        let mut not_a_number = vars;
+        not_a_number.push((
+            "CAIRN_NODE_GATEWAY_PACKS_IN_FLIGHT_MAX".into(),
+            "many".into(),
+        ));
+        let err = NodeArgs::default()
+            .load(not_a_number)
+            .expect_err("not a number");
+        assert!(err.to_string().contains("whole number"), "{err}");
+    }
+
+    #[test]
+    fn sizes_parse_with_units_or_as_bytes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 * 1024 * 1024));
+        assert_eq!(parse_size("64 MiB"), Ok(64 * 1024 * 1024));
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("fast").is_err());
+        assert!(parse_size("-1MiB").is_err());
+        let file: NodeFile = toml::from_str(
+            "[repair]\nrate_bytes_per_s = 1048576\n[scrub]\nrate_bytes_per_s = \"2MiB\"\n",
+        )
+        .expect("integer and string sizes");
+        assert_eq!(file.repair.rate_bytes_per_s, 1 << 20);
+        assert_eq!(file.scrub.rate_bytes_per_s, 2 << 20);
+        let err = toml::from_str::<NodeFile>("[scrub]\nrate_bytes_per_s = \"lots\"\n")
+            .expect_err("not a size");
+        assert!(err.to_string().contains("not a size"), "{err}");
+    }
+
+    #[test]
+    fn one_default_for_every_setting() {
+        // What an empty file gives is what the code's defaults are, and what
+        // the metadata group runs with when nothing is configured.
+        let empty: NodeFile = toml::from_str("").expect("empty file");
+        assert_eq!(empty.raft, RaftSection::default());
+        assert_eq!(empty.gateway, GatewaySection::default());
+        assert_eq!(empty.repair, RepairSection::default());
+        assert_eq!(empty.scrub, ScrubSection::default());
+        let sections: NodeFile =
+            toml::from_str("[raft]\n[gateway]\n[repair]\n[scrub]\n").expect("empty sections");
+        assert_eq!(sections.raft, RaftSection::default());
+        let config = NodeConfig::from_file(file(
+            "1=r1@a:1,2=r1@a:2,3=r2@b:1,4=r2@b:2,5=r3@c:1,6=r3@c:2",
+            "4+2",
+        ))
+        .expect("valid");
+        assert_eq!(config.meta_config(), crate::meta::MetaConfig::default());
+        assert_eq!(config.down_after, DEFAULT_DOWN_AFTER);
+        let repair: crate::repair::RepairConfig = (&RepairSection::default()).into();
+        assert_eq!(
+            repair.rate_bytes_per_s,
+            RepairSection::default().rate_bytes_per_s
+        );
+    }
+
+    #[test]
+    fn inconsistent_timings_are_refused_with_the_key() {
+        let cluster = "1=r1@a:1,2=r1@a:2,3=r2@b:1,4=r2@b:2,5=r3@c:1,6=r3@c:2";
+        let mut bad = file(cluster, "4+2");
+        bad.raft.election_min = Duration::from_millis(50);
+        let err = NodeConfig::from_file(bad).expect_err("election below heartbeat");
+        assert!(err.to_string().contains("raft.election_min"), "{err}");
+        let mut bad = file(cluster, "4+2");
+        bad.raft.election_max = bad.raft.election_min;
+        let err = NodeConfig::from_file(bad).expect_err("empty election range");
+        assert!(err.to_string().contains("raft.election_max"), "{err}");
+        let mut bad = file(cluster, "4+2");
+        bad.gateway.packs_in_flight_max = 0;
+        assert!(NodeConfig::from_file(bad).is_err());
+    }
+
+    #[test]
+    fn deploy_examples_are_valid() {
+        for text in [
+            include_str!("../../deploy/systemd/node.toml.example"),
+            include_str!("../../deploy/compose/config/node.toml"),
+        ] {
+            let file: NodeFile = toml::from_str(text).expect("example parses");
+            check_sections(&file).expect("example is consistent");
+        }
     }
 }

@@ -40,6 +40,9 @@ pub struct LocalCluster {
     members: BTreeMap<NodeId, NodeInfo>,
     configs: BTreeMap<NodeId, NodeConfig>,
     running: BTreeMap<NodeId, NodeHandle>,
+    /// The settings every node started with (after `tune`), without the
+    /// per-node keys: what an extra node is configured from.
+    template: NodeFile,
 }
 
 impl LocalCluster {
@@ -82,36 +85,70 @@ impl LocalCluster {
             }
         }
         let initial = format_initial_cluster(&members);
+        let base = NodeFile {
+            erasure: Some(erasure.to_string()),
+            // Loopback: a peer that does not answer within 5 s is gone.
+            raft: RaftSection {
+                rpc_timeout: Duration::from_secs(5),
+                ..RaftSection::default()
+            },
+            gateway: GatewaySection {
+                rpc_timeout: Duration::from_secs(5),
+                ..GatewaySection::default()
+            },
+            ..NodeFile::default()
+        };
         let mut configs = BTreeMap::new();
         for (id, info) in &members {
-            let file = NodeFile {
-                node_id: Some(*id),
-                region: Some(info.region.clone()),
-                listen: info.addr.parse().ok(),
-                data_dir: Some(base_dir.join(format!("node-{id}"))),
-                initial_cluster: Some(initial.clone()),
-                erasure: Some(erasure.to_string()),
-                raft: RaftSection::default(),
-                gateway: GatewaySection {
-                    rpc_timeout: Duration::from_secs(5),
-                    ..GatewaySection::default()
-                },
-                ..NodeFile::default()
-            };
-            let mut file = file;
+            let mut file = node_file(&base, base_dir, *id, info, &initial);
             tune(&mut file);
             configs.insert(*id, NodeConfig::from_file(file)?);
         }
+        // What `tune` does to every node (it may single out nodes by id).
+        let mut template = base;
+        tune(&mut template);
         let mut cluster = Self {
             base_dir: base_dir.to_path_buf(),
             members,
             configs,
             running: BTreeMap::new(),
+            template,
         };
         for (id, listener) in listeners {
             cluster.spawn(id, listener)?;
         }
         Ok(cluster)
+    }
+
+    /// Starts one more node in `region`, with the next free id, configured
+    /// like the others. The running nodes do not list it in their initial
+    /// cluster; its own lists them and itself (as an operator starts a new
+    /// node), so it starts with an empty store, finds the cluster through
+    /// admission and asks to join as a learner. `cairn cluster add-node`
+    /// (the `AddNode` RPC) adds it too; both are idempotent.
+    pub async fn start_extra_node(&mut self, region: &str) -> Result<NodeId, LocalClusterError> {
+        let id = self.members.keys().last().copied().unwrap_or(0) + 1;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(LocalClusterError::Bind)?;
+        let addr = listener.local_addr().map_err(LocalClusterError::Bind)?;
+        let info = NodeInfo {
+            region: region.to_string(),
+            addr: addr.to_string(),
+        };
+        let mut known = self.members.clone();
+        known.insert(id, info.clone());
+        let file = node_file(
+            &self.template,
+            &self.base_dir,
+            id,
+            &info,
+            &format_initial_cluster(&known),
+        );
+        self.configs.insert(id, NodeConfig::from_file(file)?);
+        self.members.insert(id, info);
+        self.spawn(id, listener)?;
+        Ok(id)
     }
 
     fn spawn(&mut self, id: NodeId, listener: TcpListener) -> Result<(), LocalClusterError> {
@@ -286,6 +323,24 @@ impl LocalCluster {
             self.stop_node(id).await?;
         }
         Ok(())
+    }
+}
+
+/// The settings of node `id`: the shared `template` with its own keys.
+fn node_file(
+    template: &NodeFile,
+    base_dir: &Path,
+    id: NodeId,
+    info: &NodeInfo,
+    initial_cluster: &str,
+) -> NodeFile {
+    NodeFile {
+        node_id: Some(id),
+        region: Some(info.region.clone()),
+        listen: info.addr.parse().ok(),
+        data_dir: Some(base_dir.join(format!("node-{id}"))),
+        initial_cluster: Some(initial_cluster.to_string()),
+        ..template.clone()
     }
 }
 

@@ -1,45 +1,9 @@
-//! `cairn-node`: one Cairn storage node.
-
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+//! `cairn-node`: one Cairn storage node. Its flags, environment variables
+//! and config file are defined in `cairn_node::config`.
 
 use anyhow::Context;
-use cairn_node::config::{NodeConfig, NodeFile};
+use cairn_node::config::NodeArgs;
 use clap::Parser;
-
-/// A Cairn storage node: Raft metadata member, shard store and gateway.
-#[derive(Debug, Parser)]
-#[command(name = "cairn-node", version)]
-struct Args {
-    /// This node's id; unique and never reused in the cluster.
-    #[arg(long)]
-    node_id: Option<u64>,
-    /// The region (failure domain) this node is in.
-    #[arg(long)]
-    region: Option<String>,
-    /// Address to serve gRPC on, as listed in --initial-cluster.
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// Directory for shards and metadata.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Every node: ID=REGION@HOST:PORT,... (the same on every node).
-    #[arg(long)]
-    initial_cluster: Option<String>,
-    /// Reed-Solomon code, data+parity shards.
-    #[arg(long)]
-    erasure: Option<String>,
-    /// How long a node may be unreachable before it counts as down.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    down_after: Option<Duration>,
-    /// Address for Prometheus metrics.
-    #[arg(long)]
-    metrics_listen: Option<SocketAddr>,
-    /// TOML configuration file; flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-}
 
 fn main() -> anyhow::Result<()> {
     cairn_node::malloc::limit_arenas();
@@ -50,20 +14,8 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    let mut file = match &args.config {
-        Some(path) => NodeFile::load(path)?,
-        None => NodeFile::default(),
-    };
-    file.node_id = args.node_id.or(file.node_id);
-    file.region = args.region.or(file.region);
-    file.listen = args.listen.or(file.listen);
-    file.data_dir = args.data_dir.or(file.data_dir);
-    file.initial_cluster = args.initial_cluster.or(file.initial_cluster);
-    file.erasure = args.erasure.or(file.erasure);
-    file.down_after = args.down_after.or(file.down_after);
-    file.metrics_listen = args.metrics_listen.or(file.metrics_listen);
-    let config = NodeConfig::from_file(file)?;
+    // Defaults < --config file < CAIRN_NODE_* environment < flags.
+    let config = NodeArgs::parse().load(std::env::vars())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -37,3 +37,49 @@ pub struct ShardPlacement {
     /// blake3 of the shard payload (without header).
     pub checksum: Id32,
 }
+
+/// One node as the cluster map shows it: who it is, where it lives, whether
+/// it answers, whether it votes in the metadata group and whether it is being
+/// drained. The one shape the gateway's status, membership and the metrics
+/// page share, instead of ad-hoc tuples.
+///
+/// The metadata group knows `id`, `region`, `addr` and `voter`; `up` and
+/// `draining` are the gateway's knowledge (liveness, drains in progress), so
+/// a view built from the membership alone ([`NodeView::member`]) says
+/// `up: true, draining: false` until the gateway says otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: NodeId,
+    /// Failure domain (datacenter) this node lives in.
+    pub region: String,
+    /// `host:port` other nodes and clients dial.
+    pub addr: String,
+    /// Answers (not declared down).
+    pub up: bool,
+    /// Votes in the metadata group (otherwise a learner).
+    pub voter: bool,
+    /// Its shards are being moved away before it is removed.
+    pub draining: bool,
+}
+
+impl NodeView {
+    /// A member as the membership knows it: presumed up, not draining.
+    pub fn member(id: NodeId, info: &NodeInfo, voter: bool) -> Self {
+        Self {
+            id,
+            region: info.region.clone(),
+            addr: info.addr.clone(),
+            up: true,
+            voter,
+            draining: false,
+        }
+    }
+
+    /// Its place in the map (region and address).
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            region: self.region.clone(),
+            addr: self.addr.clone(),
+        }
+    }
+}

@@ -20,7 +20,7 @@ use crate::gateway::Gateway;
 use crate::liveness::{Liveness, run_prober};
 use crate::meta::{Meta, MetaError};
 use crate::peers::Peers;
-use crate::scrub::{ScrubConfig, ScrubStats};
+use crate::scrub::ScrubStats;
 use crate::shard_store::service::ShardService;
 use crate::shard_store::{ShardStore, ShardStoreError};
 use cairn_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
@@ -98,7 +98,7 @@ pub async fn run(
     )));
     workers.push(tokio::spawn(crate::repair::run(
         gateway.clone(),
-        config.gateway_config().repair,
+        (&config.repair).into(),
         workers_stopped.clone(),
     )));
     let scrub_stats = Arc::new(ScrubStats::default());
@@ -121,10 +121,7 @@ pub async fn run(
             config.node_id,
             store,
             meta.clone(),
-            ScrubConfig {
-                interval: config.scrub.interval,
-                rate_bytes_per_s: config.scrub.rate_bytes_per_s,
-            },
+            (&config.scrub).into(),
             scrub_stats,
             move |request| {
                 let reporter = reporter.clone();

@@ -14,6 +14,7 @@ use cairn_node::meta::types::{
     BlobLocation, Command, CommandResult, NodeId, NodeInfo, PackRecord, ShardPlacement,
 };
 use cairn_node::meta::{Meta, MetaConfig, MetaError};
+use cairn_node::model::NodeView;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -314,13 +315,13 @@ fn init_tenant(tenant: &str) -> Command {
     }
 }
 
-fn assert_no_region_majority(members: &BTreeMap<NodeId, (NodeInfo, bool)>) {
+fn assert_no_region_majority(members: &BTreeMap<NodeId, NodeView>) {
     let mut per_region: BTreeMap<&str, usize> = BTreeMap::new();
     let mut voters = 0;
-    for (info, voter) in members.values() {
-        if *voter {
+    for node in members.values() {
+        if node.voter {
             voters += 1;
-            *per_region.entry(info.region.as_str()).or_default() += 1;
+            *per_region.entry(node.region.as_str()).or_default() += 1;
         }
     }
     assert!(voters > 0);
@@ -353,16 +354,12 @@ async fn three_region_cluster_replicates_fails_over_and_restarts() {
             .await
             .expect("learners are added");
     }
-    let members = cluster.meta(leader).members();
-    let voters: BTreeSet<NodeId> = members
-        .iter()
-        .filter(|(_, (_, v))| *v)
-        .map(|(id, _)| *id)
-        .collect();
-    assert_eq!(voters, [1, 2, 3, 4, 5].into_iter().collect());
-    assert!(!members[&6].1, "node 6 is a learner");
+    let members = cluster.meta(leader).node_views();
+    assert_eq!(voters_of(&members), [1, 2, 3, 4, 5].into_iter().collect());
+    assert!(!members[&6].voter, "node 6 is a learner");
     assert_eq!(
-        members[&3].0, cluster.map[&3],
+        members[&3].info(),
+        cluster.map[&3],
         "members carry region and address"
     );
     assert_no_region_majority(&members);
@@ -661,11 +658,11 @@ async fn a_node_outside_the_initial_cluster_is_refused() {
     ));
 }
 
-fn voters_of(members: &BTreeMap<NodeId, (NodeInfo, bool)>) -> BTreeSet<NodeId> {
+fn voters_of(members: &BTreeMap<NodeId, NodeView>) -> BTreeSet<NodeId> {
     members
-        .iter()
-        .filter(|(_, (_, voter))| *voter)
-        .map(|(id, _)| *id)
+        .values()
+        .filter(|node| node.voter)
+        .map(|node| node.id)
         .collect()
 }
 
@@ -750,8 +747,12 @@ async fn a_seventh_node_joins_as_a_learner_and_catches_up() {
             .await
             .expect("node 7 is a member everywhere");
     }
-    let members = cluster.meta(follower).members();
-    assert_eq!(members[&7], (info.clone(), false), "node 7 is a learner");
+    let members = cluster.meta(follower).node_views();
+    assert_eq!(
+        members[&7],
+        NodeView::member(7, &info, false),
+        "node 7 is a learner"
+    );
     assert_eq!(voters_of(&members), [1, 2, 3, 4, 5].into_iter().collect());
     assert_no_region_majority(&members);
 
@@ -812,7 +813,7 @@ async fn removing_a_voter_rechooses_spread_voters() {
     cluster.stop(victim).await;
 
     // Five voters again (the learner of r3 is promoted), 2/1/2, no majority.
-    let members = cluster.meta(via).members();
+    let members = cluster.meta(via).node_views();
     assert!(!members.contains_key(&victim));
     assert_eq!(voters_of(&members).len(), 5);
     assert!(
@@ -838,7 +839,7 @@ async fn removing_a_voter_rechooses_spread_voters() {
         .remove_node(victim)
         .await
         .expect("idempotent");
-    assert_eq!(cluster.meta(via).members(), members);
+    assert_eq!(cluster.meta(via).node_views(), members);
 
     // The leader itself can be removed: it hands over, and the change
     // completes on the next leader.
@@ -850,7 +851,7 @@ async fn removing_a_voter_rechooses_spread_voters() {
     cluster.stop(leader).await;
     let new_leader = cluster.leader().await;
     assert_ne!(new_leader, leader);
-    let members = cluster.meta(new_leader).members();
+    let members = cluster.meta(new_leader).node_views();
     assert!(!members.contains_key(&leader) && !members.contains_key(&victim));
     assert_eq!(
         voters_of(&members).len(),
@@ -923,7 +924,7 @@ async fn a_wiped_voter_is_refused_then_rejoins_after_removal() {
         .find(|id| **id != leader)
         .expect("a follower");
     cluster.meta(via).remove_node(victim).await.expect("remove");
-    assert_no_region_majority(&cluster.meta(via).members());
+    assert_no_region_majority(&cluster.meta(via).node_views());
     cluster.restart(victim).await;
     assert_eq!(cluster.meta(victim).admission(), Admission::Admitted);
     eventually(&format!("node {victim} is a member again"), || {
@@ -943,7 +944,7 @@ async fn a_wiped_voter_is_refused_then_rejoins_after_removal() {
     );
     assert_eq!(rejoined.key_slots("acme").expect("slots").len(), 1);
     let leader = cluster.leader().await;
-    let members = cluster.meta(leader).members();
+    let members = cluster.meta(leader).node_views();
     assert_eq!(members.len(), 6);
     assert_eq!(voters_of(&members).len(), 5);
     assert_no_region_majority(&members);
@@ -1020,9 +1021,9 @@ async fn a_wiped_bootstrapper_never_starts_a_second_cluster() {
     );
     assert_eq!(wiped.vote, openraft::Vote::default(), "nor voted");
     assert_eq!(wiped.last_log_index, None);
-    let members = cluster.meta(leader).members();
+    let members = cluster.meta(leader).node_views();
     assert!(
-        members[&1].1,
+        members[&1].voter,
         "node 1 still counts as a voter until removed"
     );
     assert_eq!(members.len(), 4);

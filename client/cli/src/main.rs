@@ -448,17 +448,34 @@ async fn cluster_command(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<
                 region: region.clone(),
                 addr: addr.clone(),
             };
-            cluster(cli)?
+            // A new node may have to catch up by snapshot before it votes:
+            // give the change the same budget as a removal.
+            let cluster = cluster(cli)?.with_failover_budget(std::time::Duration::from_secs(600));
+            let before: pb::ClusterStatusReply = cluster
+                .call("cluster status", |mut c| async move {
+                    c.cluster_status(pb::ClusterStatusRequest {}).await
+                })
+                .await?;
+            let already = before
+                .nodes
+                .iter()
+                .any(|n| n.node_id == *node_id && n.region == *region && n.addr == *addr);
+            cluster
                 .call("add node", |mut c| {
                     let request = request.clone();
                     async move { c.add_node(request).await }
                 })
                 .await?;
             if cli.json {
-                print_json(&serde_json::json!({"added": node_id}))
+                print_json(&serde_json::json!({"added": node_id, "already_member": already}))
+            } else if already {
+                println!(
+                    "node {node_id} ({region}, {addr}) is already a member; voters re-checked across regions"
+                );
+                Ok(())
             } else {
                 println!(
-                    "node {node_id} ({region}, {addr}) added: it catches up as a learner; voters re-chosen across regions"
+                    "node {node_id} ({region}, {addr}) added: it caught up as a learner; voters re-chosen across regions (see `cairn cluster status`)"
                 );
                 Ok(())
             }

@@ -22,8 +22,10 @@ use tracing::warn;
 
 use crate::erasure::Code;
 use crate::liveness::Liveness;
+use crate::meta::membership::{AddPlan, AddRefused, check_add};
 use crate::meta::types::{Command, CommandResult, Id32, NodeId, NodeInfo, SnapshotRecord};
 use crate::meta::{Meta, MetaError};
+use crate::model::NodeView;
 use crate::peers::{Peers, addressed};
 use crate::placement::PlacementError;
 use crate::repair::RepairState;
@@ -60,6 +62,22 @@ pub enum GatewayError {
     MissingRootTree { tree: String },
     #[error("metadata group: {0}")]
     Meta(#[from] MetaError),
+    #[error("cannot add node: {0}")]
+    AddRefused(#[from] AddRefused),
+    #[error(
+        "cannot add node {node}: nothing answers as it at {addr} ({reason}); start it first (cairn-node --node-id {node} --listen {addr} ...) and check that this node can reach it"
+    )]
+    NodeUnreachable {
+        node: NodeId,
+        addr: String,
+        reason: String,
+    },
+    #[error("cannot add node {node}: another node answers at {addr} ({answer})")]
+    WrongNodeAtAddress {
+        node: NodeId,
+        addr: String,
+        answer: String,
+    },
     #[error("cannot place pack: {0}")]
     Placement(#[from] PlacementError),
     #[error(
@@ -91,6 +109,12 @@ impl GatewayError {
             GatewayError::NotFound { .. } => Status::not_found(message),
             GatewayError::AlreadyExists { .. } => Status::already_exists(message),
             GatewayError::MissingRootTree { .. } => Status::failed_precondition(message),
+            GatewayError::AddRefused(refused) if refused.is_bad_request() => {
+                Status::invalid_argument(message)
+            }
+            GatewayError::AddRefused(_)
+            | GatewayError::NodeUnreachable { .. }
+            | GatewayError::WrongNodeAtAddress { .. } => Status::failed_precondition(message),
             GatewayError::Meta(MetaError::Change(change)) if !change.is_transient() => {
                 Status::failed_precondition(message)
             }
@@ -198,14 +222,13 @@ impl Gateway {
     /// majority of the voters is unreachable from here (a peer counts as
     /// unreachable once its last call failed or the prober declared it down).
     fn quorum_lost(&self) -> Option<String> {
-        let members = self.members();
+        let views = self.node_views();
         let mut regions: BTreeMap<&str, bool> = BTreeMap::new();
         let (mut voters, mut voters_up) = (0usize, 0usize);
-        for (id, (info, voter)) in &members {
-            let reachable =
-                *id == self.node_id || (self.peers.presumed_up(*id) && !self.liveness.is_down(*id));
-            *regions.entry(info.region.as_str()).or_default() |= reachable;
-            if *voter {
+        for view in &views {
+            let reachable = view.id == self.node_id || (view.up && self.peers.presumed_up(view.id));
+            *regions.entry(view.region.as_str()).or_default() |= reachable;
+            if view.voter {
                 voters += 1;
                 voters_up += usize::from(reachable);
             }
@@ -228,6 +251,47 @@ impl Gateway {
                 lost.join(", ")
             },
         ))
+    }
+
+    /// The cluster map as this gateway sees it: the membership, with `up`
+    /// from liveness (not declared down) and `draining` from drains in progress.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        self.meta
+            .node_views()
+            .into_values()
+            .map(|view| NodeView {
+                up: view.id == self.node_id || !self.liveness.is_down(view.id),
+                draining: self.is_draining(view.id),
+                ..view
+            })
+            .collect()
+    }
+
+    /// Checks that `addr` is served by node `id` before it is added: a node
+    /// that is not running (or another node at that address) must not enter
+    /// the membership, where it would count for placement and voting.
+    async fn must_answer_as(&self, id: NodeId, addr: &str) -> Result<(), GatewayError> {
+        let unreachable = |reason: String| GatewayError::NodeUnreachable {
+            node: id,
+            addr: addr.to_string(),
+            reason,
+        };
+        let mut client = self
+            .peers
+            .shards(addr)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let request = addressed(id, pb::ShardStatsRequest {}, self.config.rpc_timeout);
+        match client.shard_stats(request).await {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                Err(GatewayError::WrongNodeAtAddress {
+                    node: id,
+                    addr: addr.to_string(),
+                    answer: status.message().to_string(),
+                })
+            }
+            Err(status) => Err(unreachable(status.message().to_string())),
+        }
     }
 
     /// The status for an error, with what this node knows of the outage
@@ -687,30 +751,30 @@ impl Cairn for Gateway {
         _request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
         let run = async {
-            let members = self.members();
+            let views = self.node_views();
             let stats = futures::future::join_all(
-                members
+                views
                     .iter()
-                    .map(|(id, (info, _))| self.node_stats(*id, info)),
+                    .map(|view| async move { self.node_stats(view.id, &view.info()).await }),
             )
             .await;
-            let nodes = members
-                .iter()
+            let nodes = views
+                .into_iter()
                 .zip(stats)
-                .map(|((id, (info, voter)), stats)| {
+                .map(|(view, stats)| {
                     if stats.is_some() {
-                        self.liveness.saw(*id);
+                        self.liveness.saw(view.id);
                     }
                     pb::NodeStatus {
-                        node_id: *id,
-                        region: info.region.clone(),
-                        addr: info.addr.clone(),
+                        node_id: view.id,
                         up: stats.is_some(),
-                        voter: *voter,
+                        voter: view.voter,
                         shards: stats.map(|s| s.0).unwrap_or_default(),
                         bytes: stats.map(|s| s.1).unwrap_or_default(),
-                        last_seen_unix_ms: self.liveness.last_seen_unix_ms(*id),
-                        down_since_unix_ms: self.liveness.down_since_unix_ms(*id),
+                        last_seen_unix_ms: self.liveness.last_seen_unix_ms(view.id),
+                        down_since_unix_ms: self.liveness.down_since_unix_ms(view.id),
+                        region: view.region,
+                        addr: view.addr,
                     }
                 })
                 .collect();
@@ -788,16 +852,21 @@ impl Cairn for Gateway {
         let req = request.into_inner();
         let run = async {
             check_name(&req.region, "region")?;
-            if req.addr.is_empty() || req.node_id == 0 {
-                return Err(invalid("node id and address are required"));
+            let (id, info) = (
+                req.node_id,
+                NodeInfo {
+                    region: req.region,
+                    addr: req.addr,
+                },
+            );
+            let plan = check_add(&self.meta.node_views(), id, &info)?;
+            if plan == AddPlan::Join {
+                self.must_answer_as(id, &info.addr).await?;
             }
-            let _ = NodeInfo {
-                region: req.region,
-                addr: req.addr,
-            };
-            Err::<pb::AddNodeReply, _>(GatewayError::NotFound {
-                what: "PENDING add_node".into(),
-            })
+            // Runs on the leader: `Meta::add_node` forwards the change there.
+            self.meta.add_node(id, info.clone()).await?;
+            tracing::info!(node_id = self.node_id, added = id, region = %info.region, addr = %info.addr, ?plan, "node added to the cluster");
+            Ok(pb::AddNodeReply {})
         };
         run.await.map(Response::new).map_err(|e| self.status(e))
     }

@@ -254,7 +254,7 @@ impl Meta {
                     node_id = me,
                     "no metadata cluster exists yet; taking part in raft"
                 );
-                super::bootstrap(
+                super::open::bootstrap(
                     &self.inner.raft,
                     me,
                     &self.inner.initial_voters,
