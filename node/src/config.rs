@@ -127,6 +127,10 @@ pub struct ScrubSection {
     pub interval: Duration,
     /// Shard bytes read per second at most (0 = unlimited).
     pub rate_bytes_per_s: u64,
+    /// Shard files no index entry names are deleted once older than this;
+    /// keep it well above the longest upload.
+    #[serde(with = "humantime_serde")]
+    pub orphan_grace: Duration,
 }
 
 impl Default for ScrubSection {
@@ -134,6 +138,7 @@ impl Default for ScrubSection {
         Self {
             interval: Duration::from_secs(3600),
             rate_bytes_per_s: 32 * 1024 * 1024,
+            orphan_grace: crate::scrub::ORPHAN_GRACE_DEFAULT,
         }
     }
 }

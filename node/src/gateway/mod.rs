@@ -7,7 +7,6 @@
 //! Errors become gRPC statuses in exactly one place, [`GatewayError::into_status`].
 
 mod read;
-mod repair;
 mod write;
 
 use std::collections::BTreeMap;
@@ -24,10 +23,11 @@ use crate::erasure::Code;
 use crate::liveness::Liveness;
 use crate::meta::types::{Command, CommandResult, Id32, NodeId, NodeInfo, SnapshotRecord};
 use crate::meta::{Meta, MetaError};
-use crate::peers::{Peers, addressed};
+use crate::peers::addressed;
 use crate::placement::PlacementError;
-use crate::repair::RepairState;
-use crate::shard_store::ShardStore;
+use crate::repair::{RepairError, RepairState, Repairer};
+use crate::scrub::ScrubStats;
+use crate::shard_io::ShardIo;
 
 /// Most ids one FindBlobs/LocateBlobs request may carry.
 pub const IDS_PER_REQUEST_MAX: usize = 100_000;
@@ -60,6 +60,10 @@ pub enum GatewayError {
     MissingRootTree { tree: String },
     #[error("metadata group: {0}")]
     Meta(#[from] MetaError),
+    #[error("repair: {0}")]
+    Repair(#[from] RepairError),
+    #[error("the Raft leader (node {leader}) did not take the request: {message}; retry")]
+    Leader { leader: NodeId, message: String },
     #[error("cannot place pack: {0}")]
     Placement(#[from] PlacementError),
     #[error(
@@ -95,6 +99,12 @@ impl GatewayError {
                 Status::failed_precondition(message)
             }
             GatewayError::Meta(_) => Status::unavailable(message),
+            GatewayError::Repair(RepairError::Meta(MetaError::Change(change)))
+                if !change.is_transient() =>
+            {
+                Status::failed_precondition(message)
+            }
+            GatewayError::Repair(_) | GatewayError::Leader { .. } => Status::unavailable(message),
             GatewayError::Placement(_) | GatewayError::TooFewShards { .. } => {
                 Status::unavailable(message)
             }
@@ -141,45 +151,43 @@ pub struct Gateway {
     region: String,
     config: GatewayConfig,
     meta: Meta,
-    store: Arc<ShardStore>,
-    peers: Arc<Peers>,
+    /// Shard calls on this node's store and on peers.
+    io: Arc<ShardIo>,
     liveness: Arc<Liveness>,
-    repair: Arc<RepairState>,
+    /// Owns repair passes, drains and fault intake; the gateway only calls it.
+    repairer: Arc<Repairer>,
+    /// This node's scrub counters (for `cluster status`).
+    scrub: Arc<ScrubStats>,
     pack_permits: Semaphore,
     /// Pack reads served at once; bounds memory (each holds up to k shards
     /// and the answer).
     read_permits: Semaphore,
-    /// Limit of repair traffic, bytes per second (reported in status).
-    repair_rate_bytes_per_s: u64,
-    /// Nodes being drained: treated as down by repair so their shards move.
-    draining: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
 }
 
 impl Gateway {
+    #[allow(clippy::too_many_arguments)] // one owner wires these once, in `server::run`
     pub fn new(
         node_id: NodeId,
         region: String,
         config: GatewayConfig,
         meta: Meta,
-        store: Arc<ShardStore>,
-        peers: Arc<Peers>,
+        io: Arc<ShardIo>,
         liveness: Arc<Liveness>,
+        repairer: Arc<Repairer>,
+        scrub: Arc<ScrubStats>,
     ) -> Self {
         let pack_permits = Semaphore::new(config.packs_in_flight_max.max(1));
-        let repair_rate_bytes_per_s = config.repair.rate_bytes_per_s;
         Self {
             node_id,
             region,
             config,
             meta,
-            store,
-            peers,
+            io,
             liveness,
-            repair: Arc::new(RepairState::default()),
-            repair_rate_bytes_per_s,
+            repairer,
+            scrub,
             pack_permits,
             read_permits: Semaphore::new(READS_IN_FLIGHT_MAX),
-            draining: Default::default(),
         }
     }
 
@@ -202,7 +210,7 @@ impl Gateway {
             let members = self.members();
             let mut regions: BTreeMap<&str, bool> = BTreeMap::new();
             for (id, (info, _)) in &members {
-                let reachable = *id == self.node_id || self.peers.presumed_up(*id);
+                let reachable = *id == self.node_id || self.io.presumed_up(*id);
                 *regions.entry(info.region.as_str()).or_default() |= reachable;
             }
             let lost: Vec<&str> = regions
@@ -234,14 +242,14 @@ impl Gateway {
 
     /// Values for the metrics page.
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
-        let (shards, shard_bytes) = self.store.stats();
+        let (shards, shard_bytes) = self.io.store().stats();
         MetricsSnapshot {
             term: self.meta.term(),
             is_leader: self.is_leader(),
             last_applied: self.meta.last_applied(),
             shards,
             shard_bytes,
-            protection: self.protection().unwrap_or_default(),
+            protection: self.repairer.protection().unwrap_or_default(),
             nodes: self
                 .members()
                 .iter()
@@ -251,7 +259,66 @@ impl Gateway {
     }
 
     pub fn repair_state(&self) -> Arc<RepairState> {
-        self.repair.clone()
+        self.repairer.state()
+    }
+
+    /// The repairer this gateway hands repair work to.
+    pub fn repairer(&self) -> &Arc<Repairer> {
+        &self.repairer
+    }
+
+    /// Reports bad shards to the leader's repairer (this node's if it leads).
+    /// Bounded by the RPC deadline; a failed report is logged, and scrub or
+    /// the next check finds the shard again.
+    pub(crate) async fn report_to_leader(&self, faults: Vec<pb::ShardFault>) -> Result<(), GatewayError> {
+        if faults.is_empty() {
+            return Ok(());
+        }
+        if self.is_leader() {
+            return self.take_faults(&faults);
+        }
+        let (leader, mut client) = self.leader_client()?;
+        client
+            .report_faults(addressed(
+                leader,
+                pb::ReportFaultsRequest { faults },
+                self.config.rpc_timeout,
+            ))
+            .await
+            .map(|_| ())
+            .map_err(|status| GatewayError::Leader {
+                leader,
+                message: status.message().to_string(),
+            })
+    }
+
+    /// Parses reported faults and hands them to the repairer.
+    fn take_faults(&self, faults: &[pb::ShardFault]) -> Result<(), GatewayError> {
+        let mut parsed = Vec::with_capacity(faults.len());
+        for fault in faults {
+            parsed.push((id32(&fault.pack_id, "pack id")?, fault.index, fault.node_id));
+        }
+        self.repairer.report_faults(parsed);
+        Ok(())
+    }
+
+    /// Repair counters for `cluster status`.
+    fn repair_status(&self) -> pb::RepairStatus {
+        use std::sync::atomic::Ordering;
+        let r: Arc<RepairState> = self.repairer.state();
+        pb::RepairStatus {
+            queue: r.queue.load(Ordering::Relaxed),
+            rate_bytes_per_s: r.rate_milli_bytes_per_s.load(Ordering::Relaxed) as f64 / 1000.0,
+            packs_repaired_total: r.packs_repaired_total.load(Ordering::Relaxed),
+            shards_written_total: r.shards_written_total.load(Ordering::Relaxed),
+            bytes_written_total: r.bytes_written_total.load(Ordering::Relaxed),
+            last_pass_unix_ms: r.last_pass_unix_ms.load(Ordering::Relaxed) as i64,
+            errors_total: r.errors_total.load(Ordering::Relaxed),
+            rate_limit_bytes_per_s: self.repairer.config().rate_bytes_per_s,
+            lost_total: r.passes_lost_total.load(Ordering::Relaxed),
+            shards_cleaned_total: r.shards_cleaned_total.load(Ordering::Relaxed),
+            bad_shards_reported: r.bad_len() as u64,
+        }
     }
 
     pub fn is_leader(&self) -> bool {
@@ -284,142 +351,22 @@ impl Gateway {
         ))
     }
 
-    /// Deletes one shard on whichever node holds it.
-    async fn remove_shard(
+    /// Shard and scrub stats of one node; `None` if it did not answer.
+    async fn node_stats(
         &self,
         node: NodeId,
-        pack_id: &Id32,
-        index: u32,
-        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
-    ) -> Result<(), String> {
+        members: &crate::shard_io::Members,
+    ) -> Option<pb::ShardStatsReply> {
         if node == self.node_id {
-            return self
-                .store
-                .delete(pack_id, index)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string());
+            let (shards, bytes) = self.io.store().stats();
+            return Some(pb::ShardStatsReply {
+                shards,
+                bytes,
+                scrub: Some(self.scrub.report()),
+            });
         }
-        let (info, _) = members
-            .get(&node)
-            .ok_or_else(|| format!("node {node} is not a member"))?;
-        let mut client = self.peers.shards(&info.addr).map_err(|e| e.to_string())?;
-        let request = pb::DeleteShardRequest {
-            pack_id: pack_id.to_vec(),
-            index,
-        };
-        client
-            .delete_shard(addressed(node, request, self.config.rpc_timeout))
-            .await
-            .map(|_| ())
-            .map_err(|status| format!("node {node}: {}", status.message()))
+        self.io.stats(node, members).await.ok()
     }
-
-    /// Reads one whole shard file from whichever node holds it.
-    async fn fetch_shard(
-        &self,
-        node: NodeId,
-        pack_id: &Id32,
-        index: u32,
-        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
-    ) -> Result<Vec<u8>, String> {
-        if node == self.node_id {
-            return self
-                .store
-                .get(pack_id, index)
-                .await
-                .map_err(|e| e.to_string());
-        }
-        let (info, _) = members
-            .get(&node)
-            .ok_or_else(|| format!("node {node} is not a member"))?;
-        let mut client = self.peers.shards(&info.addr).map_err(|e| e.to_string())?;
-        let request = pb::GetShardRequest {
-            pack_id: pack_id.to_vec(),
-            index,
-        };
-        match client
-            .get_shard(addressed(node, request, self.config.rpc_timeout))
-            .await
-        {
-            Ok(reply) => {
-                self.peers.record_ok(node);
-                Ok(reply.into_inner().shard)
-            }
-            Err(status) => {
-                if is_unreachable(&status) {
-                    self.peers.record_failure(node);
-                }
-                Err(format!("node {node}: {}", status.message()))
-            }
-        }
-    }
-
-    /// Writes one whole shard file to a node, durable when this returns Ok.
-    async fn store_shard(
-        &self,
-        node: NodeId,
-        file: Vec<u8>,
-        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
-    ) -> Result<(), String> {
-        if node == self.node_id {
-            return self
-                .store
-                .put(file)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string());
-        }
-        let (info, _) = members
-            .get(&node)
-            .ok_or_else(|| format!("node {node} is not a member"))?;
-        let mut client = self.peers.shards(&info.addr).map_err(|e| e.to_string())?;
-        let request = pb::PutShardRequest { shard: file };
-        match client
-            .put_shard(addressed(node, request, self.config.rpc_timeout))
-            .await
-        {
-            Ok(_) => {
-                self.peers.record_ok(node);
-                Ok(())
-            }
-            Err(status) => {
-                if is_unreachable(&status) {
-                    self.peers.record_failure(node);
-                }
-                Err(format!("node {node}: {}", status.message()))
-            }
-        }
-    }
-
-    async fn node_stats(&self, node: NodeId, info: &NodeInfo) -> Option<(u64, u64)> {
-        if node == self.node_id {
-            return Some(self.store.stats());
-        }
-        let mut client = self.peers.shards(&info.addr).ok()?;
-        let request = addressed(node, pb::ShardStatsRequest {}, self.config.rpc_timeout);
-        match client.shard_stats(request).await {
-            Ok(reply) => {
-                self.peers.record_ok(node);
-                let reply = reply.into_inner();
-                Some((reply.shards, reply.bytes))
-            }
-            Err(status) => {
-                if is_unreachable(&status) {
-                    self.peers.record_failure(node);
-                }
-                None
-            }
-        }
-    }
-}
-
-/// Statuses that mean "the node did not answer", as opposed to "it answered no".
-fn is_unreachable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-    )
 }
 
 fn snapshot_to_wire(s: SnapshotRecord) -> pb::SnapshotRecord {
@@ -649,11 +596,14 @@ impl Cairn for Gateway {
         let run = async {
             let members = self.members();
             let stats = futures::future::join_all(
-                members
-                    .iter()
-                    .map(|(id, (info, _))| self.node_stats(*id, info)),
+                members.keys().map(|id| self.node_stats(*id, &members)),
             )
             .await;
+            let (orphan_shards, orphan_bytes) = stats
+                .iter()
+                .flatten()
+                .filter_map(|s| s.scrub.as_ref())
+                .fold((0, 0), |(n, b), s| (n + s.orphan_shards, b + s.orphan_bytes));
             let nodes = members
                 .iter()
                 .zip(stats)
@@ -667,8 +617,9 @@ impl Cairn for Gateway {
                         addr: info.addr.clone(),
                         up: stats.is_some(),
                         voter: *voter,
-                        shards: stats.map(|s| s.0).unwrap_or_default(),
-                        bytes: stats.map(|s| s.1).unwrap_or_default(),
+                        shards: stats.as_ref().map(|s| s.shards).unwrap_or_default(),
+                        bytes: stats.as_ref().map(|s| s.bytes).unwrap_or_default(),
+                        scrub: stats.and_then(|s| s.scrub),
                         last_seen_unix_ms: self.liveness.last_seen_unix_ms(*id),
                         down_since_unix_ms: self.liveness.down_since_unix_ms(*id),
                     }
@@ -686,8 +637,10 @@ impl Cairn for Gateway {
                 packs_degraded: meta_stats.packs_needing_rebalance,
                 k: self.config.code.data,
                 m: self.config.code.parity,
-                protection: Some(self.protection()?.into_wire()),
+                protection: Some(self.repairer.protection()?.into_wire()),
                 repair: Some(self.repair_status()),
+                orphan_shards,
+                orphan_bytes,
             })
         };
         run.await.map(Response::new).map_err(|e| self.status(e))
@@ -717,11 +670,12 @@ impl Cairn for Gateway {
                 ))
                 .await;
         }
-        let outcome = self.repair_pass(0).await;
+        let outcome = self.repairer.pass(0).await;
         Ok(Response::new(pb::RepairReply {
             queued: outcome.queued,
             packs_repaired: outcome.repaired,
             errors: outcome.errors,
+            lost: outcome.lost,
         }))
     }
 
@@ -773,9 +727,10 @@ impl Cairn for Gateway {
                 .remove_node(addressed(leader, req, self.config.rpc_timeout * 30))
                 .await;
         }
-        self.drain_and_remove(req.node_id, req.drain)
+        self.repairer
+            .drain_and_remove(req.node_id, req.drain)
             .await
-            .map(Response::new)
-            .map_err(|e| self.status(e))
+            .map(|shards_moved| Response::new(pb::RemoveNodeReply { shards_moved }))
+            .map_err(|e| self.status(e.into()))
     }
 }
