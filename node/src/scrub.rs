@@ -308,7 +308,10 @@ pub async fn run<R, Fut>(
         };
         match report(request).await {
             Ok(()) => {
-                info!(faults = pending.len(), "scrub faults reported to the leader");
+                info!(
+                    faults = pending.len(),
+                    "scrub faults reported to the leader"
+                );
                 pending.clear();
             }
             Err(reason) => {

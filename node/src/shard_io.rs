@@ -160,9 +160,7 @@ impl ShardIo {
         node: NodeId,
         members: &Members,
     ) -> Result<pb::shards_client::ShardsClient<tonic::transport::Channel>, ShardIoError> {
-        let (info, _) = members
-            .get(&node)
-            .ok_or(ShardIoError::NotMember { node })?;
+        let (info, _) = members.get(&node).ok_or(ShardIoError::NotMember { node })?;
         self.peers
             .shards(&info.addr)
             .map_err(|e| ShardIoError::Connect {

@@ -343,7 +343,10 @@ async fn check_read_data_repair_fixes_what_it_found_at_once() {
     let six = files(6);
     assert_eq!(six.len(), 2, "node 6 holds one shard of each pack");
     let (p, q) = (pack_of(&six[0]), pack_of(&six[1]));
-    let (a, b) = (std::fs::read(&six[0]).expect("a"), std::fs::read(&six[1]).expect("b"));
+    let (a, b) = (
+        std::fs::read(&six[0]).expect("a"),
+        std::fs::read(&six[1]).expect("b"),
+    );
     std::fs::write(&six[0], &b).expect("swap");
     std::fs::write(&six[1], &a).expect("swap");
     let of_pack = |id, pack: &str| {
@@ -422,7 +425,12 @@ async fn a_bad_read_reports_the_shard_to_repair() {
         },
     )
     .await;
-    must_check_clean(&repo, "after the read-reported repair", Duration::from_secs(10)).await;
+    must_check_clean(
+        &repo,
+        "after the read-reported repair",
+        Duration::from_secs(10),
+    )
+    .await;
     cluster.shutdown().await.expect("shutdown");
 }
 
@@ -433,7 +441,13 @@ async fn concurrent_repair_passes_never_leave_fewer_good_shards() {
     let repo = must_init(&cluster).await;
     let summary = must_backup(&repo, &source(dir.path()), "chat-messages").await;
     let source = dir.path().join("source");
-    must_reach(&cluster, "initial protection", Duration::from_secs(20), fully_protected).await;
+    must_reach(
+        &cluster,
+        "initial protection",
+        Duration::from_secs(20),
+        fully_protected,
+    )
+    .await;
     let status = cluster.status().await.expect("status");
     let victim = status
         .nodes
@@ -518,25 +532,40 @@ async fn scrub_sweeps_old_orphans_keeps_young_ones_and_survives_a_misfiled_file(
     let old = must_plant_orphan(&shards, 1, Duration::from_secs(7200));
     let young = must_plant_orphan(&shards, 2, Duration::from_secs(1));
 
-    wait_until("old orphan and misfiled file gone", Duration::from_secs(30), || async {
-        if old.exists() || misfiled.exists() {
-            return Err(format!("old {} misfiled {}", old.exists(), misfiled.exists()));
-        }
-        let status = cluster.status().await?;
-        let node = status.nodes.iter().find(|n| n.node_id == 3).ok_or("node 3")?;
-        let scrub = node.scrub.clone().unwrap_or_default();
-        if scrub.orphans_deleted_total >= 1
-            && scrub.misfiled_total >= 1
-            && scrub.orphan_shards >= 1
-            && status.orphan_shards >= 1
-        {
-            Ok(())
-        } else {
-            Err(format!("{scrub:?}"))
-        }
-    })
+    wait_until(
+        "old orphan and misfiled file gone",
+        Duration::from_secs(30),
+        || async {
+            if old.exists() || misfiled.exists() {
+                return Err(format!(
+                    "old {} misfiled {}",
+                    old.exists(),
+                    misfiled.exists()
+                ));
+            }
+            let status = cluster.status().await?;
+            let node = status
+                .nodes
+                .iter()
+                .find(|n| n.node_id == 3)
+                .ok_or("node 3")?;
+            let scrub = node.scrub.unwrap_or_default();
+            if scrub.orphans_deleted_total >= 1
+                && scrub.misfiled_total >= 1
+                && scrub.orphan_shards >= 1
+                && status.orphan_shards >= 1
+            {
+                Ok(())
+            } else {
+                Err(format!("{scrub:?}"))
+            }
+        },
+    )
     .await;
-    assert!(young.exists(), "an orphan younger than the grace period is kept");
+    assert!(
+        young.exists(),
+        "an orphan younger than the grace period is kept"
+    );
     must_check_clean(&repo, "after the sweep", Duration::from_secs(10)).await;
     cluster.shutdown().await.expect("shutdown");
 }

@@ -270,7 +270,10 @@ impl Gateway {
     /// Reports bad shards to the leader's repairer (this node's if it leads).
     /// Bounded by the RPC deadline; a failed report is logged, and scrub or
     /// the next check finds the shard again.
-    pub(crate) async fn report_to_leader(&self, faults: Vec<pb::ShardFault>) -> Result<(), GatewayError> {
+    pub(crate) async fn report_to_leader(
+        &self,
+        faults: Vec<pb::ShardFault>,
+    ) -> Result<(), GatewayError> {
         if faults.is_empty() {
             return Ok(());
         }
@@ -595,15 +598,16 @@ impl Cairn for Gateway {
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
         let run = async {
             let members = self.members();
-            let stats = futures::future::join_all(
-                members.keys().map(|id| self.node_stats(*id, &members)),
-            )
-            .await;
+            let stats =
+                futures::future::join_all(members.keys().map(|id| self.node_stats(*id, &members)))
+                    .await;
             let (orphan_shards, orphan_bytes) = stats
                 .iter()
                 .flatten()
                 .filter_map(|s| s.scrub.as_ref())
-                .fold((0, 0), |(n, b), s| (n + s.orphan_shards, b + s.orphan_bytes));
+                .fold((0, 0), |(n, b), s| {
+                    (n + s.orphan_shards, b + s.orphan_bytes)
+                });
             let nodes = members
                 .iter()
                 .zip(stats)

@@ -37,7 +37,11 @@ pub(super) struct ShardFailure {
 /// A shard payload that passed every check, or why it did not.
 type ShardResult = Result<Vec<u8>, ShardFailure>;
 
-fn fault_of(pack: &PackRecord, placement: &ShardPlacement, failure: &ShardFailure) -> pb::ShardFault {
+fn fault_of(
+    pack: &PackRecord,
+    placement: &ShardPlacement,
+    failure: &ShardFailure,
+) -> pb::ShardFault {
     pb::ShardFault {
         pack_id: pack.id.to_vec(),
         index: placement.index,
@@ -176,7 +180,9 @@ impl Gateway {
         if !faults.is_empty() {
             let count = faults.len();
             match self.report_to_leader(faults).await {
-                Ok(()) => warn!(pack_id = %hex::encode(pack_id), count, "read met bad shards; reported, repair scheduled"),
+                Ok(()) => {
+                    warn!(pack_id = %hex::encode(pack_id), count, "read met bad shards; reported, repair scheduled")
+                }
                 Err(error) => warn!(pack_id = %hex::encode(pack_id), %error,
                     "read met bad shards but could not report them; scrub will find them"),
             }
@@ -229,16 +235,14 @@ impl Gateway {
 
         let mut out = Vec::with_capacity(ranges.len());
         for &(offset, length) in &ranges {
-            out.push(
-                copy_range(&good, shard_len, offset, length).ok_or_else(|| {
-                    GatewayError::Unrecoverable {
-                        pack: hex::encode(pack_id),
-                        good: good.len(),
-                        needed: k,
-                        failures: "a data shard is shorter than the index records".into(),
-                    }
-                })?,
-            );
+            out.push(copy_range(&good, shard_len, offset, length).ok_or_else(|| {
+                GatewayError::Unrecoverable {
+                    pack: hex::encode(pack_id),
+                    good: good.len(),
+                    needed: k,
+                    failures: "a data shard is shorter than the index records".into(),
+                }
+            })?);
         }
         let ranges = out;
         Ok(pb::ReadPackReply {

@@ -617,7 +617,10 @@ mod tests {
             shards,
             needs_rebalance: needs,
         };
-        assert_eq!(run(&v, cas(vec![], vec![], false)), CommandResult::UnknownPack);
+        assert_eq!(
+            run(&v, cas(vec![], vec![], false)),
+            CommandResult::UnknownPack
+        );
         let mut record = pack(1, "t", true);
         record.shards = vec![shard(0, 1), shard(1, 2)];
         run(

@@ -121,8 +121,7 @@ pub fn unix_ms_now() -> u64 {
         .as_millis() as u64
 }
 
-impl RepairState {
-}
+impl RepairState {}
 
 /// Keeps a stream of writes under `rate` bytes per second.
 pub struct RateLimiter {

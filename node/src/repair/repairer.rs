@@ -62,7 +62,9 @@ pub enum RepairError {
     PackVanished,
     #[error("plan keeps shard {index} on node {node}, which the index does not list; replanning")]
     PlanInconsistent { index: u32, node: NodeId },
-    #[error("drain incomplete: {left} shard(s) still on node {node}; the node was not removed, run remove-node again")]
+    #[error(
+        "drain incomplete: {left} shard(s) still on node {node}; the node was not removed, run remove-node again"
+    )]
     DrainIncomplete { node: NodeId, left: u64 },
 }
 
@@ -292,7 +294,11 @@ impl Repairer {
             if have >= code.data as usize {
                 break;
             }
-            match self.io.get(shard.node, &pack.id, shard.index, members).await {
+            match self
+                .io
+                .get(shard.node, &pack.id, shard.index, members)
+                .await
+            {
                 Ok(file) => match verify_shard(pack, shard, &file) {
                     Ok(payload) => {
                         slots[shard.index as usize] = Some(payload);
@@ -448,7 +454,11 @@ impl Repairer {
             if current.contains(&key) || before.contains(&key) {
                 continue;
             }
-            match self.io.delete(shard.node, &pack.id, shard.index, members).await {
+            match self
+                .io
+                .delete(shard.node, &pack.id, shard.index, members)
+                .await
+            {
                 Ok(()) => {
                     self.state
                         .shards_cleaned_total
