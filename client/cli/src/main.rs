@@ -63,11 +63,12 @@ enum Command {
     },
     /// Restore a snapshot (or `latest`).
     Restore(RestoreArgs),
-    /// Verify the index and trees; with --read-data every shard; --repair fixes what it can first.
+    /// Verify the index and trees; with --read-data every shard; --repair repairs what it found, then verifies again.
     Check {
         #[arg(long)]
         read_data: bool,
-        /// Run a repair pass on the leader now (rebuild lost shards, rebalance), then check.
+        /// If the check finds problems, run a repair pass on the leader now (rebuild the shards
+        /// this check found bad, rebalance), then check again and report that verified result.
         #[arg(long)]
         repair: bool,
     },

@@ -138,7 +138,19 @@ impl Repairer {
     }
 
     /// Takes reports of bad shards `(pack, index, node)` and starts a pass.
+    /// Reports about shards the index does not place there (a reader with a
+    /// stale placement, a misfiled file's name) are dropped: nothing to repair.
     pub fn report_faults(&self, faults: Vec<(Id32, u32, NodeId)>) {
+        let faults: Vec<_> = faults
+            .into_iter()
+            .filter(|(pack, index, node)| {
+                self.meta.pack(pack).ok().flatten().is_some_and(|p| {
+                    p.shards
+                        .iter()
+                        .any(|s| s.index == *index && s.node == *node)
+                })
+            })
+            .collect();
         if faults.is_empty() {
             return;
         }
