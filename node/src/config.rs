@@ -201,6 +201,10 @@ pub struct ScrubSection {
     /// Shard bytes read per second at most (0 = unlimited); `"32MiB"` or bytes.
     #[serde(deserialize_with = "size")]
     pub rate_bytes_per_s: u64,
+    /// Shard files no index entry names are deleted once older than this;
+    /// keep it well above the longest upload.
+    #[serde(with = "humantime_serde")]
+    pub orphan_grace: Duration,
 }
 
 impl Default for ScrubSection {
@@ -208,6 +212,7 @@ impl Default for ScrubSection {
         Self {
             interval: Duration::from_secs(3600),
             rate_bytes_per_s: 32 * 1024 * 1024,
+            orphan_grace: crate::scrub::ORPHAN_GRACE_DEFAULT,
         }
     }
 }
@@ -217,6 +222,7 @@ impl From<&ScrubSection> for crate::scrub::ScrubConfig {
         Self {
             interval: section.interval,
             rate_bytes_per_s: section.rate_bytes_per_s,
+            orphan_grace: section.orphan_grace,
         }
     }
 }

@@ -20,4 +20,5 @@ pub mod placement;
 pub mod repair;
 pub mod scrub;
 pub mod server;
+pub mod shard_io;
 pub mod shard_store;

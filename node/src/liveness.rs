@@ -7,6 +7,7 @@
 //! route around a failed call at once, see `peers`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +24,19 @@ pub struct Liveness {
     down_after: Duration,
     started: Instant,
     seen: Mutex<HashMap<NodeId, Instant>>,
+    /// The prober's own health, for metrics.
+    pub prober: ProberStats,
+}
+
+/// Health of the prober worker.
+#[derive(Debug, Default)]
+pub struct ProberStats {
+    /// End of the last probe round, Unix ms.
+    pub last_success_unix_ms: AtomicU64,
+    /// Probes that got no answer.
+    pub errors_total: AtomicU64,
+    /// Peers probed in the round in flight.
+    pub queue: AtomicU64,
 }
 
 fn unix_ms(at: Instant) -> i64 {
@@ -40,6 +54,7 @@ impl Liveness {
             down_after,
             started: Instant::now(),
             seen: Mutex::new(HashMap::new()),
+            prober: ProberStats::default(),
         }
     }
 
@@ -116,11 +131,22 @@ pub async fn run_prober(
                             liveness.saw(id);
                             peers.record_ok(id);
                         } else {
+                            liveness.prober.errors_total.fetch_add(1, Ordering::Relaxed);
                             peers.record_failure(id);
                         }
                     }
                 });
+        let probes: Vec<_> = probes.collect();
+        liveness
+            .prober
+            .queue
+            .store(probes.len() as u64, Ordering::Relaxed);
         futures::future::join_all(probes).await;
+        liveness.prober.queue.store(0, Ordering::Relaxed);
+        liveness
+            .prober
+            .last_success_unix_ms
+            .store(crate::repair::unix_ms_now(), Ordering::Relaxed);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,

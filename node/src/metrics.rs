@@ -27,6 +27,7 @@ use crate::scrub::ScrubStats;
 pub struct Sources {
     pub gateway: Arc<Gateway>,
     pub scrub: Arc<ScrubStats>,
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
@@ -166,6 +167,100 @@ pub fn render(sources: &Sources) -> Result<String, std::fmt::Error> {
         "cairn_scrub_faults",
         "Corrupt or missing shards found by scrub",
         load(&sources.scrub.faults_total),
+    );
+    // Every background worker: a last-success timestamp, an error counter
+    // and a queue length, so a stuck worker can raise an alert.
+    gauge(
+        &mut registry,
+        "cairn_repair_last_success_timestamp_seconds",
+        "End of the last repair round that finished without errors (followers: last idle round)",
+        (load(&repair.last_success_unix_ms) / 1000) as i64,
+    );
+    counter(
+        &mut registry,
+        "cairn_repair_lost",
+        "Pack repairs that lost the placement compare-and-set to another writer",
+        load(&repair.passes_lost_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_repair_shards_cleaned",
+        "Shards written by failed or lost repairs and deleted again",
+        load(&repair.shards_cleaned_total),
+    );
+    gauge(
+        &mut registry,
+        "cairn_repair_bad_shards",
+        "Bad shards reported and not yet repaired",
+        repair.bad_len() as i64,
+    );
+    let scrub = &sources.scrub;
+    gauge(
+        &mut registry,
+        "cairn_scrub_last_success_timestamp_seconds",
+        "End of the last finished scrub round",
+        (load(&scrub.last_success_unix_ms) / 1000) as i64,
+    );
+    counter(
+        &mut registry,
+        "cairn_scrub_errors",
+        "Scrub rounds, files or reports that failed",
+        load(&scrub.errors_total),
+    );
+    gauge(
+        &mut registry,
+        "cairn_scrub_queue_faults",
+        "Faults found by scrub and not yet taken by the leader",
+        load(&scrub.queue) as i64,
+    );
+    gauge(
+        &mut registry,
+        "cairn_scrub_orphan_shards",
+        "Shard files no index entry names, left at the end of the last round (younger than the grace period)",
+        load(&scrub.orphan_shards) as i64,
+    );
+    gauge(
+        &mut registry,
+        "cairn_scrub_orphan_bytes",
+        "Bytes of the orphan shard files left at the end of the last round",
+        load(&scrub.orphan_bytes) as i64,
+    );
+    counter(
+        &mut registry,
+        "cairn_scrub_orphans_deleted",
+        "Orphan shard files deleted after the grace period",
+        load(&scrub.orphans_deleted_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_scrub_orphan_deleted_bytes",
+        "Bytes of orphan shard files deleted",
+        load(&scrub.orphan_bytes_deleted_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_scrub_misfiled",
+        "Shard files holding another shard than their name, quarantined",
+        load(&scrub.misfiled_total),
+    );
+    let prober = &sources.liveness.prober;
+    gauge(
+        &mut registry,
+        "cairn_liveness_last_success_timestamp_seconds",
+        "End of the last liveness probe round",
+        (load(&prober.last_success_unix_ms) / 1000) as i64,
+    );
+    counter(
+        &mut registry,
+        "cairn_liveness_probe_errors",
+        "Liveness probes that got no answer",
+        load(&prober.errors_total),
+    );
+    gauge(
+        &mut registry,
+        "cairn_liveness_queue_probes",
+        "Probes in the round in flight",
+        load(&prober.queue) as i64,
     );
     let mut text = String::new();
     encode(&mut text, &registry)?;

@@ -244,6 +244,76 @@ pub fn healthy_possible(code: Code, candidates: &[Candidate]) -> bool {
     capacity >= u64::from(code.total())
 }
 
+/// The one rule for a stored pack's shards being well placed: at most `m`
+/// in any region (losing a region loses nothing), and at most one per node
+/// whenever the cluster has at least `k + m` members. `region_of` names the
+/// region of a node (`None`: not a member, counted under one unknown region).
+/// The gateway (is a new pack degraded?), repair (is a pack misplaced?) and
+/// check (is a pack at risk from a region loss?) all use this.
+pub fn well_placed<'a>(
+    code: Code,
+    nodes: impl IntoIterator<Item = NodeId>,
+    region_of: impl Fn(NodeId) -> Option<&'a str>,
+    members: usize,
+) -> bool {
+    let mut per_node: BTreeMap<NodeId, u32> = BTreeMap::new();
+    let mut per_region: BTreeMap<Option<&'a str>, u32> = BTreeMap::new();
+    for node in nodes {
+        *per_node.entry(node).or_default() += 1;
+        *per_region.entry(region_of(node)).or_default() += 1;
+    }
+    let enough_nodes = members >= code.total() as usize;
+    per_region.values().all(|&n| n <= code.parity)
+        && (!enough_nodes || per_node.values().all(|&n| n <= 1))
+}
+
+/// Fully protected: every index `0..k+m` exactly once, [`well_placed`].
+pub fn fully_protected<'a>(
+    code: Code,
+    shards: &[(u32, NodeId)],
+    region_of: impl Fn(NodeId) -> Option<&'a str>,
+    members: usize,
+) -> bool {
+    let mut indices: Vec<u32> = shards.iter().map(|(i, _)| *i).collect();
+    indices.sort_unstable();
+    indices == (0..code.total()).collect::<Vec<_>>()
+        && well_placed(code, shards.iter().map(|(_, n)| *n), region_of, members)
+}
+
+/// Whether losing some one region would leave fewer than `k` of these shards
+/// (more than `m` of them in one region).
+pub fn region_loss_fatal<'a>(
+    code: Code,
+    nodes: impl IntoIterator<Item = NodeId>,
+    region_of: impl Fn(NodeId) -> Option<&'a str>,
+) -> bool {
+    let mut per_region: BTreeMap<Option<&'a str>, u32> = BTreeMap::new();
+    let mut total = 0u32;
+    for node in nodes {
+        *per_region.entry(region_of(node)).or_default() += 1;
+        total += 1;
+    }
+    per_region
+        .values()
+        .any(|&n| total.saturating_sub(n) < code.data)
+}
+
+/// The acknowledgement rule of a new pack: at least `k + 1` distinct shard
+/// indices durable (any one shard may be lost afterwards and the pack still
+/// decodes) and no node holding more than `m` of them. Note: a node holding
+/// two of exactly `k + 1` shards is not covered by that margin; the gateway
+/// writes all `k + m` whenever it can, so this is the floor, not the rule.
+pub fn ack_allowed(code: Code, durable: &[(u32, NodeId)]) -> bool {
+    let mut indices: Vec<u32> = durable.iter().map(|(i, _)| *i).collect();
+    indices.sort_unstable();
+    indices.dedup();
+    let mut per_node: BTreeMap<NodeId, u32> = BTreeMap::new();
+    for (_, node) in durable {
+        *per_node.entry(*node).or_default() += 1;
+    }
+    indices.len() > code.data as usize && per_node.values().all(|&n| n <= code.parity)
+}
+
 /// The order in which a reader should try the shards of a pack.
 ///
 /// Shards on nodes in `excluded_regions` are dropped. The rest are ordered:
@@ -274,6 +344,61 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
+
+    proptest! {
+        /// The ack rule is exactly "k+1 distinct shards, at most m per
+        /// node", and an acknowledged pack survives the loss of any one shard.
+        #[test]
+        fn ack_allowed_means_any_one_node_may_fail(
+            durable in prop::collection::vec((0u32..6, 1u64..6), 0..8),
+        ) {
+            let code = Code::default();
+            let mut seen = BTreeSet::new();
+            let durable: Vec<(u32, NodeId)> =
+                durable.into_iter().filter(|(i, _)| seen.insert(*i)).collect();
+            let nodes: BTreeSet<NodeId> = durable.iter().map(|(_, n)| *n).collect();
+            let survives_any_shard = durable.len() > code.data as usize;
+            let per_node_ok = nodes.iter().all(|n| {
+                durable.iter().filter(|(_, m)| m == n).count() <= code.parity as usize
+            });
+            prop_assert_eq!(
+                ack_allowed(code, &durable),
+                durable.len() > code.data as usize && per_node_ok
+            );
+            if ack_allowed(code, &durable) {
+                prop_assert!(survives_any_shard);
+            }
+        }
+
+        /// A well placed full pack survives the loss of any one region, and
+        /// a pack that a region loss would make unrecoverable is never
+        /// well placed.
+        #[test]
+        fn well_placed_packs_survive_any_region(
+            holders in prop::collection::vec(0u64..9, 6),
+            members in 1usize..12,
+        ) {
+            let code = Code::default();
+            let region_of = |n: NodeId| Some(["r1", "r2", "r3"][(n % 3) as usize]);
+            let shards: Vec<(u32, NodeId)> =
+                holders.iter().enumerate().map(|(i, n)| (i as u32, *n)).collect();
+            let nodes = || shards.iter().map(|(_, n)| *n);
+            if well_placed(code, nodes(), region_of, members) {
+                prop_assert!(!region_loss_fatal(code, nodes(), region_of));
+                for region in ["r1", "r2", "r3"] {
+                    let left = nodes().filter(|n| region_of(*n) != Some(region)).count();
+                    prop_assert!(left >= code.data as usize);
+                }
+            }
+            if region_loss_fatal(code, nodes(), region_of) {
+                prop_assert!(!well_placed(code, nodes(), region_of, members));
+            }
+            prop_assert_eq!(
+                fully_protected(code, &shards, region_of, members),
+                well_placed(code, nodes(), region_of, members)
+            );
+        }
+    }
 
     fn topology(regions: &[(&str, u64, bool)]) -> Vec<Candidate> {
         // (region, node count, up) -> nodes numbered region-major.

@@ -20,7 +20,9 @@ use crate::gateway::Gateway;
 use crate::liveness::{Liveness, run_prober};
 use crate::meta::{Meta, MetaError};
 use crate::peers::Peers;
+use crate::repair::Repairer;
 use crate::scrub::ScrubStats;
+use crate::shard_io::ShardIo;
 use crate::shard_store::service::ShardService;
 use crate::shard_store::{ShardStore, ShardStoreError};
 use cairn_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
@@ -72,16 +74,32 @@ pub async fn run(
         Duration::from_secs(60),
     ));
     let liveness = Arc::new(Liveness::new(config.node_id, config.down_after));
+    let gateway_config = config.gateway_config();
+    let io = Arc::new(ShardIo::new(
+        config.node_id,
+        store.clone(),
+        peers.clone(),
+        gateway_config.rpc_timeout,
+    ));
+    let repairer = Arc::new(Repairer::new(
+        config.node_id,
+        meta.clone(),
+        io.clone(),
+        liveness.clone(),
+        gateway_config.repair.clone(),
+    ));
+    let scrub_stats = Arc::new(ScrubStats::default());
     let gateway = Arc::new(Gateway::new(
         config.node_id,
         config.region.clone(),
-        config.gateway_config(),
+        gateway_config,
         meta.clone(),
-        store.clone(),
-        peers.clone(),
+        io,
         liveness.clone(),
+        repairer.clone(),
+        scrub_stats.clone(),
     ));
-    let shards = ShardService::new(store.clone(), config.node_id);
+    let shards = ShardService::new(store.clone(), config.node_id).with_scrub(scrub_stats.clone());
 
     // Background workers, each with a name, an owner (this function) and a
     // shutdown path (the watch below); joined before Raft stops.
@@ -90,18 +108,13 @@ pub async fn run(
         (config.down_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
     let mut workers = Vec::new();
     workers.push(tokio::spawn(run_prober(
-        liveness,
+        liveness.clone(),
         peers,
         meta.clone(),
         probe_interval,
         workers_stopped.clone(),
     )));
-    workers.push(tokio::spawn(crate::repair::run(
-        gateway.clone(),
-        (&config.repair).into(),
-        workers_stopped.clone(),
-    )));
-    let scrub_stats = Arc::new(ScrubStats::default());
+    workers.push(tokio::spawn(repairer.run(workers_stopped.clone())));
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr)
             .await
@@ -111,6 +124,7 @@ pub async fn run(
             crate::metrics::Sources {
                 gateway: gateway.clone(),
                 scrub: scrub_stats.clone(),
+                liveness: liveness.clone(),
             },
             workers_stopped.clone(),
         )));

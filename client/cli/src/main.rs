@@ -63,11 +63,12 @@ enum Command {
     },
     /// Restore a snapshot (or `latest`).
     Restore(RestoreArgs),
-    /// Verify the index and trees; with --read-data every shard; --repair fixes what it can first.
+    /// Verify the index and trees; with --read-data every shard; --repair repairs what it found, then verifies again.
     Check {
         #[arg(long)]
         read_data: bool,
-        /// Run a repair pass on the leader now (rebuild lost shards, rebalance), then check.
+        /// If the check finds problems, run a repair pass on the leader now (rebuild the shards
+        /// this check found bad, rebalance), then check again and report that verified result.
         #[arg(long)]
         repair: bool,
     },
@@ -514,23 +515,96 @@ async fn cluster_command(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<
 
 async fn check(cli: &Cli, read_data: bool, repair: bool) -> anyhow::Result<()> {
     let repo = open(cli).await?;
-    let repaired = if repair {
+    // The check reports every bad shard it finds to the leader's repair
+    // queue; with --repair, a pass then repairs what it found and a second
+    // check verifies the result, which is what is printed and exited on.
+    let first = check_once(&repo, read_data).await?;
+    let mut repaired = None;
+    let result = if repair && !first.problems.is_empty() {
         let reply = repo.repair_now().await?;
         if !cli.json {
             println!(
-                "repair pass: {} pack(s) needed work, {} repaired, {} error(s)",
-                reply.queued, reply.packs_repaired, reply.errors
+                "found {} problem(s); repair pass: {} pack(s) needed work, {} repaired, {} error(s); checking again",
+                first.problems.len(),
+                reply.queued,
+                reply.packs_repaired,
+                reply.errors
             );
         }
-        Some(reply)
+        repaired = Some(reply);
+        check_once(&repo, read_data).await?
     } else {
-        None
+        first
     };
+    let CheckOutcome {
+        snapshots,
+        packs_checked,
+        shards_checked,
+        problems,
+        misplaced,
+    } = result;
+    let ok = problems.is_empty();
+    if cli.json {
+        print_json(&serde_json::json!({
+            "ok": ok, "snapshots_checked": snapshots, "packs_checked": packs_checked,
+            "shards_checked": shards_checked, "read_data": read_data, "problems": problems,
+            "misplaced_packs": misplaced, "verified_after_repair": repaired.is_some(),
+            "repair": repaired.map(|r| serde_json::json!({"queued": r.queued, "packs_repaired": r.packs_repaired, "errors": r.errors, "lost": r.lost}))}))?;
+    } else {
+        println!(
+            "checked {} snapshot(s), {} pack(s){}",
+            snapshots,
+            packs_checked,
+            if read_data {
+                format!(", {shards_checked} shard(s) read")
+            } else {
+                String::new()
+            }
+        );
+        for p in &problems {
+            println!("problem: {p}");
+        }
+        if !misplaced.is_empty() {
+            println!(
+                "misplaced: {} pack(s) would not survive the loss of one region (more than m shards in a region), awaiting rebalance",
+                misplaced.len()
+            );
+        }
+        println!(
+            "{}",
+            if ok {
+                "no problems found"
+            } else {
+                "PROBLEMS FOUND"
+            }
+        );
+    }
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// What one check found.
+struct CheckOutcome {
+    snapshots: usize,
+    packs_checked: u64,
+    shards_checked: u64,
+    /// Every problem, misplaced packs included (each is a problem too).
+    problems: Vec<serde_json::Value>,
+    /// Packs a region loss would make unrecoverable (hex ids).
+    misplaced: Vec<String>,
+}
+
+async fn check_once(
+    repo: &cairn_client::Repository,
+    read_data: bool,
+) -> anyhow::Result<CheckOutcome> {
     let mut problems: Vec<serde_json::Value> = Vec::new();
     // Trees: every snapshot's trees decode and every chunk is indexed.
     let snapshots = repo.snapshots(None).await?;
     for snapshot in &snapshots {
-        match restore::walk(&repo, snapshot, &[]).await {
+        match restore::walk(repo, snapshot, &[]).await {
             Ok(items) => {
                 let ids: Vec<_> = items
                     .iter()
@@ -557,39 +631,18 @@ async fn check(cli: &Cli, read_data: bool, repair: bool) -> anyhow::Result<()> {
     for pack in &reply.unrecoverable {
         problems.push(serde_json::json!({"pack": hex::encode(pack), "fault": "unrecoverable: fewer than k good shards"}));
     }
-    let ok = problems.is_empty();
-    if cli.json {
-        print_json(&serde_json::json!({
-            "ok": ok, "snapshots_checked": snapshots.len(), "packs_checked": reply.packs_checked,
-            "shards_checked": reply.shards_checked, "read_data": read_data, "problems": problems,
-            "repair": repaired.map(|r| serde_json::json!({"queued": r.queued, "packs_repaired": r.packs_repaired, "errors": r.errors}))}))?;
-    } else {
-        println!(
-            "checked {} snapshot(s), {} pack(s){}",
-            snapshots.len(),
-            reply.packs_checked,
-            if read_data {
-                format!(", {} shard(s) read", reply.shards_checked)
-            } else {
-                String::new()
-            }
-        );
-        for p in &problems {
-            println!("problem: {p}");
-        }
-        println!(
-            "{}",
-            if ok {
-                "no problems found"
-            } else {
-                "PROBLEMS FOUND"
-            }
-        );
+    let misplaced: Vec<String> = reply.misplaced.iter().map(hex::encode).collect();
+    for pack in &misplaced {
+        problems.push(serde_json::json!({"pack": pack, "class": "misplaced",
+            "fault": "misplaced: more than m shards in one region, a region loss would make it unrecoverable; awaiting rebalance"}));
     }
-    if !ok {
-        std::process::exit(1);
-    }
-    Ok(())
+    Ok(CheckOutcome {
+        snapshots: snapshots.len(),
+        packs_checked: reply.packs_checked,
+        shards_checked: reply.shards_checked,
+        problems,
+        misplaced,
+    })
 }
 
 async fn status(cli: &Cli) -> anyhow::Result<()> {
@@ -610,6 +663,10 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
                 serde_json::json!({"node_id": n.node_id, "region": n.region, "addr": n.addr,
                 "up": n.up, "voter": n.voter, "shards": n.shards, "bytes": n.bytes,
                 "last_seen": time_or_null(n.last_seen_unix_ms),
+                "scrub": n.scrub.as_ref().map(|s| serde_json::json!({"rounds_total": s.rounds_total,
+                    "last_success": time_or_null(s.last_success_unix_ms), "errors_total": s.errors_total,
+                    "orphan_shards": s.orphan_shards, "orphan_bytes": s.orphan_bytes,
+                    "orphans_deleted_total": s.orphans_deleted_total, "misfiled_total": s.misfiled_total})),
                 "down_since": time_or_null(n.down_since_unix_ms)})
             })
             .collect();
@@ -626,7 +683,9 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
                 "shards_written_total": repair.shards_written_total,
                 "bytes_written_total": repair.bytes_written_total,
                 "errors_total": repair.errors_total,
+                "lost_total": repair.lost_total,
                 "last_pass": time_or_null(repair.last_pass_unix_ms)},
+            "orphans": {"shards": reply.orphan_shards, "bytes": reply.orphan_bytes},
             "nodes": nodes}))?;
         return Ok(());
     }
@@ -660,6 +719,10 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
         repair.packs_repaired_total,
         repair.errors_total,
         time_or_null(repair.last_pass_unix_ms).unwrap_or_else(|| "never".into())
+    );
+    println!(
+        "orphans: {} shard file(s), {} bytes no index entry names (deleted by scrub after the grace period)",
+        reply.orphan_shards, reply.orphan_bytes
     );
     println!(
         "{:>5}  {:<8} {:<22} {:<5} {:<8} {:>8} {:>14}  down since",

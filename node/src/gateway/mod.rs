@@ -7,7 +7,6 @@
 //! Errors become gRPC statuses in exactly one place, [`GatewayError::into_status`].
 
 mod read;
-mod repair;
 mod write;
 
 use std::collections::BTreeMap;
@@ -26,10 +25,11 @@ use crate::meta::membership::{AddPlan, AddRefused, check_add};
 use crate::meta::types::{Command, CommandResult, Id32, NodeId, NodeInfo, SnapshotRecord};
 use crate::meta::{Meta, MetaError};
 use crate::model::NodeView;
-use crate::peers::{Peers, addressed};
+use crate::peers::addressed;
 use crate::placement::PlacementError;
-use crate::repair::RepairState;
-use crate::shard_store::ShardStore;
+use crate::repair::{RepairError, RepairState, Repairer};
+use crate::scrub::ScrubStats;
+use crate::shard_io::ShardIo;
 
 /// Most ids one FindBlobs/LocateBlobs request may carry.
 pub const IDS_PER_REQUEST_MAX: usize = 100_000;
@@ -78,6 +78,10 @@ pub enum GatewayError {
         addr: String,
         answer: String,
     },
+    #[error("repair: {0}")]
+    Repair(#[from] RepairError),
+    #[error("the Raft leader (node {leader}) did not take the request: {message}; retry")]
+    Leader { leader: NodeId, message: String },
     #[error("cannot place pack: {0}")]
     Placement(#[from] PlacementError),
     #[error(
@@ -119,6 +123,12 @@ impl GatewayError {
                 Status::failed_precondition(message)
             }
             GatewayError::Meta(_) => Status::unavailable(message),
+            GatewayError::Repair(RepairError::Meta(MetaError::Change(change)))
+                if !change.is_transient() =>
+            {
+                Status::failed_precondition(message)
+            }
+            GatewayError::Repair(_) | GatewayError::Leader { .. } => Status::unavailable(message),
             GatewayError::Placement(_) | GatewayError::TooFewShards { .. } => {
                 Status::unavailable(message)
             }
@@ -165,45 +175,43 @@ pub struct Gateway {
     region: String,
     config: GatewayConfig,
     meta: Meta,
-    store: Arc<ShardStore>,
-    peers: Arc<Peers>,
+    /// Shard calls on this node's store and on peers.
+    io: Arc<ShardIo>,
     liveness: Arc<Liveness>,
-    repair: Arc<RepairState>,
+    /// Owns repair passes, drains and fault intake; the gateway only calls it.
+    repairer: Arc<Repairer>,
+    /// This node's scrub counters (for `cluster status`).
+    scrub: Arc<ScrubStats>,
     pack_permits: Semaphore,
     /// Pack reads served at once; bounds memory (each holds up to k shards
     /// and the answer).
     read_permits: Semaphore,
-    /// Limit of repair traffic, bytes per second (reported in status).
-    repair_rate_bytes_per_s: u64,
-    /// Nodes being drained: treated as down by repair so their shards move.
-    draining: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
 }
 
 impl Gateway {
+    #[allow(clippy::too_many_arguments)] // one owner wires these once, in `server::run`
     pub fn new(
         node_id: NodeId,
         region: String,
         config: GatewayConfig,
         meta: Meta,
-        store: Arc<ShardStore>,
-        peers: Arc<Peers>,
+        io: Arc<ShardIo>,
         liveness: Arc<Liveness>,
+        repairer: Arc<Repairer>,
+        scrub: Arc<ScrubStats>,
     ) -> Self {
         let pack_permits = Semaphore::new(config.packs_in_flight_max.max(1));
-        let repair_rate_bytes_per_s = config.repair.rate_bytes_per_s;
         Self {
             node_id,
             region,
             config,
             meta,
-            store,
-            peers,
+            io,
             liveness,
-            repair: Arc::new(RepairState::default()),
-            repair_rate_bytes_per_s,
+            repairer,
+            scrub,
             pack_permits,
             read_permits: Semaphore::new(READS_IN_FLIGHT_MAX),
-            draining: Default::default(),
         }
     }
 
@@ -226,7 +234,7 @@ impl Gateway {
         let mut regions: BTreeMap<&str, bool> = BTreeMap::new();
         let (mut voters, mut voters_up) = (0usize, 0usize);
         for view in &views {
-            let reachable = view.id == self.node_id || (view.up && self.peers.presumed_up(view.id));
+            let reachable = view.id == self.node_id || (view.up && self.io.presumed_up(view.id));
             *regions.entry(view.region.as_str()).or_default() |= reachable;
             if view.voter {
                 voters += 1;
@@ -261,7 +269,7 @@ impl Gateway {
             .into_values()
             .map(|view| NodeView {
                 up: view.id == self.node_id || !self.liveness.is_down(view.id),
-                draining: self.is_draining(view.id),
+                draining: self.repairer.is_draining(view.id),
                 ..view
             })
             .collect()
@@ -276,21 +284,29 @@ impl Gateway {
             addr: addr.to_string(),
             reason,
         };
-        let mut client = self
-            .peers
-            .shards(addr)
-            .map_err(|e| unreachable(e.to_string()))?;
-        let request = addressed(id, pb::ShardStatsRequest {}, self.config.rpc_timeout);
-        match client.shard_stats(request).await {
-            Ok(_) => Ok(()),
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                Err(GatewayError::WrongNodeAtAddress {
-                    node: id,
+        // Asked as a one-node map: the node is not a member yet.
+        let candidate = BTreeMap::from([(
+            id,
+            (
+                NodeInfo {
+                    region: String::new(),
                     addr: addr.to_string(),
-                    answer: status.message().to_string(),
-                })
-            }
-            Err(status) => Err(unreachable(status.message().to_string())),
+                },
+                false,
+            ),
+        )]);
+        match self.io.stats(id, &candidate).await {
+            Ok(_) => Ok(()),
+            Err(crate::shard_io::ShardIoError::Remote {
+                code: tonic::Code::FailedPrecondition,
+                message,
+                ..
+            }) => Err(GatewayError::WrongNodeAtAddress {
+                node: id,
+                addr: addr.to_string(),
+                answer: message,
+            }),
+            Err(error) => Err(unreachable(error.to_string())),
         }
     }
 
@@ -338,14 +354,14 @@ impl Gateway {
 
     /// Values for the metrics page.
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
-        let (shards, shard_bytes) = self.store.stats();
+        let (shards, shard_bytes) = self.io.store().stats();
         MetricsSnapshot {
             term: self.meta.term(),
             is_leader: self.is_leader(),
             last_applied: self.meta.last_applied(),
             shards,
             shard_bytes,
-            protection: self.protection().unwrap_or_default(),
+            protection: self.repairer.protection().unwrap_or_default(),
             nodes: self
                 .members()
                 .iter()
@@ -355,7 +371,69 @@ impl Gateway {
     }
 
     pub fn repair_state(&self) -> Arc<RepairState> {
-        self.repair.clone()
+        self.repairer.state()
+    }
+
+    /// The repairer this gateway hands repair work to.
+    pub fn repairer(&self) -> &Arc<Repairer> {
+        &self.repairer
+    }
+
+    /// Reports bad shards to the leader's repairer (this node's if it leads).
+    /// Bounded by the RPC deadline; a failed report is logged, and scrub or
+    /// the next check finds the shard again.
+    pub(crate) async fn report_to_leader(
+        &self,
+        faults: Vec<pb::ShardFault>,
+    ) -> Result<(), GatewayError> {
+        if faults.is_empty() {
+            return Ok(());
+        }
+        if self.is_leader() {
+            return self.take_faults(&faults);
+        }
+        let (leader, mut client) = self.leader_client()?;
+        client
+            .report_faults(addressed(
+                leader,
+                pb::ReportFaultsRequest { faults },
+                self.config.rpc_timeout,
+            ))
+            .await
+            .map(|_| ())
+            .map_err(|status| GatewayError::Leader {
+                leader,
+                message: status.message().to_string(),
+            })
+    }
+
+    /// Parses reported faults and hands them to the repairer.
+    fn take_faults(&self, faults: &[pb::ShardFault]) -> Result<(), GatewayError> {
+        let mut parsed = Vec::with_capacity(faults.len());
+        for fault in faults {
+            parsed.push((id32(&fault.pack_id, "pack id")?, fault.index, fault.node_id));
+        }
+        self.repairer.report_faults(parsed);
+        Ok(())
+    }
+
+    /// Repair counters for `cluster status`.
+    fn repair_status(&self) -> pb::RepairStatus {
+        use std::sync::atomic::Ordering;
+        let r: Arc<RepairState> = self.repairer.state();
+        pb::RepairStatus {
+            queue: r.queue.load(Ordering::Relaxed),
+            rate_bytes_per_s: r.rate_milli_bytes_per_s.load(Ordering::Relaxed) as f64 / 1000.0,
+            packs_repaired_total: r.packs_repaired_total.load(Ordering::Relaxed),
+            shards_written_total: r.shards_written_total.load(Ordering::Relaxed),
+            bytes_written_total: r.bytes_written_total.load(Ordering::Relaxed),
+            last_pass_unix_ms: r.last_pass_unix_ms.load(Ordering::Relaxed) as i64,
+            errors_total: r.errors_total.load(Ordering::Relaxed),
+            rate_limit_bytes_per_s: self.repairer.config().rate_bytes_per_s,
+            lost_total: r.passes_lost_total.load(Ordering::Relaxed),
+            shards_cleaned_total: r.shards_cleaned_total.load(Ordering::Relaxed),
+            bad_shards_reported: r.bad_len() as u64,
+        }
     }
 
     pub fn is_leader(&self) -> bool {
@@ -388,142 +466,22 @@ impl Gateway {
         ))
     }
 
-    /// Deletes one shard on whichever node holds it.
-    async fn remove_shard(
+    /// Shard and scrub stats of one node; `None` if it did not answer.
+    async fn node_stats(
         &self,
         node: NodeId,
-        pack_id: &Id32,
-        index: u32,
-        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
-    ) -> Result<(), String> {
+        members: &crate::shard_io::Members,
+    ) -> Option<pb::ShardStatsReply> {
         if node == self.node_id {
-            return self
-                .store
-                .delete(pack_id, index)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string());
+            let (shards, bytes) = self.io.store().stats();
+            return Some(pb::ShardStatsReply {
+                shards,
+                bytes,
+                scrub: Some(self.scrub.report()),
+            });
         }
-        let (info, _) = members
-            .get(&node)
-            .ok_or_else(|| format!("node {node} is not a member"))?;
-        let mut client = self.peers.shards(&info.addr).map_err(|e| e.to_string())?;
-        let request = pb::DeleteShardRequest {
-            pack_id: pack_id.to_vec(),
-            index,
-        };
-        client
-            .delete_shard(addressed(node, request, self.config.rpc_timeout))
-            .await
-            .map(|_| ())
-            .map_err(|status| format!("node {node}: {}", status.message()))
+        self.io.stats(node, members).await.ok()
     }
-
-    /// Reads one whole shard file from whichever node holds it.
-    async fn fetch_shard(
-        &self,
-        node: NodeId,
-        pack_id: &Id32,
-        index: u32,
-        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
-    ) -> Result<Vec<u8>, String> {
-        if node == self.node_id {
-            return self
-                .store
-                .get(pack_id, index)
-                .await
-                .map_err(|e| e.to_string());
-        }
-        let (info, _) = members
-            .get(&node)
-            .ok_or_else(|| format!("node {node} is not a member"))?;
-        let mut client = self.peers.shards(&info.addr).map_err(|e| e.to_string())?;
-        let request = pb::GetShardRequest {
-            pack_id: pack_id.to_vec(),
-            index,
-        };
-        match client
-            .get_shard(addressed(node, request, self.config.rpc_timeout))
-            .await
-        {
-            Ok(reply) => {
-                self.peers.record_ok(node);
-                Ok(reply.into_inner().shard)
-            }
-            Err(status) => {
-                if is_unreachable(&status) {
-                    self.peers.record_failure(node);
-                }
-                Err(format!("node {node}: {}", status.message()))
-            }
-        }
-    }
-
-    /// Writes one whole shard file to a node, durable when this returns Ok.
-    async fn store_shard(
-        &self,
-        node: NodeId,
-        file: Vec<u8>,
-        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
-    ) -> Result<(), String> {
-        if node == self.node_id {
-            return self
-                .store
-                .put(file)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string());
-        }
-        let (info, _) = members
-            .get(&node)
-            .ok_or_else(|| format!("node {node} is not a member"))?;
-        let mut client = self.peers.shards(&info.addr).map_err(|e| e.to_string())?;
-        let request = pb::PutShardRequest { shard: file };
-        match client
-            .put_shard(addressed(node, request, self.config.rpc_timeout))
-            .await
-        {
-            Ok(_) => {
-                self.peers.record_ok(node);
-                Ok(())
-            }
-            Err(status) => {
-                if is_unreachable(&status) {
-                    self.peers.record_failure(node);
-                }
-                Err(format!("node {node}: {}", status.message()))
-            }
-        }
-    }
-
-    async fn node_stats(&self, node: NodeId, info: &NodeInfo) -> Option<(u64, u64)> {
-        if node == self.node_id {
-            return Some(self.store.stats());
-        }
-        let mut client = self.peers.shards(&info.addr).ok()?;
-        let request = addressed(node, pb::ShardStatsRequest {}, self.config.rpc_timeout);
-        match client.shard_stats(request).await {
-            Ok(reply) => {
-                self.peers.record_ok(node);
-                let reply = reply.into_inner();
-                Some((reply.shards, reply.bytes))
-            }
-            Err(status) => {
-                if is_unreachable(&status) {
-                    self.peers.record_failure(node);
-                }
-                None
-            }
-        }
-    }
-}
-
-/// Statuses that mean "the node did not answer", as opposed to "it answered no".
-fn is_unreachable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-    )
 }
 
 fn snapshot_to_wire(s: SnapshotRecord) -> pb::SnapshotRecord {
@@ -752,12 +710,18 @@ impl Cairn for Gateway {
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
         let run = async {
             let views = self.node_views();
+            let members = self.members();
             let stats = futures::future::join_all(
-                views
-                    .iter()
-                    .map(|view| async move { self.node_stats(view.id, &view.info()).await }),
+                views.iter().map(|view| self.node_stats(view.id, &members)),
             )
             .await;
+            let (orphan_shards, orphan_bytes) = stats
+                .iter()
+                .flatten()
+                .filter_map(|s| s.scrub.as_ref())
+                .fold((0, 0), |(n, b), s| {
+                    (n + s.orphan_shards, b + s.orphan_bytes)
+                });
             let nodes = views
                 .into_iter()
                 .zip(stats)
@@ -769,8 +733,9 @@ impl Cairn for Gateway {
                         node_id: view.id,
                         up: stats.is_some(),
                         voter: view.voter,
-                        shards: stats.map(|s| s.0).unwrap_or_default(),
-                        bytes: stats.map(|s| s.1).unwrap_or_default(),
+                        shards: stats.as_ref().map(|s| s.shards).unwrap_or_default(),
+                        bytes: stats.as_ref().map(|s| s.bytes).unwrap_or_default(),
+                        scrub: stats.and_then(|s| s.scrub),
                         last_seen_unix_ms: self.liveness.last_seen_unix_ms(view.id),
                         down_since_unix_ms: self.liveness.down_since_unix_ms(view.id),
                         region: view.region,
@@ -790,8 +755,10 @@ impl Cairn for Gateway {
                 packs_degraded: meta_stats.packs_needing_rebalance,
                 k: self.config.code.data,
                 m: self.config.code.parity,
-                protection: Some(self.protection()?.into_wire()),
+                protection: Some(self.repairer.protection()?.into_wire()),
                 repair: Some(self.repair_status()),
+                orphan_shards,
+                orphan_bytes,
             })
         };
         run.await.map(Response::new).map_err(|e| self.status(e))
@@ -821,11 +788,12 @@ impl Cairn for Gateway {
                 ))
                 .await;
         }
-        let outcome = self.repair_pass(0).await;
+        let outcome = self.repairer.pass(0).await;
         Ok(Response::new(pb::RepairReply {
             queued: outcome.queued,
             packs_repaired: outcome.repaired,
             errors: outcome.errors,
+            lost: outcome.lost,
         }))
     }
 
@@ -882,9 +850,10 @@ impl Cairn for Gateway {
                 .remove_node(addressed(leader, req, self.config.rpc_timeout * 30))
                 .await;
         }
-        self.drain_and_remove(req.node_id, req.drain)
+        self.repairer
+            .drain_and_remove(req.node_id, req.drain)
             .await
-            .map(Response::new)
-            .map_err(|e| self.status(e))
+            .map(|shards_moved| Response::new(pb::RemoveNodeReply { shards_moved }))
+            .map_err(|e| self.status(e.into()))
     }
 }

@@ -14,9 +14,10 @@ use futures::stream::FuturesUnordered;
 use tracing::warn;
 
 use super::{Gateway, GatewayError, id32, invalid};
-use crate::erasure::{Code, decode_pack, parse_shard_file};
+use crate::erasure::{Code, decode_pack};
 use crate::meta::types::{Id32, NodeId, NodeInfo, PackRecord, ShardPlacement};
-use crate::placement::read_order;
+use crate::placement::{read_order, region_loss_fatal};
+use crate::shard_io::verify_shard;
 
 /// Most bytes one ReadPack may return.
 const READ_BYTES_MAX: u64 = cairn_proto::MAX_MESSAGE_BYTES as u64 - 1024 * 1024;
@@ -24,8 +25,65 @@ const READ_BYTES_MAX: u64 = cairn_proto::MAX_MESSAGE_BYTES as u64 - 1024 * 1024;
 /// A data shard slower than this gets a spare read started beside it.
 const HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(800);
 
+/// Why a shard read failed, and whether the stored shard itself is bad
+/// (corrupt, misfiled, missing, not matching the index) rather than its
+/// node merely unreachable: bad shards are reported to repair at once.
+#[derive(Debug, Clone)]
+pub(super) struct ShardFailure {
+    reason: String,
+    shard_fault: bool,
+}
+
 /// A shard payload that passed every check, or why it did not.
-type ShardResult = Result<Vec<u8>, String>;
+type ShardResult = Result<Vec<u8>, ShardFailure>;
+
+fn fault_of(
+    pack: &PackRecord,
+    placement: &ShardPlacement,
+    failure: &ShardFailure,
+) -> pb::ShardFault {
+    pb::ShardFault {
+        pack_id: pack.id.to_vec(),
+        index: placement.index,
+        node_id: placement.node,
+        fault: failure.reason.clone(),
+    }
+}
+
+/// The data shards (indices) holding the bytes of `ranges` (offset,
+/// length) of a pack cut into data shards of `shard_len` bytes.
+pub fn covering_data_shards(shard_len: u64, ranges: &[(u64, u64)]) -> BTreeSet<u32> {
+    let shard_len = shard_len.max(1);
+    let mut wanted = BTreeSet::new();
+    for &(offset, length) in ranges.iter().filter(|r| r.1 > 0) {
+        let first = offset / shard_len;
+        let last = (offset + length - 1) / shard_len;
+        wanted.extend((first..=last).map(|i| i as u32));
+    }
+    wanted
+}
+
+/// Bytes `offset..offset+length` of the pack, copied out of its data shard
+/// payloads; `None` if a covering shard is absent or too short.
+pub fn copy_range(
+    shards: &BTreeMap<u32, Vec<u8>>,
+    shard_len: u64,
+    offset: u64,
+    length: u64,
+) -> Option<Vec<u8>> {
+    let shard_len = shard_len.max(1);
+    let mut out = Vec::with_capacity(length as usize);
+    let mut pos = offset;
+    let end = offset.checked_add(length)?;
+    while pos < end {
+        let index = u32::try_from(pos / shard_len).ok()?;
+        let within = (pos % shard_len) as usize;
+        let take = ((end - pos) as usize).min(shard_len as usize - within);
+        out.extend_from_slice(shards.get(&index)?.get(within..within + take)?);
+        pos += take as u64;
+    }
+    Some(out)
+}
 
 impl Gateway {
     pub(super) async fn read_pack_inner(
@@ -62,12 +120,8 @@ impl Gateway {
 
         // The data shards covering the ranges.
         let shard_len = pack.shard_len.max(1);
-        let mut wanted: BTreeSet<u32> = BTreeSet::new();
-        for range in req.ranges.iter().filter(|r| r.length > 0) {
-            let first = range.offset / shard_len;
-            let last = (range.offset + range.length - 1) / shard_len;
-            wanted.extend((first..=last).map(|i| i as u32));
-        }
+        let ranges: Vec<(u64, u64)> = req.ranges.iter().map(|r| (r.offset, r.length)).collect();
+        let wanted = covering_data_shards(shard_len, &ranges);
         // Fetch the covering data shards; when one fails or is slow (a
         // straggler), start spares from the read order, so the read
         // completes with whichever k shards answer first.
@@ -79,6 +133,7 @@ impl Gateway {
         }
         let mut good: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
         let mut failures = Vec::new();
+        let mut faults = Vec::new();
         let hedge = tokio::time::sleep(HEDGE_AFTER);
         tokio::pin!(hedge);
         // Set once a wanted shard failed or straggled: from then on keep
@@ -105,11 +160,14 @@ impl Gateway {
             }
             tokio::select! {
                 next = in_flight.next() => match next {
-                    Some((index, Ok(payload))) => {
-                        good.insert(index, payload);
+                    Some((placement, Ok(payload))) => {
+                        good.insert(placement.index, payload);
                     }
-                    Some((_, Err(reason))) => {
-                        failures.push(reason);
+                    Some((placement, Err(failure))) => {
+                        if failure.shard_fault {
+                            faults.push(fault_of(&pack, &placement, &failure));
+                        }
+                        failures.push(failure.reason);
                         reconstruct = true;
                     }
                     None => {}
@@ -118,6 +176,17 @@ impl Gateway {
             }
         }
         drop(in_flight);
+        // Every bad shard this read met goes to repair now, not at the next scrub.
+        if !faults.is_empty() {
+            let count = faults.len();
+            match self.report_to_leader(faults).await {
+                Ok(()) => {
+                    warn!(pack_id = %hex::encode(pack_id), count, "read met bad shards; reported, repair scheduled")
+                }
+                Err(error) => warn!(pack_id = %hex::encode(pack_id), %error,
+                    "read met bad shards but could not report them; scrub will find them"),
+            }
+        }
         let mut repaired_around = 0u32;
         if !wanted.iter().all(|i| good.contains_key(i)) {
             repaired_around = wanted.iter().filter(|i| !good.contains_key(i)).count() as u32;
@@ -164,24 +233,18 @@ impl Gateway {
             });
         }
 
-        let ranges = req
-            .ranges
-            .iter()
-            .map(|r| {
-                let mut out = Vec::with_capacity(r.length as usize);
-                let mut pos = r.offset;
-                let end = r.offset + r.length;
-                while pos < end {
-                    let index = (pos / shard_len) as u32;
-                    let within = (pos % shard_len) as usize;
-                    let take = ((end - pos) as usize).min(shard_len as usize - within);
-                    let shard = good.get(&index).expect("every wanted shard was fetched");
-                    out.extend_from_slice(&shard[within..within + take]);
-                    pos += take as u64;
+        let mut out = Vec::with_capacity(ranges.len());
+        for &(offset, length) in &ranges {
+            out.push(copy_range(&good, shard_len, offset, length).ok_or_else(|| {
+                GatewayError::Unrecoverable {
+                    pack: hex::encode(pack_id),
+                    good: good.len(),
+                    needed: k,
+                    failures: "a data shard is shorter than the index records".into(),
                 }
-                out
-            })
-            .collect();
+            })?);
+        }
+        let ranges = out;
         Ok(pb::ReadPackReply {
             ranges,
             shards_repaired_around: repaired_around,
@@ -210,20 +273,20 @@ impl Gateway {
     ) -> Vec<ShardPlacement> {
         let nodes: BTreeMap<NodeId, (String, bool)> = members
             .iter()
-            .map(|(id, (info, _))| (*id, (info.region.clone(), self.peers.presumed_up(*id))))
+            .map(|(id, (info, _))| (*id, (info.region.clone(), self.io.presumed_up(*id))))
             .collect();
         read_order(&pack.shards, &nodes, preferred_region, excluded)
     }
 
-    /// [`Gateway::fetch_verified`], tagged with the shard index.
+    /// [`Gateway::fetch_verified`], tagged with the shard's placement.
     async fn fetch_tagged(
         &self,
         pack: &PackRecord,
         placement: &ShardPlacement,
         members: &BTreeMap<NodeId, (NodeInfo, bool)>,
-    ) -> (u32, ShardResult) {
+    ) -> (ShardPlacement, ShardResult) {
         (
-            placement.index,
+            placement.clone(),
             self.fetch_verified(pack, placement, members).await,
         )
     }
@@ -237,9 +300,17 @@ impl Gateway {
         members: &BTreeMap<NodeId, (NodeInfo, bool)>,
     ) -> ShardResult {
         let file = self
-            .fetch_shard(placement.node, &pack.id, placement.index, members)
-            .await?;
-        verify_shard(pack, placement, &file)
+            .io
+            .get(placement.node, &pack.id, placement.index, members)
+            .await
+            .map_err(|e| ShardFailure {
+                shard_fault: e.kind().is_shard_fault(),
+                reason: e.to_string(),
+            })?;
+        verify_shard(pack, placement, &file).map_err(|reason| ShardFailure {
+            reason,
+            shard_fault: true,
+        })
     }
 
     pub(super) async fn check_packs_inner(
@@ -249,6 +320,7 @@ impl Gateway {
         self.catch_up().await;
         let members = self.members();
         let mut reply = pb::CheckPacksReply::default();
+        let mut faults = Vec::new();
         for pack in self.meta.packs()? {
             if !req.tenant.is_empty() && pack.tenant != req.tenant {
                 continue;
@@ -267,6 +339,16 @@ impl Gateway {
                     });
                 }
             }
+            // A region loss would leave fewer than k shards: a problem of
+            // its own (misplaced, awaiting rebalance), even if all are good.
+            let region_of = |n: NodeId| members.get(&n).map(|(info, _)| info.region.as_str());
+            let code = Code {
+                data: pack.data_shards,
+                parity: pack.parity_shards,
+            };
+            if region_loss_fatal(code, pack.shards.iter().map(|s| s.node), region_of) {
+                reply.misplaced.push(pack.id.to_vec());
+            }
             let mut good = 0usize;
             if req.read_data {
                 let results = join_all(
@@ -279,12 +361,17 @@ impl Gateway {
                     reply.shards_checked += 1;
                     match result {
                         Ok(_) => good += 1,
-                        Err(fault) => reply.problems.push(pb::CheckProblem {
-                            node_id: placement.node,
-                            pack_id: pack.id.to_vec(),
-                            shard_index: placement.index,
-                            fault,
-                        }),
+                        Err(failure) => {
+                            if failure.shard_fault {
+                                faults.push(fault_of(&pack, placement, &failure));
+                            }
+                            reply.problems.push(pb::CheckProblem {
+                                node_id: placement.node,
+                                pack_id: pack.id.to_vec(),
+                                shard_index: placement.index,
+                                fault: failure.reason,
+                            })
+                        }
                     }
                 }
             } else {
@@ -294,24 +381,56 @@ impl Gateway {
                 reply.unrecoverable.push(pack.id.to_vec());
             }
         }
+        // What this check found bad goes to repair now, so `check --repair`
+        // (and the worker) rebuild it without waiting for a scrub.
+        reply.faults_reported = faults.len() as u64;
+        if let Err(error) = self.report_to_leader(faults).await {
+            warn!(%error, "check found bad shards but could not report them; the next check or scrub will");
+            reply.faults_reported = 0;
+        }
         Ok(reply)
     }
 }
 
-/// The pair of checks on a shard read back: its own header and checksum,
-/// then agreement with what the index recorded when it was written.
-fn verify_shard(pack: &PackRecord, placement: &ShardPlacement, file: &[u8]) -> ShardResult {
-    let (header, payload) = parse_shard_file(file)
-        .map_err(|e| format!("node {}: shard {}: {e}", placement.node, placement.index))?;
-    if header.pack_id != pack.id
-        || header.index != placement.index
-        || header.checksum != placement.checksum
-        || header.shard_len != pack.shard_len
-    {
-        return Err(format!(
-            "node {}: shard {} does not match the index (wrong pack, index or checksum)",
-            placement.node, placement.index
-        ));
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any range of a pack copied out of the data shards that cover it
+        /// equals the same bytes of the pack, and needs no other shard.
+        #[test]
+        fn ranges_come_from_exactly_their_covering_shards(
+            pack in prop::collection::vec(any::<u8>(), 1..400),
+            k in 1u64..6,
+            a in 0usize..400,
+            b in 0usize..400,
+        ) {
+            let shard_len = (pack.len() as u64).div_ceil(k);
+            let (lo, hi) = (a.min(b) % pack.len(), (a.max(b) % pack.len()).max(a.min(b) % pack.len()));
+            let (offset, length) = (lo as u64, (hi - lo) as u64);
+            let wanted = covering_data_shards(shard_len, &[(offset, length)]);
+            let mut shards = BTreeMap::new();
+            for (i, chunk) in pack.chunks(shard_len as usize).enumerate() {
+                if wanted.contains(&(i as u32)) {
+                    let mut payload = chunk.to_vec();
+                    payload.resize(shard_len as usize, 0);
+                    shards.insert(i as u32, payload);
+                }
+            }
+            prop_assert!(wanted.iter().all(|i| u64::from(*i) < k));
+            let copied = copy_range(&shards, shard_len, offset, length);
+            prop_assert_eq!(copied.as_deref(), Some(&pack[lo..hi]));
+            if length > 0 {
+                for index in &wanted {
+                    let mut without = shards.clone();
+                    without.remove(index);
+                    prop_assert!(copy_range(&without, shard_len, offset, length).is_none());
+                }
+            } else {
+                prop_assert!(wanted.is_empty());
+            }
+        }
     }
-    Ok(payload.to_vec())
 }

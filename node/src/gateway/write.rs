@@ -13,8 +13,8 @@ use tracing::{debug, warn};
 
 use super::{Gateway, GatewayError, id32, invalid};
 use crate::erasure::encode_pack;
-use crate::meta::types::{BlobLocation, Command, NodeId, NodeInfo, PackRecord, ShardPlacement};
-use crate::placement::{Candidate, complete};
+use crate::meta::types::{BlobLocation, Command, NodeId, PackRecord, ShardPlacement};
+use crate::placement::{Candidate, ack_allowed, complete, fully_protected};
 
 /// Rounds of re-placement for shards whose node failed.
 const PLACEMENT_ROUNDS_MAX: usize = 3;
@@ -86,8 +86,8 @@ impl Gateway {
                     region: info.region.clone(),
                     up: durable.values().any(|p| p.node == *id)
                         || (!failed_nodes.contains(id)
-                            && self.peers.presumed_up(*id)
-                            && !self.is_draining(*id)),
+                            && self.io.presumed_up(*id)
+                            && !self.repairer.is_draining(*id)),
                 })
                 .collect();
             // Shards already durable stay where they are; only the rest is placed.
@@ -103,7 +103,7 @@ impl Gateway {
                     let checksum = shard.header.checksum;
                     let members = &members;
                     async move {
-                        let result = self.store_shard(node, file, members).await;
+                        let result = self.io.put(node, file, members).await;
                         (index, node, checksum, result)
                     }
                 })
@@ -123,11 +123,11 @@ impl Gateway {
                             },
                         );
                     }
-                    Err(reason) => {
-                        warn!(pack_id = %hex::encode(pack_id), shard_idx = index, node_id = node, %reason,
+                    Err(error) => {
+                        warn!(pack_id = %hex::encode(pack_id), shard_idx = index, node_id = node, %error,
                             "shard write failed, placing it on another node");
                         failed_nodes.insert(node);
-                        failures.push(reason);
+                        failures.push(error.to_string());
                     }
                 }
             }
@@ -139,11 +139,16 @@ impl Gateway {
         // Acknowledge only k+1 durable shards or more, none of them doubled
         // up beyond m on a node: any one node may still fail afterwards.
         let needed = code.data as usize + 1;
-        let mut per_node: BTreeMap<NodeId, u32> = BTreeMap::new();
-        for placement in durable.values() {
-            *per_node.entry(placement.node).or_default() += 1;
-        }
-        if durable.len() < needed || per_node.values().any(|&n| n > code.parity) {
+        let durable_at: Vec<(u32, NodeId)> = durable.values().map(|p| (p.index, p.node)).collect();
+        if !ack_allowed(code, &durable_at) {
+            // Nothing is acknowledged: what did get written is removed now
+            // (the orphan sweep catches whatever this misses).
+            for &(index, node) in &durable_at {
+                if let Err(error) = self.io.delete(node, &pack_id, index, &members).await {
+                    debug!(pack_id = %hex::encode(pack_id), shard_idx = index, node_id = node, %error,
+                        "shard of a refused pack not deleted; the orphan sweep removes it");
+                }
+            }
             return Err(GatewayError::TooFewShards {
                 pack: hex::encode(pack_id),
                 durable: durable.len(),
@@ -152,7 +157,13 @@ impl Gateway {
             });
         }
         let placement: Vec<ShardPlacement> = durable.into_values().collect();
-        let degraded = !self.fully_protected(&placement, &members);
+        let at: Vec<(u32, NodeId)> = placement.iter().map(|p| (p.index, p.node)).collect();
+        let degraded = !fully_protected(
+            code,
+            &at,
+            |n| members.get(&n).map(|(info, _)| info.region.as_str()),
+            members.len(),
+        );
         let record = PackRecord {
             id: pack_id,
             tenant: req.tenant,
@@ -176,30 +187,5 @@ impl Gateway {
             degraded,
             existed: false,
         })
-    }
-
-    /// All k+m shards present, one per node, at most m per region.
-    pub(super) fn fully_protected(
-        &self,
-        placement: &[ShardPlacement],
-        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
-    ) -> bool {
-        let code = self.config.code;
-        if placement.len() != (code.data + code.parity) as usize {
-            return false;
-        }
-        let mut per_node: BTreeMap<NodeId, u32> = BTreeMap::new();
-        let mut per_region: BTreeMap<&str, u32> = BTreeMap::new();
-        for shard in placement {
-            *per_node.entry(shard.node).or_default() += 1;
-            let region = members
-                .get(&shard.node)
-                .map(|(info, _)| info.region.as_str())
-                .unwrap_or("");
-            *per_region.entry(region).or_default() += 1;
-        }
-        let enough_nodes = members.len() >= placement.len();
-        per_region.values().all(|&n| n <= code.parity)
-            && (!enough_nodes || per_node.values().all(|&n| n == 1))
     }
 }

@@ -179,6 +179,12 @@ mod tests {
             Command::MarkRemoved { node: 5 },
             Command::MarkAdded { node: 5 },
             Command::MarkHoldsLog { node: 5 },
+            Command::SetPlacementIf {
+                pack_id: [0; 32],
+                expected: vec![],
+                shards: vec![],
+                needs_rebalance: false,
+            },
         ];
         for (index, cmd) in commands.iter().enumerate() {
             let bytes = encode("command", cmd).expect("encode");

@@ -368,10 +368,21 @@ pub fn apply_command(
             pack_id,
             shards,
             needs_rebalance,
+        }
+        | Command::SetPlacementIf {
+            pack_id,
+            shards,
+            needs_rebalance,
+            ..
         } => {
             let Some(mut pack) = view.pack(pack_id)? else {
                 return Ok(CommandResult::UnknownPack);
             };
+            if let Command::SetPlacementIf { expected, .. } = cmd
+                && pack.shards != *expected
+            {
+                return Ok(CommandResult::PlacementChanged);
+            }
             match (pack.needs_rebalance, *needs_rebalance) {
                 (false, true) => stats.packs_needing_rebalance += 1,
                 (true, false) => {
@@ -590,6 +601,56 @@ mod tests {
         assert!(stored.shards.is_empty() && stored.needs_rebalance);
         assert_eq!(run(&v, set(false)), CommandResult::Ok);
         assert_eq!(v.stats().expect("stats").packs_needing_rebalance, 0);
+    }
+
+    #[test]
+    fn set_placement_if_applies_only_over_the_expected_placement() {
+        let v = view();
+        let shard = |index, node| crate::model::ShardPlacement {
+            index,
+            node,
+            checksum: [index as u8; 32],
+        };
+        let cas = |expected: Vec<_>, shards: Vec<_>, needs| Command::SetPlacementIf {
+            pack_id: id(1),
+            expected,
+            shards,
+            needs_rebalance: needs,
+        };
+        assert_eq!(
+            run(&v, cas(vec![], vec![], false)),
+            CommandResult::UnknownPack
+        );
+        let mut record = pack(1, "t", true);
+        record.shards = vec![shard(0, 1), shard(1, 2)];
+        run(
+            &v,
+            Command::AddPack {
+                pack: record.clone(),
+                blobs: vec![],
+            },
+        );
+        // Two passes planned from the same placement: the first wins...
+        let first = vec![shard(0, 1), shard(1, 3)];
+        let second = vec![shard(0, 4), shard(1, 2)];
+        assert_eq!(
+            run(&v, cas(record.shards.clone(), first.clone(), false)),
+            CommandResult::Ok
+        );
+        // ...the second is refused and changes nothing.
+        assert_eq!(
+            run(&v, cas(record.shards.clone(), second.clone(), true)),
+            CommandResult::PlacementChanged
+        );
+        let stored = v.pack(&id(1)).expect("read").expect("present");
+        assert_eq!(stored.shards, first);
+        assert!(!stored.needs_rebalance);
+        assert_eq!(v.stats().expect("stats").packs_needing_rebalance, 0);
+        // Planned from the current placement, it applies.
+        assert_eq!(run(&v, cas(first, second.clone(), true)), CommandResult::Ok);
+        let stored = v.pack(&id(1)).expect("read").expect("present");
+        assert_eq!(stored.shards, second);
+        assert_eq!(v.stats().expect("stats").packs_needing_rebalance, 1);
     }
 
     #[test]

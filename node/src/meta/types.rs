@@ -99,6 +99,18 @@ pub enum Command {
     /// id starting with an empty store is a wiped disk, not a first start.
     /// `AlreadyExists` if marked.
     MarkHoldsLog { node: NodeId },
+    /// Compare-and-set of a pack's placement (repair and rebalance): applied
+    /// only if the stored placement still equals `expected`, else refused
+    /// with [`CommandResult::PlacementChanged`] and nothing changes. Two
+    /// repair passes racing on one pack can then never both win, so the
+    /// loser's placement never overwrites shards the winner relies on.
+    /// `SetPlacement` stays for log replay of entries written before it.
+    SetPlacementIf {
+        pack_id: Id32,
+        expected: Vec<ShardPlacement>,
+        shards: Vec<ShardPlacement>,
+        needs_rebalance: bool,
+    },
 }
 
 /// What the metadata group records about a node beyond the Raft membership.
@@ -125,6 +137,10 @@ pub enum CommandResult {
     UnknownPack,
     /// `CommitSnapshot` whose root tree blob is not in the index.
     MissingRootTree,
+    // Appended: postcard encodes the variant index.
+    /// `SetPlacementIf` whose expected placement no longer matches the
+    /// stored one: another writer changed it first. Nothing changes.
+    PlacementChanged,
 }
 
 /// Counts kept by the state machine for status pages.

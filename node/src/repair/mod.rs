@@ -7,16 +7,21 @@
 //! reported, at-risk and degraded ones rebuilt, misplaced ones rebalanced.
 //! New shards are durable before the new placement is committed, and old
 //! ones are deleted only after. Repair traffic is rate-limited so clients
-//! keep priority. Decisions are in `plan` (pure); I/O is in the gateway.
+//! keep priority. Decisions are in `plan` (pure); passes, drains and fault
+//! intake are owned by [`repairer::Repairer`], which the gateway calls; the
+//! shard I/O goes through [`crate::shard_io::ShardIo`].
 
 pub mod plan;
+pub mod repairer;
+
+pub use repairer::{RepairError, Repairer};
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::meta::types::{Id32, NodeId};
@@ -30,19 +35,21 @@ pub struct RepairConfig {
     pub rate_bytes_per_s: u64,
 }
 
+/// The defaults are `[repair]`'s: one source for the file, the flags and code.
 impl Default for RepairConfig {
     fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(30),
-            rate_bytes_per_s: 64 * 1024 * 1024,
-        }
+        (&crate::config::RepairSection::default()).into()
     }
 }
 
-/// Counters and inputs shared between the worker, scrub reports and status.
+/// Most bad-shard reports held at once; beyond it new reports are dropped
+/// (scrub and check report them again) so a flood cannot exhaust memory.
+pub const BAD_SHARDS_MAX: usize = 1_000_000;
+
+/// Counters and inputs shared between the worker, fault reports and status.
 #[derive(Default)]
 pub struct RepairState {
-    /// Shards scrubs found corrupt or missing: `(pack, index, node)`.
+    /// Shards found corrupt or missing (scrub, reads, check): `(pack, index, node)`.
     bad: Mutex<BTreeSet<(Id32, u32, NodeId)>>,
     pub kick: Notify,
     pub queue: AtomicU64,
@@ -51,6 +58,13 @@ pub struct RepairState {
     pub bytes_written_total: AtomicU64,
     pub errors_total: AtomicU64,
     pub last_pass_unix_ms: AtomicU64,
+    /// End of the last pass that finished without errors (or of the last
+    /// idle round on a follower), Unix ms: a stuck worker stops moving it.
+    pub last_success_unix_ms: AtomicU64,
+    /// Pack repairs that lost the compare-and-set to another writer.
+    pub passes_lost_total: AtomicU64,
+    /// Shards written by failed or lost repairs and deleted again.
+    pub shards_cleaned_total: AtomicU64,
     /// Bytes per second over the last pass that wrote anything.
     pub rate_milli_bytes_per_s: AtomicU64,
 }
@@ -58,7 +72,16 @@ pub struct RepairState {
 impl RepairState {
     pub fn report_bad(&self, faults: impl IntoIterator<Item = (Id32, u32, NodeId)>) {
         let mut bad = self.bad.lock().unwrap_or_else(|p| p.into_inner());
-        bad.extend(faults);
+        for fault in faults {
+            if bad.len() >= BAD_SHARDS_MAX {
+                tracing::warn!(
+                    held = bad.len(),
+                    "too many bad-shard reports held; dropping the rest until repair catches up"
+                );
+                break;
+            }
+            bad.insert(fault);
+        }
         drop(bad);
         self.kick.notify_one();
     }
@@ -73,14 +96,30 @@ impl RepairState {
         bad.retain(|(p, _, _)| p != pack);
     }
 
-    pub fn mark_pass(&self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
+    /// Records the end of a pass (`ok`: it finished without errors).
+    pub fn mark_pass(&self, ok: bool) {
+        let now = unix_ms_now();
         self.last_pass_unix_ms.store(now, Ordering::Relaxed);
+        if ok {
+            self.last_success_unix_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Reports held, waiting for a pass.
+    pub fn bad_len(&self) -> usize {
+        self.bad.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
+
+/// Now, as Unix milliseconds (0 if the clock is before 1970).
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+impl RepairState {}
 
 /// Keeps a stream of writes under `rate` bytes per second.
 pub struct RateLimiter {
@@ -116,39 +155,14 @@ impl RateLimiter {
     }
 }
 
-/// Runs repair passes until `shutdown` flips: every `interval`, or at once
-/// when kicked (a scrub report, `cairn check --repair`).
-pub async fn run(
-    gateway: std::sync::Arc<crate::gateway::Gateway>,
-    config: RepairConfig,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let state = gateway.repair_state();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(config.interval) => {}
-            _ = state.kick.notified() => {}
-            _ = shutdown.changed() => return,
-        }
-        if gateway.is_leader() {
-            let outcome = gateway.repair_pass(config.rate_bytes_per_s).await;
-            if outcome.errors > 0 {
-                tracing::warn!(
-                    errors = outcome.errors,
-                    repaired = outcome.repaired,
-                    "repair pass left work undone; retrying next pass"
-                );
-            }
-        }
-    }
-}
-
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PassOutcome {
     pub queued: u64,
     pub repaired: u64,
     pub errors: u64,
+    /// Packs whose new placement lost the compare-and-set (counted in errors too).
+    pub lost: u64,
 }
 
 #[cfg(test)]

@@ -122,18 +122,14 @@ pub fn assess(
     }
 }
 
-/// At most one shard per node (when there are enough nodes) and m per region.
+/// [`crate::placement::well_placed`] over the repair worker's view of the nodes.
 fn well_placed(code: Code, shards: &[ShardPlacement], nodes: &BTreeMap<NodeId, NodeState>) -> bool {
-    let mut per_node: BTreeMap<NodeId, u32> = BTreeMap::new();
-    let mut per_region: BTreeMap<&str, u32> = BTreeMap::new();
-    for s in shards {
-        *per_node.entry(s.node).or_default() += 1;
-        let region = nodes.get(&s.node).map(|n| n.region.as_str()).unwrap_or("");
-        *per_region.entry(region).or_default() += 1;
-    }
-    let enough_nodes = nodes.len() >= code.total() as usize;
-    per_region.values().all(|&n| n <= code.parity)
-        && (!enough_nodes || per_node.values().all(|&n| n <= 1))
+    crate::placement::well_placed(
+        code,
+        shards.iter().map(|s| s.node),
+        |n| nodes.get(&n).map(|s| s.region.as_str()),
+        nodes.len(),
+    )
 }
 
 /// What to do for one pack.

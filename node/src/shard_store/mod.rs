@@ -122,6 +122,17 @@ struct Inner {
     fail_next_write: std::sync::atomic::AtomicBool,
 }
 
+/// One shard file found by [`ShardStore::scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredShard {
+    pub pack_id: Id32,
+    pub index: u32,
+    /// Length of the whole file.
+    pub bytes: u64,
+    /// Last write (or re-sync by an idempotent put).
+    pub modified: std::time::SystemTime,
+}
+
 /// Shards stored as files under one directory. Cheap to clone (shared state).
 #[derive(Debug, Clone)]
 pub struct ShardStore {
@@ -267,6 +278,37 @@ impl ShardStore {
         Ok(out)
     }
 
+    /// Every stored shard with its size and mtime, sorted; scans the disk
+    /// off the async runtime. A file removed during the scan is skipped.
+    pub async fn scan(&self) -> Result<Vec<StoredShard>, ShardStoreError> {
+        let store = self.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for (pack_id, index) in store.list()? {
+                if let Some(found) = store.inner.stat(&pack_id, index) {
+                    out.push(found);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Size and mtime of one stored shard, `None` if absent (or unreadable).
+    pub async fn stat(&self, pack_id: &Id32, index: u32) -> Option<StoredShard> {
+        let inner = self.inner.clone();
+        let pack_id = *pack_id;
+        blocking(move || Ok(inner.stat(&pack_id, index)))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Whether a file for this shard exists (verified or not).
+    pub async fn contains(&self, pack_id: &Id32, index: u32) -> bool {
+        self.stat(pack_id, index).await.is_some()
+    }
+
     /// Test hook: makes the next temporary-file write fail half-way with ENOSPC.
     #[cfg(test)]
     fn fail_next_write(&self) {
@@ -292,6 +334,16 @@ impl Inner {
         self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn stat(&self, pack_id: &Id32, index: u32) -> Option<StoredShard> {
+        let meta = fs::metadata(self.root.join(relative_path(pack_id, index))).ok()?;
+        Some(StoredShard {
+            pack_id: *pack_id,
+            index,
+            bytes: meta.len(),
+            modified: meta.modified().ok()?,
+        })
+    }
+
     fn put(&self, bytes: &[u8]) -> Result<ShardHeader, ShardStoreError> {
         // First check of the pair: nothing unverified reaches the disk.
         let (header, _) = parse_shard_file(bytes)?;
@@ -313,15 +365,29 @@ impl Inner {
 
         match fs::read(&path) {
             Ok(existing) if existing == bytes => {
-                // Same shard again (a retried write): make sure it is durable.
-                File::open(&path)
-                    .and_then(|f| f.sync_all())
+                // Same shard again (a retried write, or a repair rewriting a
+                // leftover copy): make sure it is durable, and refresh its
+                // mtime so the orphan sweep treats it as just written.
+                File::options()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| {
+                        f.set_modified(std::time::SystemTime::now())?;
+                        f.sync_all()
+                    })
                     .map_err(|e| io_error("fsync", &path, e, &self.root))?;
                 fsync_dir(&sub, &self.root)?;
                 debug!(pack_id = %pack_hex, shard_idx = index, "shard already stored");
                 return Ok(header);
             }
             Ok(existing) => match parse_shard_file(&existing) {
+                Ok((found, _)) if found.pack_id != pack_id || found.index != index => {
+                    // A misfiled file (another shard under this name) is
+                    // not this shard at all: the verified one replaces it.
+                    warn!(pack_id = %pack_hex, shard_idx = index,
+                        found_pack_id = %hex::encode(found.pack_id), found_shard_idx = found.index,
+                        "stored file holds another shard, replacing it with the verified one offered");
+                }
                 Ok(_) => return Err(ShardStoreError::Conflict { pack_id, index }),
                 Err(reason) => {
                     warn!(pack_id = %pack_hex, shard_idx = index, %reason,
@@ -558,6 +624,45 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_misfiled_file_is_replaced_by_the_right_shard() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let s = shards(b"swapped files");
+        store.put(s[0].to_file_bytes()).await.expect("put");
+        let from = store.dir().join(relative_path(&s[0].header.pack_id, 0));
+        let to = store.dir().join(relative_path(&s[0].header.pack_id, 3));
+        fs::rename(from, to).expect("move");
+        // Before the fix this was a Conflict, so repair could never rewrite it.
+        store
+            .put(s[3].to_file_bytes())
+            .await
+            .expect("the right shard replaces the misfiled one");
+        assert_eq!(
+            store.get(&s[3].header.pack_id, 3).await.expect("get"),
+            s[3].to_file_bytes()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_put_refreshes_the_mtime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let s = &shards(b"old leftover")[2];
+        store.put(s.to_file_bytes()).await.expect("put");
+        let path = store.dir().join(relative_path(&s.header.pack_id, 2));
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(old))
+            .expect("age it");
+        store.put(s.to_file_bytes()).await.expect("put again");
+        let found = store.stat(&s.header.pack_id, 2).await.expect("present");
+        assert!(found.modified > old + std::time::Duration::from_secs(3600));
+        assert_eq!(store.scan().await.expect("scan"), vec![found]);
     }
 
     #[tokio::test]

@@ -91,12 +91,24 @@ impl From<ShardServiceError> for Status {
 pub struct ShardService {
     store: Arc<ShardStore>,
     node_id: NodeId,
+    /// This node's scrub counters, reported with the shard stats.
+    scrub: Option<Arc<crate::scrub::ScrubStats>>,
 }
 
 impl ShardService {
     /// A service for `store`, answering as node `node_id`.
     pub fn new(store: Arc<ShardStore>, node_id: NodeId) -> Self {
-        Self { store, node_id }
+        Self {
+            store,
+            node_id,
+            scrub: None,
+        }
+    }
+
+    /// Also reports these scrub counters in `ShardStats`.
+    pub fn with_scrub(mut self, scrub: Arc<crate::scrub::ScrubStats>) -> Self {
+        self.scrub = Some(scrub);
+        self
     }
 
     /// The tonic server, with message limits large enough for whole shards.
@@ -183,7 +195,11 @@ impl Shards for ShardService {
     ) -> Result<Response<ShardStatsReply>, Status> {
         self.check_addressee(&request)?;
         let (shards, bytes) = self.store.stats();
-        Ok(Response::new(ShardStatsReply { shards, bytes }))
+        Ok(Response::new(ShardStatsReply {
+            shards,
+            bytes,
+            scrub: self.scrub.as_ref().map(|s| s.report()),
+        }))
     }
 }
 
