@@ -1,0 +1,236 @@
+//! Operations of the cluster itself, behind the gateway: status, the node
+//! view, adding nodes, fault intake and the metrics snapshot. Repair work is
+//! the repairer's; this module only hands it over.
+
+use std::sync::Arc;
+
+use cairn_proto::v1 as pb;
+
+use super::{Gateway, GatewayError, MetricsSnapshot, check_name, id32};
+use crate::meta::membership::{AddPlan, check_add};
+use crate::meta::types::{NodeId, NodeInfo};
+use crate::model::NodeView;
+use crate::peers::addressed;
+use crate::repair::RepairState;
+use std::collections::BTreeMap;
+
+impl Gateway {
+    /// The cluster map as this gateway sees it: the membership, with `up`
+    /// from liveness (not declared down) and `draining` from drains in progress.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        self.meta
+            .node_views()
+            .into_values()
+            .map(|view| NodeView {
+                up: view.id == self.node_id || !self.liveness.is_down(view.id),
+                draining: self.repairer.is_draining(view.id),
+                ..view
+            })
+            .collect()
+    }
+
+    /// Checks that `addr` is served by node `id` before it is added: a node
+    /// that is not running (or another node at that address) must not enter
+    /// the membership, where it would count for placement and voting.
+    pub(super) async fn must_answer_as(&self, id: NodeId, addr: &str) -> Result<(), GatewayError> {
+        let unreachable = |reason: String| GatewayError::NodeUnreachable {
+            node: id,
+            addr: addr.to_string(),
+            reason,
+        };
+        // Asked as a one-node map: the node is not a member yet.
+        let candidate = BTreeMap::from([(
+            id,
+            (
+                NodeInfo {
+                    region: String::new(),
+                    addr: addr.to_string(),
+                },
+                false,
+            ),
+        )]);
+        match self.io.stats(id, &candidate).await {
+            Ok(_) => Ok(()),
+            Err(crate::shard_io::ShardIoError::Remote {
+                code: tonic::Code::FailedPrecondition,
+                message,
+                ..
+            }) => Err(GatewayError::WrongNodeAtAddress {
+                node: id,
+                addr: addr.to_string(),
+                answer: message,
+            }),
+            Err(error) => Err(unreachable(error.to_string())),
+        }
+    }
+
+    /// Values for the metrics page.
+    pub fn metrics_snapshot(&self) -> MetricsSnapshot {
+        let (shards, shard_bytes) = self.io.store().stats();
+        MetricsSnapshot {
+            term: self.meta.term(),
+            is_leader: self.is_leader(),
+            last_applied: self.meta.last_applied(),
+            shards,
+            shard_bytes,
+            protection: self.repairer.protection().unwrap_or_default(),
+            nodes: self
+                .members()
+                .iter()
+                .map(|(id, (info, _))| (*id, info.region.clone(), !self.liveness.is_down(*id)))
+                .collect(),
+        }
+    }
+
+    /// Reports bad shards to the leader's repairer (this node's if it leads).
+    /// Bounded by the RPC deadline; a failed report is logged, and scrub or
+    /// the next check finds the shard again.
+    pub(crate) async fn report_to_leader(
+        &self,
+        faults: Vec<pb::ShardFault>,
+    ) -> Result<(), GatewayError> {
+        if faults.is_empty() {
+            return Ok(());
+        }
+        if self.is_leader() {
+            return self.take_faults(&faults);
+        }
+        let (leader, mut client) = self.leader_client()?;
+        client
+            .report_faults(addressed(
+                leader,
+                pb::ReportFaultsRequest { faults },
+                self.config.rpc_timeout,
+            ))
+            .await
+            .map(|_| ())
+            .map_err(|status| GatewayError::Leader {
+                leader,
+                message: status.message().to_string(),
+            })
+    }
+
+    /// Parses reported faults and hands them to the repairer.
+    pub(super) fn take_faults(&self, faults: &[pb::ShardFault]) -> Result<(), GatewayError> {
+        let mut parsed = Vec::with_capacity(faults.len());
+        for fault in faults {
+            parsed.push((id32(&fault.pack_id, "pack id")?, fault.index, fault.node_id));
+        }
+        self.repairer.report_faults(parsed);
+        Ok(())
+    }
+
+    /// Repair counters for `cluster status`.
+    pub(super) fn repair_status(&self) -> pb::RepairStatus {
+        use std::sync::atomic::Ordering;
+        let r: Arc<RepairState> = self.repairer.state();
+        pb::RepairStatus {
+            queue: r.queue.load(Ordering::Relaxed),
+            rate_bytes_per_s: r.rate_milli_bytes_per_s.load(Ordering::Relaxed) as f64 / 1000.0,
+            packs_repaired_total: r.packs_repaired_total.load(Ordering::Relaxed),
+            shards_written_total: r.shards_written_total.load(Ordering::Relaxed),
+            bytes_written_total: r.bytes_written_total.load(Ordering::Relaxed),
+            last_pass_unix_ms: r.last_pass_unix_ms.load(Ordering::Relaxed) as i64,
+            errors_total: r.errors_total.load(Ordering::Relaxed),
+            rate_limit_bytes_per_s: self.repairer.config().rate_bytes_per_s,
+            lost_total: r.passes_lost_total.load(Ordering::Relaxed),
+            shards_cleaned_total: r.shards_cleaned_total.load(Ordering::Relaxed),
+            bad_shards_reported: r.bad_len() as u64,
+        }
+    }
+
+    /// Shard and scrub stats of one node; `None` if it did not answer.
+    pub(super) async fn node_stats(
+        &self,
+        node: NodeId,
+        members: &crate::shard_io::Members,
+    ) -> Option<pb::ShardStatsReply> {
+        if node == self.node_id {
+            let (shards, bytes) = self.io.store().stats();
+            return Some(pb::ShardStatsReply {
+                shards,
+                bytes,
+                scrub: Some(self.scrub.report()),
+            });
+        }
+        self.io.stats(node, members).await.ok()
+    }
+
+    pub(super) async fn cluster_status_inner(
+        &self,
+        _req: pb::ClusterStatusRequest,
+    ) -> Result<pb::ClusterStatusReply, GatewayError> {
+        let views = self.node_views();
+        let members = self.members();
+        let stats =
+            futures::future::join_all(views.iter().map(|view| self.node_stats(view.id, &members)))
+                .await;
+        let (orphan_shards, orphan_bytes) = stats
+            .iter()
+            .flatten()
+            .filter_map(|s| s.scrub.as_ref())
+            .fold((0, 0), |(n, b), s| {
+                (n + s.orphan_shards, b + s.orphan_bytes)
+            });
+        let nodes = views
+            .into_iter()
+            .zip(stats)
+            .map(|(view, stats)| {
+                if stats.is_some() {
+                    self.liveness.saw(view.id);
+                }
+                pb::NodeStatus {
+                    node_id: view.id,
+                    up: stats.is_some(),
+                    voter: view.voter,
+                    shards: stats.as_ref().map(|s| s.shards).unwrap_or_default(),
+                    bytes: stats.as_ref().map(|s| s.bytes).unwrap_or_default(),
+                    scrub: stats.and_then(|s| s.scrub),
+                    last_seen_unix_ms: self.liveness.last_seen_unix_ms(view.id),
+                    down_since_unix_ms: self.liveness.down_since_unix_ms(view.id),
+                    region: view.region,
+                    addr: view.addr,
+                }
+            })
+            .collect();
+        let meta_stats = self.meta.stats()?;
+        let leader = self.meta.leader();
+        Ok::<_, GatewayError>(pb::ClusterStatusReply {
+            nodes,
+            leader_id: leader.unwrap_or_default(),
+            has_leader: leader.is_some(),
+            term: self.meta.term(),
+            last_applied: self.meta.last_applied(),
+            packs: meta_stats.packs,
+            packs_degraded: meta_stats.packs_needing_rebalance,
+            k: self.config.code.data,
+            m: self.config.code.parity,
+            protection: Some(self.repairer.protection()?.into_wire()),
+            repair: Some(self.repair_status()),
+            orphan_shards,
+            orphan_bytes,
+        })
+    }
+
+    pub(super) async fn add_node_inner(
+        &self,
+        req: pb::AddNodeRequest,
+    ) -> Result<pb::AddNodeReply, GatewayError> {
+        check_name(&req.region, "region")?;
+        let (id, info) = (
+            req.node_id,
+            NodeInfo {
+                region: req.region,
+                addr: req.addr,
+            },
+        );
+        let plan = check_add(&self.meta.node_views(), id, &info)?;
+        if plan == AddPlan::Join {
+            self.must_answer_as(id, &info.addr).await?;
+        }
+        // Runs on the leader: `Meta::add_node` forwards the change there.
+        self.meta.add_node(id, info.clone()).await?;
+        tracing::info!(node_id = self.node_id, added = id, region = %info.region, addr = %info.addr, ?plan, "node added to the cluster");
+        Ok(pb::AddNodeReply {})
+    }
+}
