@@ -1,13 +1,15 @@
 //! The metadata group as a real cluster: several `Meta`s in this process, each
 //! behind its own gRPC server on `127.0.0.1:0`, in three regions: replication,
 //! failover, restarts, snapshots, membership changes and the wiped-disk trap.
-//! Every wait polls a condition with a deadline; nothing sleeps for a fixed time.
+//! Every wait is a `wait_until`: a condition with a deadline and a reason;
+//! nothing sleeps for a fixed time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_node::local_cluster::wait_until;
 use cairn_node::meta::admission::Admission;
 use cairn_node::meta::membership::ChangeError;
 use cairn_node::meta::types::{
@@ -22,20 +24,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 /// Longest any single condition in these tests may take to become true.
 const WAIT: Duration = Duration::from_secs(15);
-/// How often `eventually` looks at its condition (all in memory, cheap).
-const POLL: Duration = Duration::from_millis(10);
-
-/// Polls `condition` until it holds; panics naming `what` after [`WAIT`].
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting until {what}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
+/// How often a check that must keep holding for a while looks again (all
+/// in memory, cheap). Waits for a condition use [`wait_until`] instead.
+const RECHECK: Duration = Duration::from_millis(10);
 
 struct Node {
     meta: Meta,
@@ -155,20 +146,18 @@ impl Cluster {
             return listener;
         }
         let addr: SocketAddr = self.map[&id].addr.parse().expect("addr");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match TcpListener::bind(addr).await {
-                Ok(listener) => return listener,
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "node {id}'s address {addr} stayed in use for {WAIT:?}"
-                    );
-                    tokio::time::sleep(POLL).await;
+        wait_until(
+            &format!("node {id}'s address {addr} to be free to bind again"),
+            WAIT,
+            || async move {
+                match TcpListener::bind(addr).await {
+                    Ok(listener) => Ok(listener),
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(e.to_string()),
+                    Err(e) => panic!("rebind node {id}'s address {addr}: {e}"),
                 }
-                Err(e) => panic!("rebind node {id}'s address {addr}: {e}"),
-            }
-        }
+            },
+        )
+        .await
     }
 
     /// Reopens a stopped node from its directory, on its old address.
@@ -225,31 +214,31 @@ impl Cluster {
 
     /// Like [`Cluster::leader`], among the running nodes `ids` only.
     async fn leader_of(&self, ids: &[NodeId]) -> NodeId {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let leaders: BTreeSet<Option<NodeId>> = ids
-                .iter()
-                .map(|id| self.meta(*id).raft().metrics().borrow().current_leader)
-                .collect();
-            if let [Some(leader)] = leaders.iter().copied().collect::<Vec<_>>()[..]
-                && self.nodes.contains_key(&leader)
-            {
-                return leader;
-            }
-            if tokio::time::Instant::now() >= deadline {
+        wait_until(
+            &format!("nodes {ids:?} to agree on one running leader"),
+            WAIT,
+            || async {
+                let leaders: BTreeSet<Option<NodeId>> = ids
+                    .iter()
+                    .map(|id| self.meta(*id).raft().metrics().borrow().current_leader)
+                    .collect();
+                if let [Some(leader)] = leaders.iter().copied().collect::<Vec<_>>()[..]
+                    && self.nodes.contains_key(&leader)
+                {
+                    return Ok(leader);
+                }
                 let dump: Vec<String> = self
                     .nodes
                     .values()
                     .map(|n| n.meta.raft().metrics().borrow().to_string())
                     .collect();
-                panic!(
-                    "no agreed running leader after {WAIT:?}:\n{}",
+                Err(format!(
+                    "leaders seen {leaders:?}; metrics:\n{}",
                     dump.join("\n")
-                );
-            }
-            // Poll the metrics (cheap, in memory) until they agree.
-            tokio::time::sleep(POLL).await;
-        }
+                ))
+            },
+        )
+        .await
     }
 
     /// Waits until every running node has applied at least `index`.
@@ -670,12 +659,21 @@ fn voters_of(members: &BTreeMap<NodeId, NodeView>) -> BTreeSet<NodeId> {
 /// leader's keeper records it): from then on, wiping one of them is detected.
 async fn wait_log_holders(cluster: &Cluster, on: NodeId, ids: &[NodeId]) {
     let meta = cluster.meta(on);
-    eventually(
-        &format!("node {on} records {ids:?} as holding the log"),
-        || {
+    wait_until(
+        &format!("node {on} to record {ids:?} as holding the log"),
+        WAIT,
+        || async {
             let marks = meta.node_marks().expect("marks");
-            ids.iter()
-                .all(|id| marks.get(id).is_some_and(|m| m.holds_log))
+            let missing: Vec<NodeId> = ids
+                .iter()
+                .copied()
+                .filter(|id| !marks.get(id).is_some_and(|m| m.holds_log))
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not yet recorded as holding it: {missing:?}"))
+            }
         },
     )
     .await;
@@ -822,9 +820,17 @@ async fn removing_a_voter_rechooses_spread_voters() {
     );
     assert_no_region_majority(&members);
     for (id, node) in &cluster.nodes {
-        eventually(&format!("node {id} no longer lists node {victim}"), || {
-            !node.meta.is_member(victim)
-        })
+        wait_until(
+            &format!("node {id} to no longer list node {victim}"),
+            WAIT,
+            || async {
+                if node.meta.is_member(victim) {
+                    Err(format!("node {victim} is still a member"))
+                } else {
+                    Ok(())
+                }
+            },
+        )
         .await;
     }
     assert!(
@@ -872,7 +878,9 @@ async fn removing_a_voter_rechooses_spread_voters() {
                 "node {gone} was re-added"
             );
         }
-        tokio::time::sleep(POLL).await;
+        // Not a wait: the check must keep holding for the whole window, so
+        // it is repeated at a steady pace until the window ends.
+        tokio::time::sleep(RECHECK).await;
     }
     cluster.shutdown().await;
 }
@@ -927,9 +935,21 @@ async fn a_wiped_voter_is_refused_then_rejoins_after_removal() {
     assert_no_region_majority(&cluster.meta(via).node_views());
     cluster.restart(victim).await;
     assert_eq!(cluster.meta(victim).admission(), Admission::Admitted);
-    eventually(&format!("node {victim} is a member again"), || {
-        cluster.meta(leader).is_member(victim) && cluster.meta(victim).is_member(victim)
-    })
+    wait_until(
+        &format!("node {victim} to be a member again"),
+        WAIT,
+        || async {
+            let on_leader = cluster.meta(leader).is_member(victim);
+            let on_itself = cluster.meta(victim).is_member(victim);
+            if on_leader && on_itself {
+                Ok(())
+            } else {
+                Err(format!(
+                    "member on the leader: {on_leader}, on itself: {on_itself}"
+                ))
+            }
+        },
+    )
     .await;
     write_packs(&cluster, leader, 22..24).await;
     let rejoined = cluster.meta(victim);
@@ -1000,14 +1020,19 @@ async fn a_wiped_bootstrapper_never_starts_a_second_cluster() {
     // fences itself; node 4, a member that never held the log, joins.
     cluster.restart(2).await;
     cluster.restart(3).await;
-    eventually("node 1 is fenced", || {
-        cluster.meta(1).admission() == Admission::Fenced
-    })
-    .await;
-    eventually("node 4 is admitted", || {
-        cluster.meta(4).admission() == Admission::Admitted
-    })
-    .await;
+    for (id, expected) in [(1, Admission::Fenced), (4, Admission::Admitted)] {
+        wait_until(
+            &format!("node {id}'s admission to become {expected:?}"),
+            WAIT,
+            || async {
+                match cluster.meta(id).admission() {
+                    now if now == expected => Ok(()),
+                    now => Err(format!("admission is {now:?}")),
+                }
+            },
+        )
+        .await;
+    }
     let leader = cluster.leader_of(&[2, 3, 4]).await;
     assert!([2, 3].contains(&leader));
     let index = cluster.meta(leader).last_applied();

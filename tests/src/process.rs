@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use cairn_node::local_cluster::wait_until;
 
 /// The `cairn-node` binary next to this test's build. `cargo test
 /// --workspace` builds it; when this crate's tests run alone (`cargo test -p
@@ -173,25 +175,23 @@ impl ProcessCluster {
         }
     }
 
-    /// Waits for a node process to exit on its own; its exit status, or
-    /// `None` if it is still running after `timeout`.
-    pub async fn wait_exit(
-        &mut self,
-        id: u64,
-        timeout: Duration,
-    ) -> Option<std::process::ExitStatus> {
-        let started = Instant::now();
-        while started.elapsed() < timeout {
+    /// Waits for a node process to exit on its own and returns its exit
+    /// status; panics with the node's log tail if it still runs after `timeout`.
+    pub async fn must_exit(&mut self, id: u64, timeout: Duration) -> std::process::ExitStatus {
+        wait_until(&format!("node {id} to exit"), timeout, || {
             let node = self.nodes.get_mut(&id).expect("known node");
-            if let Some(child) = node.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                node.child = None;
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        None
+            let outcome = match node.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => {
+                    node.child = None;
+                    Ok(status)
+                }
+                Some(Ok(None)) => Err(format!("still running; log:\n{}", self.log_tail(id))),
+                Some(Err(e)) => Err(format!("cannot tell whether it exited: {e}")),
+                None => Err("no process was started".to_string()),
+            };
+            std::future::ready(outcome)
+        })
+        .await
     }
 
     /// The tail of a node's log, for failure messages.
@@ -202,32 +202,39 @@ impl ProcessCluster {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    /// Waits until some node reports a leader and all running nodes up.
+    /// Waits until some node reports a leader and all running nodes up, and
+    /// returns that node's status; panics with node 1's log tail after `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) -> cairn_proto::v1::ClusterStatusReply {
-        let started = Instant::now();
-        let mut last = String::new();
-        loop {
-            for node in self.nodes.values().filter(|n| n.child.is_some()) {
-                match status(&node.addr).await {
-                    Ok(s)
-                        if s.has_leader
-                            && self.nodes.iter().filter(|(_, n)| n.child.is_some()).all(
-                                |(id, _)| s.nodes.iter().any(|m| m.node_id == *id && m.up),
-                            ) =>
-                    {
-                        return s;
+        let running: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.child.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        wait_until("the process cluster to be ready", timeout, || async {
+            let mut seen = Vec::new();
+            for id in &running {
+                match status(self.addr(*id)).await {
+                    Ok(s) => {
+                        let not_up: Vec<u64> = running
+                            .iter()
+                            .copied()
+                            .filter(|r| !s.nodes.iter().any(|m| m.node_id == *r && m.up))
+                            .collect();
+                        if s.has_leader && not_up.is_empty() {
+                            return Ok(s);
+                        }
+                        seen.push(format!(
+                            "node {id}: leader {}, not up {not_up:?}",
+                            s.has_leader
+                        ));
                     }
-                    Ok(s) => last = format!("leader {} nodes {}", s.has_leader, s.nodes.len()),
-                    Err(e) => last = e,
+                    Err(e) => seen.push(format!("node {id}: {e}")),
                 }
             }
-            assert!(
-                started.elapsed() < timeout,
-                "process cluster not ready after {timeout:?}: {last}\n{}",
-                self.log_tail(1)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            Err(format!("{}\n{}", seen.join("; "), self.log_tail(1)))
+        })
+        .await
     }
 }
 

@@ -11,6 +11,7 @@ use cairn_cli::datagen;
 use cairn_client::backup::{BackupOptions, Progress, backup_paths};
 use cairn_client::seal::KdfParams;
 use cairn_client::{Cluster, Repository};
+use cairn_node::local_cluster::wait_until;
 use cairn_tests::process::{ProcessCluster, status};
 use cairn_tests::*;
 
@@ -53,14 +54,19 @@ async fn kill_9_during_a_backup_then_the_rerun_succeeds() {
         })
     };
     // Kill a follower once the backup is under way.
-    let started = Instant::now();
-    while progress.bytes.load(Ordering::Relaxed) < 8 * 1024 * 1024 && !backup.is_finished() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "backup never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the backup to upload 8 MiB (or finish)",
+        Duration::from_secs(60),
+        || async {
+            let bytes = progress.bytes.load(Ordering::Relaxed);
+            if bytes >= 8 * 1024 * 1024 || backup.is_finished() {
+                Ok(())
+            } else {
+                Err(format!("backup never got under way: {bytes} bytes so far"))
+            }
+        },
+    )
+    .await;
     let victim = cluster
         .ids()
         .into_iter()
@@ -147,45 +153,49 @@ async fn leader_killed_repeatedly_under_small_backups_loses_and_duplicates_nothi
         let acked = acked.clone();
         async move {
             let before = acked.load(Ordering::Relaxed);
-            let started = Instant::now();
-            while acked.load(Ordering::Relaxed) <= before {
-                assert!(
-                    started.elapsed() < Duration::from_secs(60),
-                    "backups stalled"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            wait_until(
+                "the stream to acknowledge one more backup",
+                Duration::from_secs(60),
+                || async {
+                    let now = acked.load(Ordering::Relaxed);
+                    if now > before {
+                        Ok(())
+                    } else {
+                        Err(format!("backups stalled at {now} acknowledged"))
+                    }
+                },
+            )
+            .await;
         }
     };
     for round in 0..3 {
         one_more_ack().await;
         let leader = leader_of(&cluster).await;
         cluster.kill(leader);
-        let started = Instant::now();
-        loop {
-            let others: Vec<u64> = cluster
-                .ids()
-                .into_iter()
-                .filter(|id| *id != leader)
-                .collect();
-            let mut new_leader = None;
-            for id in &others {
-                if let Ok(s) = status(cluster.addr(*id)).await
-                    && s.has_leader
-                    && s.leader_id != leader
-                {
-                    new_leader = Some(s.leader_id);
+        let others: Vec<u64> = cluster
+            .ids()
+            .into_iter()
+            .filter(|id| *id != leader)
+            .collect();
+        wait_until(
+            &format!("round {round}: a new leader after node {leader} was killed"),
+            Duration::from_secs(30),
+            || async {
+                let mut seen = Vec::new();
+                for id in &others {
+                    match status(cluster.addr(*id)).await {
+                        Ok(s) if s.has_leader && s.leader_id != leader => return Ok(()),
+                        Ok(s) if s.has_leader => {
+                            seen.push(format!("node {id}: leader {}", s.leader_id))
+                        }
+                        Ok(_) => seen.push(format!("node {id}: no leader")),
+                        Err(e) => seen.push(format!("node {id}: {e}")),
+                    }
                 }
-            }
-            if new_leader.is_some() {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "round {round}: no new leader"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+                Err(seen.join("; "))
+            },
+        )
+        .await;
         cluster.start_node(leader, DOWN_AFTER);
     }
     one_more_ack().await;
@@ -268,10 +278,10 @@ async fn a_wiped_node_is_refused_then_replaced_and_reprotected() {
     cluster.kill(victim);
     cluster.wipe(victim);
     cluster.start_node(victim, DOWN_AFTER);
-    let exit = cluster.wait_exit(victim, Duration::from_secs(30)).await;
+    let exit = cluster.must_exit(victim, Duration::from_secs(30)).await;
     let log = cluster.log_tail(victim);
     assert!(
-        exit.is_some_and(|s| !s.success()) && log.contains("remove-node"),
+        !exit.success() && log.contains("remove-node"),
         "a wiped member must refuse to start, saying how to replace it (exit {exit:?}):\n{log}"
     );
 
@@ -288,21 +298,24 @@ async fn a_wiped_node_is_refused_then_replaced_and_reprotected() {
         .await
         .expect("remove the wiped node");
     cluster.start_node(victim, DOWN_AFTER);
-    let started = Instant::now();
-    loop {
-        let report = repo.check_packs(true).await.expect("check");
-        let rejoined = status_has_member(&cluster, victim).await;
-        if rejoined && report.problems.is_empty() && report.unrecoverable.is_empty() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "not re-protected: rejoined={rejoined} problems={:?}\n{}",
-            report.problems.first(),
-            cluster.log_tail(victim)
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_until(
+        &format!("node {victim} to rejoin and every pack to be re-protected"),
+        Duration::from_secs(90),
+        || async {
+            let report = repo.check_packs(true).await.expect("check");
+            let rejoined = status_has_member(&cluster, victim).await;
+            if rejoined && report.problems.is_empty() && report.unrecoverable.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "rejoined={rejoined} problems={:?}\n{}",
+                    report.problems.first(),
+                    cluster.log_tail(victim)
+                ))
+            }
+        },
+    )
+    .await;
     must_restore_identical(&repo, &summary.snapshot_id, &source, dir.path(), &[]).await;
 }
 
@@ -334,7 +347,7 @@ async fn two_regions_killed_backup_fails_fast_with_quorum_lost() {
     // As a user would find it: the survivors have noticed the outage.
     for survivor in [5, 6] {
         let addr = cluster.addr(survivor).to_string();
-        cairn_node::local_cluster::wait_until(
+        wait_until(
             "the survivors declare r1 and r2 down",
             Duration::from_secs(30),
             || {

@@ -190,17 +190,25 @@ async fn scrub_finds_flipped_bytes_and_repair_rewrites_them() {
     assert!(!flipped.is_empty(), "node 3 held shards");
 
     // Scrub quarantines, the leader rebuilds: every file is good again.
-    let started = Instant::now();
-    while !flipped
-        .iter()
-        .all(|(path, bad)| std::fs::read(path).map(|now| now != *bad).unwrap_or(false))
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "scrub and repair did not rewrite the flipped shards"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_until(
+        "scrub and repair to rewrite the flipped shards",
+        Duration::from_secs(60),
+        || async {
+            let still_bad = flipped
+                .iter()
+                .filter(|(path, bad)| std::fs::read(path).map(|now| now == *bad).unwrap_or(true))
+                .count();
+            if still_bad == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{still_bad} of {} shard files not rewritten yet",
+                    flipped.len()
+                ))
+            }
+        },
+    )
+    .await;
     must_check_clean(&repo, "after scrub repair", Duration::from_secs(30)).await;
     must_restore_identical(&repo, &summary.snapshot_id, &source, dir.path(), &[]).await;
     cluster.shutdown().await.expect("shutdown");
