@@ -109,33 +109,32 @@ pub async fn run_prober(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let members = meta.members();
-        let probes =
-            members
-                .iter()
-                .filter(|(id, _)| **id != meta.node_id())
-                .map(|(id, (info, _))| {
-                    let peers = peers.clone();
-                    let liveness = liveness.clone();
-                    let (id, addr) = (*id, info.addr.clone());
-                    async move {
-                        let Ok(mut client) = peers.shards(&addr) else {
-                            return;
-                        };
-                        let request = addressed(
-                            id,
-                            ShardStatsRequest {},
-                            interval.max(Duration::from_secs(1)),
-                        );
-                        if client.shard_stats(request).await.is_ok() {
-                            liveness.saw(id);
-                            peers.record_ok(id);
-                        } else {
-                            liveness.prober.errors_total.fetch_add(1, Ordering::Relaxed);
-                            peers.record_failure(id);
-                        }
+        let members = meta.node_views();
+        let probes = members
+            .iter()
+            .filter(|(id, _)| **id != meta.node_id())
+            .map(|(id, view)| {
+                let peers = peers.clone();
+                let liveness = liveness.clone();
+                let (id, addr) = (*id, view.addr.clone());
+                async move {
+                    let Ok(mut client) = peers.shards(&addr) else {
+                        return;
+                    };
+                    let request = addressed(
+                        id,
+                        ShardStatsRequest {},
+                        interval.max(Duration::from_secs(1)),
+                    );
+                    if client.shard_stats(request).await.is_ok() {
+                        liveness.saw(id);
+                        peers.record_ok(id);
+                    } else {
+                        liveness.prober.errors_total.fetch_add(1, Ordering::Relaxed);
+                        peers.record_failure(id);
                     }
-                });
+                }
+            });
         let probes: Vec<_> = probes.collect();
         liveness
             .prober

@@ -95,13 +95,13 @@ pub fn render(sources: &Sources) -> Result<String, std::fmt::Error> {
     }
     registry.register("cairn_protection_packs", "Packs by protection state", packs);
     let nodes_up = Family::<Vec<(String, String)>, Gauge>::default();
-    for (node, region, up) in &snapshot.nodes {
+    for view in &snapshot.nodes {
         nodes_up
             .get_or_create(&vec![
-                ("node".to_string(), node.to_string()),
-                ("region".to_string(), region.clone()),
+                ("node".to_string(), view.id.to_string()),
+                ("region".to_string(), view.region.clone()),
             ])
-            .set(i64::from(*up));
+            .set(i64::from(view.up));
     }
     registry.register(
         "cairn_liveness_node_up",

@@ -22,12 +22,12 @@ use tonic::Status;
 
 use crate::erasure::parse_shard_file;
 use crate::meta::types::PackRecord;
-use crate::model::{Id32, NodeId, NodeInfo, ShardPlacement};
+use crate::model::{Id32, NodeId, NodeView, ShardPlacement};
 use crate::peers::{Peers, addressed};
 use crate::shard_store::{ShardStore, ShardStoreError};
 
-/// The cluster map as [`crate::meta::Meta::members`] returns it: node → (info, voter).
-pub type Members = BTreeMap<NodeId, (NodeInfo, bool)>;
+/// The cluster map by node id, as [`crate::meta::Meta::node_views`] returns it.
+pub type Members = BTreeMap<NodeId, NodeView>;
 
 /// What kind of failure a shard call met, whichever node served it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,12 +160,12 @@ impl ShardIo {
         node: NodeId,
         members: &Members,
     ) -> Result<pb::shards_client::ShardsClient<tonic::transport::Channel>, ShardIoError> {
-        let (info, _) = members.get(&node).ok_or(ShardIoError::NotMember { node })?;
+        let view = members.get(&node).ok_or(ShardIoError::NotMember { node })?;
         self.peers
-            .shards(&info.addr)
+            .shards(&view.addr)
             .map_err(|e| ShardIoError::Connect {
                 node,
-                addr: info.addr.clone(),
+                addr: view.addr.clone(),
                 reason: e.to_string(),
             })
     }

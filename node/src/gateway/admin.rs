@@ -39,16 +39,11 @@ impl Gateway {
             reason,
         };
         // Asked as a one-node map: the node is not a member yet.
-        let candidate = BTreeMap::from([(
-            id,
-            (
-                NodeInfo {
-                    region: String::new(),
-                    addr: addr.to_string(),
-                },
-                false,
-            ),
-        )]);
+        let info = NodeInfo {
+            region: String::new(),
+            addr: addr.to_string(),
+        };
+        let candidate = BTreeMap::from([(id, NodeView::member(id, &info, false))]);
         match self.io.stats(id, &candidate).await {
             Ok(_) => Ok(()),
             Err(crate::shard_io::ShardIoError::Remote {
@@ -74,11 +69,7 @@ impl Gateway {
             shards,
             shard_bytes,
             protection: self.repairer.protection().unwrap_or_default(),
-            nodes: self
-                .members()
-                .iter()
-                .map(|(id, (info, _))| (*id, info.region.clone(), !self.liveness.is_down(*id)))
-                .collect(),
+            nodes: self.node_views(),
         }
     }
 

@@ -81,9 +81,9 @@ impl Gateway {
         for _round in 0..PLACEMENT_ROUNDS_MAX {
             let candidates: Vec<Candidate> = members
                 .iter()
-                .map(|(id, (info, _))| Candidate {
+                .map(|(id, view)| Candidate {
                     node: *id,
-                    region: info.region.clone(),
+                    region: view.region.clone(),
                     up: durable.values().any(|p| p.node == *id)
                         || (!failed_nodes.contains(id)
                             && self.io.presumed_up(*id)
@@ -161,7 +161,7 @@ impl Gateway {
         let degraded = !fully_protected(
             code,
             &at,
-            |n| members.get(&n).map(|(info, _)| info.region.as_str()),
+            |n| members.get(&n).map(|view| view.region.as_str()),
             members.len(),
         );
         let record = PackRecord {

@@ -26,12 +26,12 @@ use tracing::warn;
 use crate::erasure::Code;
 use crate::liveness::Liveness;
 use crate::meta::membership::AddRefused;
-use crate::meta::types::{Id32, NodeId, NodeInfo};
+use crate::meta::types::{Id32, NodeId};
 use crate::meta::{Meta, MetaError};
 use crate::placement::PlacementError;
 use crate::repair::{RepairError, RepairState, Repairer};
 use crate::scrub::ScrubStats;
-use crate::shard_io::ShardIo;
+use crate::shard_io::{Members, ShardIo};
 
 /// Most ids one FindBlobs/LocateBlobs request may carry.
 pub const IDS_PER_REQUEST_MAX: usize = 100_000;
@@ -167,8 +167,8 @@ pub struct MetricsSnapshot {
     pub shards: u64,
     pub shard_bytes: u64,
     pub protection: crate::repair::plan::ProtectionCounts,
-    /// (node, region, up)
-    pub nodes: Vec<(NodeId, String, bool)>,
+    /// The cluster map as this node sees it.
+    pub nodes: Vec<crate::model::NodeView>,
 }
 
 /// The gateway: shared by every request on this node.
@@ -224,8 +224,8 @@ impl Gateway {
             .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
     }
 
-    fn members(&self) -> BTreeMap<NodeId, (NodeInfo, bool)> {
-        self.meta.members()
+    fn members(&self) -> Members {
+        self.meta.node_views()
     }
 
     /// What this node knows of a lost quorum: `Some(reason)` when a
@@ -338,11 +338,11 @@ impl Gateway {
             .leader()
             .ok_or(GatewayError::Meta(MetaError::NoLeader { waited_ms: 0 }))?;
         let members = self.members();
-        let (info, _) = members.get(&leader).ok_or_else(|| GatewayError::NotFound {
+        let view = members.get(&leader).ok_or_else(|| GatewayError::NotFound {
             what: format!("leader node {leader} in the membership"),
         })?;
-        let channel = crate::peers::lazy_channel(&info.addr, self.config.rpc_timeout)
-            .map_err(|e| invalid(format!("leader address {}: {e}", info.addr)))?;
+        let channel = crate::peers::lazy_channel(&view.addr, self.config.rpc_timeout)
+            .map_err(|e| invalid(format!("leader address {}: {e}", view.addr)))?;
         Ok((
             leader,
             cairn_proto::v1::cairn_client::CairnClient::new(channel),

@@ -15,9 +15,9 @@ use tracing::warn;
 
 use super::{Gateway, GatewayError, id32, invalid};
 use crate::erasure::{Code, decode_pack};
-use crate::meta::types::{Id32, NodeId, NodeInfo, PackRecord, ShardPlacement};
+use crate::meta::types::{Id32, NodeId, PackRecord, ShardPlacement};
 use crate::placement::{read_order, region_loss_fatal};
-use crate::shard_io::verify_shard;
+use crate::shard_io::{Members, verify_shard};
 
 /// Most bytes one ReadPack may return.
 const READ_BYTES_MAX: u64 = cairn_proto::MAX_MESSAGE_BYTES as u64 - 1024 * 1024;
@@ -267,13 +267,13 @@ impl Gateway {
     fn shard_order(
         &self,
         pack: &PackRecord,
-        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
+        members: &Members,
         preferred_region: &str,
         excluded: &[String],
     ) -> Vec<ShardPlacement> {
         let nodes: BTreeMap<NodeId, (String, bool)> = members
             .iter()
-            .map(|(id, (info, _))| (*id, (info.region.clone(), self.io.presumed_up(*id))))
+            .map(|(id, view)| (*id, (view.region.clone(), self.io.presumed_up(*id))))
             .collect();
         read_order(&pack.shards, &nodes, preferred_region, excluded)
     }
@@ -283,7 +283,7 @@ impl Gateway {
         &self,
         pack: &PackRecord,
         placement: &ShardPlacement,
-        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
+        members: &Members,
     ) -> (ShardPlacement, ShardResult) {
         (
             placement.clone(),
@@ -297,7 +297,7 @@ impl Gateway {
         &self,
         pack: &PackRecord,
         placement: &ShardPlacement,
-        members: &BTreeMap<NodeId, (NodeInfo, bool)>,
+        members: &Members,
     ) -> ShardResult {
         let file = self
             .io
@@ -341,7 +341,7 @@ impl Gateway {
             }
             // A region loss would leave fewer than k shards: a problem of
             // its own (misplaced, awaiting rebalance), even if all are good.
-            let region_of = |n: NodeId| members.get(&n).map(|(info, _)| info.region.as_str());
+            let region_of = |n: NodeId| members.get(&n).map(|view| view.region.as_str());
             let code = Code {
                 data: pack.data_shards,
                 parity: pack.parity_shards,

@@ -180,15 +180,6 @@ impl Meta {
         Ok(self.view()?.stats()?)
     }
 
-    /// Every member (voters and learners) with its info and whether it votes.
-    /// Older shape of [`Meta::node_views`], kept for its callers.
-    pub fn members(&self) -> BTreeMap<NodeId, (NodeInfo, bool)> {
-        self.node_views()
-            .into_values()
-            .map(|view| (view.id, (view.info(), view.voter)))
-            .collect()
-    }
-
     /// The cluster map as this node's membership knows it, by id: voters and
     /// learners, presumed up and not draining (the gateway, which knows
     /// liveness and drains, fills those in).

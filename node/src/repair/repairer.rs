@@ -125,11 +125,11 @@ impl Repairer {
     fn node_states(&self, members: &Members) -> BTreeMap<NodeId, NodeState> {
         members
             .iter()
-            .map(|(id, (info, _))| {
+            .map(|(id, view)| {
                 (
                     *id,
                     NodeState {
-                        region: info.region.clone(),
+                        region: view.region.clone(),
                         down: self.liveness.is_down(*id) || self.is_draining(*id),
                     },
                 )
@@ -163,7 +163,7 @@ impl Repairer {
 
     /// Protection of every pack, as this node sees the cluster now.
     pub fn protection(&self) -> Result<ProtectionCounts, MetaError> {
-        let members = self.meta.members();
+        let members = self.meta.node_views();
         let nodes = self.node_states(&members);
         let bad = self.state.bad_shards();
         let mut counts = ProtectionCounts::default();
@@ -200,7 +200,7 @@ impl Repairer {
                 return outcome;
             }
         };
-        let members = self.meta.members();
+        let members = self.meta.node_views();
         let nodes = self.node_states(&members);
         let bad = self.state.bad_shards();
         let mut work: Vec<(u8, PackRecord, RepairPlan)> = Vec::new();
