@@ -325,6 +325,19 @@ struct Writer {
     fsync: bool,
     /// Directories that received a rename, synced once at the end.
     renamed_into: Mutex<HashSet<PathBuf>>,
+    /// Set when the restore is dropped (cancelled): pack workers still
+    /// running stop at the next file and complete nothing more.
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+/// Held by the restore future: dropping it (the future finished or was
+/// cancelled) tells pack workers still running to stop writing.
+struct CancelOnDrop(Arc<Writer>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancelled.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Writer {
@@ -346,6 +359,10 @@ impl Writer {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
     fn fail(&self, file: usize, reason: impl FnOnce() -> String) {
         let mut state = self.slot(file);
         if state.failed.is_none() {
@@ -361,7 +378,7 @@ impl Writer {
     fn open_for_write(&self, file: usize) -> std::result::Result<Option<File>, String> {
         let slot = &self.files[file];
         let mut state = self.slot(file);
-        if state.failed.is_some() || state.done {
+        if state.failed.is_some() || state.done || self.is_cancelled() {
             return Ok(None);
         }
         if let Some(tmp) = &state.tmp {
@@ -387,7 +404,8 @@ impl Writer {
         let slot = &self.files[file];
         let mut state = self.slot(file);
         state.remaining = state.remaining.saturating_sub(writes);
-        if state.remaining > 0 || state.failed.is_some() || state.done {
+        // Cancelled: the temporary file stays in the slot for Drop to remove.
+        if state.remaining > 0 || state.failed.is_some() || state.done || self.is_cancelled() {
             return;
         }
         let Some(tmp) = state.tmp.take() else {
@@ -639,7 +657,9 @@ pub async fn restore_report(
         files: slots,
         fsync: !options.no_fsync,
         renamed_into: Mutex::new(HashSet::new()),
+        cancelled: std::sync::atomic::AtomicBool::new(false),
     });
+    let _cancel_on_drop = CancelOnDrop(writer.clone());
     for (index, slot) in writer.files.iter().enumerate() {
         if slot.size == 0 {
             writer.write_empty(index);
@@ -653,7 +673,7 @@ pub async fn restore_report(
         let packs = plan_packs(wanted, &located, &writer);
         fetch_and_write(
             repo,
-            &packs,
+            packs,
             writer.clone(),
             options,
             progress,
@@ -857,14 +877,14 @@ fn plan_packs(
 /// be completed are marked failed in `writer`.
 async fn fetch_and_write(
     repo: &Repository,
-    packs: &PackPlan,
+    packs: PackPlan,
     writer: Arc<Writer>,
     options: &RestoreOptions,
     progress: Arc<Progress>,
     started: Instant,
     first_byte: Arc<OnceLock<f64>>,
 ) {
-    futures::stream::iter(packs.iter())
+    futures::stream::iter(packs)
         .map(|(pack_id, blobs)| {
             let progress = progress.clone();
             let first_byte = first_byte.clone();
@@ -875,14 +895,14 @@ async fn fetch_and_write(
                     .map(|(_, l, _)| (l.offset, u64::from(l.length)))
                     .collect();
                 let fail_all = |writer: &Writer, why: &str| {
-                    for (_, _, destinations) in blobs {
+                    for (_, _, destinations) in &blobs {
                         for &(file, _) in destinations {
                             writer.fail(file, || why.to_string());
                         }
                     }
                 };
                 let data = match repo
-                    .read_ranges(pack_id, &ranges, &options.exclude_regions)
+                    .read_ranges(&pack_id, &ranges, &options.exclude_regions)
                     .await
                 {
                     Ok(data) => data,
@@ -964,6 +984,9 @@ fn write_chunks(
         }
     }
     for (file, writes) in by_file {
+        if writer.is_cancelled() {
+            return;
+        }
         let handle = match writer.open_for_write(file) {
             Ok(Some(handle)) => handle,
             Ok(None) => continue,
