@@ -240,6 +240,55 @@ async fn awkward_names_hardlinks_fifo_sparse_and_empty_files_round_trip() {
         "nothing was written through the symlink"
     );
     assert!(restore::failures_to_error(&report).is_err());
+
+    // --include globs select non-UTF-8 names by their bytes.
+    let target3 = dir.path().join("target3");
+    let options = RestoreOptions {
+        include: vec!["src/dir*".into()],
+        ..fast()
+    };
+    let report = restore::restore(&repo, &snap, &target3, &options, Default::default())
+        .await
+        .expect("partial restore");
+    assert_eq!(report.files, 2, "inner and linked-3");
+    must_be_identical(&odd_dir, &target3.join("src").join(os(b"dir\xc3(")));
+    assert!(!target3.join("src/sparse").exists());
+
+    // --exclude and --exclude-file, restic's meaning.
+    let exclude_file = dir.path().join("excludes");
+    std::fs::write(&exclude_file, "# no logs\n\n*.jsonl\n").expect("write");
+    let mut excludes = cairn_client::backup::read_exclude_file(&exclude_file).expect("read");
+    excludes.push("sparse".into());
+    excludes.push(format!("{}/empty-dir", source.display()));
+    let options = BackupOptions {
+        dataset: "excluded".into(),
+        excludes,
+        ..BackupOptions::default()
+    };
+    let summary = backup_paths(
+        repo.clone(),
+        std::slice::from_ref(&source),
+        &options,
+        Arc::new(Progress::default()),
+    )
+    .await
+    .expect("backup with excludes");
+    let snap = snapshot(&repo, &summary).await;
+    let names: Vec<String> = restore::walk(&repo, &snap, &[])
+        .await
+        .expect("walk")
+        .iter()
+        .map(|i| i.path_string())
+        .collect();
+    for gone in ["src/日志.jsonl", "src/sparse", "src/empty-dir"] {
+        assert!(
+            !names.iter().any(|n| n == gone),
+            "{gone} is excluded: {names:?}"
+        );
+    }
+    for kept in ["src/empty", "src/linked-1", "src/a\\b"] {
+        assert!(names.iter().any(|n| n == kept), "{kept} is kept: {names:?}");
+    }
     cluster.shutdown().await.expect("shutdown");
 }
 

@@ -17,9 +17,10 @@
 //! or written through; a directory that exists as anything but a real
 //! directory is refused with everything below it.
 //!
-//! Resources are bounded independently of the snapshot's size: each pack
-//! worker holds one file open at a time, and at most
-//! [`PACKS_IN_FLIGHT_MAX`] work at once. Memory per file is a few words.
+//! Resources are bounded independently of the snapshot's size: at most
+//! [`PACKS_IN_FLIGHT_MAX`] packs are written at once, each by at most
+//! [`FILE_WRITERS_PER_PACK_MAX`] threads holding one file open each. Memory
+//! per file is a few words.
 //!
 //! Paths come from the snapshot, which may be hostile: every name is
 //! checked, no write follows a symlink, and symlinks are created only after
@@ -49,6 +50,10 @@ use crate::tree::{EntryKind, TreeEntry};
 
 /// Packs fetched at once during a restore; also the most files open at once.
 pub const PACKS_IN_FLIGHT_MAX: usize = 6;
+/// Threads writing the files of one pack at once (when it holds many files).
+pub const FILE_WRITERS_PER_PACK_MAX: usize = 4;
+/// Files in a pack from which it is written by several threads.
+const FILES_PER_PARALLEL_WRITER_MIN: usize = 64;
 /// Attempts at a fresh temporary name before giving up on a file.
 const TEMP_NAME_ATTEMPTS_MAX: usize = 16;
 /// Failed files named in the error of [`restore`] (all are in the summary).
@@ -983,42 +988,71 @@ fn write_chunks(
             }
         }
     }
-    for (file, writes) in by_file {
-        if writer.is_cancelled() {
+    // Many small files: a few writers share the pack's files, so their
+    // fsyncs overlap (the file system commits them together) instead of
+    // queueing one behind another. Each writer holds one file open.
+    let by_file: Vec<(usize, Vec<(u64, usize)>)> = by_file.into_iter().collect();
+    let writers = if by_file.len() >= FILES_PER_PARALLEL_WRITER_MIN {
+        FILE_WRITERS_PER_PACK_MAX
+    } else {
+        1
+    };
+    let share = by_file.len().div_ceil(writers).max(1);
+    let write_files = |files: &[(usize, Vec<(u64, usize)>)]| {
+        for (file, writes) in files {
+            if writer.is_cancelled() {
+                return;
+            }
+            write_file(writer, *file, writes, &plain, progress, started, first_byte);
+        }
+    };
+    if writers == 1 {
+        write_files(&by_file);
+    } else {
+        std::thread::scope(|scope| {
+            for files in by_file.chunks(share) {
+                scope.spawn(|| write_files(files));
+            }
+        });
+    }
+}
+
+/// Writes one file's chunks of a pack into its temporary file; the last
+/// write completes the file.
+fn write_file(
+    writer: &Writer,
+    file: usize,
+    writes: &[(u64, usize)],
+    plain: &[Vec<u8>],
+    progress: &Progress,
+    started: Instant,
+    first_byte: &OnceLock<f64>,
+) {
+    let handle = match writer.open_for_write(file) {
+        Ok(Some(handle)) => handle,
+        Ok(None) => return,
+        Err(e) => {
+            writer.fail(file, || e);
             return;
         }
-        let handle = match writer.open_for_write(file) {
-            Ok(Some(handle)) => handle,
-            Ok(None) => continue,
-            Err(e) => {
-                writer.fail(file, || e);
-                continue;
-            }
-        };
-        let mut result = Ok(());
-        for &(offset, chunk) in &writes {
-            let data = &plain[chunk];
-            // The temporary file is pre-sized: zeros can stay a hole.
-            if data.iter().all(|&b| b == 0) {
-                continue;
-            }
-            if let Err(e) = handle.write_all_at(data, offset) {
-                result = Err(e);
-                break;
-            }
-            progress
-                .bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            let _ = first_byte.set(started.elapsed().as_secs_f64());
+    };
+    for &(offset, chunk) in writes {
+        let data = &plain[chunk];
+        // The temporary file is pre-sized: zeros can stay a hole.
+        if data.iter().all(|&b| b == 0) {
+            continue;
         }
-        match result {
-            Ok(()) => writer.written(file, handle, writes.len()),
-            Err(e) => {
-                drop(handle);
-                writer.fail(file, || format!("writing: {e}"));
-            }
+        if let Err(e) = handle.write_all_at(data, offset) {
+            drop(handle);
+            writer.fail(file, || format!("writing: {e}"));
+            return;
         }
+        progress
+            .bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let _ = first_byte.set(started.elapsed().as_secs_f64());
     }
+    writer.written(file, handle, writes.len());
 }
 
 /// Writes one file of a snapshot to `out`, chunk by chunk, each checked.
