@@ -123,7 +123,7 @@ async fn awkward_names_hardlinks_fifo_sparse_and_empty_files_round_trip() {
     std::fs::hard_link(source.join("linked-1"), odd_dir.join("linked-3")).expect("link");
     rustix::fs::mkfifoat(
         rustix::fs::CWD,
-        &source.join("pipe"),
+        source.join("pipe"),
         rustix::fs::Mode::from_raw_mode(0o640),
     )
     .expect("mkfifo");
