@@ -51,9 +51,9 @@ use crate::tree::{EntryKind, TreeEntry};
 /// Packs fetched at once during a restore; also the most files open at once.
 pub const PACKS_IN_FLIGHT_MAX: usize = 6;
 /// Threads writing the files of one pack at once (when it holds many files).
-pub const FILE_WRITERS_PER_PACK_MAX: usize = 4;
+pub const FILE_WRITERS_PER_PACK_MAX: usize = 8;
 /// Files in a pack from which it is written by several threads.
-const FILES_PER_PARALLEL_WRITER_MIN: usize = 64;
+const FILES_PER_PARALLEL_WRITER_MIN: usize = 16;
 /// Attempts at a fresh temporary name before giving up on a file.
 const TEMP_NAME_ATTEMPTS_MAX: usize = 16;
 /// Failed files named in the error of [`restore`] (all are in the summary).
@@ -433,7 +433,9 @@ impl Writer {
         tmp: &Path,
     ) -> std::result::Result<(), String> {
         if self.fsync {
-            handle.sync_all().map_err(|e| format!("fsync: {e}"))?;
+            // Data and size; mode and mtime follow, and the rename is made
+            // durable by the directory fsync at the end.
+            handle.sync_data().map_err(|e| format!("fsync: {e}"))?;
         }
         handle
             .set_permissions(std::fs::Permissions::from_mode(restored_mode(slot.mode)))
@@ -829,16 +831,26 @@ pub async fn restore_report(
             .unwrap_or_else(|p| p.into_inner())
             .drain()
             .collect();
-        for dir in renamed {
-            let synced = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&dir)
-                .and_then(|d| d.sync_all());
-            if let Err(e) = synced {
-                tracing::warn!(path = %dir.display(), error = %e, "directory fsync failed");
+        // Overlapping fsyncs commit together; one after another, a
+        // restore of many directories would wait for each.
+        let share = renamed.len().div_ceil(FILE_WRITERS_PER_PACK_MAX).max(1);
+        std::thread::scope(|scope| {
+            for dirs in renamed.chunks(share) {
+                scope.spawn(move || {
+                    for dir in dirs {
+                        let synced = OpenOptions::new()
+                            .read(true)
+                            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                            .open(dir)
+                            .and_then(|d| d.sync_all());
+                        if let Err(e) = synced {
+                            tracing::warn!(path = %dir.display(), error = %e,
+                                "directory fsync failed; the restored names may not survive a power loss");
+                        }
+                    }
+                });
             }
-        }
+        });
     }
 
     failed.sort_by(|a, b| a.path.cmp(&b.path));
