@@ -631,3 +631,130 @@ fn arbitrary_byte_names_round_trip() {
         panic!("byte names did not round-trip: {e}");
     }
 }
+
+/// The `cairn` binary of this build (built once if this crate's tests run alone).
+fn cli_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            let dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target/<profile>/deps/<test>");
+            let bin = dir.join("cairn");
+            let mut build =
+                std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
+            build.args(["build", "-p", "cairn-cli", "--bin", "cairn"]);
+            if dir.file_name().is_some_and(|name| name == "release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cargo runs to build cairn");
+            assert!(status.success(), "building cairn failed");
+            assert!(bin.exists(), "{} is missing after a build", bin.display());
+            bin
+        })
+        .clone()
+}
+
+/// Runs `cairn ARGS` under `ulimit -n FDS` against `cluster`; (exit code, stdout, stderr).
+fn cairn(
+    cluster: &cairn_node::local_cluster::LocalCluster,
+    fds: u32,
+    args: &[&OsStr],
+) -> (i32, Vec<u8>, String) {
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
+        .arg(cli_binary())
+        .args(args)
+        .env("CAIRN_CLUSTER", cluster.addrs().join(","))
+        .env("CAIRN_TENANT", TENANT)
+        .env("CAIRN_PASSWORD", OsStr::from_bytes(PASSWORD))
+        .output()
+        .expect("cairn runs");
+    (
+        output.status.code().unwrap_or(-1),
+        output.stdout,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cli_backup_ls_and_restore_of_awkward_names_under_ulimit() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = must_start_cluster(&dir.path().join("cluster")).await;
+    let _repo = must_init(&cluster).await;
+
+    let source = dir.path().join("src");
+    for d in 0..30 {
+        std::fs::create_dir_all(source.join(format!("d{d:02}"))).expect("mkdir");
+    }
+    for i in 0..3000 {
+        std::fs::write(
+            source.join(format!("d{:02}/f{i:04}", i % 30)),
+            format!("small file {i}\n").repeat(1 + i % 40),
+        )
+        .expect("write");
+    }
+    for name in awkward_names() {
+        std::fs::write(source.join(os(&name)), &name).expect("write");
+    }
+    std::fs::write(source.join("noise.skip"), b"excluded").expect("write");
+    let src = source.as_os_str();
+
+    let (code, _, stderr) = cairn(
+        &cluster,
+        1024,
+        &[
+            OsStr::new("backup"),
+            src,
+            OsStr::new("--dataset"),
+            OsStr::new("cli"),
+            OsStr::new("--exclude"),
+            OsStr::new("*.skip"),
+        ],
+    );
+    assert_eq!(code, 0, "backup succeeds: {stderr}");
+    let (code, listing, stderr) = cairn(
+        &cluster,
+        1024,
+        &[
+            OsStr::new("ls"),
+            OsStr::new("latest"),
+            OsStr::new("--dataset"),
+            OsStr::new("cli"),
+        ],
+    );
+    assert_eq!(code, 0, "ls succeeds: {stderr}");
+    let listing = String::from_utf8(listing).expect("the listing is UTF-8 (odd bytes escaped)");
+    for shown in [
+        "src/a\\b\n",
+        "src/line\\nbreak\n",
+        "src/\\xff\\xfe not utf-8\n",
+        "src/-rf\n",
+    ] {
+        assert!(listing.contains(shown), "{shown:?} is listed: {listing}");
+    }
+    assert!(!listing.contains("noise.skip"), "excluded");
+
+    // 3,000 files restored with at most 64 descriptors.
+    let target = dir.path().join("target");
+    let (code, _, stderr) = cairn(
+        &cluster,
+        64,
+        &[
+            OsStr::new("restore"),
+            OsStr::new("latest"),
+            OsStr::new("--dataset"),
+            OsStr::new("cli"),
+            OsStr::new("--target"),
+            target.as_os_str(),
+        ],
+    );
+    assert_eq!(code, 0, "restore succeeds under ulimit -n 64: {stderr}");
+    std::fs::remove_file(source.join("noise.skip")).expect("remove");
+    must_be_identical(&source, &target.join("src"));
+    cluster.shutdown().await.expect("shutdown");
+}
