@@ -118,6 +118,7 @@ pub async fn must_restore_identical(
     let options = RestoreOptions {
         include: Vec::new(),
         exclude_regions: exclude_regions.iter().map(|r| r.to_string()).collect(),
+        ..RestoreOptions::default()
     };
     restore(
         repo,

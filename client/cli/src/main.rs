@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use cairn_cli::{demo, progress};
 use cairn_client::backup::{self, BackupOptions, Progress};
+use cairn_client::path_guard::display_name;
 use cairn_client::restore::{self, RestoreOptions};
 use cairn_client::seal::KdfParams;
 use cairn_client::tree::EntryKind;
@@ -143,6 +144,15 @@ struct BackupArgs {
     /// Read every file again instead of trusting the parent snapshot's metadata.
     #[arg(long)]
     force: bool,
+    /// Leave out paths matching GLOB (restic's meaning: `/abs/...` matches
+    /// from the root, anything else the end of the path, so `*.tmp` or
+    /// `cache` match a name anywhere). Repeatable.
+    #[arg(long = "exclude", value_name = "GLOB")]
+    excludes: Vec<String>,
+    /// Read exclude patterns from FILE: one per line, `#` comments and blank
+    /// lines ignored. Repeatable.
+    #[arg(long = "exclude-file", value_name = "FILE")]
+    exclude_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -268,11 +278,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Backup(args) => {
+            let mut excludes = args.excludes.clone();
+            for file in &args.exclude_files {
+                excludes.extend(backup::read_exclude_file(file)?);
+            }
+            // Refuse a bad pattern before connecting.
+            backup::exclude_matcher(&excludes)?;
             let repo = open(&cli).await?;
             let options = BackupOptions {
                 dataset: args.dataset.clone(),
                 tags: args.tags.clone(),
                 use_parent: !args.force,
+                excludes,
                 ..BackupOptions::default()
             };
             let progress = Arc::new(Progress::default());
@@ -296,6 +313,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 display.finish().await;
             }
             let summary = result?;
+            for skipped in &summary.skipped {
+                eprintln!("skipped {}: {}", skipped.path, skipped.reason);
+            }
             if cli.json {
                 print_json(&summary)?;
             } else {
@@ -342,14 +362,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let rows: Vec<_> = items
                     .iter()
                     .map(|i| {
-                        let (kind, size, target) = match &i.entry.kind {
-                            EntryKind::File { size, .. } => ("file", *size, None),
-                            EntryKind::Dir { .. } => ("dir", 0, None),
-                            EntryKind::Symlink { target } => ("symlink", 0, Some(target.clone())),
+                        let (size, target, hardlink) = match &i.entry.kind {
+                            EntryKind::File { size, hardlink, .. } => (*size, None, *hardlink),
+                            EntryKind::Symlink { target } => (0, Some(display_name(target)), None),
+                            _ => (0, None, None),
                         };
-                        serde_json::json!({"path": i.path_string(), "type": kind, "size": size,
-                            "mode": format!("{:o}", i.entry.mode & 0o7777), "mtime_ns": i.entry.mtime_ns,
-                            "target": target})
+                        let path = i.path_string();
+                        let mut row = serde_json::json!({"path": path, "type": i.entry.kind.word(),
+                            "size": size, "mode": format!("{:o}", i.entry.mode & 0o7777),
+                            "mtime_ns": i.entry.mtime_ns, "target": target,
+                            "hardlink_group": hardlink.map(|g| format!("{g:016x}"))});
+                        // Names that are not plain UTF-8 are escaped in
+                        // "path"; the exact bytes go along, hex per component.
+                        if i.path
+                            .iter()
+                            .any(|c| display_name(c).as_bytes() != c.as_slice())
+                        {
+                            row["path_hex"] = serde_json::json!(
+                                i.path.iter().map(hex::encode).collect::<Vec<_>>()
+                            );
+                        }
+                        row
                     })
                     .collect();
                 print_json(&rows)?;
@@ -359,9 +392,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         EntryKind::File { size, .. } => ('-', *size),
                         EntryKind::Dir { .. } => ('d', 0),
                         EntryKind::Symlink { .. } => ('l', 0),
+                        EntryKind::Fifo => ('p', 0),
+                        EntryKind::Device {
+                            character: true, ..
+                        } => ('c', 0),
+                        EntryKind::Device { .. } => ('b', 0),
                     };
                     let suffix = match &i.entry.kind {
-                        EntryKind::Symlink { target } => format!(" -> {target}"),
+                        EntryKind::Symlink { target } => format!(" -> {}", display_name(target)),
+                        EntryKind::File {
+                            hardlink: Some(group),
+                            ..
+                        } => format!("  (hard link group {group:016x})"),
                         _ => String::new(),
                     };
                     println!(
@@ -392,31 +434,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = RestoreOptions {
                 include: args.include.clone(),
                 exclude_regions: args.without_region.clone(),
+                ..RestoreOptions::default()
             };
             let progress = Arc::new(Progress::default());
             let display = show_progress(&cli)
                 .then(|| progress::progress_ticker(progress.clone(), Some(snapshot.bytes)));
-            let result = restore::restore(&repo, &snapshot, &args.target, &options, progress).await;
+            let result =
+                restore::restore_report(&repo, &snapshot, &args.target, &options, progress).await;
             if let Some(display) = display {
                 display.finish().await;
             }
             let summary = result?;
+            for skipped in &summary.skipped {
+                eprintln!("skipped {}: {}", skipped.path, skipped.reason);
+            }
+            for failed in &summary.failed {
+                eprintln!(
+                    "snapshot {}: {} not restored: {}",
+                    snapshot.short_id(),
+                    failed.path,
+                    failed.reason
+                );
+            }
             if cli.json {
                 print_json(
                     &serde_json::json!({"snapshot_id": snapshot.id_hex(), "summary": summary}),
                 )?;
             } else {
                 println!(
-                    "restored {} to {}: {} files, {} dirs, {} symlinks, {} bytes in {:.2}s",
+                    "restored {} to {}: {} files, {} dirs, {} symlinks, {} hard links, {} special, {} bytes in {:.2}s; {} failed, {} skipped",
                     snapshot.short_id(),
                     args.target.display(),
                     summary.files,
                     summary.dirs,
                     summary.symlinks,
+                    summary.hardlinks,
+                    summary.special,
                     summary.bytes,
-                    summary.duration_s
+                    summary.duration_s,
+                    summary.failed.len(),
+                    summary.skipped.len()
                 );
             }
+            restore::failures_to_error(&summary)?;
         }
         Command::Check { read_data, repair } => check(&cli, *read_data, *repair).await?,
         Command::Cluster { command } => cluster_command(&cli, command).await?,
@@ -776,6 +836,7 @@ async fn drill(
     let options = RestoreOptions {
         include: Vec::new(),
         exclude_regions: vec![without_region.to_string()],
+        ..RestoreOptions::default()
     };
     let mut checked = Vec::new();
     let mut failures = Vec::new();

@@ -1,15 +1,53 @@
 //! Byte-for-byte comparison of two directory trees: what a drill, the demo
 //! and the tests use to prove a restore is identical to its source.
+//!
+//! Names are compared as bytes (non-UTF-8 names included); FIFOs and
+//! devices by kind (and device number); hard links by structure: two paths
+//! that are one inode in `expected` must be one inode in `actual`, and the
+//! other way round.
 
-use std::os::unix::fs::MetadataExt;
+use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// Differences between `expected` and `actual` (empty = identical): entry
-/// kinds, file contents, permission bits, symlink targets, file mtimes.
+/// kinds, file contents, permission bits, symlink targets, file mtimes,
+/// device numbers and hard-link structure.
 pub fn compare_dirs(expected: &Path, actual: &Path) -> Vec<String> {
     let mut differences = Vec::new();
-    compare(expected, actual, PathBuf::new(), &mut differences);
+    let mut links = Links::default();
+    compare(
+        expected,
+        actual,
+        PathBuf::new(),
+        &mut differences,
+        &mut links,
+    );
     differences
+}
+
+/// For each side, the first path seen of every multiply-linked inode.
+#[derive(Default)]
+struct Links {
+    expected: HashMap<(u64, u64), PathBuf>,
+    actual: HashMap<(u64, u64), PathBuf>,
+}
+
+impl Links {
+    /// The first path of `meta`'s inode on one side (the path itself when
+    /// the inode has a single link or is seen first).
+    fn first(
+        map: &mut HashMap<(u64, u64), PathBuf>,
+        meta: &std::fs::Metadata,
+        rel: &Path,
+    ) -> PathBuf {
+        if meta.nlink() < 2 {
+            return rel.to_path_buf();
+        }
+        map.entry((meta.dev(), meta.ino()))
+            .or_insert_with(|| rel.to_path_buf())
+            .clone()
+    }
 }
 
 fn names(dir: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
@@ -20,7 +58,7 @@ fn names(dir: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
     Ok(names)
 }
 
-fn compare(expected: &Path, actual: &Path, rel: PathBuf, out: &mut Vec<String>) {
+fn compare(expected: &Path, actual: &Path, rel: PathBuf, out: &mut Vec<String>, links: &mut Links) {
     let show = || {
         if rel.as_os_str().is_empty() {
             ".".to_string()
@@ -54,7 +92,25 @@ fn compare(expected: &Path, actual: &Path, rel: PathBuf, out: &mut Vec<String>) 
             a.mode() & 0o7777
         ));
     }
+    if e.file_type().is_char_device() || e.file_type().is_block_device() {
+        if e.rdev() != a.rdev() {
+            out.push(format!("{}: device number differs", show()));
+        }
+        return;
+    }
     if e.is_file() {
+        let (first_e, first_a) = (
+            Links::first(&mut links.expected, &e, &rel),
+            Links::first(&mut links.actual, &a, &rel),
+        );
+        if first_e != first_a {
+            out.push(format!(
+                "{}: hard links differ (expected one inode with {}, found one with {})",
+                show(),
+                first_e.display(),
+                first_a.display()
+            ));
+        }
         if e.len() != a.len() {
             out.push(format!("{}: size {} != {}", show(), e.len(), a.len()));
         } else if !same_contents(expected, actual) {
@@ -81,6 +137,7 @@ fn compare(expected: &Path, actual: &Path, rel: PathBuf, out: &mut Vec<String>) 
                 &actual.join(name),
                 rel.join(name),
                 out,
+                links,
             );
         }
     }

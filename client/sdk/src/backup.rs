@@ -1,16 +1,29 @@
 //! Backup: walk → chunk → id → dedup → compress+seal → pack → upload → commit.
 //!
 //! Files are processed in parallel (bounded); each file is chunked in a
-//! blocking thread, its new chunks are sealed there and appended to the one
-//! shared pack builder; full packs go through a bounded channel to the
-//! uploader. Unchanged files (same size, mtime and mode as in the parent
+//! blocking thread, its new chunks are sealed there and appended to the
+//! shared data pack builder; trees go to a pack builder of their own, so a
+//! lost data pack never hides the directory structure of a snapshot. Full
+//! packs go through a bounded channel to the uploader.
+//!
+//! The walk stores names as the file system's bytes and applies the one
+//! name rule restore applies ([`crate::path_guard::check_name`]); every tree
+//! is validated before it is stored, so a snapshot never holds what restore
+//! would refuse. Hard links (same device and inode, more than one link)
+//! share a hard-link group; FIFOs and device nodes are recorded; sockets
+//! and anything unreadable as a kind are skipped and named in
+//! [`BackupSummary::skipped`]. `--exclude` patterns follow restic: a
+//! pattern starting with `/` matches the absolute path, any other pattern
+//! matches the end of the path (so a pattern without a slash matches any
+//! base name); an excluded directory is not descended into. Unchanged files (same size, mtime and mode as in the parent
 //! snapshot) are not read at all. The snapshot is committed only after every
 //! pack is acknowledged, so an interrupted backup leaves no snapshot, and a
 //! rerun finds its uploaded chunks in the index.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,12 +31,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::warn;
 
 use crate::chunker::Chunker;
 use crate::error::{ClientError, Result};
 use crate::pack::{BlobKind, PACK_TARGET_BYTES, Pack, PackBuilder};
+use crate::path_guard::{check_name, display_name};
 use crate::repo::{Repository, Snapshot, SnapshotInfo};
 use crate::seal::BlobId;
 use crate::tree::{ChunkRef, EntryKind, Tree, TreeEntry};
@@ -53,6 +68,9 @@ pub struct BackupOptions {
     pub use_parent: bool,
     /// Files read in parallel.
     pub files_in_flight_max: usize,
+    /// Patterns of paths not to back up (restic's `--exclude`; see the
+    /// module doc and [`read_exclude_file`]).
+    pub excludes: Vec<String>,
 }
 
 impl Default for BackupOptions {
@@ -64,8 +82,76 @@ impl Default for BackupOptions {
             files_in_flight_max: std::thread::available_parallelism()
                 .map(|n| n.get() * 2)
                 .unwrap_or(4),
+            excludes: Vec::new(),
         }
     }
+}
+
+/// Something the walk (or a restore) left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    /// The path, escaped for display (see [`crate::path_guard::display_name`]).
+    pub path: String,
+    /// Why it was left out.
+    pub reason: String,
+}
+
+/// Reads an exclude file: one pattern per line, blank lines and lines
+/// starting with `#` ignored, surrounding white space trimmed.
+pub fn read_exclude_file(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| ClientError::io(path, e))?;
+    Ok(parse_exclude_lines(&text))
+}
+
+fn parse_exclude_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Builds the matcher of exclude patterns (restic's meaning): `/abs/...`
+/// matches from the root, anything else the end of the path, so `*.log`
+/// or `cache` match a base name anywhere and `a/b` matches `.../a/b`.
+/// `*` and `?` never cross a `/`; `**` does.
+pub fn exclude_matcher(patterns: &[String]) -> Result<Option<GlobSet>> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut builder = GlobSetBuilder::new();
+    for pattern in patterns {
+        let trimmed = pattern.trim();
+        let trimmed = if trimmed.len() > 1 {
+            trimmed.trim_end_matches('/')
+        } else {
+            trimmed
+        };
+        if trimmed.is_empty() {
+            continue;
+        }
+        let full = if trimmed.starts_with('/') {
+            trimmed.to_owned()
+        } else {
+            format!("**/{trimmed}")
+        };
+        let glob = GlobBuilder::new(&full)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| ClientError::BadExclude {
+                pattern: pattern.clone(),
+                reason: e.to_string(),
+            })?;
+        builder.add(glob);
+    }
+    builder
+        .build()
+        .map(Some)
+        .map_err(|e| ClientError::BadExclude {
+            pattern: patterns.join(" "),
+            reason: e.to_string(),
+        })
 }
 
 /// The result of a committed backup.
@@ -80,6 +166,8 @@ pub struct BackupSummary {
     pub bytes_added: u64,
     pub packs: u64,
     pub duration_s: f64,
+    /// What the walk left out (sockets, unreadable kinds), each with why.
+    pub skipped: Vec<Skipped>,
 }
 
 /// The parent snapshot's trees, loaded once, by id.
@@ -91,7 +179,12 @@ struct Session {
     runtime: tokio::runtime::Handle,
     /// Blob ids claimed by this session: the first claimant uploads.
     seen: Mutex<HashSet<BlobId>>,
-    builder: Mutex<PackBuilder>,
+    /// File chunks.
+    data_builder: Mutex<PackBuilder>,
+    /// Trees only: a lost data pack must not take the listings with it.
+    tree_builder: Mutex<PackBuilder>,
+    excludes: Option<GlobSet>,
+    skipped: Mutex<Vec<Skipped>>,
     packs: mpsc::Sender<Pack>,
     progress: Arc<Progress>,
     files: AtomicU64,
@@ -129,8 +222,12 @@ impl Session {
         self.progress
             .bytes_added
             .fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        let builder = match kind {
+            BlobKind::Data => &self.data_builder,
+            BlobKind::Tree => &self.tree_builder,
+        };
         let full = {
-            let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
+            let mut builder = builder.lock().unwrap_or_else(|p| p.into_inner());
             builder.add(id, kind, encoded);
             if builder.is_full() {
                 Some(std::mem::replace(
@@ -182,6 +279,8 @@ impl Session {
     }
 
     fn store_tree(&self, tree: &Tree, parent_id: Option<BlobId>) -> Result<BlobId> {
+        // Never store what restore would refuse.
+        tree.validate()?;
         let encoded = tree.encode();
         let id = self.repo.key().blob_id(&encoded);
         if parent_id == Some(id) {
@@ -190,22 +289,57 @@ impl Session {
         self.store_chunks(&mut vec![(id, encoded)], BlobKind::Tree)?;
         Ok(id)
     }
+
+    fn skip(&self, path: &Path, reason: impl Into<String>) {
+        let skipped = Skipped {
+            path: display_name(path.as_os_str().as_bytes()),
+            reason: reason.into(),
+        };
+        warn!(path = %skipped.path, reason = %skipped.reason, "not backed up");
+        self.skipped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(skipped);
+    }
+
+    fn excluded(&self, path: &Path) -> bool {
+        self.excludes.as_ref().is_some_and(|g| g.is_match(path))
+    }
+
+    /// Sends whatever both builders hold.
+    fn flush_packs(&self) -> Result<()> {
+        for builder in [&self.tree_builder, &self.data_builder] {
+            let last = std::mem::replace(
+                &mut *builder.lock().unwrap_or_else(|p| p.into_inner()),
+                PackBuilder::new(PACK_TARGET_BYTES),
+            );
+            if !last.is_empty() {
+                self.send_pack(last)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hard-link group of an inode: stable across backups of the same file
+/// system, so unchanged directories keep the same tree blob.
+fn hardlink_group(meta: &std::fs::Metadata) -> Option<u64> {
+    if meta.nlink() < 2 {
+        return None;
+    }
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&meta.dev().to_le_bytes());
+    key[8..].copy_from_slice(&meta.ino().to_le_bytes());
+    let hash = blake3::hash(&key);
+    let mut group = [0u8; 8];
+    group.copy_from_slice(&hash.as_bytes()[..8]);
+    Some(u64::from_le_bytes(group))
 }
 
 fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime()
         .saturating_mul(1_000_000_000)
         .saturating_add(meta.mtime_nsec())
-}
-
-fn utf8_name(name: std::ffi::OsString, dir: &Path) -> Result<String> {
-    name.into_string().map_err(|raw| ClientError::BadInput {
-        what: format!(
-            "{}: file name is not UTF-8 ({:?}); rename it or exclude it",
-            dir.display(),
-            raw
-        ),
-    })
 }
 
 /// Backs up files and directories into a new snapshot of `options.dataset`.
@@ -226,17 +360,20 @@ pub async fn backup_paths(
         let absolute = std::path::absolute(path).map_err(|e| ClientError::io(path, e))?;
         let name = absolute
             .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "root".into());
+            .map(|n| n.as_bytes().to_vec())
+            .unwrap_or_else(|| b"root".to_vec());
         if tops
             .iter()
-            .any(|(n, _, _): &(String, PathBuf, std::fs::Metadata)| *n == name)
+            .any(|(n, _, _): &(Vec<u8>, PathBuf, std::fs::Metadata)| *n == name)
         {
             return Err(ClientError::BadInput {
-                what: format!("two paths end in the same name {name:?}; back them up separately"),
+                what: format!(
+                    "two paths end in the same name {:?}; back them up separately",
+                    display_name(&name)
+                ),
             });
         }
-        tops.push((name, path.clone(), meta));
+        tops.push((name, absolute, meta));
     }
     let info_paths = paths.iter().map(|p| p.display().to_string()).collect();
     let files_max = options.files_in_flight_max.max(1);
@@ -250,6 +387,9 @@ pub async fn backup_paths(
                 let mut entries = Vec::new();
                 let permits = Arc::new(Semaphore::new(files_max));
                 for (name, path, meta) in tops {
+                    if session.excluded(&path) {
+                        continue;
+                    }
                     let parent_entry = parent.as_ref().and_then(|t| find_entry(t, &name));
                     let entry = backup_entry(
                         session.clone(),
@@ -279,8 +419,8 @@ pub async fn backup_stream(
     options: &BackupOptions,
     progress: Arc<Progress>,
 ) -> Result<BackupSummary> {
-    crate::path_guard::check_name(filename)?;
-    let name = filename.to_string();
+    check_name(filename.as_bytes())?;
+    let name = filename.as_bytes().to_vec();
     run_backup(
         repo,
         options,
@@ -304,7 +444,11 @@ pub async fn backup_stream(
                 Ok(Tree {
                     entries: vec![TreeEntry {
                         name,
-                        kind: EntryKind::File { size, chunks },
+                        kind: EntryKind::File {
+                            size,
+                            chunks,
+                            hardlink: None,
+                        },
                         mode: 0o100644,
                         mtime_ns: now,
                         uid: 0,
@@ -343,12 +487,16 @@ where
         .as_ref()
         .and_then(|p| parent_trees.remove(&p.root_tree));
     let parent_trees: ParentTrees = Arc::new(parent_trees);
+    let excludes = exclude_matcher(&options.excludes)?;
     let (tx, rx) = mpsc::channel::<Pack>(PACKS_QUEUED_MAX);
     let session = Arc::new(Session {
         repo: repo.clone(),
         runtime: tokio::runtime::Handle::current(),
         seen: Mutex::new(HashSet::new()),
-        builder: Mutex::new(PackBuilder::new(PACK_TARGET_BYTES)),
+        data_builder: Mutex::new(PackBuilder::new(PACK_TARGET_BYTES)),
+        tree_builder: Mutex::new(PackBuilder::new(PACK_TARGET_BYTES)),
+        excludes,
+        skipped: Mutex::new(Vec::new()),
         packs: tx,
         progress: progress.clone(),
         files: AtomicU64::new(0),
@@ -379,13 +527,7 @@ where
             let parent_root = parent.as_ref().map(|p| p.root_tree);
             tokio::task::spawn_blocking(move || -> Result<BlobId> {
                 let root_id = worker.store_tree(&root, parent_root)?;
-                let last = std::mem::replace(
-                    &mut *worker.builder.lock().unwrap_or_else(|p| p.into_inner()),
-                    PackBuilder::new(PACK_TARGET_BYTES),
-                );
-                if !last.is_empty() {
-                    worker.send_pack(last)?;
-                }
+                worker.flush_packs()?;
                 Ok(root_id)
             })
             .await
@@ -397,6 +539,9 @@ where
         Err(e) => Err(e),
     };
     let files = session.files.load(Ordering::Relaxed);
+    let mut skipped =
+        std::mem::take(&mut *session.skipped.lock().unwrap_or_else(|p| p.into_inner()));
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
     drop(session);
     let uploaded = uploader.await.map_err(|e| ClientError::BadInput {
         what: format!("upload task: {e}"),
@@ -441,6 +586,7 @@ where
         bytes_added: snapshot.bytes_added,
         packs: progress.packs.load(Ordering::Relaxed),
         duration_s: started.elapsed().as_secs_f64(),
+        skipped,
     })
 }
 
@@ -456,9 +602,9 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-fn find_entry(tree: &Tree, name: &str) -> Option<TreeEntry> {
+fn find_entry(tree: &Tree, name: &[u8]) -> Option<TreeEntry> {
     tree.entries
-        .binary_search_by(|e| e.name.as_str().cmp(name))
+        .binary_search_by(|e| e.name.as_slice().cmp(name))
         .ok()
         .map(|i| tree.entries[i].clone())
 }
@@ -468,12 +614,18 @@ fn backup_entry(
     session: Arc<Session>,
     permits: Arc<Semaphore>,
     parent_trees: ParentTrees,
-    name: String,
+    name: Vec<u8>,
     path: PathBuf,
     meta: std::fs::Metadata,
     parent: Option<TreeEntry>,
 ) -> BoxFuture<'static, Result<Option<TreeEntry>>> {
     Box::pin(async move {
+        // The one rule restore applies; a name read from a directory always
+        // passes it, but a snapshot must never hold one that does not.
+        if let Err(e) = check_name(&name) {
+            session.skip(&path, format!("name refused: {e}"));
+            return Ok(None);
+        }
         let file_type = meta.file_type();
         let base = |kind| TreeEntry {
             name: name.clone(),
@@ -485,13 +637,11 @@ fn backup_entry(
         };
         if file_type.is_symlink() {
             let target = std::fs::read_link(&path).map_err(|e| ClientError::io(&path, e))?;
-            let target =
-                target
-                    .into_os_string()
-                    .into_string()
-                    .map_err(|_| ClientError::BadInput {
-                        what: format!("{}: symlink target is not UTF-8", path.display()),
-                    })?;
+            let target = target.into_os_string().into_vec();
+            if let Err(e) = crate::path_guard::check_symlink_target(&target) {
+                session.skip(&path, format!("symlink target refused: {e}"));
+                return Ok(None);
+            }
             return Ok(Some(base(EntryKind::Symlink { target })));
         }
         if file_type.is_dir() {
@@ -505,8 +655,11 @@ fn backup_entry(
             let read = std::fs::read_dir(&path).map_err(|e| ClientError::io(&path, e))?;
             for item in read {
                 let item = item.map_err(|e| ClientError::io(&path, e))?;
-                let child_name = utf8_name(item.file_name(), &path)?;
+                let child_name = item.file_name().into_vec();
                 let child_path = item.path();
+                if session.excluded(&child_path) {
+                    continue;
+                }
                 let child_meta = std::fs::symlink_metadata(&child_path)
                     .map_err(|e| ClientError::io(&child_path, e))?;
                 let child_parent = parent_tree
@@ -542,8 +695,9 @@ fn backup_entry(
         }
         if file_type.is_file() {
             session.files.fetch_add(1, Ordering::Relaxed);
+            let hardlink = hardlink_group(&meta);
             if let Some(TreeEntry {
-                kind: EntryKind::File { size, chunks },
+                kind: EntryKind::File { size, chunks, .. },
                 mode,
                 mtime_ns: old_mtime,
                 ..
@@ -557,6 +711,7 @@ fn backup_entry(
                 return Ok(Some(base(EntryKind::File {
                     size: *size,
                     chunks: chunks.clone(),
+                    hardlink,
                 })));
             }
             let _permit = permits
@@ -575,9 +730,78 @@ fn backup_entry(
                 what: format!("file task: {e}"),
             })??;
             session.progress.files.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(base(EntryKind::File { size, chunks })));
+            return Ok(Some(base(EntryKind::File {
+                size,
+                chunks,
+                hardlink,
+            })));
         }
-        warn!(path = %path.display(), "skipping special file (device, socket or fifo)");
+        if file_type.is_fifo() {
+            return Ok(Some(base(EntryKind::Fifo)));
+        }
+        if file_type.is_char_device() || file_type.is_block_device() {
+            return Ok(Some(base(EntryKind::Device {
+                character: file_type.is_char_device(),
+                rdev: meta.rdev(),
+            })));
+        }
+        let what = if file_type.is_socket() {
+            "a socket (it only exists while its program runs)"
+        } else {
+            "of an unknown file type"
+        };
+        session.skip(&path, format!("not backed up: {what}"));
         Ok(None)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn excluded(patterns: &[&str], path: &str) -> bool {
+        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        exclude_matcher(&patterns)
+            .expect("patterns compile")
+            .is_some_and(|g| g.is_match(Path::new(path)))
+    }
+
+    #[test]
+    fn excludes_follow_restic() {
+        // No slash: any base name or component.
+        assert!(excluded(&["*.log"], "/srv/chat/app.log"));
+        assert!(excluded(&["*.log"], "/app.log"));
+        assert!(!excluded(&["*.log"], "/srv/chat/app.log.gz"));
+        assert!(excluded(&["cache"], "/home/u/cache"));
+        assert!(!excluded(&["cache"], "/home/u/cached"));
+        // `*` does not cross a slash; `**` does.
+        assert!(!excluded(&["/srv/*.log"], "/srv/chat/app.log"));
+        assert!(excluded(&["/srv/**/*.log"], "/srv/chat/app.log"));
+        // Absolute patterns match from the root only.
+        assert!(excluded(&["/srv/chat"], "/srv/chat"));
+        assert!(!excluded(&["/srv/chat"], "/x/srv/chat"));
+        // Relative with a slash: the end of the path.
+        assert!(excluded(&["chat/tmp"], "/srv/chat/tmp"));
+        assert!(!excluded(&["chat/tmp"], "/srv/chat/tmpx"));
+        // A trailing slash names a directory the same way.
+        assert!(excluded(&["tmp/"], "/srv/tmp"));
+        // Non-UTF-8 paths are matched by their bytes.
+        use std::os::unix::ffi::OsStrExt;
+        let odd = std::ffi::OsStr::from_bytes(b"/srv/\xff.log");
+        let set = exclude_matcher(&["*.log".to_string()])
+            .expect("compiles")
+            .expect("some");
+        assert!(set.is_match(Path::new(odd)));
+        assert!(exclude_matcher(&[]).expect("empty").is_none());
+        assert!(matches!(
+            exclude_matcher(&["a[".to_string()]),
+            Err(ClientError::BadExclude { .. })
+        ));
+    }
+
+    #[test]
+    fn exclude_file_lines() {
+        let text = "# caches\n*.tmp\n\n   /srv/chat/tmp  \n#*.log\n";
+        assert_eq!(parse_exclude_lines(text), ["*.tmp", "/srv/chat/tmp"]);
+    }
 }

@@ -54,6 +54,8 @@ pub enum ClientError {
     BadPattern { pattern: String, reason: String },
     #[error("backup input: {what}")]
     BadInput { what: String },
+    #[error("invalid --exclude pattern {pattern:?}: {reason}")]
+    BadExclude { pattern: String, reason: String },
 }
 
 fn format_tried(tried: &[(String, String)]) -> String {

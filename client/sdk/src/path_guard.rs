@@ -10,9 +10,12 @@
 //! follows anything.
 //!
 //! Rules restore relies on:
-//! - Every name is one path component: not empty, not `.` or `..`, no `/`,
-//!   no NUL, no `\` (a separator on Windows), at most [`NAME_MAX_BYTES`].
-//!   So a joined path never leaves the root lexically.
+//! - Names are bytes (a Linux file name need not be UTF-8). Every name is
+//!   one path component: not empty, not `.` or `..`, no `/`, no NUL, at
+//!   most [`NAME_MAX_BYTES`]. That is exactly what Linux allows in a
+//!   directory entry, so every name a walk can read is accepted, and a
+//!   joined path never leaves the root lexically. Backup and restore use the
+//!   same [`check_name`]: a backup never commits a name restore refuses.
 //! - Symlinks are restored as they were (absolute or relative targets,
 //!   `..` included: that is the user's data), and restore never follows
 //!   one: before writing `root/a/b/f`, every existing ancestor below root
@@ -95,7 +98,7 @@ pub enum PathError {
     /// A NUL in a symlink target.
     #[error("symbolic link target {target:?} contains a NUL byte")]
     NulInSymlinkTarget {
-        /// The target.
+        /// The target, escaped for display.
         target: String,
     },
     /// Too long for any file system.
@@ -108,20 +111,21 @@ pub enum PathError {
     },
 }
 
-/// Check that `name` is one safe path component (see the module doc).
-pub fn check_name(name: &str) -> Result<(), PathError> {
+/// Check that `name` is one safe path component (see the module doc): the
+/// one rule both backup and restore apply.
+pub fn check_name(name: &[u8]) -> Result<(), PathError> {
     if name.is_empty() {
         return Err(PathError::EmptyName);
     }
-    if name == "." || name == ".." {
+    if name == b"." || name == b".." {
         return Err(PathError::DotName {
-            name: name.to_owned(),
+            name: display_name(name),
         });
     }
-    if let Some(ch) = name.chars().find(|c| matches!(c, '/' | '\\' | '\0')) {
+    if let Some(&b) = name.iter().find(|&&b| b == b'/' || b == 0) {
         return Err(PathError::ForbiddenChar {
-            name: name.to_owned(),
-            ch,
+            name: display_name(name),
+            ch: char::from(b),
         });
     }
     if name.len() > NAME_MAX_BYTES {
@@ -130,13 +134,38 @@ pub fn check_name(name: &str) -> Result<(), PathError> {
     Ok(())
 }
 
+/// A name or path for people: UTF-8 as is, except that control characters
+/// (a newline would split a listing line) and bytes that are not UTF-8 are
+/// escaped as `\n`, `\t`, `\xNN`. Not reversible for names that contain
+/// such escapes literally; machine-readable output carries the raw bytes.
+pub fn display_name(name: &[u8]) -> String {
+    let mut out = String::with_capacity(name.len());
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
 /// `root` joined with `components`, each checked with [`check_name`]; the
 /// result is always `root` followed by exactly those plain components.
-pub fn safe_join(root: &Path, components: &[&str]) -> Result<PathBuf, PathError> {
+pub fn safe_join<N: AsRef<[u8]>>(root: &Path, components: &[N]) -> Result<PathBuf, PathError> {
+    use std::os::unix::ffi::OsStrExt;
     let mut path = root.to_path_buf();
     for name in components {
+        let name = name.as_ref();
         check_name(name)?;
-        path.push(name);
+        path.push(std::ffi::OsStr::from_bytes(name));
     }
     Ok(path)
 }
@@ -181,13 +210,13 @@ pub fn check_no_symlink_in_parents(root: &Path, rel: &Path) -> Result<(), PathEr
 /// Absolute and `..` targets are allowed: the link is recreated, never
 /// followed by restore, and [`check_no_symlink_in_parents`] stops later
 /// writes from going through it.
-pub fn check_symlink_target(target: &str) -> Result<(), PathError> {
+pub fn check_symlink_target(target: &[u8]) -> Result<(), PathError> {
     if target.is_empty() {
         return Err(PathError::EmptySymlinkTarget);
     }
-    if target.contains('\0') {
+    if target.contains(&0) {
         return Err(PathError::NulInSymlinkTarget {
-            target: target.to_owned(),
+            target: display_name(target),
         });
     }
     if target.len() > SYMLINK_TARGET_MAX_BYTES {
@@ -203,31 +232,50 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        for ok in [
-            "a",
-            "file.txt",
-            "...",
-            ".hidden",
-            "a b",
-            "日志.jsonl",
-            "x..y",
-        ] {
-            assert!(check_name(ok).is_ok(), "{ok:?} should pass");
+        let long = "n".repeat(255);
+        let ok: [&[u8]; 14] = [
+            b"a",
+            b"file.txt",
+            b"...",
+            b".hidden",
+            b"a b",
+            "日志.jsonl".as_bytes(),
+            b"x..y",
+            b"a\\b",
+            b"..\\x",
+            b"-rf",
+            b"line\nbreak",
+            b":*?<>|\"",
+            b"\xff\xfe not utf-8",
+            long.as_bytes(),
+        ];
+        for name in ok {
+            assert!(check_name(name).is_ok(), "{name:?} should pass");
         }
-        assert!(matches!(check_name(""), Err(PathError::EmptyName)));
-        assert!(matches!(check_name("."), Err(PathError::DotName { .. })));
-        assert!(matches!(check_name(".."), Err(PathError::DotName { .. })));
-        for bad in ["a/b", "/", "/etc", "a\\b", "..\\x", "a\0b"] {
+        assert!(matches!(check_name(b""), Err(PathError::EmptyName)));
+        assert!(matches!(check_name(b"."), Err(PathError::DotName { .. })));
+        assert!(matches!(check_name(b".."), Err(PathError::DotName { .. })));
+        for bad in ["a/b", "/", "/etc", "a\0b", "\0"] {
             assert!(
-                matches!(check_name(bad), Err(PathError::ForbiddenChar { .. })),
+                matches!(
+                    check_name(bad.as_bytes()),
+                    Err(PathError::ForbiddenChar { .. })
+                ),
                 "{bad:?} should be refused"
             );
         }
-        assert!(check_name(&"n".repeat(255)).is_ok());
         assert!(matches!(
-            check_name(&"n".repeat(256)),
+            check_name("n".repeat(256).as_bytes()),
             Err(PathError::NameTooLong { .. })
         ));
+    }
+
+    #[test]
+    fn display_escapes_what_would_break_a_line() {
+        assert_eq!(display_name(b"plain.txt"), "plain.txt");
+        assert_eq!(display_name("日志".as_bytes()), "日志");
+        assert_eq!(display_name(b"a\nb\tc"), "a\\nb\\tc");
+        assert_eq!(display_name(b"\xffx\x01"), "\\xffx\\x01");
     }
 
     #[test]
@@ -240,7 +288,7 @@ mod tests {
         assert!(safe_join(root, &["..", "etc"]).is_err());
         assert!(safe_join(root, &["/etc/passwd"]).is_err());
         assert!(safe_join(root, &["a", "../../x"]).is_err());
-        assert_eq!(safe_join(root, &[]).expect("root"), root);
+        assert_eq!(safe_join::<&str>(root, &[]).expect("root"), root);
     }
 
     #[cfg(unix)]
@@ -284,17 +332,18 @@ mod tests {
 
     #[test]
     fn symlink_targets() {
-        assert!(check_symlink_target("/etc/passwd").is_ok());
-        assert!(check_symlink_target("../../up").is_ok());
+        assert!(check_symlink_target(b"/etc/passwd").is_ok());
+        assert!(check_symlink_target(b"../../up").is_ok());
+        assert!(check_symlink_target(b"\xff\\odd").is_ok());
         assert!(matches!(
-            check_symlink_target(""),
+            check_symlink_target(b""),
             Err(PathError::EmptySymlinkTarget)
         ));
         assert!(matches!(
-            check_symlink_target("a\0b"),
+            check_symlink_target(b"a\0b"),
             Err(PathError::NulInSymlinkTarget { .. })
         ));
-        assert!(check_symlink_target(&"x".repeat(4096)).is_err());
+        assert!(check_symlink_target("x".repeat(4096).as_bytes()).is_err());
     }
 
     fn component() -> impl Strategy<Value = String> {

@@ -2,43 +2,89 @@
 //!
 //! Trees are fetched level by level, then every needed chunk is located and
 //! its packs are read once each, a few at a time. Each chunk is decrypted
-//! and checked against its id before a single byte of it is written. Paths
-//! come from the snapshot, which may be hostile: every name is checked,
-//! no write follows a symlink, and symlinks are created only after all file
-//! data is written, so none can redirect a write outside the target.
+//! and checked against its id before a single byte of it is written.
+//!
+//! Writes never touch the user's files in place: each file is written to a
+//! temporary name in its directory (created `0600` with
+//! `O_CREAT|O_EXCL|O_NOFOLLOW`), its data written, `fsync`ed, its mode and
+//! mtime set, and only then renamed over its final name. A file that cannot
+//! be completed (its pack unreadable, a chunk failing its check, a write
+//! error) keeps its old content or stays absent, its temporary file is
+//! removed, and it is named in [`RestoreSummary::failed`] with the reason
+//! (the pack id for an unreadable pack); restore goes on with every other
+//! file. Whatever exists at a restored name (a symlink, a hard link to
+//! elsewhere, a FIFO, a device) is replaced by the rename, never followed
+//! or written through; a directory that exists as anything but a real
+//! directory is refused with everything below it.
+//!
+//! Resources are bounded independently of the snapshot's size: at most
+//! [`PACKS_IN_FLIGHT_MAX`] packs are written at once, each by at most
+//! [`FILE_WRITERS_PER_PACK_MAX`] threads holding one file open each. Memory
+//! per file is a few words.
+//!
+//! Paths come from the snapshot, which may be hostile: every name is
+//! checked, no write follows a symlink, and symlinks are created only after
+//! all file data is written, so none can redirect a write outside the
+//! target. Hard links, FIFOs and (as root) device nodes are recreated;
+//! what cannot be is named in [`RestoreSummary::skipped`].
 
-use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::{File, FileTimes, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
-use crate::backup::Progress;
+use crate::backup::{Progress, Skipped};
 use crate::error::{ClientError, Result};
-use crate::path_guard::{check_name, check_no_symlink_in_parents, safe_join};
+use crate::path_guard::{check_name, check_no_symlink_in_parents, display_name, safe_join};
 use crate::repo::{Located, Repository, Snapshot};
 use crate::seal::BlobId;
 use crate::tree::{EntryKind, TreeEntry};
 
-/// Packs fetched at once during a restore.
-const PACKS_IN_FLIGHT_MAX: usize = 6;
+/// Packs fetched at once during a restore; also the most files open at once.
+pub const PACKS_IN_FLIGHT_MAX: usize = 6;
+/// Threads writing the files of one pack at once (when it holds many files).
+pub const FILE_WRITERS_PER_PACK_MAX: usize = 8;
+/// Files in a pack from which it is written by several threads.
+const FILES_PER_PARALLEL_WRITER_MIN: usize = 16;
+/// Attempts at a fresh temporary name before giving up on a file.
+const TEMP_NAME_ATTEMPTS_MAX: usize = 16;
+/// Failed files named in the error of [`restore`] (all are in the summary).
+const FAILURES_IN_ERROR_MAX: usize = 20;
 
 /// One entry of a snapshot with its path from the root.
 #[derive(Debug, Clone)]
 pub struct Item {
-    /// Path components below the snapshot root.
-    pub path: Vec<String>,
+    /// Path components below the snapshot root, as the file system's bytes.
+    pub path: Vec<Vec<u8>>,
     pub entry: TreeEntry,
 }
 
 impl Item {
+    /// The path for people: components joined with `/`, control characters
+    /// and bytes that are not UTF-8 escaped (see
+    /// [`crate::path_guard::display_name`]).
     pub fn path_string(&self) -> String {
-        self.path.join("/")
+        self.path
+            .iter()
+            .map(|c| display_name(c))
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    /// The path below the snapshot root, exactly as stored.
+    pub fn rel_path(&self) -> PathBuf {
+        self.path
+            .iter()
+            .map(|c| OsStr::from_bytes(c))
+            .collect::<PathBuf>()
     }
 }
 
@@ -49,6 +95,20 @@ pub struct RestoreOptions {
     pub include: Vec<String>,
     /// Regions to read nothing from (failover drills).
     pub exclude_regions: Vec<String>,
+    /// Skip the `fsync` of each file and directory. Files are still
+    /// renamed into place only when complete, so a crash of the restore
+    /// leaves no half-written file, but after a power loss a renamed file
+    /// may be empty. For throw-away restores (tests, drills).
+    pub no_fsync: bool,
+}
+
+/// A file or entry a restore could not restore, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Failure {
+    /// The path below the target, escaped for display.
+    pub path: String,
+    /// Why (an unreadable pack names the pack id).
+    pub reason: String,
 }
 
 /// What a restore did.
@@ -57,9 +117,18 @@ pub struct RestoreSummary {
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    /// Files restored as hard links of another restored file.
+    pub hardlinks: u64,
+    /// FIFOs and device nodes restored.
+    pub special: u64,
     pub bytes: u64,
     pub time_to_first_byte_s: f64,
     pub duration_s: f64,
+    /// Entries deliberately not restored (device nodes without root), with why.
+    pub skipped: Vec<Skipped>,
+    /// Entries that could not be restored, with why; they keep whatever was
+    /// at their name before (or stay absent).
+    pub failed: Vec<Failure>,
 }
 
 /// Every entry of a snapshot, parents before children, trees fetched a
@@ -73,7 +142,7 @@ pub async fn walk(
         .load_trees(&snapshot.root_tree, exclude_regions)
         .await?;
     let mut items = Vec::new();
-    let mut level: Vec<(Vec<String>, BlobId)> = vec![(Vec::new(), snapshot.root_tree)];
+    let mut level: Vec<(Vec<Vec<u8>>, BlobId)> = vec![(Vec::new(), snapshot.root_tree)];
     while !level.is_empty() {
         let mut next = Vec::new();
         for (prefix, id) in level {
@@ -121,13 +190,19 @@ fn build_globs(patterns: &[String]) -> Result<Option<GlobSet>> {
 }
 
 /// Keeps items matching a glob, the contents of matching directories, and
-/// the directories leading to them.
+/// the directories leading to them. Globs match the path's bytes, so
+/// non-UTF-8 names can be selected too.
 fn select(items: Vec<Item>, globs: Option<&GlobSet>) -> Vec<Item> {
     let Some(globs) = globs else {
         return items;
     };
-    let matches = |path: &[String]| (1..=path.len()).any(|n| globs.is_match(path[..n].join("/")));
-    let mut keep_dirs: std::collections::HashSet<Vec<String>> = Default::default();
+    let joined = |path: &[Vec<u8>]| {
+        path.iter()
+            .map(|c| OsStr::from_bytes(c))
+            .collect::<PathBuf>()
+    };
+    let matches = |path: &[Vec<u8>]| (1..=path.len()).any(|n| globs.is_match(joined(&path[..n])));
+    let mut keep_dirs: HashSet<Vec<Vec<u8>>> = Default::default();
     for item in &items {
         if matches(&item.path) {
             for n in 1..item.path.len() {
@@ -141,30 +216,325 @@ fn select(items: Vec<Item>, globs: Option<&GlobSet>) -> Vec<Item> {
         .collect()
 }
 
-fn no_follow_open(path: &Path, create: bool) -> std::io::Result<File> {
-    let mut options = OpenOptions::new();
-    options.write(true).custom_flags(libc::O_NOFOLLOW);
-    if create {
-        options.create(true).truncate(true);
-    }
-    options.open(path)
-}
-
-fn set_mtime(path: &Path, mtime_ns: i64) -> std::io::Result<()> {
-    let time = if mtime_ns >= 0 {
+fn system_time(mtime_ns: i64) -> SystemTime {
+    if mtime_ns >= 0 {
         UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64)
     } else {
         UNIX_EPOCH
-    };
+    }
+}
+
+/// Mode bits a restore applies: never setuid or setgid from a snapshot.
+fn restored_mode(mode: u32) -> u32 {
+    mode & 0o1777
+}
+
+fn set_mtime(path: &Path, mtime_ns: i64) -> std::io::Result<()> {
     let file = File::open(path)?;
-    file.set_modified(time)
+    file.set_modified(system_time(mtime_ns))
+}
+
+/// A fresh temporary name in `dir`: hidden, short (whatever the final
+/// name's length), unique within this process and unlikely across
+/// processes; creation with `O_EXCL` settles the rest.
+fn temp_name(dir: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let noise: u32 = rand::random();
+    dir.join(format!(
+        ".cairn-restore-{}-{n}-{noise:08x}.tmp",
+        std::process::id()
+    ))
+}
+
+/// Runs `create` on fresh temporary names in `dir` until one does not exist yet.
+fn with_temp_name<T>(
+    dir: &Path,
+    mut create: impl FnMut(&Path) -> std::io::Result<T>,
+) -> std::io::Result<(PathBuf, T)> {
+    let mut last = None;
+    for _ in 0..TEMP_NAME_ATTEMPTS_MAX {
+        let tmp = temp_name(dir);
+        match create(&tmp) {
+            Ok(value) => return Ok((tmp, value)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free temporary name")))
+}
+
+/// Creates a new temporary file (`0600`, never through a symlink).
+fn create_temp_file(dir: &Path) -> std::io::Result<(PathBuf, File)> {
+    with_temp_name(dir, |tmp| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(tmp)
+    })
+}
+
+/// Sets the mtime (and atime) of `path` itself, never of what a symlink
+/// points to.
+fn set_mtime_no_follow(path: &Path, mtime_ns: i64) -> std::io::Result<()> {
+    let time = rustix::fs::Timespec {
+        tv_sec: mtime_ns.max(0) / 1_000_000_000,
+        tv_nsec: (mtime_ns.max(0) % 1_000_000_000) as _,
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: time,
+        last_modification: time,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &times,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(std::io::Error::from)
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A regular file being restored.
+struct FileSlot {
+    final_path: PathBuf,
+    dir: PathBuf,
+    display: String,
+    size: u64,
+    mode: u32,
+    mtime_ns: i64,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// The temporary file, once created and until renamed or removed.
+    tmp: Option<PathBuf>,
+    /// Chunk writes still to come.
+    remaining: usize,
+    /// Why the file cannot be completed (first reason wins).
+    failed: Option<String>,
+    /// Renamed into place.
+    done: bool,
+}
+
+/// Shared by the pack workers of one restore. Dropping it (a finished,
+/// failed or cancelled restore) removes every temporary file left.
+struct Writer {
+    files: Vec<FileSlot>,
+    fsync: bool,
+    /// Directories that received a rename, synced once at the end.
+    renamed_into: Mutex<HashSet<PathBuf>>,
+    /// Set when the restore is dropped (cancelled): pack workers still
+    /// running stop at the next file and complete nothing more.
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+/// Held by the restore future: dropping it (the future finished or was
+/// cancelled) tells pack workers still running to stop writing.
+struct CancelOnDrop(Arc<Writer>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        for slot in &mut self.files {
+            let state = slot.state.get_mut().unwrap_or_else(|p| p.into_inner());
+            if let Some(tmp) = state.tmp.take() {
+                let _ = std::fs::remove_file(tmp);
+            }
+        }
+    }
+}
+
+impl Writer {
+    fn slot(&self, file: usize) -> std::sync::MutexGuard<'_, SlotState> {
+        self.files[file]
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, file: usize, reason: impl FnOnce() -> String) {
+        let mut state = self.slot(file);
+        if state.failed.is_none() {
+            state.failed = Some(reason());
+        }
+        if let Some(tmp) = state.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+
+    /// Opens the file's temporary file for writing, creating it (pre-sized,
+    /// so chunks of zeros can stay holes) on the first write.
+    fn open_for_write(&self, file: usize) -> std::result::Result<Option<File>, String> {
+        let slot = &self.files[file];
+        let mut state = self.slot(file);
+        if state.failed.is_some() || state.done || self.is_cancelled() {
+            return Ok(None);
+        }
+        if let Some(tmp) = &state.tmp {
+            return OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(tmp)
+                .map(Some)
+                .map_err(|e| format!("reopening the temporary file: {e}"));
+        }
+        let (tmp, handle) = create_temp_file(&slot.dir)
+            .map_err(|e| format!("creating a temporary file in its directory: {e}"))?;
+        state.tmp = Some(tmp);
+        handle
+            .set_len(slot.size)
+            .map_err(|e| format!("sizing the temporary file: {e}"))?;
+        Ok(Some(handle))
+    }
+
+    /// Counts `writes` done on `handle`; the last writer of a file
+    /// completes it: fsync, mode, mtime, rename into place.
+    fn written(&self, file: usize, handle: File, writes: usize) {
+        let slot = &self.files[file];
+        let mut state = self.slot(file);
+        state.remaining = state.remaining.saturating_sub(writes);
+        // Cancelled: the temporary file stays in the slot for Drop to remove.
+        if state.remaining > 0 || state.failed.is_some() || state.done || self.is_cancelled() {
+            return;
+        }
+        let Some(tmp) = state.tmp.take() else {
+            state.failed = Some("temporary file vanished".into());
+            return;
+        };
+        match self.complete(slot, &handle, &tmp) {
+            Ok(()) => state.done = true,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                state.failed = Some(e);
+            }
+        }
+    }
+
+    fn complete(
+        &self,
+        slot: &FileSlot,
+        handle: &File,
+        tmp: &Path,
+    ) -> std::result::Result<(), String> {
+        if self.fsync {
+            // Data and size; mode and mtime follow, and the rename is made
+            // durable by the directory fsync at the end.
+            handle.sync_data().map_err(|e| format!("fsync: {e}"))?;
+        }
+        handle
+            .set_permissions(std::fs::Permissions::from_mode(restored_mode(slot.mode)))
+            .map_err(|e| format!("setting the mode: {e}"))?;
+        handle
+            .set_times(FileTimes::new().set_modified(system_time(slot.mtime_ns)))
+            .map_err(|e| format!("setting the mtime: {e}"))?;
+        self.rename_into_place(tmp, &slot.final_path, &slot.dir)
+    }
+
+    fn rename_into_place(
+        &self,
+        tmp: &Path,
+        dest: &Path,
+        dir: &Path,
+    ) -> std::result::Result<(), String> {
+        std::fs::rename(tmp, dest).map_err(|e| format!("renaming into place: {e}"))?;
+        self.renamed_into
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Writes an empty file (no chunks) at once.
+    fn write_empty(&self, file: usize) {
+        match self.open_for_write(file) {
+            Ok(Some(handle)) => self.written(file, handle, 0),
+            Ok(None) => {}
+            Err(e) => self.fail(file, || e),
+        }
+    }
+
+    /// Puts a non-file entry (symlink, FIFO, device, hard link) in place:
+    /// `create` makes it at a temporary name, then it is renamed over `dest`.
+    fn place(
+        &self,
+        dest: &Path,
+        create: impl FnMut(&Path) -> std::io::Result<()>,
+        after: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> std::result::Result<(), String> {
+        let dir = dest.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let (tmp, ()) = with_temp_name(&dir, create).map_err(|e| format!("creating: {e}"))?;
+        let result = after(&tmp)
+            .map_err(|e| format!("setting metadata: {e}"))
+            .and_then(|()| self.rename_into_place(&tmp, dest, &dir));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
 }
 
 /// A chunk's destinations: (file index, offset in the file).
 type Destinations = Vec<(usize, u64)>;
 
-/// Restores a snapshot (or the part matching `include`) under `target`.
+/// Restores a snapshot (or the part matching `include`) under `target`;
+/// any entry that could not be restored makes it an error
+/// ([`ClientError::RestoreFailed`]) after everything else is restored. Use
+/// [`restore_report`] to get every failure with its reason.
 pub async fn restore(
+    repo: &Repository,
+    snapshot: &Snapshot,
+    target: &Path,
+    options: &RestoreOptions,
+    progress: Arc<Progress>,
+) -> Result<RestoreSummary> {
+    let summary = restore_report(repo, snapshot, target, options, progress).await?;
+    failures_to_error(&summary)?;
+    Ok(summary)
+}
+
+/// The error of a summary with failures (`Ok` without).
+pub fn failures_to_error(summary: &RestoreSummary) -> Result<()> {
+    if summary.failed.is_empty() {
+        return Ok(());
+    }
+    let mut names: Vec<String> = summary
+        .failed
+        .iter()
+        .take(FAILURES_IN_ERROR_MAX)
+        .map(|f| format!("{} ({})", f.path, f.reason))
+        .collect();
+    if summary.failed.len() > FAILURES_IN_ERROR_MAX {
+        names.push(format!(
+            "and {} more",
+            summary.failed.len() - FAILURES_IN_ERROR_MAX
+        ));
+    }
+    Err(ClientError::RestoreFailed {
+        count: summary.failed.len(),
+        files: names.join("; "),
+    })
+}
+
+/// Restores what it can and reports the rest: `Err` only when nothing can
+/// be restored (the snapshot's trees unreadable, the target not creatable);
+/// every entry that failed is in [`RestoreSummary::failed`].
+pub async fn restore_report(
     repo: &Repository,
     snapshot: &Snapshot,
     target: &Path,
@@ -182,34 +552,80 @@ pub async fn restore(
         .canonicalize()
         .map_err(|e| ClientError::io(target, e))?;
 
-    // Directories and empty files first; all checked against the target.
     let mut summary = RestoreSummary::default();
-    let mut files: Vec<(PathBuf, &Item)> = Vec::new();
+    let mut failed: Vec<Failure> = Vec::new();
+    // Directories not restored: nothing below them is written.
+    let mut failed_dirs: HashSet<Vec<Vec<u8>>> = HashSet::new();
+    let mut slots: Vec<FileSlot> = Vec::new();
+    let mut file_items: Vec<&Item> = Vec::new();
     let mut wanted: HashMap<BlobId, Destinations> = HashMap::new();
+    // Hard-link group → the file restored with data; later members link to it.
+    let mut leaders: HashMap<u64, usize> = HashMap::new();
+    let mut links: Vec<(usize, PathBuf, &Item)> = Vec::new();
+    let mut others: Vec<(PathBuf, &Item)> = Vec::new();
+    let mut dirs: Vec<(PathBuf, &Item)> = Vec::new();
+
+    // Directories first (parents before children), files planned.
     for item in &items {
-        let parts: Vec<&str> = item.path.iter().map(String::as_str).collect();
-        let path = safe_join(&target, &parts)?;
-        let rel = path.strip_prefix(&target).unwrap_or(&path).to_path_buf();
-        check_no_symlink_in_parents(&target, &rel)?;
+        if (1..item.path.len()).any(|n| failed_dirs.contains(&item.path[..n])) {
+            failed.push(Failure {
+                path: item.path_string(),
+                reason: "its directory could not be restored".into(),
+            });
+            continue;
+        }
+        let checked = safe_join(&target, &item.path).and_then(|path| {
+            check_no_symlink_in_parents(&target, &item.rel_path())?;
+            Ok(path)
+        });
+        let path = match checked {
+            Ok(path) => path,
+            Err(e) => {
+                if matches!(item.entry.kind, EntryKind::Dir { .. }) {
+                    failed_dirs.insert(item.path.clone());
+                }
+                failed.push(Failure {
+                    path: item.path_string(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
         match &item.entry.kind {
             EntryKind::Dir { .. } => {
-                match std::fs::symlink_metadata(&path) {
-                    Ok(meta) if meta.is_dir() => {}
-                    Ok(_) => {
-                        return Err(ClientError::io(
-                            &path,
-                            std::io::Error::other("exists and is not a directory"),
-                        ));
+                let made = match std::fs::symlink_metadata(&path) {
+                    Ok(meta) if meta.is_dir() => Ok(()),
+                    Ok(_) => Err("exists and is not a directory (restore never follows or replaces a symlink to a directory)".to_string()),
+                    Err(_) => std::fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(&path)
+                        .map_err(|e| format!("creating the directory: {e}")),
+                };
+                match made {
+                    Ok(()) => {
+                        summary.dirs += 1;
+                        dirs.push((path, item));
                     }
-                    Err(_) => std::fs::create_dir(&path).map_err(|e| ClientError::io(&path, e))?,
+                    Err(reason) => {
+                        failed_dirs.insert(item.path.clone());
+                        failed.push(Failure {
+                            path: item.path_string(),
+                            reason,
+                        });
+                    }
                 }
-                summary.dirs += 1;
             }
-            EntryKind::File { size, chunks } => {
-                if let Ok(meta) = std::fs::symlink_metadata(&path)
-                    && meta.file_type().is_symlink()
-                {
-                    std::fs::remove_file(&path).map_err(|e| ClientError::io(&path, e))?;
+            EntryKind::File {
+                size,
+                chunks,
+                hardlink,
+            } => {
+                if let Some(group) = hardlink {
+                    if let Some(&leader) = leaders.get(group) {
+                        links.push((leader, path, item));
+                        continue;
+                    }
+                    leaders.insert(*group, slots.len());
                 }
                 let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
                 if total != *size {
@@ -218,100 +634,251 @@ pub async fn restore(
                         item.path_string()
                     )));
                 }
-                let file = no_follow_open(&path, true).map_err(|e| ClientError::io(&path, e))?;
-                file.set_len(*size).map_err(|e| ClientError::io(&path, e))?;
-                let index = files.len();
+                let index = slots.len();
                 let mut offset = 0u64;
                 for chunk in chunks {
                     wanted.entry(chunk.id).or_default().push((index, offset));
                     offset += u64::from(chunk.len);
                 }
-                files.push((path, item));
-                summary.files += 1;
-                summary.bytes += size;
+                slots.push(FileSlot {
+                    dir: path.parent().unwrap_or(&target).to_path_buf(),
+                    final_path: path,
+                    display: item.path_string(),
+                    size: *size,
+                    mode: item.entry.mode,
+                    mtime_ns: item.entry.mtime_ns,
+                    state: Mutex::new(SlotState {
+                        remaining: chunks.len(),
+                        ..SlotState::default()
+                    }),
+                });
+                file_items.push(item);
             }
-            EntryKind::Symlink { .. } => summary.symlinks += 1,
+            EntryKind::Symlink { .. } | EntryKind::Fifo | EntryKind::Device { .. } => {
+                others.push((path, item))
+            }
         }
     }
 
-    let ids: Vec<BlobId> = wanted.keys().copied().collect();
-    let located = repo.locate(&ids).await?;
-    let packs = plan_packs(wanted, &located)?;
-    let paths = Arc::new(files.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>());
+    let writer = Arc::new(Writer {
+        files: slots,
+        fsync: !options.no_fsync,
+        renamed_into: Mutex::new(HashSet::new()),
+        cancelled: std::sync::atomic::AtomicBool::new(false),
+    });
+    let _cancel_on_drop = CancelOnDrop(writer.clone());
+    for (index, slot) in writer.files.iter().enumerate() {
+        if slot.size == 0 {
+            writer.write_empty(index);
+        }
+    }
+
     let first_byte = Arc::new(OnceLock::new());
-    let failures = fetch_and_write(
-        repo,
-        &packs,
-        paths,
-        options,
-        progress,
-        started,
-        first_byte.clone(),
-    )
-    .await;
-
-    // Metadata after data; symlinks last.
-    for (path, item) in &files {
-        let mode = item.entry.mode & 0o1777; // never setuid/setgid from a snapshot
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
-        let _ = set_mtime(path, item.entry.mtime_ns);
+    if !wanted.is_empty() {
+        let ids: Vec<BlobId> = wanted.keys().copied().collect();
+        let located = repo.locate(&ids).await?;
+        let packs = plan_packs(wanted, &located, &writer);
+        fetch_and_write(
+            repo,
+            packs,
+            writer.clone(),
+            options,
+            progress,
+            started,
+            first_byte.clone(),
+        )
+        .await;
     }
-    for item in &items {
-        if let EntryKind::Symlink { target: link } = &item.entry.kind {
-            let parts: Vec<&str> = item.path.iter().map(String::as_str).collect();
-            let path = safe_join(&target, &parts)?;
-            let rel = path.strip_prefix(&target).unwrap_or(&path).to_path_buf();
-            check_no_symlink_in_parents(&target, &rel)?;
-            crate::path_guard::check_symlink_target(link)?;
-            if std::fs::symlink_metadata(&path).is_ok() {
-                std::fs::remove_file(&path).map_err(|e| ClientError::io(&path, e))?;
-            }
-            std::os::unix::fs::symlink(link, &path).map_err(|e| ClientError::io(&path, e))?;
+
+    // Every file is now complete or failed.
+    for (index, slot) in writer.files.iter().enumerate() {
+        let mut state = writer.slot(index);
+        if state.done {
+            summary.files += 1;
+            summary.bytes += slot.size;
+            continue;
         }
-    }
-    let mut dirs: Vec<&Item> = items
-        .iter()
-        .filter(|i| matches!(i.entry.kind, EntryKind::Dir { .. }))
-        .collect();
-    dirs.sort_by_key(|i| std::cmp::Reverse(i.path.len()));
-    for item in dirs {
-        let parts: Vec<&str> = item.path.iter().map(String::as_str).collect();
-        let path = safe_join(&target, &parts)?;
-        let _ = std::fs::set_permissions(
-            &path,
-            std::fs::Permissions::from_mode(item.entry.mode & 0o1777),
-        );
-        let _ = set_mtime(&path, item.entry.mtime_ns);
-    }
-
-    summary.duration_s = started.elapsed().as_secs_f64();
-    summary.time_to_first_byte_s = first_byte.get().copied().unwrap_or(summary.duration_s);
-    if !failures.is_empty() {
-        let mut names: Vec<String> = failures.iter().map(|&i| files[i].1.path_string()).collect();
-        names.sort();
-        names.dedup();
-        let count = names.len();
-        names.truncate(20);
-        return Err(ClientError::RestoreFailed {
-            count,
-            files: names.join(", "),
+        if let Some(tmp) = state.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        failed.push(Failure {
+            path: slot.display.clone(),
+            reason: state
+                .failed
+                .clone()
+                .unwrap_or_else(|| "some of its data never arrived".into()),
         });
     }
+
+    // Hard links of restored files.
+    for (leader, path, item) in links {
+        let source = &writer.files[leader];
+        if !writer.slot(leader).done {
+            failed.push(Failure {
+                path: item.path_string(),
+                reason: format!(
+                    "hard link of {}, which could not be restored",
+                    source.display
+                ),
+            });
+            continue;
+        }
+        let placed = writer.place(
+            &path,
+            |tmp| std::fs::hard_link(&source.final_path, tmp),
+            |_| Ok(()),
+        );
+        match placed {
+            Ok(()) => summary.hardlinks += 1,
+            Err(reason) => failed.push(Failure {
+                path: item.path_string(),
+                reason,
+            }),
+        }
+    }
+
+    // Symlinks, FIFOs and devices after all data.
+    for (path, item) in others {
+        let mode = restored_mode(item.entry.mode);
+        let mtime_ns = item.entry.mtime_ns;
+        let placed = match &item.entry.kind {
+            EntryKind::Symlink { target: link } => {
+                if let Err(e) = crate::path_guard::check_symlink_target(link) {
+                    Err(e.to_string())
+                } else {
+                    writer
+                        .place(
+                            &path,
+                            |tmp| std::os::unix::fs::symlink(OsStr::from_bytes(link), tmp),
+                            |tmp| set_mtime_no_follow(tmp, mtime_ns),
+                        )
+                        .map(|()| summary.symlinks += 1)
+                }
+            }
+            EntryKind::Fifo => writer
+                .place(
+                    &path,
+                    |tmp| {
+                        rustix::fs::mkfifoat(
+                            rustix::fs::CWD,
+                            tmp,
+                            rustix::fs::Mode::from_raw_mode(0o600),
+                        )
+                        .map_err(std::io::Error::from)
+                    },
+                    |tmp| {
+                        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))?;
+                        set_mtime_no_follow(tmp, mtime_ns)
+                    },
+                )
+                .map(|()| summary.special += 1),
+            EntryKind::Device { character, rdev } => {
+                if !is_root() {
+                    summary.skipped.push(Skipped {
+                        path: item.path_string(),
+                        reason: "device node not restored: creating one needs root".into(),
+                    });
+                    continue;
+                }
+                let kind = if *character {
+                    rustix::fs::FileType::CharacterDevice
+                } else {
+                    rustix::fs::FileType::BlockDevice
+                };
+                writer
+                    .place(
+                        &path,
+                        |tmp| {
+                            rustix::fs::mknodat(
+                                rustix::fs::CWD,
+                                tmp,
+                                kind,
+                                rustix::fs::Mode::from_raw_mode(0o600),
+                                *rdev,
+                            )
+                            .map_err(std::io::Error::from)
+                        },
+                        |tmp| {
+                            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))?;
+                            set_mtime_no_follow(tmp, mtime_ns)
+                        },
+                    )
+                    .map(|()| summary.special += 1)
+            }
+            EntryKind::Dir { .. } | EntryKind::File { .. } => Ok(()),
+        };
+        if let Err(reason) = placed {
+            failed.push(Failure {
+                path: item.path_string(),
+                reason,
+            });
+        }
+    }
+
+    // Directory metadata deepest first, then one fsync per directory written to.
+    dirs.sort_by_key(|(_, i)| std::cmp::Reverse(i.path.len()));
+    for (path, item) in &dirs {
+        let _ = std::fs::set_permissions(
+            path,
+            std::fs::Permissions::from_mode(restored_mode(item.entry.mode)),
+        );
+        let _ = set_mtime(path, item.entry.mtime_ns);
+    }
+    if writer.fsync {
+        let renamed: Vec<PathBuf> = writer
+            .renamed_into
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        // Overlapping fsyncs commit together; one after another, a
+        // restore of many directories would wait for each.
+        let share = renamed.len().div_ceil(FILE_WRITERS_PER_PACK_MAX).max(1);
+        std::thread::scope(|scope| {
+            for dirs in renamed.chunks(share) {
+                scope.spawn(move || {
+                    for dir in dirs {
+                        let synced = OpenOptions::new()
+                            .read(true)
+                            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                            .open(dir)
+                            .and_then(|d| d.sync_all());
+                        if let Err(e) = synced {
+                            tracing::warn!(path = %dir.display(), error = %e,
+                                "directory fsync failed; the restored names may not survive a power loss");
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    failed.sort_by(|a, b| a.path.cmp(&b.path));
+    summary.failed = failed;
+    summary.duration_s = started.elapsed().as_secs_f64();
+    summary.time_to_first_byte_s = first_byte.get().copied().unwrap_or(summary.duration_s);
     Ok(summary)
 }
 
 /// Every chunk to fetch, grouped by pack, with where its bytes go.
 type PackPlan = BTreeMap<[u8; 32], Vec<(BlobId, Located, Destinations)>>;
 
+/// Groups chunks by pack; a chunk the index does not know fails its files.
 fn plan_packs(
     wanted: HashMap<BlobId, Destinations>,
     located: &HashMap<BlobId, Located>,
-) -> Result<PackPlan> {
+    writer: &Writer,
+) -> PackPlan {
     let mut packs: PackPlan = BTreeMap::new();
     for (id, destinations) in wanted {
-        let loc = located.get(&id).ok_or_else(|| {
-            ClientError::integrity(format!("chunk {} is not in the index", hex::encode(id)))
-        })?;
+        let Some(loc) = located.get(&id) else {
+            for (file, _) in destinations {
+                writer.fail(file, || {
+                    format!("chunk {} is not in the index", hex::encode(id))
+                });
+            }
+            continue;
+        };
         packs
             .entry(loc.pack_id)
             .or_default()
@@ -320,42 +887,50 @@ fn plan_packs(
     for blobs in packs.values_mut() {
         blobs.sort_by_key(|(_, loc, _)| loc.offset);
     }
-    Ok(packs)
+    packs
 }
 
-/// Reads every pack once and writes its checked chunks; returns the files
-/// that could not be completed.
+/// Reads every pack once and writes its checked chunks; files that cannot
+/// be completed are marked failed in `writer`.
 async fn fetch_and_write(
     repo: &Repository,
-    packs: &PackPlan,
-    paths: Arc<Vec<PathBuf>>,
+    packs: PackPlan,
+    writer: Arc<Writer>,
     options: &RestoreOptions,
     progress: Arc<Progress>,
     started: Instant,
     first_byte: Arc<OnceLock<f64>>,
-) -> Vec<usize> {
-    let results = futures::stream::iter(packs.iter())
+) {
+    futures::stream::iter(packs)
         .map(|(pack_id, blobs)| {
             let progress = progress.clone();
             let first_byte = first_byte.clone();
-            let paths = paths.clone();
+            let writer = writer.clone();
             async move {
                 let ranges: Vec<(u64, u64)> = blobs
                     .iter()
                     .map(|(_, l, _)| (l.offset, u64::from(l.length)))
                     .collect();
+                let fail_all = |writer: &Writer, why: &str| {
+                    for (_, _, destinations) in &blobs {
+                        for &(file, _) in destinations {
+                            writer.fail(file, || why.to_string());
+                        }
+                    }
+                };
                 let data = match repo
-                    .read_ranges(pack_id, &ranges, &options.exclude_regions)
+                    .read_ranges(&pack_id, &ranges, &options.exclude_regions)
                     .await
                 {
                     Ok(data) => data,
                     Err(e) => {
                         tracing::error!(pack_id = %hex::encode(pack_id), error = %e,
-                            "pack unreadable; its files are reported as failed");
-                        return blobs
-                            .iter()
-                            .flat_map(|(_, _, d)| d.iter().map(|(f, _)| *f))
-                            .collect();
+                            "pack unreadable; its files are reported as failed, restore goes on");
+                        fail_all(
+                            &writer,
+                            &format!("pack {} unreadable: {e}", hex::encode(pack_id)),
+                        );
+                        return;
                     }
                 };
                 let key = repo.key().clone();
@@ -364,78 +939,132 @@ async fn fetch_and_write(
                     .zip(data)
                     .map(|((id, _, d), sealed)| (*id, d.clone(), sealed))
                     .collect();
+                let pack_hex = hex::encode(pack_id);
+                let task_writer = writer.clone();
                 let written = tokio::task::spawn_blocking(move || {
-                    write_chunks(&key, work, &paths, &progress, started, &first_byte)
+                    write_chunks(
+                        &key,
+                        work,
+                        &task_writer,
+                        &pack_hex,
+                        &progress,
+                        started,
+                        &first_byte,
+                    )
                 })
                 .await;
-                match written {
-                    Ok(failed) => failed,
-                    Err(e) => {
-                        tracing::error!(error = %e, "restore writer task failed");
-                        blobs
-                            .iter()
-                            .flat_map(|(_, _, d)| d.iter().map(|(f, _)| *f))
-                            .collect()
-                    }
+                if let Err(e) = written {
+                    tracing::error!(error = %e, "restore writer task failed");
+                    fail_all(&writer, &format!("restore writer task failed: {e}"));
                 }
             }
         })
         .buffer_unordered(PACKS_IN_FLIGHT_MAX)
-        .collect::<Vec<_>>()
+        .collect::<Vec<()>>()
         .await;
-    let mut failed: Vec<usize> = results.into_iter().flatten().collect();
-    failed.sort_unstable();
-    failed.dedup();
-    failed
 }
 
-/// Decrypts, checks and writes the chunks of one pack. A chunk that fails
-/// its check is not written; its files are returned as failed.
+/// Decrypts and checks the chunks of one pack, then writes them file by
+/// file, one file open at a time. A chunk that fails its check is not
+/// written; its files fail.
 fn write_chunks(
     key: &crate::seal::MasterKey,
     work: Vec<(BlobId, Destinations, Vec<u8>)>,
-    paths: &[PathBuf],
+    writer: &Writer,
+    pack_hex: &str,
     progress: &Progress,
     started: Instant,
     first_byte: &OnceLock<f64>,
-) -> Vec<usize> {
-    let mut failed = Vec::new();
-    let mut handles: HashMap<usize, File> = HashMap::new();
+) {
+    let mut plain: Vec<Vec<u8>> = Vec::with_capacity(work.len());
+    let mut by_file: BTreeMap<usize, Vec<(u64, usize)>> = BTreeMap::new();
     for (id, destinations, sealed) in work {
-        let plain = match key.decode_blob(&id, &sealed) {
-            Ok(plain) => plain,
-            Err(e) => {
-                tracing::error!(blob = %hex::encode(id), error = %e, "chunk failed its check; not written");
-                failed.extend(destinations.iter().map(|(f, _)| *f));
-                continue;
-            }
-        };
-        for &(file, offset) in &destinations {
-            let handle = match handles.entry(file) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    match no_follow_open(&paths[file], false) {
-                        Ok(f) => e.insert(f),
-                        Err(err) => {
-                            tracing::error!(path = %paths[file].display(), error = %err, "cannot open for writing");
-                            failed.push(file);
-                            continue;
-                        }
-                    }
+        match key.decode_blob(&id, &sealed) {
+            Ok(data) => {
+                for &(file, offset) in &destinations {
+                    by_file.entry(file).or_default().push((offset, plain.len()));
                 }
-            };
-            if let Err(err) = handle.write_all_at(&plain, offset) {
-                tracing::error!(path = %paths[file].display(), error = %err, "write failed");
-                failed.push(file);
-                continue;
+                plain.push(data);
             }
-            progress
-                .bytes
-                .fetch_add(plain.len() as u64, Ordering::Relaxed);
-            let _ = first_byte.set(started.elapsed().as_secs_f64());
+            Err(e) => {
+                tracing::error!(blob = %hex::encode(id), pack_id = %pack_hex, error = %e,
+                    "chunk failed its check; not written");
+                for &(file, _) in &destinations {
+                    writer.fail(file, || {
+                        format!(
+                            "chunk {} of pack {pack_hex} failed its check: {e}",
+                            hex::encode(id)
+                        )
+                    });
+                }
+            }
         }
     }
-    failed
+    // Many small files: a few writers share the pack's files, so their
+    // fsyncs overlap (the file system commits them together) instead of
+    // queueing one behind another. Each writer holds one file open.
+    let by_file: Vec<(usize, Vec<(u64, usize)>)> = by_file.into_iter().collect();
+    let writers = if by_file.len() >= FILES_PER_PARALLEL_WRITER_MIN {
+        FILE_WRITERS_PER_PACK_MAX
+    } else {
+        1
+    };
+    let share = by_file.len().div_ceil(writers).max(1);
+    let write_files = |files: &[(usize, Vec<(u64, usize)>)]| {
+        for (file, writes) in files {
+            if writer.is_cancelled() {
+                return;
+            }
+            write_file(writer, *file, writes, &plain, progress, started, first_byte);
+        }
+    };
+    if writers == 1 {
+        write_files(&by_file);
+    } else {
+        std::thread::scope(|scope| {
+            for files in by_file.chunks(share) {
+                scope.spawn(|| write_files(files));
+            }
+        });
+    }
+}
+
+/// Writes one file's chunks of a pack into its temporary file; the last
+/// write completes the file.
+fn write_file(
+    writer: &Writer,
+    file: usize,
+    writes: &[(u64, usize)],
+    plain: &[Vec<u8>],
+    progress: &Progress,
+    started: Instant,
+    first_byte: &OnceLock<f64>,
+) {
+    let handle = match writer.open_for_write(file) {
+        Ok(Some(handle)) => handle,
+        Ok(None) => return,
+        Err(e) => {
+            writer.fail(file, || e);
+            return;
+        }
+    };
+    for &(offset, chunk) in writes {
+        let data = &plain[chunk];
+        // The temporary file is pre-sized: zeros can stay a hole.
+        if data.iter().all(|&b| b == 0) {
+            continue;
+        }
+        if let Err(e) = handle.write_all_at(data, offset) {
+            drop(handle);
+            writer.fail(file, || format!("writing: {e}"));
+            return;
+        }
+        progress
+            .bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let _ = first_byte.set(started.elapsed().as_secs_f64());
+    }
+    writer.written(file, handle, writes.len());
 }
 
 /// Writes one file of a snapshot to `out`, chunk by chunk, each checked.
@@ -445,13 +1074,17 @@ pub async fn dump(
     path: &str,
     out: &mut (dyn std::io::Write + Send),
 ) -> Result<u64> {
-    let wanted: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let wanted: Vec<&[u8]> = path
+        .as_bytes()
+        .split(|&b| b == b'/')
+        .filter(|p| !p.is_empty())
+        .collect();
     let mut tree = repo.load_tree(&snapshot.root_tree).await?;
     for (depth, name) in wanted.iter().enumerate() {
         let entry = tree
             .entries
             .iter()
-            .find(|e| e.name == *name)
+            .find(|e| e.name.as_slice() == *name)
             .cloned()
             .ok_or_else(|| ClientError::PathNotInSnapshot {
                 path: path.to_string(),

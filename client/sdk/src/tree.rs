@@ -6,25 +6,36 @@
 //! blob like any chunk (`encode` → [`crate::seal::MasterKey::encode_blob`]
 //! → pack), so nodes never see names (invariant 1).
 //!
+//! Version 2 (written) stores names and symlink targets as bytes, so every
+//! name Linux allows round-trips, UTF-8 or not, and adds hard-link groups,
+//! FIFOs and device nodes. Version 1 (names and targets as UTF-8 strings,
+//! files, directories and symlinks only) is still read, converted to the
+//! version 2 model.
+//!
 //! Invariants of a valid tree, checked by [`Tree::new`] and
 //! [`Tree::validate`] when building and by [`Tree::decode`] when reading:
 //! entries are sorted by name (byte order) with no duplicates; every name
-//! passes [`crate::path_guard::check_name`] and every symlink target
-//! [`crate::path_guard::check_symlink_target`], so a restore built on a
-//! decoded tree cannot be steered outside its target by a name; a file has
-//! chunks exactly when its size is non-zero; at most [`MAX_TREE_ENTRIES`]
-//! entries in at most [`MAX_TREE_BYTES`]. [`Tree::encode`] is canonical: the
-//! same entries give the same bytes, hence the same blob id, which lets
-//! unchanged directories deduplicate. Decoding never panics.
+//! passes [`crate::path_guard::check_name`] (the same rule backup applies
+//! to what it reads, so backup never stores a name restore refuses) and
+//! every symlink target [`crate::path_guard::check_symlink_target`], so a
+//! restore built on a decoded tree cannot be steered outside its target by a
+//! name; a file has chunks exactly when its size is non-zero; at most
+//! [`MAX_TREE_ENTRIES`] entries in at most [`MAX_TREE_BYTES`].
+//! [`Tree::encode`] is canonical: the same entries give the same bytes,
+//! hence the same blob id, which lets unchanged directories deduplicate.
+//! Decoding never panics.
 
 use serde::{Deserialize, Serialize};
 
-use crate::path_guard::{self, PathError};
+use crate::path_guard::{self, PathError, display_name};
 use crate::seal::{BlobId, MAX_BLOB_BYTES};
 
 /// Magic and version opening an encoded tree.
 const TREE_MAGIC: [u8; 7] = *b"CAIRNTR";
-const TREE_VERSION: u8 = 1;
+/// Version written.
+const TREE_VERSION: u8 = 2;
+/// Oldest version read.
+const TREE_VERSION_V1: u8 = 1;
 const TREE_HEADER_LEN: usize = TREE_MAGIC.len() + 1;
 
 /// Most entries one directory listing may hold.
@@ -42,9 +53,10 @@ pub struct Tree {
 /// One name in a directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TreeEntry {
-    /// One path component (see [`crate::path_guard::check_name`]).
-    pub name: String,
-    /// File, directory or symlink, with what restore needs for each.
+    /// One path component as the file system's bytes (see
+    /// [`crate::path_guard::check_name`]); not necessarily UTF-8.
+    pub name: Vec<u8>,
+    /// What the entry is, with what restore needs for each kind.
     pub kind: EntryKind,
     /// Unix mode bits as read at backup (`st_mode`); restore decides which
     /// to apply.
@@ -57,6 +69,13 @@ pub struct TreeEntry {
     pub gid: u32,
 }
 
+impl TreeEntry {
+    /// The name for people (see [`crate::path_guard::display_name`]).
+    pub fn display_name(&self) -> String {
+        display_name(&self.name)
+    }
+}
+
 /// What an entry is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {
@@ -66,6 +85,11 @@ pub enum EntryKind {
         size: u64,
         /// Chunks, in file order.
         chunks: Vec<ChunkRef>,
+        /// Hard-link group: files of one snapshot with the same value were
+        /// one inode (same device and inode number, more than one link) and
+        /// are restored as hard links of one file. `None` for a file with a
+        /// single link.
+        hardlink: Option<u64>,
     },
     /// A directory and the id of its own tree blob.
     Dir {
@@ -74,9 +98,35 @@ pub enum EntryKind {
     },
     /// A symbolic link, restored as-is and never followed.
     Symlink {
-        /// The link's target.
-        target: String,
+        /// The link's target, as the file system's bytes.
+        target: Vec<u8>,
     },
+    /// A named pipe (FIFO), restored with `mkfifo`.
+    Fifo,
+    /// A device node, restored with `mknod` when restore runs as root and
+    /// reported as skipped otherwise.
+    Device {
+        /// Character (true) or block (false) device.
+        character: bool,
+        /// Device number (`st_rdev`).
+        rdev: u64,
+    },
+}
+
+impl EntryKind {
+    /// A short word for listings: `file`, `dir`, `symlink`, `fifo`, `chardev`, `blockdev`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            EntryKind::File { .. } => "file",
+            EntryKind::Dir { .. } => "dir",
+            EntryKind::Symlink { .. } => "symlink",
+            EntryKind::Fifo => "fifo",
+            EntryKind::Device {
+                character: true, ..
+            } => "chardev",
+            EntryKind::Device { .. } => "blockdev",
+        }
+    }
 }
 
 /// One chunk of a file: its id and plaintext length. Lengths let a restore
@@ -90,6 +140,65 @@ pub struct ChunkRef {
     pub len: u32,
 }
 
+/// The version 1 model, only read.
+mod v1 {
+    use serde::Deserialize;
+
+    use super::ChunkRef;
+    use crate::seal::BlobId;
+
+    #[derive(Deserialize)]
+    pub(super) struct Tree {
+        pub(super) entries: Vec<TreeEntry>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct TreeEntry {
+        pub(super) name: String,
+        pub(super) kind: EntryKind,
+        pub(super) mode: u32,
+        pub(super) mtime_ns: i64,
+        pub(super) uid: u32,
+        pub(super) gid: u32,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) enum EntryKind {
+        File { size: u64, chunks: Vec<ChunkRef> },
+        Dir { subtree: BlobId },
+        Symlink { target: String },
+    }
+
+    impl From<Tree> for super::Tree {
+        fn from(tree: Tree) -> Self {
+            super::Tree {
+                entries: tree
+                    .entries
+                    .into_iter()
+                    .map(|e| super::TreeEntry {
+                        name: e.name.into_bytes(),
+                        kind: match e.kind {
+                            EntryKind::File { size, chunks } => super::EntryKind::File {
+                                size,
+                                chunks,
+                                hardlink: None,
+                            },
+                            EntryKind::Dir { subtree } => super::EntryKind::Dir { subtree },
+                            EntryKind::Symlink { target } => super::EntryKind::Symlink {
+                                target: target.into_bytes(),
+                            },
+                        },
+                        mode: e.mode,
+                        mtime_ns: e.mtime_ns,
+                        uid: e.uid,
+                        gid: e.gid,
+                    })
+                    .collect(),
+            }
+        }
+    }
+}
+
 /// Why a tree is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
@@ -98,7 +207,7 @@ pub enum TreeError {
     BadMagic,
     /// Written by a newer client.
     #[error(
-        "tree version {version} is not supported by this client (it reads {TREE_VERSION}); upgrade the client"
+        "tree version {version} is not supported by this client (it reads {TREE_VERSION_V1} to {TREE_VERSION}); upgrade the client"
     )]
     UnsupportedVersion {
         /// Version byte found.
@@ -141,9 +250,9 @@ pub enum TreeError {
     /// Names out of order or repeated.
     #[error("tree entries must be sorted with unique names, but {name:?} follows {previous:?}")]
     Unsorted {
-        /// The earlier name.
+        /// The earlier name, escaped for display.
         previous: String,
-        /// The offending name.
+        /// The offending name, escaped for display.
         name: String,
     },
     /// A symlink target that cannot be restored.
@@ -196,25 +305,25 @@ impl Tree {
                 count: self.entries.len(),
             });
         }
-        let mut previous: Option<&str> = None;
+        let mut previous: Option<&[u8]> = None;
         for entry in &self.entries {
             path_guard::check_name(&entry.name).map_err(|source| TreeError::BadName { source })?;
             if let Some(prev) = previous
-                && prev >= entry.name.as_str()
+                && prev >= entry.name.as_slice()
             {
                 return Err(TreeError::Unsorted {
-                    previous: prev.to_owned(),
-                    name: entry.name.clone(),
+                    previous: display_name(prev),
+                    name: entry.display_name(),
                 });
             }
             previous = Some(&entry.name);
             match &entry.kind {
-                EntryKind::File { size, chunks } => {
+                EntryKind::File { size, chunks, .. } => {
                     let mut total = 0u64;
                     for chunk in chunks {
                         if chunk.len == 0 || chunk.len as usize > MAX_BLOB_BYTES {
                             return Err(TreeError::ChunkLength {
-                                name: entry.name.clone(),
+                                name: entry.display_name(),
                                 len: chunk.len,
                             });
                         }
@@ -225,18 +334,18 @@ impl Tree {
                     // With non-empty chunks, size 0 <=> no chunks follows.
                     if total != *size {
                         return Err(TreeError::FileChunks {
-                            name: entry.name.clone(),
+                            name: entry.display_name(),
                             size: *size,
                             chunks: chunks.len(),
                             total,
                         });
                     }
                 }
-                EntryKind::Dir { .. } => {}
+                EntryKind::Dir { .. } | EntryKind::Fifo | EntryKind::Device { .. } => {}
                 EntryKind::Symlink { target } => {
                     path_guard::check_symlink_target(target).map_err(|source| {
                         TreeError::BadSymlink {
-                            name: entry.name.clone(),
+                            name: entry.display_name(),
                             source,
                         }
                     })?;
@@ -272,12 +381,14 @@ impl Tree {
         if bytes.len() < TREE_HEADER_LEN || bytes[..TREE_MAGIC.len()] != TREE_MAGIC {
             return Err(TreeError::BadMagic);
         }
-        let version = bytes[TREE_MAGIC.len()];
-        if version != TREE_VERSION {
-            return Err(TreeError::UnsupportedVersion { version });
+        let body = &bytes[TREE_HEADER_LEN..];
+        let (tree, rest): (Tree, &[u8]) = match bytes[TREE_MAGIC.len()] {
+            TREE_VERSION => postcard::take_from_bytes(body),
+            TREE_VERSION_V1 => postcard::take_from_bytes::<v1::Tree>(body)
+                .map(|(tree, rest)| (Tree::from(tree), rest)),
+            version => return Err(TreeError::UnsupportedVersion { version }),
         }
-        let (tree, rest): (Tree, &[u8]) = postcard::take_from_bytes(&bytes[TREE_HEADER_LEN..])
-            .map_err(|source| TreeError::Malformed { source })?;
+        .map_err(|source| TreeError::Malformed { source })?;
         if !rest.is_empty() {
             return Err(TreeError::TrailingBytes { count: rest.len() });
         }
@@ -299,8 +410,9 @@ mod tests {
 
     fn file(name: &str, size: u64, chunks: usize) -> TreeEntry {
         TreeEntry {
-            name: name.to_owned(),
+            name: name.as_bytes().to_vec(),
             kind: EntryKind::File {
+                hardlink: None,
                 size,
                 chunks: (0..chunks)
                     .map(|i| ChunkRef {
@@ -324,7 +436,7 @@ mod tests {
         Tree::new(vec![
             file("room=000001.jsonl", 70_000, 3),
             TreeEntry {
-                name: "media".to_owned(),
+                name: b"media".to_vec(),
                 kind: EntryKind::Dir { subtree: [9; 32] },
                 mode: 0o40755,
                 mtime_ns: -5,
@@ -332,9 +444,9 @@ mod tests {
                 gid: 0,
             },
             TreeEntry {
-                name: "latest".to_owned(),
+                name: b"latest".to_vec(),
                 kind: EntryKind::Symlink {
-                    target: "../2024-11-01".to_owned(),
+                    target: b"../2024-11-01".to_vec(),
                 },
                 mode: 0o120777,
                 mtime_ns: 0,
@@ -349,10 +461,10 @@ mod tests {
     #[test]
     fn round_trip() {
         let tree = sample();
-        let names: Vec<&str> = tree.entries.iter().map(|e| e.name.as_str()).collect();
+        let names: Vec<String> = tree.entries.iter().map(|e| e.display_name()).collect();
         assert_eq!(names, ["empty", "latest", "media", "room=000001.jsonl"]);
         let bytes = tree.encode();
-        assert_eq!(&bytes[..8], b"CAIRNTR\x01");
+        assert_eq!(&bytes[..8], b"CAIRNTR\x02");
         assert_eq!(Tree::decode(&bytes).expect("decodes"), tree);
         assert_eq!(
             Tree::decode(&Tree::default().encode()).expect("empty"),
@@ -360,12 +472,13 @@ mod tests {
         );
     }
 
-    /// The tree of the golden vector; never change it (add a new vector).
-    fn golden_tree() -> Tree {
+    /// The tree of the v1 golden vector, in the current model; never
+    /// change it (add a new vector).
+    fn golden_tree_v1() -> Tree {
         Tree {
             entries: vec![
                 TreeEntry {
-                    name: "2024-11-01.jsonl".to_owned(),
+                    name: b"2024-11-01.jsonl".to_vec(),
                     kind: EntryKind::File {
                         size: 40_000,
                         chunks: vec![
@@ -378,6 +491,7 @@ mod tests {
                                 len: 7_232,
                             },
                         ],
+                        hardlink: None,
                     },
                     mode: 0o100644,
                     mtime_ns: 1_730_419_200_000_000_001,
@@ -385,9 +499,9 @@ mod tests {
                     gid: 100,
                 },
                 TreeEntry {
-                    name: "latest".to_owned(),
+                    name: b"latest".to_vec(),
                     kind: EntryKind::Symlink {
-                        target: "2024-11-01.jsonl".to_owned(),
+                        target: b"2024-11-01.jsonl".to_vec(),
                     },
                     mode: 0o120777,
                     mtime_ns: -1,
@@ -395,7 +509,7 @@ mod tests {
                     gid: 0,
                 },
                 TreeEntry {
-                    name: "media".to_owned(),
+                    name: b"media".to_vec(),
                     kind: EntryKind::Dir {
                         subtree: [0x33; 32],
                     },
@@ -405,10 +519,11 @@ mod tests {
                     gid: 100,
                 },
                 TreeEntry {
-                    name: "空.txt".to_owned(),
+                    name: "空.txt".as_bytes().to_vec(),
                     kind: EntryKind::File {
                         size: 0,
                         chunks: vec![],
+                        hardlink: None,
                     },
                     mode: 0o100600,
                     mtime_ns: 1,
@@ -420,10 +535,72 @@ mod tests {
     }
 
     #[test]
-    fn golden_tree_v1() {
-        let tree = golden_tree();
+    fn golden_tree_v1_still_decodes() {
+        let golden = crate::seal::tests::golden_vector("tree-v1.bin", || {
+            unreachable!("version 1 is no longer written; its vector must exist")
+        });
+        assert_eq!(&golden[..8], b"CAIRNTR\x01");
+        assert_eq!(Tree::decode(&golden).expect("decodes"), golden_tree_v1());
+    }
+
+    fn entry(name: &[u8], kind: EntryKind, mode: u32) -> TreeEntry {
+        TreeEntry {
+            name: name.to_vec(),
+            kind,
+            mode,
+            mtime_ns: 1_730_419_200_000_000_002,
+            uid: 1000,
+            gid: 100,
+        }
+    }
+
+    /// The tree of the v2 golden vector: the names v1 could not hold,
+    /// hard-link groups, a FIFO and a device. Never change it.
+    fn golden_tree_v2_model() -> Tree {
+        let chunk = ChunkRef {
+            id: [0x44; 32],
+            len: 5,
+        };
+        let linked = |name: &[u8]| {
+            entry(
+                name,
+                EntryKind::File {
+                    size: 5,
+                    chunks: vec![chunk],
+                    hardlink: Some(0x0123_4567_89ab_cdef),
+                },
+                0o100644,
+            )
+        };
+        Tree {
+            entries: vec![
+                entry(b"-rf", EntryKind::Fifo, 0o10644),
+                linked(b"a\\b"),
+                linked(b"line\nbreak"),
+                entry(
+                    b"null",
+                    EntryKind::Device {
+                        character: true,
+                        rdev: 0x0103,
+                    },
+                    0o20666,
+                ),
+                entry(
+                    b"odd\xff\xfe",
+                    EntryKind::Symlink {
+                        target: b"../\xff:*?".to_vec(),
+                    },
+                    0o120777,
+                ),
+            ],
+        }
+    }
+
+    #[test]
+    fn golden_tree_v2() {
+        let tree = golden_tree_v2_model();
         tree.validate().expect("the golden tree is valid");
-        let golden = crate::seal::tests::golden_vector("tree-v1.bin", || tree.encode());
+        let golden = crate::seal::tests::golden_vector("tree-v2.bin", || tree.encode());
         // Byte-exact both ways: the encoding is canonical and stable.
         assert_eq!(golden, tree.encode());
         assert_eq!(Tree::decode(&golden).expect("decodes"), tree);
@@ -439,14 +616,14 @@ mod tests {
 
     /// Encode entries as-is, bypassing `Tree::new`, as a hostile writer would.
     fn raw(entries: Vec<TreeEntry>) -> Vec<u8> {
-        let mut out = b"CAIRNTR\x01".to_vec();
+        let mut out = b"CAIRNTR\x02".to_vec();
         out.extend_from_slice(&postcard::to_allocvec(&Tree { entries }).expect("encodes"));
         out
     }
 
     #[test]
     fn decode_rejects_hostile_names() {
-        for bad in ["..", ".", "a/b", "/etc", "", "x\0y", "a\\b"] {
+        for bad in ["..", ".", "a/b", "/etc", "", "x\0y"] {
             let err = Tree::decode(&raw(vec![file(bad, 1, 1)])).expect_err("refused");
             assert!(matches!(err, TreeError::BadName { .. }), "{bad:?}: {err}");
         }
@@ -474,7 +651,7 @@ mod tests {
     fn decode_rejects_bad_symlinks_and_inconsistent_files() {
         let mut link = file("l", 0, 0);
         link.kind = EntryKind::Symlink {
-            target: "a\0b".to_owned(),
+            target: b"a\0b".to_vec(),
         };
         assert!(matches!(
             Tree::decode(&raw(vec![link])),
@@ -497,7 +674,7 @@ mod tests {
             Err(TreeError::ChunkLength { len: 0, .. })
         ));
         let mut huge = file("f", 1, 1);
-        if let EntryKind::File { size, chunks } = &mut huge.kind {
+        if let EntryKind::File { size, chunks, .. } = &mut huge.kind {
             chunks[0].len = u32::MAX;
             *size = u64::from(u32::MAX);
         }
@@ -521,10 +698,10 @@ mod tests {
             Err(TreeError::Malformed { .. })
         ));
         let mut newer = bytes.clone();
-        newer[7] = 2;
+        newer[7] = 3;
         assert!(matches!(
             Tree::decode(&newer),
-            Err(TreeError::UnsupportedVersion { version: 2 })
+            Err(TreeError::UnsupportedVersion { version: 3 })
         ));
         assert!(matches!(Tree::decode(b"CAIRN"), Err(TreeError::BadMagic)));
         // A huge claimed entry count with no bytes behind it fails cleanly.
@@ -539,20 +716,29 @@ mod tests {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Tree::decode(&bytes);
-            let mut framed = b"CAIRNTR\x01".to_vec();
-            framed.extend_from_slice(&bytes);
-            let _ = Tree::decode(&framed);
+            for version in [1u8, 2] {
+                let mut framed = b"CAIRNTR".to_vec();
+                framed.push(version);
+                framed.extend_from_slice(&bytes);
+                let _ = Tree::decode(&framed);
+            }
         }
 
         #[test]
         fn valid_trees_round_trip(
-            names in proptest::collection::btree_set("[a-zA-Z0-9._-]{1,12}", 0..20),
+            names in proptest::collection::btree_set(proptest::collection::vec(any::<u8>(), 1..40), 0..20),
             size in 2u64..1_000_000,
         ) {
+            // Every name Linux allows (any bytes but `/` and NUL, not `.`
+            // or `..`) is a valid tree name and survives encoding.
             let entries: Vec<TreeEntry> = names
                 .iter()
-                .filter(|n| n.as_str() != "." && n.as_str() != "..")
-                .map(|n| file(n, size, 2))
+                .filter(|n| !n.contains(&b'/') && !n.contains(&0) && n.as_slice() != b"." && n.as_slice() != b"..")
+                .map(|n| {
+                    let mut e = file("x", size, 2);
+                    e.name = n.clone();
+                    e
+                })
                 .collect();
             let tree = Tree::new(entries).expect("valid");
             prop_assert_eq!(Tree::decode(&tree.encode()).expect("decodes"), tree);
