@@ -11,32 +11,50 @@ use std::time::Duration;
 
 use cairn_node::local_cluster::wait_until;
 
-/// The `cairn-node` binary next to this test's build. `cargo test
-/// --workspace` builds it; when this crate's tests run alone (`cargo test -p
-/// cairn-tests`), it is built here, once, with the same profile.
+/// The `cairn-node` binary next to this test's build.
 pub fn node_binary() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("test executable path");
-            let dir = exe
-                .parent()
-                .and_then(Path::parent)
-                .expect("target/<profile>/deps/<test>");
-            let bin = dir.join("cairn-node");
-            if !bin.exists() {
-                let mut build = Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
-                build.args(["build", "-p", "cairn-node", "--bin", "cairn-node"]);
-                if dir.file_name().is_some_and(|name| name == "release") {
-                    build.arg("--release");
-                }
-                let status = build.status().expect("cargo runs to build cairn-node");
-                assert!(status.success(), "building cairn-node failed");
-            }
-            assert!(bin.exists(), "{} is missing after a build", bin.display());
-            bin
-        })
-        .clone()
+    workspace_binary("cairn-node", "cairn-node")
+}
+
+/// The `cairn` command line next to this test's build.
+pub fn cli_binary() -> PathBuf {
+    workspace_binary("cairn-cli", "cairn")
+}
+
+/// A binary of this workspace next to the test's build. `cargo test
+/// --workspace` builds them all; when this crate's tests run alone (`cargo
+/// test -p cairn-tests`), a missing one is built here, once, with the same
+/// profile.
+fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    use std::sync::{Mutex, OnceLock};
+    static BUILT: OnceLock<Mutex<BTreeMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(bin) = built.get(name) {
+        return bin.clone();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = dir.join(name);
+    if !bin.exists() {
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
+        build.args(["build", "-p", package, "--bin", name]);
+        if dir.file_name().is_some_and(|profile| profile == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("cargo runs to build a workspace binary");
+        assert!(status.success(), "building {name} failed");
+    }
+    assert!(bin.exists(), "{} is missing after a build", bin.display());
+    built.insert(name.to_string(), bin.clone());
+    bin
 }
 
 /// A port no other test of this process was given, below the kernel's

@@ -417,6 +417,48 @@ async fn a_lost_data_pack_fails_only_its_files_which_are_named() {
         "{err}"
     );
     assert!(err.to_string().contains(&lost_hex), "{err}");
+
+    // `cairn check` names the lost pack and exactly the files (and the
+    // snapshots) it takes with it.
+    let (code, stdout, stderr) = cairn(
+        &cluster,
+        1024,
+        &[
+            OsStr::new("check"),
+            OsStr::new("--read-data"),
+            OsStr::new("--json"),
+        ],
+    );
+    assert_eq!(
+        code,
+        1,
+        "a lost pack fails the check: {stderr}\n{}",
+        String::from_utf8_lossy(&stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&stdout).expect("check --json");
+    let mut affected: Vec<(String, String)> = report["affected_files"]
+        .as_array()
+        .expect("affected_files")
+        .iter()
+        .map(|f| {
+            assert_eq!(f["packs"], serde_json::json!([lost_hex]), "{f}");
+            (
+                f["snapshot"].as_str().expect("snapshot").to_string(),
+                f["path"].as_str().expect("path").to_string(),
+            )
+        })
+        .collect();
+    affected.sort();
+    let mut wanted: Vec<(String, String)> = [&first.snapshot_id, &second.snapshot_id]
+        .into_iter()
+        .flat_map(|snapshot| {
+            expected_sorted
+                .iter()
+                .map(move |path| (snapshot.clone(), path.clone()))
+        })
+        .collect();
+    wanted.sort();
+    assert_eq!(affected, wanted, "both snapshots' files of the lost pack");
     cluster.shutdown().await.expect("shutdown");
 }
 
@@ -632,36 +674,6 @@ fn arbitrary_byte_names_round_trip() {
     }
 }
 
-/// The `cairn` binary next to this test's build, as the harness finds
-/// `cairn-node`: `cargo test --workspace` builds it; when this crate's tests
-/// run alone it is built here, once, if missing.
-fn cli_binary() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("test executable path");
-            let dir = exe
-                .parent()
-                .and_then(Path::parent)
-                .expect("target/<profile>/deps/<test>");
-            let bin = dir.join("cairn");
-            if bin.exists() {
-                return bin;
-            }
-            let mut build =
-                std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
-            build.args(["build", "-p", "cairn-cli", "--bin", "cairn"]);
-            if dir.file_name().is_some_and(|name| name == "release") {
-                build.arg("--release");
-            }
-            let status = build.status().expect("cargo runs to build cairn");
-            assert!(status.success(), "building cairn failed");
-            assert!(bin.exists(), "{} is missing after a build", bin.display());
-            bin
-        })
-        .clone()
-}
-
 /// Runs `cairn ARGS` under `ulimit -n FDS` against `cluster`; (exit code, stdout, stderr).
 fn cairn(
     cluster: &cairn_node::local_cluster::LocalCluster,
@@ -671,7 +683,7 @@ fn cairn(
     let output = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
-        .arg(cli_binary())
+        .arg(cairn_tests::process::cli_binary())
         .args(args)
         .env("CAIRN_CLUSTER", cluster.addrs().join(","))
         .env("CAIRN_TENANT", TENANT)

@@ -602,13 +602,15 @@ async fn check(cli: &Cli, read_data: bool, repair: bool) -> anyhow::Result<()> {
         shards_checked,
         problems,
         misplaced,
+        affected,
     } = result;
     let ok = problems.is_empty();
     if cli.json {
         print_json(&serde_json::json!({
             "ok": ok, "snapshots_checked": snapshots, "packs_checked": packs_checked,
             "shards_checked": shards_checked, "read_data": read_data, "problems": problems,
-            "misplaced_packs": misplaced, "verified_after_repair": repaired.is_some(),
+            "misplaced_packs": misplaced, "affected_files": affected,
+            "verified_after_repair": repaired.is_some(),
             "repair": repaired.map(|r| serde_json::json!({"queued": r.queued, "packs_repaired": r.packs_repaired, "errors": r.errors, "lost": r.lost}))}))?;
     } else {
         println!(
@@ -623,6 +625,15 @@ async fn check(cli: &Cli, read_data: bool, repair: bool) -> anyhow::Result<()> {
         );
         for p in &problems {
             println!("problem: {p}");
+        }
+        for file in &affected {
+            println!(
+                "lost: snapshot {} ({}): {} needs unrecoverable pack {}",
+                file.snapshot,
+                file.dataset,
+                file.path,
+                file.packs.join(", ")
+            );
         }
         if !misplaced.is_empty() {
             println!(
@@ -654,6 +665,48 @@ struct CheckOutcome {
     problems: Vec<serde_json::Value>,
     /// Packs a region loss would make unrecoverable (hex ids).
     misplaced: Vec<String>,
+    /// Files that unrecoverable packs hold.
+    affected: Vec<AffectedFile>,
+}
+
+/// A file that cannot be restored because a pack it needs is lost.
+#[derive(serde::Serialize)]
+struct AffectedFile {
+    snapshot: String,
+    dataset: String,
+    path: String,
+    /// The unrecoverable packs holding its chunks (hex ids).
+    packs: Vec<String>,
+}
+
+/// The files of `snapshot` with at least one chunk in a pack of `lost`, each
+/// with the lost packs it needs (what `check` names when data is lost).
+fn files_in_packs(
+    snapshot: &cairn_client::Snapshot,
+    items: &[restore::Item],
+    located: &std::collections::HashMap<cairn_client::seal::BlobId, cairn_client::repo::Located>,
+    lost: &std::collections::HashSet<[u8; 32]>,
+) -> Vec<AffectedFile> {
+    items
+        .iter()
+        .filter_map(|item| {
+            let EntryKind::File { chunks, .. } = &item.entry.kind else {
+                return None;
+            };
+            let packs: std::collections::BTreeSet<String> = chunks
+                .iter()
+                .filter_map(|c| located.get(&c.id))
+                .filter(|l| lost.contains(&l.pack_id))
+                .map(|l| hex::encode(l.pack_id))
+                .collect();
+            (!packs.is_empty()).then(|| AffectedFile {
+                snapshot: snapshot.id_hex(),
+                dataset: snapshot.dataset.clone(),
+                path: item.path_string(),
+                packs: packs.into_iter().collect(),
+            })
+        })
+        .collect()
 }
 
 async fn check_once(
@@ -661,6 +714,14 @@ async fn check_once(
     read_data: bool,
 ) -> anyhow::Result<CheckOutcome> {
     let mut problems: Vec<serde_json::Value> = Vec::new();
+    let reply = repo.check_packs(read_data).await?;
+    // Packs with fewer than k good shards: the files they hold are named below.
+    let unrecoverable: std::collections::HashSet<[u8; 32]> = reply
+        .unrecoverable
+        .iter()
+        .filter_map(|p| <[u8; 32]>::try_from(p.as_slice()).ok())
+        .collect();
+    let mut affected: Vec<AffectedFile> = Vec::new();
     // Trees: every snapshot's trees decode and every chunk is indexed.
     let snapshots = repo.snapshots(None).await?;
     for snapshot in &snapshots {
@@ -673,17 +734,20 @@ async fn check_once(
                         _ => Vec::new(),
                     })
                     .collect();
-                if let Err(e) = repo.locate(&ids).await {
-                    problems.push(
+                match repo.locate(&ids).await {
+                    Ok(located) if !unrecoverable.is_empty() => {
+                        affected.extend(files_in_packs(snapshot, &items, &located, &unrecoverable));
+                    }
+                    Ok(_) => {}
+                    Err(e) => problems.push(
                         serde_json::json!({"snapshot": snapshot.id_hex(), "fault": e.to_string()}),
-                    );
+                    ),
                 }
             }
             Err(e) => problems
-                .push(serde_json::json!({"snapshot": snapshot.id_hex(), "fault": e.to_string()})),
+                .push(serde_json::json!({"snapshot": snapshot.id_hex(), "dataset": snapshot.dataset, "fault": format!("directory trees unreadable: {e}")})),
         }
     }
-    let reply = repo.check_packs(read_data).await?;
     for p in &reply.problems {
         problems.push(serde_json::json!({
             "node": p.node_id, "pack": hex::encode(&p.pack_id), "shard": p.shard_index, "fault": p.fault}));
@@ -697,6 +761,7 @@ async fn check_once(
             "fault": "misplaced: more than m shards in one region, a region loss would make it unrecoverable; awaiting rebalance"}));
     }
     Ok(CheckOutcome {
+        affected,
         snapshots: snapshots.len(),
         packs_checked: reply.packs_checked,
         shards_checked: reply.shards_checked,
