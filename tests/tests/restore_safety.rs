@@ -30,21 +30,6 @@ fn os(name: &[u8]) -> &OsStr {
     OsStr::from_bytes(name)
 }
 
-async fn backup(repo: &Arc<Repository>, source: &Path, dataset: &str) -> BackupSummary {
-    let options = BackupOptions {
-        dataset: dataset.into(),
-        ..BackupOptions::default()
-    };
-    backup_paths(
-        repo.clone(),
-        &[source.to_path_buf()],
-        &options,
-        Arc::new(Progress::default()),
-    )
-    .await
-    .expect("backup succeeds")
-}
-
 async fn snapshot(repo: &Repository, summary: &BackupSummary) -> Snapshot {
     repo.find_snapshot(&summary.snapshot_id, None)
         .await
@@ -138,7 +123,7 @@ async fn awkward_names_hardlinks_fifo_sparse_and_empty_files_round_trip() {
     std::os::unix::fs::symlink(os(b"\xff/nowhere"), source.join("odd-link")).expect("symlink");
     let socket = std::os::unix::net::UnixListener::bind(source.join("sock")).expect("bind");
 
-    let summary = backup(&repo, &source, "awkward").await;
+    let summary = must_backup(&repo, &source, "awkward").await;
     assert!(
         summary
             .skipped
@@ -310,7 +295,7 @@ async fn a_lost_data_pack_fails_only_its_files_which_are_named() {
         )
         .expect("write");
     }
-    let first = backup(&repo, &source, "packs").await;
+    let first = must_backup(&repo, &source, "packs").await;
     std::fs::create_dir_all(source.join("b")).expect("mkdir");
     for i in 0..20 {
         std::fs::write(
@@ -319,7 +304,7 @@ async fn a_lost_data_pack_fails_only_its_files_which_are_named() {
         )
         .expect("write");
     }
-    let second = backup(&repo, &source, "packs").await;
+    let second = must_backup(&repo, &source, "packs").await;
     assert_eq!(second.parent.as_deref(), Some(first.snapshot_id.as_str()));
     let snap = snapshot(&repo, &second).await;
 
@@ -484,7 +469,7 @@ async fn interrupted_restore_leaves_every_file_old_or_complete() {
         seed_fill(&mut data, seed.as_bytes());
         std::fs::write(source.join(format!("f-{i:04}")), data).expect("write");
     }
-    let summary = backup(&repo, &source, "interrupt").await;
+    let summary = must_backup(&repo, &source, "interrupt").await;
     let snap = snapshot(&repo, &summary).await;
 
     // The user's old copies.
@@ -584,7 +569,7 @@ async fn many_small_files_restore_under_a_low_open_file_limit() {
         let body = format!("content {k:04}\n").repeat(1 + k % 150);
         std::fs::write(source.join(format!("d{:03}/f{i:06}", i % dirs)), body).expect("write");
     }
-    let summary = backup(&repo, &source, "many").await;
+    let summary = must_backup(&repo, &source, "many").await;
     assert_eq!(summary.files, files as u64);
     let snap = snapshot(&repo, &summary).await;
 
@@ -658,7 +643,7 @@ fn arbitrary_byte_names_round_trip() {
             }
         }
         let differences = runtime.block_on(async {
-            let summary = backup(&repo, &source, &format!("prop-{case}")).await;
+            let summary = must_backup(&repo, &source, &format!("prop-{case}")).await;
             let snap = snapshot(&repo, &summary).await;
             let target = dir.path().join(format!("case-{case}")).join("target");
             let report = restore_report(&repo, &snap, &target).await;
