@@ -6,8 +6,24 @@
 //!
 //! Writes never touch the user's files in place: each file is written to a
 //! temporary name in its directory (created `0600` with
-//! `O_CREAT|O_EXCL|O_NOFOLLOW`), its data written, `fsync`ed, its mode and
-//! mtime set, and only then renamed over its final name. A file that cannot
+//! `O_CREAT|O_EXCL|O_NOFOLLOW`), its data written, its mode and mtime set,
+//! made durable, and only then renamed over its final name; the
+//! directories renamed into are `fsync`ed at the end.
+//!
+//! Durability is batched: the files one pack writes whole are written and
+//! closed, then made durable together by one `syncfs` per file system (on
+//! a directory descriptor opened before the batch's first write), and
+//! renamed only if every sync succeeded; a file spanning packs gets its own
+//! `fdatasync`. A final name therefore only ever points at old content or
+//! at complete content already on stable storage, because no rename is
+//! issued before the sync covering its data has returned success. Since
+//! Linux 5.8 `syncfs` reports any writeback error on the file system since
+//! the descriptor was opened, so a lost write of the batch fails the whole
+//! batch: every file of it is reported in [`RestoreSummary::failed`], its
+//! temporary file removed and its final name untouched; on older or other
+//! kernels, where `syncfs` may hide errors, every file is synced on its
+//! own. A crash leaves at most hidden temporary names, never a partial
+//! file under a final name; a failure or a cancel removes them. A file that cannot
 //! be completed (its pack unreadable, a chunk failing its check, a write
 //! error) keeps its old content or stays absent, its temporary file is
 //! removed, and it is named in [`RestoreSummary::failed`] with the reason
@@ -300,6 +316,62 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Mode and mtime of a completed temporary file.
+fn set_metadata(slot: &FileSlot, handle: &File) -> std::result::Result<(), String> {
+    handle
+        .set_permissions(std::fs::Permissions::from_mode(restored_mode(slot.mode)))
+        .map_err(|e| format!("setting the mode: {e}"))?;
+    handle
+        .set_times(FileTimes::new().set_modified(system_time(slot.mtime_ns)))
+        .map_err(|e| format!("setting the mtime: {e}"))
+}
+
+/// Whether `syncfs` returns writeback errors: Linux since 5.8 does (earlier
+/// kernels return 0 whatever happened, so a batch sync would hide a lost
+/// write). Anything unknown answers no, and files are synced one by one.
+fn syncfs_reports_errors() -> bool {
+    if !cfg!(target_os = "linux") {
+        return false;
+    }
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (5, 8),
+        _ => false,
+    }
+}
+
+/// Flushes the whole file system holding `dir` (data and inodes) and
+/// returns any writeback error on it since `dir` was opened.
+#[cfg(target_os = "linux")]
+fn sync_file_system(dir: &File) -> std::io::Result<()> {
+    rustix::fs::syncfs(dir).map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_file_system(_dir: &File) -> std::io::Result<()> {
+    // Never reached: batches are only opened where `syncfs` exists.
+    Err(std::io::Error::other("syncfs is not available here"))
+}
+
+/// Files of one pack written whole to their temporary names, then made
+/// durable together by one `syncfs` per file system and only then renamed
+/// into place ([`Writer::commit_batch`]). Holds one directory descriptor
+/// per file system, opened before the batch's first write: `syncfs`
+/// reports a writeback error that happened on that file system at any time
+/// since, so no lost write of the batch goes unreported (at worst another
+/// pack's error fails this batch too).
+struct Batch {
+    file_systems: Vec<File>,
+    /// Files written, mode and mtime set, closed, awaiting sync and rename.
+    staged: Mutex<Vec<usize>>,
+}
+
 /// A regular file being restored.
 struct FileSlot {
     final_path: PathBuf,
@@ -308,6 +380,9 @@ struct FileSlot {
     size: u64,
     mode: u32,
     mtime_ns: i64,
+    /// Chunk writes the whole file takes: a pack that makes all of them
+    /// wrote the whole file, so the pack's batch sync covers it.
+    writes_total: usize,
     state: Mutex<SlotState>,
 }
 
@@ -328,6 +403,13 @@ struct SlotState {
 struct Writer {
     files: Vec<FileSlot>,
     fsync: bool,
+    /// Make files written whole by one pack durable with one `syncfs` per
+    /// pack instead of one `fdatasync` each (see [`Batch`]); only where
+    /// `syncfs` reports writeback errors.
+    batch_sync: bool,
+    /// How a batch's file system is synced: [`sync_file_system`]; a seam
+    /// so that tests can make it fail.
+    sync_fs: fn(&File) -> std::io::Result<()>,
     /// Directories that received a rename, synced once at the end.
     renamed_into: Mutex<HashSet<PathBuf>>,
     /// Set when the restore is dropped (cancelled): pack workers still
@@ -404,13 +486,37 @@ impl Writer {
     }
 
     /// Counts `writes` done on `handle`; the last writer of a file
-    /// completes it: fsync, mode, mtime, rename into place.
-    fn written(&self, file: usize, handle: File, writes: usize) {
+    /// completes it: fsync, mode, mtime, rename into place. A file written
+    /// whole under `batch` only gets its mode and mtime here and is staged:
+    /// [`Writer::commit_batch`] syncs and renames it.
+    fn written(&self, file: usize, handle: File, writes: usize, batch: Option<&Batch>) {
         let slot = &self.files[file];
         let mut state = self.slot(file);
         state.remaining = state.remaining.saturating_sub(writes);
         // Cancelled: the temporary file stays in the slot for Drop to remove.
         if state.remaining > 0 || state.failed.is_some() || state.done || self.is_cancelled() {
+            return;
+        }
+        if let Some(batch) = batch.filter(|_| writes == slot.writes_total) {
+            if state.tmp.is_none() {
+                state.failed = Some("temporary file vanished".into());
+                return;
+            }
+            match set_metadata(slot, &handle) {
+                Ok(()) => batch
+                    .staged
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(file),
+                Err(e) => {
+                    if let Some(tmp) = state.tmp.take() {
+                        let _ = std::fs::remove_file(tmp);
+                    }
+                    state.failed = Some(e);
+                }
+            }
+            // Closed now: open files stay bounded by the writers, not the batch.
+            drop(handle);
             return;
         }
         let Some(tmp) = state.tmp.take() else {
@@ -437,13 +543,98 @@ impl Writer {
             // durable by the directory fsync at the end.
             handle.sync_data().map_err(|e| format!("fsync: {e}"))?;
         }
-        handle
-            .set_permissions(std::fs::Permissions::from_mode(restored_mode(slot.mode)))
-            .map_err(|e| format!("setting the mode: {e}"))?;
-        handle
-            .set_times(FileTimes::new().set_modified(system_time(slot.mtime_ns)))
-            .map_err(|e| format!("setting the mtime: {e}"))?;
+        set_metadata(slot, handle)?;
         self.rename_into_place(tmp, &slot.final_path, &slot.dir)
+    }
+
+    /// Starts a batch for `files` (those one pack writes): `None` when
+    /// files are synced one by one (batching off, or a file system of the
+    /// batch could not be opened, which per-file fsync then reports).
+    /// Called before any of the batch's data is written, so that `syncfs`
+    /// on these descriptors reports every writeback error of those writes.
+    fn open_batch(&self, files: impl Iterator<Item = usize>) -> Option<Batch> {
+        if !self.batch_sync {
+            return None;
+        }
+        let mut devices: HashSet<u64> = HashSet::new();
+        let mut checked: HashSet<&Path> = HashSet::new();
+        let mut file_systems = Vec::new();
+        for file in files {
+            let dir = self.files[file].dir.as_path();
+            if !checked.insert(dir) {
+                continue;
+            }
+            let opened = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(dir)
+                .and_then(|d| {
+                    use std::os::unix::fs::MetadataExt;
+                    let dev = d.metadata()?.dev();
+                    Ok((dev, d))
+                });
+            match opened {
+                Ok((dev, d)) => {
+                    if devices.insert(dev) {
+                        file_systems.push(d);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path = %dir.display(), error = %e,
+                        "directory not openable for a batch sync; this pack's files are synced one by one");
+                    return None;
+                }
+            }
+        }
+        Some(Batch {
+            file_systems,
+            staged: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Makes every staged file of `batch` durable with one `syncfs` per
+    /// file system, then renames each into place. If a sync fails, every
+    /// staged file fails: its temporary file is removed, its final name
+    /// untouched.
+    fn commit_batch(&self, batch: Batch) {
+        let staged = batch.staged.into_inner().unwrap_or_else(|p| p.into_inner());
+        if staged.is_empty() || self.is_cancelled() {
+            // Cancelled: the temporary files stay in their slots for Drop.
+            return;
+        }
+        let synced = batch
+            .file_systems
+            .iter()
+            .try_for_each(|fs| (self.sync_fs)(fs));
+        if let Err(e) = synced {
+            tracing::error!(files = staged.len(), error = %e,
+                "batch sync failed; its files are reported as failed and keep their old content, restore goes on");
+            for file in staged {
+                self.fail(file, || format!("syncing the file system: {e}"));
+            }
+            return;
+        }
+        for file in staged {
+            let slot = &self.files[file];
+            let mut state = self.slot(file);
+            if self.is_cancelled() {
+                return;
+            }
+            if state.failed.is_some() || state.done {
+                continue;
+            }
+            let Some(tmp) = state.tmp.take() else {
+                state.failed = Some("temporary file vanished".into());
+                continue;
+            };
+            match self.rename_into_place(&tmp, &slot.final_path, &slot.dir) {
+                Ok(()) => state.done = true,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    state.failed = Some(e);
+                }
+            }
+        }
     }
 
     fn rename_into_place(
@@ -461,9 +652,9 @@ impl Writer {
     }
 
     /// Writes an empty file (no chunks) at once.
-    fn write_empty(&self, file: usize) {
+    fn write_empty(&self, file: usize, batch: Option<&Batch>) {
         match self.open_for_write(file) {
-            Ok(Some(handle)) => self.written(file, handle, 0),
+            Ok(Some(handle)) => self.written(file, handle, 0, batch),
             Ok(None) => {}
             Err(e) => self.fail(file, || e),
         }
@@ -651,6 +842,7 @@ pub async fn restore_report(
                         remaining: chunks.len(),
                         ..SlotState::default()
                     }),
+                    writes_total: chunks.len(),
                 });
                 file_items.push(item);
             }
@@ -663,14 +855,21 @@ pub async fn restore_report(
     let writer = Arc::new(Writer {
         files: slots,
         fsync: !options.no_fsync,
+        batch_sync: !options.no_fsync && syncfs_reports_errors(),
+        sync_fs: sync_file_system,
         renamed_into: Mutex::new(HashSet::new()),
         cancelled: std::sync::atomic::AtomicBool::new(false),
     });
     let _cancel_on_drop = CancelOnDrop(writer.clone());
-    for (index, slot) in writer.files.iter().enumerate() {
-        if slot.size == 0 {
-            writer.write_empty(index);
-        }
+    let empty: Vec<usize> = (0..writer.files.len())
+        .filter(|&index| writer.files[index].size == 0)
+        .collect();
+    let batch = writer.open_batch(empty.iter().copied());
+    for &index in &empty {
+        writer.write_empty(index, batch.as_ref());
+    }
+    if let Some(batch) = batch {
+        writer.commit_batch(batch);
     }
 
     let first_byte = Arc::new(OnceLock::new());
@@ -1010,12 +1209,18 @@ fn write_chunks(
         1
     };
     let share = by_file.len().div_ceil(writers).max(1);
+    // Files this pack writes whole are made durable together after all of
+    // them are written; files spanning packs are synced one by one.
+    let batch = writer.open_batch(by_file.iter().map(|(file, _)| *file));
     let write_files = |files: &[(usize, Vec<(u64, usize)>)]| {
         for (file, writes) in files {
             if writer.is_cancelled() {
                 return;
             }
-            write_file(writer, *file, writes, &plain, progress, started, first_byte);
+            let handle = write_file(writer, *file, writes, &plain, progress, started, first_byte);
+            if let Some(handle) = handle {
+                writer.written(*file, handle, writes.len(), batch.as_ref());
+            }
         }
     };
     if writers == 1 {
@@ -1027,10 +1232,13 @@ fn write_chunks(
             }
         });
     }
+    if let Some(batch) = batch {
+        writer.commit_batch(batch);
+    }
 }
 
-/// Writes one file's chunks of a pack into its temporary file; the last
-/// write completes the file.
+/// Writes one file's chunks of a pack into its temporary file and returns
+/// it for [`Writer::written`] (`None`: nothing to do, or the file failed).
 fn write_file(
     writer: &Writer,
     file: usize,
@@ -1039,13 +1247,13 @@ fn write_file(
     progress: &Progress,
     started: Instant,
     first_byte: &OnceLock<f64>,
-) {
+) -> Option<File> {
     let handle = match writer.open_for_write(file) {
         Ok(Some(handle)) => handle,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(e) => {
             writer.fail(file, || e);
-            return;
+            return None;
         }
     };
     for &(offset, chunk) in writes {
@@ -1057,14 +1265,14 @@ fn write_file(
         if let Err(e) = handle.write_all_at(data, offset) {
             drop(handle);
             writer.fail(file, || format!("writing: {e}"));
-            return;
+            return None;
         }
         progress
             .bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let _ = first_byte.set(started.elapsed().as_secs_f64());
     }
-    writer.written(file, handle, writes.len());
+    Some(handle)
 }
 
 /// Writes one file of a snapshot to `out`, chunk by chunk, each checked.
@@ -1115,4 +1323,100 @@ pub async fn dump(
     Err(ClientError::PathNotInSnapshot {
         path: format!("{path} (not a regular file)"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer_for(dir: &Path, names: &[&str], sync_fs: fn(&File) -> std::io::Result<()>) -> Writer {
+        let files = names
+            .iter()
+            .map(|name| FileSlot {
+                final_path: dir.join(name),
+                dir: dir.to_path_buf(),
+                display: name.to_string(),
+                size: 5,
+                mode: 0o644,
+                mtime_ns: 0,
+                writes_total: 1,
+                state: Mutex::new(SlotState {
+                    remaining: 1,
+                    ..SlotState::default()
+                }),
+            })
+            .collect();
+        Writer {
+            files,
+            fsync: true,
+            batch_sync: true,
+            sync_fs,
+            renamed_into: Mutex::new(HashSet::new()),
+            cancelled: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Writes "fresh" into every file of `writer` as one batch and commits it.
+    fn restore_batch(writer: &Writer) {
+        let batch = writer
+            .open_batch(0..writer.files.len())
+            .expect("the test directory opens");
+        for file in 0..writer.files.len() {
+            let handle = writer
+                .open_for_write(file)
+                .expect("temporary file created")
+                .expect("file still wanted");
+            handle.write_all_at(b"fresh", 0).expect("written");
+            writer.written(file, handle, 1, Some(&batch));
+        }
+        writer.commit_batch(batch);
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("test directory readable")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn restore_batch_renames_only_after_its_sync() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let writer = writer_for(dir.path(), &["a", "b", "c"], sync_file_system);
+        restore_batch(&writer);
+        for (index, name) in ["a", "b", "c"].iter().enumerate() {
+            assert!(writer.slot(index).done);
+            assert_eq!(
+                std::fs::read(dir.path().join(name)).expect("restored"),
+                b"fresh"
+            );
+        }
+        assert_eq!(names_in(dir.path()), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn restore_batch_sync_failure_fails_every_file_and_keeps_old_content() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("a"), b"old").expect("old content");
+        let writer = writer_for(dir.path(), &["a", "b", "c"], |_| {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        });
+        restore_batch(&writer);
+        for index in 0..3 {
+            let state = writer.slot(index);
+            assert!(!state.done);
+            assert!(state.tmp.is_none(), "temporary file left in the slot");
+            let reason = state.failed.as_deref().expect("failure reported");
+            assert!(reason.contains("syncing the file system"), "{reason}");
+        }
+        // Old content kept, absent names stay absent, no temporary file left.
+        assert_eq!(
+            std::fs::read(dir.path().join("a")).expect("old file"),
+            b"old"
+        );
+        assert_eq!(names_in(dir.path()), ["a"]);
+    }
 }
