@@ -383,7 +383,10 @@ async fn check_read_data_repair_fixes_what_it_found_at_once() {
     // Six nodes, 4+2: every node holds one shard of every pack (two data
     // packs and their tree packs); any two of node 6's files will do.
     let six = files(6);
-    assert!(six.len() >= 2, "node 6 holds one shard of each pack: {six:?}");
+    assert!(
+        six.len() >= 2,
+        "node 6 holds one shard of each pack: {six:?}"
+    );
     let (p, q) = (pack_of(&six[0]), pack_of(&six[1]));
     let (a, b) = (
         std::fs::read(&six[0]).expect("a"),
