@@ -292,6 +292,12 @@ fn create_temp_file(dir: &Path) -> std::io::Result<(PathBuf, File)> {
     })
 }
 
+/// Mode bits and mtime of a special file placed at a temporary name.
+fn set_mode_and_mtime(tmp: &Path, mode: u32, mtime_ns: i64) -> std::io::Result<()> {
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))?;
+    set_mtime_no_follow(tmp, mtime_ns)
+}
+
 /// Sets the mtime (and atime) of `path` itself, never of what a symlink
 /// points to.
 fn set_mtime_no_follow(path: &Path, mtime_ns: i64) -> std::io::Result<()> {
@@ -965,10 +971,7 @@ pub async fn restore_report(
                         )
                         .map_err(std::io::Error::from)
                     },
-                    |tmp| {
-                        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))?;
-                        set_mtime_no_follow(tmp, mtime_ns)
-                    },
+                    |tmp| set_mode_and_mtime(tmp, mode, mtime_ns),
                 )
                 .map(|()| summary.special += 1),
             EntryKind::Device { character, rdev } => {
@@ -997,10 +1000,7 @@ pub async fn restore_report(
                             )
                             .map_err(std::io::Error::from)
                         },
-                        |tmp| {
-                            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))?;
-                            set_mtime_no_follow(tmp, mtime_ns)
-                        },
+                        |tmp| set_mode_and_mtime(tmp, mode, mtime_ns),
                     )
                     .map(|()| summary.special += 1)
             }

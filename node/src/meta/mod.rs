@@ -119,14 +119,7 @@ impl Meta {
 
     /// Whether `id` is in the membership this node knows (voter or learner).
     pub fn is_member(&self, id: NodeId) -> bool {
-        self.inner
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .is_some()
+        self.member_info(id).is_some()
     }
 
     /// Every node with a mark (removed on purpose, holds the log), by id

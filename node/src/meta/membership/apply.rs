@@ -113,7 +113,8 @@ impl Meta {
         })
     }
 
-    fn member_info(&self, id: NodeId) -> Option<NodeInfo> {
+    /// The place of `id` in the membership this node knows, if it is a member.
+    pub(crate) fn member_info(&self, id: NodeId) -> Option<NodeInfo> {
         self.inner
             .raft
             .metrics()
