@@ -404,6 +404,25 @@ struct SlotState {
     done: bool,
 }
 
+impl SlotState {
+    /// The last step of a file: `step` on its temporary file (complete it,
+    /// or rename it into place). Done on success; on failure the temporary
+    /// file is removed and the reason kept, so the final name is untouched.
+    fn finish(&mut self, step: impl FnOnce(&Path) -> std::result::Result<(), String>) {
+        let Some(tmp) = self.tmp.take() else {
+            self.failed = Some("temporary file vanished".into());
+            return;
+        };
+        match step(&tmp) {
+            Ok(()) => self.done = true,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                self.failed = Some(e);
+            }
+        }
+    }
+}
+
 /// Shared by the pack workers of one restore. Dropping it (a finished,
 /// failed or cancelled restore) removes every temporary file left.
 struct Writer {
@@ -525,17 +544,7 @@ impl Writer {
             drop(handle);
             return;
         }
-        let Some(tmp) = state.tmp.take() else {
-            state.failed = Some("temporary file vanished".into());
-            return;
-        };
-        match self.complete(slot, &handle, &tmp) {
-            Ok(()) => state.done = true,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                state.failed = Some(e);
-            }
-        }
+        state.finish(|tmp| self.complete(slot, &handle, tmp));
     }
 
     fn complete(
@@ -629,17 +638,7 @@ impl Writer {
             if state.failed.is_some() || state.done {
                 continue;
             }
-            let Some(tmp) = state.tmp.take() else {
-                state.failed = Some("temporary file vanished".into());
-                continue;
-            };
-            match self.rename_into_place(&tmp, &slot.final_path, &slot.dir) {
-                Ok(()) => state.done = true,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
-                    state.failed = Some(e);
-                }
-            }
+            state.finish(|tmp| self.rename_into_place(tmp, &slot.final_path, &slot.dir));
         }
     }
 
