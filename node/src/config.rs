@@ -257,10 +257,34 @@ pub struct NodeFile {
     #[serde(with = "humantime_serde::option")]
     pub down_after: Option<Duration>,
     pub metrics_listen: Option<SocketAddr>,
+    /// Plaintext and no authentication: tests and experiments only.
+    pub insecure: bool,
+    /// At cluster initialization, the token in this file becomes the first
+    /// `cluster-admin` token.
+    pub bootstrap_token_file: Option<PathBuf>,
+    pub tls: TlsSection,
     pub raft: RaftSection,
     pub gateway: GatewaySection,
     pub repair: RepairSection,
     pub scrub: ScrubSection,
+}
+
+/// `[tls]`: the cluster CA and this node's certificate and key (PEM files).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// How a node proves itself and checks its callers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    /// Plaintext, every caller trusted (`--insecure`).
+    pub insecure: bool,
+    pub tls: TlsSection,
+    pub bootstrap_token_file: Option<PathBuf>,
 }
 
 impl NodeFile {
@@ -428,6 +452,7 @@ pub struct NodeConfig {
     /// Unreachable this long and a node counts as down.
     pub down_after: Duration,
     pub metrics_listen: Option<SocketAddr>,
+    pub security: Security,
     pub raft: RaftSection,
     pub gateway: GatewaySection,
     pub repair: RepairSection,
@@ -539,6 +564,11 @@ impl NodeConfig {
             code,
             down_after: file.down_after.unwrap_or(DEFAULT_DOWN_AFTER),
             metrics_listen: file.metrics_listen,
+            security: Security {
+                insecure: file.insecure,
+                tls: file.tls,
+                bootstrap_token_file: file.bootstrap_token_file,
+            },
             raft: file.raft,
             gateway: file.gateway,
             repair: file.repair,

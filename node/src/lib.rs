@@ -5,6 +5,7 @@
 //! clients (`gateway`), which encodes packs (`erasure`) and decides where their
 //! shards go (`placement`). Nodes only ever see ciphertext.
 
+pub mod auth;
 pub mod config;
 pub mod erasure;
 pub mod gateway;

@@ -96,6 +96,7 @@ impl LocalCluster {
                 rpc_timeout: Duration::from_secs(5),
                 ..GatewaySection::default()
             },
+            insecure: true,
             ..NodeFile::default()
         };
         let mut configs = BTreeMap::new();
@@ -267,7 +268,8 @@ impl LocalCluster {
         let mut last = String::from("no node running");
         for id in self.running.keys() {
             let addr = &self.members[id].addr;
-            let channel = lazy_channel(addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+            let channel =
+                lazy_channel(addr, Duration::from_secs(1), None).map_err(|e| e.to_string())?;
             let mut client = CairnClient::new(channel);
             let mut request = tonic::Request::new(ClusterStatusRequest {});
             request.set_timeout(Duration::from_secs(5));

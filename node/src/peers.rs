@@ -54,7 +54,7 @@ impl Peers {
             match channels.get(addr) {
                 Some(channel) => channel.clone(),
                 None => {
-                    let channel = lazy_channel(addr, self.connect_timeout)?;
+                    let channel = lazy_channel(addr, self.connect_timeout, None)?;
                     channels.insert(addr.to_string(), channel.clone());
                     channel
                 }

@@ -13,4 +13,5 @@ pub mod v1 {
 /// Largest gRPC message a Cairn endpoint accepts: a full pack (16 MiB) plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+pub mod audit;
 pub mod transport;

@@ -269,7 +269,7 @@ impl Drop for ProcessCluster {
 
 /// One ClusterStatus call.
 pub async fn status(addr: &str) -> Result<cairn_proto::v1::ClusterStatusReply, String> {
-    let channel = cairn_proto::transport::lazy_channel(addr, Duration::from_secs(1))
+    let channel = cairn_proto::transport::lazy_channel(addr, Duration::from_secs(1), None)
         .map_err(|e| e.to_string())?;
     let mut client = cairn_proto::v1::cairn_client::CairnClient::new(channel);
     let mut request = tonic::Request::new(cairn_proto::v1::ClusterStatusRequest {});

@@ -46,7 +46,7 @@ impl Cluster {
     pub fn new(addrs: &[String]) -> Result<Self> {
         let mut endpoints = Vec::new();
         for addr in addrs.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
-            let channel = cairn_proto::transport::lazy_channel(addr, Duration::from_secs(2))
+            let channel = cairn_proto::transport::lazy_channel(addr, Duration::from_secs(2), None)
                 .map_err(|e| ClientError::BadAddress {
                     addr: addr.to_string(),
                     reason: e.to_string(),

@@ -39,7 +39,10 @@ impl Gateway {
         check_name(&req.tenant, "tenant")?;
         self.catch_up().await;
         let key_slots = self.meta.key_slots(&req.tenant)?;
-        Ok(pb::GetKeySlotsReply { key_slots })
+        Ok(pb::GetKeySlotsReply {
+            key_slots,
+            slots: Vec::new(),
+        })
     }
 
     pub(super) async fn find_blobs_inner(

@@ -341,7 +341,7 @@ impl Gateway {
         let view = members.get(&leader).ok_or_else(|| GatewayError::NotFound {
             what: format!("leader node {leader} in the membership"),
         })?;
-        let channel = crate::peers::lazy_channel(&view.addr, self.config.rpc_timeout)
+        let channel = crate::peers::lazy_channel(&view.addr, self.config.rpc_timeout, None)
             .map_err(|e| invalid(format!("leader address {}: {e}", view.addr)))?;
         Ok((
             leader,

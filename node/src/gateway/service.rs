@@ -145,4 +145,58 @@ impl Cairn for Gateway {
             .map(|shards_moved| Response::new(pb::RemoveNodeReply { shards_moved }))
             .map_err(|e| self.status(e.into()))
     }
+
+    // Trust-boundary calls: not served yet (issue 7 in progress).
+    async fn create_token(
+        &self,
+        _request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenReply>, Status> {
+        Err(Status::unimplemented("tokens are not available yet"))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensReply>, Status> {
+        Err(Status::unimplemented("tokens are not available yet"))
+    }
+
+    async fn revoke_token(
+        &self,
+        _request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenReply>, Status> {
+        Err(Status::unimplemented("tokens are not available yet"))
+    }
+
+    async fn add_key_slot(
+        &self,
+        _request: Request<pb::AddKeySlotRequest>,
+    ) -> Result<Response<pb::AddKeySlotReply>, Status> {
+        Err(Status::unimplemented(
+            "key slot changes are not available yet",
+        ))
+    }
+
+    async fn remove_key_slot(
+        &self,
+        _request: Request<pb::RemoveKeySlotRequest>,
+    ) -> Result<Response<pb::RemoveKeySlotReply>, Status> {
+        Err(Status::unimplemented(
+            "key slot changes are not available yet",
+        ))
+    }
+
+    async fn audit_log(
+        &self,
+        _request: Request<pb::AuditLogRequest>,
+    ) -> Result<Response<pb::AuditLogReply>, Status> {
+        Err(Status::unimplemented("the audit log is not available yet"))
+    }
+
+    async fn who_am_i(
+        &self,
+        _request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIReply>, Status> {
+        Err(Status::unimplemented("tokens are not available yet"))
+    }
 }

@@ -169,7 +169,7 @@ impl PeerChannels {
             None => {
                 // The shared transport policy: HTTP/2 keep-alive finds a
                 // partitioned peer in seconds, as on the shard channels.
-                let channel = lazy_channel(addr, self.connect_timeout).map_err(|source| {
+                let channel = lazy_channel(addr, self.connect_timeout, None).map_err(|source| {
                     CallError::BadAddress {
                         target,
                         addr: addr.to_string(),
