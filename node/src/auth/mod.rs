@@ -16,8 +16,11 @@ use crate::model::NodeId;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VerifiedPeer(pub NodeId);
 
-/// What a token may do (DESIGN, *Trust boundary*).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// What a token may do (DESIGN, *Trust boundary*). Stored in token records
+/// (postcard encodes the variant index): only ever append roles.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Role {
     /// Everything, on any tenant: membership, repair, tokens and tenants.
     ClusterAdmin,
@@ -89,4 +92,22 @@ pub enum Caller {
         /// `None`: cluster-wide (cluster-admin, monitor).
         tenant: Option<String>,
     },
+}
+
+pub mod audit;
+pub mod layer;
+pub mod permission;
+pub mod token;
+
+impl Caller {
+    /// The caller a handler was given by [`layer::AuthService`]; a request
+    /// that did not pass through it (an in-process call that forgot to say
+    /// who it is) is refused.
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<Caller, tonic::Status> {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| tonic::Status::unauthenticated("no caller identified for this call"))
+    }
 }

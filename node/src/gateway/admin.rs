@@ -7,6 +7,10 @@ use std::sync::Arc;
 use cairn_proto::v1 as pb;
 
 use super::{Gateway, GatewayError, MetricsSnapshot, check_name, id32};
+use crate::auth::permission::may_create_token;
+use crate::auth::token::token_key;
+use crate::auth::{Caller, Role};
+use crate::meta::types::{Command, CommandResult, TokenRecord};
 use crate::meta::membership::{AddPlan, check_add};
 use crate::meta::types::{NodeId, NodeInfo};
 use crate::model::NodeView;
@@ -223,5 +227,220 @@ impl Gateway {
         self.meta.add_node(id, info.clone()).await?;
         tracing::info!(node_id = self.node_id, added = id, region = %info.region, addr = %info.addr, ?plan, "node added to the cluster");
         Ok(pb::AddNodeReply {})
+    }
+}
+
+/// Most audit entries one AuditLog page returns.
+pub const AUDIT_PAGE_MAX: usize = 1000;
+/// Longest token label.
+const LABEL_LEN_MAX: usize = 128;
+
+fn token_to_wire(t: TokenRecord) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: t.id,
+        role: t.role.as_str().into(),
+        tenant: t.tenant.unwrap_or_default(),
+        created_unix_ms: t.created_unix_ms,
+        expires_unix_ms: t.expires_unix_ms,
+        revoked: t.revoked,
+        label: t.label,
+        created_by: t.created_by,
+    }
+}
+
+/// The tenant a caller's token is bound to (`None`: cluster-wide, a node, or insecure).
+fn bound_tenant(caller: &Caller) -> Option<&str> {
+    match caller {
+        Caller::Token {
+            tenant: Some(t), ..
+        } => Some(t),
+        _ => None,
+    }
+}
+
+impl Gateway {
+    pub(super) async fn create_token_inner(
+        &self,
+        req: pb::CreateTokenRequest,
+        caller: &Caller,
+    ) -> Result<pb::CreateTokenReply, GatewayError> {
+        let role: Role = req
+            .role
+            .parse()
+            .map_err(|e: crate::auth::UnknownRole| super::invalid(e.to_string()))?;
+        let tenant = may_create_token(caller, role, &req.tenant)?;
+        match (role, &tenant) {
+            (Role::ClusterAdmin, Some(_)) => {
+                return Err(super::invalid(
+                    "a cluster-admin token is cluster-wide: give no tenant",
+                ));
+            }
+            (Role::Admin | Role::Backup | Role::Restore, None) => {
+                return Err(super::invalid(format!("a {role} token needs a tenant")));
+            }
+            _ => {}
+        }
+        if let Some(tenant) = &tenant {
+            check_name(tenant, "tenant")?;
+        }
+        if req.label.len() > LABEL_LEN_MAX || req.label.chars().any(char::is_control) {
+            return Err(super::invalid(format!(
+                "label must be at most {LABEL_LEN_MAX} printable characters"
+            )));
+        }
+        let ttl_ms = req
+            .ttl_seconds
+            .checked_mul(1000)
+            .filter(|ms| i64::try_from(*ms).is_ok())
+            .ok_or_else(|| super::invalid("ttl too large"))?;
+        let secret = crate::auth::token::generate();
+        let key = token_key(&secret);
+        let id = crate::meta::state::token_id(&key);
+        let created_by = match caller {
+            Caller::Token { id, .. } => id.clone(),
+            _ => String::new(),
+        };
+        let target = format!(
+            "token {id} ({role}{})",
+            tenant
+                .as_deref()
+                .map(|t| format!(", tenant {t}"))
+                .unwrap_or_default()
+        );
+        let cmd = Command::CreateToken {
+            key,
+            role,
+            tenant,
+            ttl_ms,
+            label: req.label,
+            created_by,
+        };
+        match self
+            .meta
+            .write(super::catalog::audited(caller, "CreateToken", target, cmd))
+            .await?
+        {
+            CommandResult::Ok => {}
+            other => {
+                return Err(GatewayError::Precondition {
+                    what: format!("token not created: {}", other.audit_text()),
+                });
+            }
+        }
+        let record = self
+            .meta
+            .token(&key)?
+            .ok_or_else(|| GatewayError::NotFound {
+                what: format!("token {id} after its creation"),
+            })?;
+        Ok(pb::CreateTokenReply {
+            info: Some(token_to_wire(record)),
+            token: secret,
+        })
+    }
+
+    pub(super) async fn list_tokens_inner(
+        &self,
+        caller: &Caller,
+    ) -> Result<pb::ListTokensReply, GatewayError> {
+        self.catch_up().await;
+        let scope = bound_tenant(caller);
+        let tokens = self
+            .meta
+            .tokens()?
+            .into_iter()
+            .filter(|t| scope.is_none() || t.tenant.as_deref() == scope)
+            .map(token_to_wire)
+            .collect();
+        Ok(pb::ListTokensReply { tokens })
+    }
+
+    pub(super) async fn revoke_token_inner(
+        &self,
+        req: pb::RevokeTokenRequest,
+        caller: &Caller,
+    ) -> Result<pb::RevokeTokenReply, GatewayError> {
+        if req.id.len() != 16 || !req.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(super::invalid("token id must be 16 hex digits"));
+        }
+        let id = req.id.to_ascii_lowercase();
+        let not_found = || GatewayError::NotFound {
+            what: format!("token {id}"),
+        };
+        self.catch_up().await;
+        let token = self
+            .meta
+            .tokens()?
+            .into_iter()
+            .find(|t| t.id == id)
+            .ok_or_else(not_found)?;
+        // An admin sees only its tenant's tokens: others are "not found".
+        if let Some(own) = bound_tenant(caller)
+            && token.tenant.as_deref() != Some(own)
+        {
+            return Err(not_found());
+        }
+        let cmd = Command::RevokeToken { id: id.clone() };
+        match self
+            .meta
+            .write(super::catalog::audited(
+                caller,
+                "RevokeToken",
+                format!("token {id}"),
+                cmd,
+            ))
+            .await?
+        {
+            CommandResult::UnknownToken => Err(not_found()),
+            // Revoking twice leaves it revoked: done either way.
+            _ => Ok(pb::RevokeTokenReply {}),
+        }
+    }
+
+    pub(super) async fn audit_log_inner(
+        &self,
+        req: pb::AuditLogRequest,
+    ) -> Result<pb::AuditLogReply, GatewayError> {
+        self.catch_up().await;
+        let limit = match req.limit as usize {
+            0 => AUDIT_PAGE_MAX,
+            n => n.min(AUDIT_PAGE_MAX),
+        };
+        let mut entries = self.meta.audit_entries(req.after_seq, limit + 1)?;
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        let (head_seq, head_hash) = self.meta.audit_head()?;
+        Ok(pb::AuditLogReply {
+            entries: entries.iter().map(|e| e.to_wire()).collect(),
+            more,
+            head_seq,
+            head_hash: head_hash.to_vec(),
+        })
+    }
+
+    pub(super) fn who_am_i_inner(&self, caller: &Caller) -> Result<pb::WhoAmIReply, GatewayError> {
+        Ok(match caller {
+            Caller::Insecure => pb::WhoAmIReply {
+                insecure: true,
+                ..Default::default()
+            },
+            Caller::Node(id) => pb::WhoAmIReply {
+                role: format!("node {id}"),
+                ..Default::default()
+            },
+            Caller::Token { id, role, tenant } => pb::WhoAmIReply {
+                insecure: false,
+                token_id: id.clone(),
+                role: role.as_str().into(),
+                tenant: tenant.clone().unwrap_or_default(),
+                expires_unix_ms: self
+                    .meta
+                    .tokens()?
+                    .into_iter()
+                    .find(|t| t.id == *id)
+                    .map(|t| t.expires_unix_ms)
+                    .unwrap_or_default(),
+            },
+        })
     }
 }

@@ -5,24 +5,52 @@
 use cairn_proto::v1 as pb;
 
 use super::{Gateway, GatewayError, check_name, id32, ids, invalid};
+use crate::auth::Caller;
+use crate::auth::audit::actor_of;
+use crate::meta::state::key_slot_id;
 use crate::meta::types::{Command, CommandResult, SnapshotRecord};
+
+/// Largest key slot accepted (a sealed master key with its KDF parameters).
+const KEY_SLOT_BYTES_MAX: usize = 64 * 1024;
+
+/// `cmd` wrapped so that applying it also appends its audit entry.
+pub(super) fn audited(caller: &Caller, action: &str, target: String, cmd: Command) -> Command {
+    Command::Audited {
+        at: 0,
+        actor: actor_of(caller),
+        action: action.to_string(),
+        target,
+        cmd: Box::new(cmd),
+    }
+}
+
+fn check_key_slot(slot: &[u8]) -> Result<(), GatewayError> {
+    if slot.is_empty() || slot.len() > KEY_SLOT_BYTES_MAX {
+        return Err(invalid("key slot must be 1 byte to 64 KiB"));
+    }
+    Ok(())
+}
 
 impl Gateway {
     pub(super) async fn init_tenant_inner(
         &self,
         req: pb::InitTenantRequest,
+        caller: &Caller,
     ) -> Result<pb::InitTenantReply, GatewayError> {
         check_name(&req.tenant, "tenant")?;
-        if req.key_slot.is_empty() || req.key_slot.len() > 64 * 1024 {
-            return Err(invalid("key slot must be 1 byte to 64 KiB"));
-        }
+        check_key_slot(&req.key_slot)?;
         let tenant = req.tenant.clone();
+        let target = format!(
+            "tenant {tenant}, key slot {}",
+            key_slot_id(&req.key_slot)
+        );
+        let cmd = Command::InitTenant {
+            tenant: req.tenant,
+            key_slot: req.key_slot,
+        };
         match self
             .meta
-            .write(Command::InitTenant {
-                tenant: req.tenant,
-                key_slot: req.key_slot,
-            })
+            .write(audited(caller, "InitTenant", target, cmd))
             .await?
         {
             CommandResult::AlreadyExists => Err(GatewayError::AlreadyExists {
@@ -38,11 +66,80 @@ impl Gateway {
     ) -> Result<pb::GetKeySlotsReply, GatewayError> {
         check_name(&req.tenant, "tenant")?;
         self.catch_up().await;
-        let key_slots = self.meta.key_slots(&req.tenant)?;
+        let entries = self.meta.key_slot_entries(&req.tenant)?;
         Ok(pb::GetKeySlotsReply {
-            key_slots,
-            slots: Vec::new(),
+            key_slots: entries.iter().map(|e| e.slot.clone()).collect(),
+            slots: entries
+                .into_iter()
+                .map(|e| pb::KeySlotInfo {
+                    id: e.id,
+                    slot: e.slot,
+                    created_unix_ms: e.created_unix_ms,
+                })
+                .collect(),
         })
+    }
+
+    pub(super) async fn add_key_slot_inner(
+        &self,
+        req: pb::AddKeySlotRequest,
+        caller: &Caller,
+    ) -> Result<pb::AddKeySlotReply, GatewayError> {
+        check_name(&req.tenant, "tenant")?;
+        check_key_slot(&req.key_slot)?;
+        let id = key_slot_id(&req.key_slot);
+        let target = format!("tenant {}, key slot {id}", req.tenant);
+        let cmd = Command::AddKeySlot {
+            tenant: req.tenant,
+            key_slot: req.key_slot,
+        };
+        match self
+            .meta
+            .write(audited(caller, "AddKeySlot", target, cmd))
+            .await?
+        {
+            CommandResult::UnknownTenant => Err(GatewayError::NotFound {
+                what: "a key for this tenant (run init first)".into(),
+            }),
+            CommandResult::AlreadyExists => Err(GatewayError::AlreadyExists {
+                what: format!("key slot {id}"),
+            }),
+            _ => Ok(pb::AddKeySlotReply { id }),
+        }
+    }
+
+    pub(super) async fn remove_key_slot_inner(
+        &self,
+        req: pb::RemoveKeySlotRequest,
+        caller: &Caller,
+    ) -> Result<pb::RemoveKeySlotReply, GatewayError> {
+        check_name(&req.tenant, "tenant")?;
+        if req.id.len() != 16 || !req.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid("key slot id must be 16 hex digits"));
+        }
+        let id = req.id.to_ascii_lowercase();
+        let target = format!("tenant {}, key slot {id}", req.tenant);
+        let cmd = Command::RemoveKeySlot {
+            tenant: req.tenant,
+            id: id.clone(),
+        };
+        match self
+            .meta
+            .write(audited(caller, "RemoveKeySlot", target, cmd))
+            .await?
+        {
+            CommandResult::UnknownTenant | CommandResult::UnknownKeySlot => {
+                Err(GatewayError::NotFound {
+                    what: format!("key slot {id}"),
+                })
+            }
+            CommandResult::LastKeySlot => Err(GatewayError::Precondition {
+                what: format!(
+                    "key slot {id} is the last one: add another passphrase before removing it"
+                ),
+            }),
+            _ => Ok(pb::RemoveKeySlotReply {}),
+        }
     }
 
     pub(super) async fn find_blobs_inner(
@@ -93,6 +190,7 @@ impl Gateway {
     pub(super) async fn commit_snapshot_inner(
         &self,
         req: pb::CommitSnapshotRequest,
+        caller: &Caller,
     ) -> Result<pb::CommitSnapshotReply, GatewayError> {
         check_name(&req.tenant, "tenant")?;
         let snapshot = snapshot_from_wire(
@@ -100,12 +198,19 @@ impl Gateway {
                 .ok_or_else(|| invalid("snapshot record missing"))?,
         )?;
         let tree = hex::encode(snapshot.root_tree);
+        let target = format!(
+            "tenant {}, snapshot {}, dataset {}",
+            req.tenant,
+            hex::encode(snapshot.id),
+            snapshot.dataset
+        );
+        let cmd = Command::CommitSnapshot {
+            tenant: req.tenant,
+            snapshot,
+        };
         match self
             .meta
-            .write(Command::CommitSnapshot {
-                tenant: req.tenant,
-                snapshot,
-            })
+            .write(audited(caller, "CommitSnapshot", target, cmd))
             .await?
         {
             CommandResult::MissingRootTree => Err(GatewayError::MissingRootTree { tree }),

@@ -23,6 +23,8 @@ use tokio::sync::Semaphore;
 use tonic::{Response, Status};
 use tracing::warn;
 
+use crate::auth::audit::Auditor;
+use crate::auth::layer::{AuthService, Authenticator};
 use crate::erasure::Code;
 use crate::liveness::Liveness;
 use crate::meta::membership::AddRefused;
@@ -60,6 +62,10 @@ pub enum GatewayError {
     NotFound { what: String },
     #[error("{what} already exists")]
     AlreadyExists { what: String },
+    #[error("{what}")]
+    Precondition { what: String },
+    #[error(transparent)]
+    Denied(#[from] crate::auth::permission::Denied),
     #[error("snapshot refused: its root tree {tree} is not stored; upload it first")]
     MissingRootTree { tree: String },
     #[error("metadata group: {0}")]
@@ -114,6 +120,8 @@ impl GatewayError {
             GatewayError::InvalidArgument { .. } => Status::invalid_argument(message),
             GatewayError::NotFound { .. } => Status::not_found(message),
             GatewayError::AlreadyExists { .. } => Status::already_exists(message),
+            GatewayError::Precondition { .. } => Status::failed_precondition(message),
+            GatewayError::Denied(_) => Status::permission_denied(message),
             GatewayError::MissingRootTree { .. } => Status::failed_precondition(message),
             GatewayError::AddRefused(refused) if refused.is_bad_request() => {
                 Status::invalid_argument(message)
@@ -188,6 +196,10 @@ pub struct Gateway {
     /// Pack reads served at once; bounds memory (each holds up to k shards
     /// and the answer).
     read_permits: Semaphore,
+    /// Writes audit entries for this node's requests (refusals rate-limited).
+    auditor: Arc<Auditor>,
+    /// Resolves callers: the service's front door and the metrics page's.
+    auth: Arc<Authenticator>,
 }
 
 impl Gateway {
@@ -203,6 +215,9 @@ impl Gateway {
         scrub: Arc<ScrubStats>,
     ) -> Self {
         let pack_permits = Semaphore::new(config.packs_in_flight_max.max(1));
+        let auditor = Arc::new(Auditor::new(meta.clone()));
+        // Secure unless told otherwise (`secured(true)`).
+        let auth = Arc::new(Authenticator::new(meta.clone(), false, auditor.clone()));
         Self {
             node_id,
             region,
@@ -214,14 +229,36 @@ impl Gateway {
             scrub,
             pack_permits,
             read_permits: Semaphore::new(READS_IN_FLIGHT_MAX),
+            auditor,
+            auth,
         }
     }
 
-    /// The gRPC service over a shared gateway (the repair worker holds it too).
-    pub fn server(self: &Arc<Self>) -> CairnServer<Self> {
-        CairnServer::from_arc(self.clone())
-            .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
+    /// Sets whether callers are trusted without credentials (`--insecure`).
+    pub fn secured(mut self, insecure: bool) -> Self {
+        self.auth = Arc::new(Authenticator::new(
+            self.meta.clone(),
+            insecure,
+            self.auditor.clone(),
+        ));
+        self
+    }
+
+    /// How this node resolves callers (the metrics page asks it too).
+    pub fn authenticator(&self) -> &Arc<Authenticator> {
+        &self.auth
+    }
+
+    /// The gRPC service over a shared gateway (the repair worker holds it
+    /// too), behind caller resolution: every request reaches a handler with
+    /// its [`crate::auth::Caller`], or is refused before its body is decoded.
+    pub fn server(self: &Arc<Self>) -> AuthService<CairnServer<Self>> {
+        AuthService::new(
+            CairnServer::from_arc(self.clone())
+                .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES),
+            self.auth.clone(),
+        )
     }
 
     fn members(&self) -> Members {

@@ -86,12 +86,22 @@ pub fn copy_range(
 }
 
 impl Gateway {
+    /// `tenant`: the caller's tenant when its token is bound to one; the
+    /// pack must then be that tenant's.
     pub(super) async fn read_pack_inner(
         &self,
         req: pb::ReadPackRequest,
+        tenant: Option<&str>,
     ) -> Result<pb::ReadPackReply, GatewayError> {
         let pack_id = id32(&req.pack_id, "pack id")?;
         let pack = self.pack_record(&pack_id).await?;
+        if tenant.is_some_and(|t| t != pack.tenant) {
+            return Err(crate::auth::permission::Denied(format!(
+                "pack {} is not one of this token's tenant",
+                hex::encode(pack_id)
+            ))
+            .into());
+        }
         let _permit = self
             .read_permits
             .acquire()

@@ -1,14 +1,95 @@
-//! The `Cairn` gRPC service: a thin adapter. Each call decodes its request,
-//! runs the gateway operation (`catalog`, `ingest`, `read`, `admin`) and maps
-//! the outcome to a status in one place; calls only the leader serves are
-//! forwarded to it here.
+//! The `Cairn` gRPC service: a thin adapter. Each call takes its caller
+//! (resolved before decoding by `auth::layer`), authorizes it
+//! (`auth::permission`; a refusal is audited), runs the gateway operation
+//! (`catalog`, `ingest`, `read`, `admin`) and maps the outcome to a status in
+//! one place; calls only the leader serves are forwarded to it here, with
+//! the caller's token, so the leader authorizes and audits them again.
 
 use cairn_proto::v1 as pb;
 use cairn_proto::v1::cairn_server::Cairn;
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::{Request, Response, Status};
 
-use super::Gateway;
+use super::{Gateway, GatewayError};
+use crate::auth::Caller;
+use crate::auth::audit::actor_of;
+use crate::auth::permission::{Denied, Op, authorize};
 use crate::peers::addressed;
+
+/// The caller's `authorization` header, to forward with a call to the leader.
+fn credential(metadata: &MetadataMap) -> Option<AsciiMetadataValue> {
+    metadata.get("authorization").cloned()
+}
+
+/// A request to the leader carrying the original caller's credential.
+fn to_leader<T>(
+    leader: u64,
+    message: T,
+    timeout: std::time::Duration,
+    credential: Option<AsciiMetadataValue>,
+) -> Request<T> {
+    let mut request = addressed(leader, message, timeout);
+    if let Some(value) = credential {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+impl Gateway {
+    /// Records a refusal (rate-limited) and says why, naming no other tenant.
+    fn refuse(&self, caller: &Caller, op: Op, target: &str, denied: Denied) -> Status {
+        self.auditor
+            .refused(actor_of(caller), op.name(), target, &denied.0);
+        Status::permission_denied(denied.to_string())
+    }
+
+    /// Authorizes `op` for the request's caller: the caller and the tenant
+    /// the call acts on.
+    fn admit<T>(
+        &self,
+        request: &Request<T>,
+        op: Op,
+        requested_tenant: &str,
+    ) -> Result<(Caller, String), Status> {
+        let caller = Caller::of(request)?;
+        let target = if requested_tenant.is_empty() {
+            String::new()
+        } else {
+            format!("tenant {requested_tenant}")
+        };
+        let tenant = authorize(&caller, op, requested_tenant)
+            .map_err(|denied| self.refuse(&caller, op, &target, denied))?;
+        Ok((caller, tenant))
+    }
+
+    /// [`Gateway::answer`], auditing a refusal found inside the operation
+    /// (a pack of another tenant, a token creation out of scope).
+    fn answer_for<T>(
+        &self,
+        caller: &Caller,
+        op: Op,
+        outcome: Result<T, GatewayError>,
+    ) -> Result<Response<T>, Status> {
+        match outcome {
+            Err(GatewayError::Denied(denied)) => Err(self.refuse(caller, op, "", denied)),
+            other => self.answer(other),
+        }
+    }
+
+    /// Audits a privileged call that ran here (membership, repair).
+    async fn audit_ran(&self, caller: &Caller, op: Op, target: &str, result: &str) {
+        if let Err(error) = self.auditor.record(caller, op.name(), target, result).await {
+            tracing::warn!(%error, action = op.name(), "audit entry not written");
+        }
+    }
+}
+
+fn outcome_text<T>(result: &Result<T, Status>) -> String {
+    match result {
+        Ok(_) => "ok".into(),
+        Err(status) => format!("failed: {}", status.message()),
+    }
+}
 
 #[tonic::async_trait]
 impl Cairn for Gateway {
@@ -16,62 +97,103 @@ impl Cairn for Gateway {
         &self,
         request: Request<pb::InitTenantRequest>,
     ) -> Result<Response<pb::InitTenantReply>, Status> {
-        self.answer(self.init_tenant_inner(request.into_inner()).await)
+        let (caller, tenant) = self.admit(&request, Op::InitTenant, &request.get_ref().tenant)?;
+        let req = pb::InitTenantRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.init_tenant_inner(req, &caller).await)
     }
 
     async fn get_key_slots(
         &self,
         request: Request<pb::GetKeySlotsRequest>,
     ) -> Result<Response<pb::GetKeySlotsReply>, Status> {
-        self.answer(self.get_key_slots_inner(request.into_inner()).await)
+        let (_, tenant) = self.admit(&request, Op::GetKeySlots, &request.get_ref().tenant)?;
+        self.answer(
+            self.get_key_slots_inner(pb::GetKeySlotsRequest { tenant })
+                .await,
+        )
     }
 
     async fn find_blobs(
         &self,
         request: Request<pb::FindBlobsRequest>,
     ) -> Result<Response<pb::FindBlobsReply>, Status> {
-        self.answer(self.find_blobs_inner(request.into_inner()).await)
+        let (_, tenant) = self.admit(&request, Op::FindBlobs, &request.get_ref().tenant)?;
+        let req = pb::FindBlobsRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.find_blobs_inner(req).await)
     }
 
     async fn locate_blobs(
         &self,
         request: Request<pb::LocateBlobsRequest>,
     ) -> Result<Response<pb::LocateBlobsReply>, Status> {
-        self.answer(self.locate_blobs_inner(request.into_inner()).await)
+        // The blob index is per tenant, so every location found is a pack
+        // of this tenant.
+        let (_, tenant) = self.admit(&request, Op::LocateBlobs, &request.get_ref().tenant)?;
+        let req = pb::LocateBlobsRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.locate_blobs_inner(req).await)
     }
 
     async fn put_pack(
         &self,
         request: Request<pb::PutPackRequest>,
     ) -> Result<Response<pb::PutPackReply>, Status> {
-        self.answer(self.put_pack_inner(request.into_inner()).await)
+        let (_, tenant) = self.admit(&request, Op::PutPack, &request.get_ref().tenant)?;
+        let req = pb::PutPackRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.put_pack_inner(req).await)
     }
 
     async fn read_pack(
         &self,
         request: Request<pb::ReadPackRequest>,
     ) -> Result<Response<pb::ReadPackReply>, Status> {
-        self.answer(self.read_pack_inner(request.into_inner()).await)
+        let (caller, tenant) = self.admit(&request, Op::ReadPack, "")?;
+        let scope = (!tenant.is_empty()).then_some(tenant.as_str());
+        let outcome = self.read_pack_inner(request.into_inner(), scope).await;
+        self.answer_for(&caller, Op::ReadPack, outcome)
     }
 
     async fn commit_snapshot(
         &self,
         request: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<pb::CommitSnapshotReply>, Status> {
-        self.answer(self.commit_snapshot_inner(request.into_inner()).await)
+        let (caller, tenant) =
+            self.admit(&request, Op::CommitSnapshot, &request.get_ref().tenant)?;
+        let req = pb::CommitSnapshotRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.commit_snapshot_inner(req, &caller).await)
     }
 
     async fn list_snapshots(
         &self,
         request: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsReply>, Status> {
-        self.answer(self.list_snapshots_inner(request.into_inner()).await)
+        let (_, tenant) = self.admit(&request, Op::ListSnapshots, &request.get_ref().tenant)?;
+        let req = pb::ListSnapshotsRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.list_snapshots_inner(req).await)
     }
 
     async fn cluster_status(
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        self.admit(&request, Op::ClusterStatus, "")?;
         self.answer(self.cluster_status_inner(request.into_inner()).await)
     }
 
@@ -79,24 +201,40 @@ impl Cairn for Gateway {
         &self,
         request: Request<pb::CheckPacksRequest>,
     ) -> Result<Response<pb::CheckPacksReply>, Status> {
-        self.answer(self.check_packs_inner(request.into_inner()).await)
+        let op = Op::CheckPacks {
+            read_data: request.get_ref().read_data,
+        };
+        let (_, tenant) = self.admit(&request, op, &request.get_ref().tenant)?;
+        let req = pb::CheckPacksRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.check_packs_inner(req).await)
     }
 
     async fn repair(
         &self,
         request: Request<pb::RepairRequest>,
     ) -> Result<Response<pb::RepairReply>, Status> {
+        let (caller, _) = self.admit(&request, Op::Repair, "")?;
         if !self.is_leader() {
+            let credential = credential(request.metadata());
             let (leader, mut client) = self.leader_client().map_err(|e| self.status(e))?;
             return client
-                .repair(addressed(
+                .repair(to_leader(
                     leader,
                     request.into_inner(),
                     self.config.rpc_timeout * 30,
+                    credential,
                 ))
                 .await;
         }
         let outcome = self.repairer.pass(0).await;
+        let result = format!(
+            "ok: {} queued, {} repaired, {} errors, {} lost",
+            outcome.queued, outcome.repaired, outcome.errors, outcome.lost
+        );
+        self.audit_ran(&caller, Op::Repair, "", &result).await;
         Ok(Response::new(pb::RepairReply {
             queued: outcome.queued,
             packs_repaired: outcome.repaired,
@@ -109,11 +247,13 @@ impl Cairn for Gateway {
         &self,
         request: Request<pb::ReportFaultsRequest>,
     ) -> Result<Response<pb::ReportFaultsReply>, Status> {
+        self.admit(&request, Op::ReportFaults, "")?;
+        let credential = credential(request.metadata());
         let req = request.into_inner();
         if !self.is_leader() {
             let (leader, mut client) = self.leader_client().map_err(|e| self.status(e))?;
             return client
-                .report_faults(addressed(leader, req, self.config.rpc_timeout))
+                .report_faults(to_leader(leader, req, self.config.rpc_timeout, credential))
                 .await;
         }
         self.take_faults(&req.faults)
@@ -125,78 +265,117 @@ impl Cairn for Gateway {
         &self,
         request: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::AddNodeReply>, Status> {
-        self.answer(self.add_node_inner(request.into_inner()).await)
+        let (caller, _) = self.admit(&request, Op::AddNode, "")?;
+        let req = request.into_inner();
+        let target = format!("node {} ({}, {})", req.node_id, req.region, req.addr);
+        let result = self.answer(self.add_node_inner(req).await);
+        self.audit_ran(&caller, Op::AddNode, &target, &outcome_text(&result))
+            .await;
+        result
     }
 
     async fn remove_node(
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeReply>, Status> {
+        let (caller, _) = self.admit(&request, Op::RemoveNode, "")?;
+        let credential = credential(request.metadata());
         let req = request.into_inner();
         if !self.is_leader() {
             let (leader, mut client) = self.leader_client().map_err(|e| self.status(e))?;
             return client
-                .remove_node(addressed(leader, req, self.config.rpc_timeout * 30))
+                .remove_node(to_leader(
+                    leader,
+                    req,
+                    self.config.rpc_timeout * 30,
+                    credential,
+                ))
                 .await;
         }
-        self.repairer
+        let target = format!(
+            "node {}{}",
+            req.node_id,
+            if req.drain { "" } else { " (no drain)" }
+        );
+        let result = self
+            .repairer
             .drain_and_remove(req.node_id, req.drain)
             .await
             .map(|shards_moved| Response::new(pb::RemoveNodeReply { shards_moved }))
-            .map_err(|e| self.status(e.into()))
+            .map_err(|e| self.status(e.into()));
+        self.audit_ran(&caller, Op::RemoveNode, &target, &outcome_text(&result))
+            .await;
+        result
     }
 
-    // Trust-boundary calls: not served yet (issue 7 in progress).
     async fn create_token(
         &self,
-        _request: Request<pb::CreateTokenRequest>,
+        request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenReply>, Status> {
-        Err(Status::unimplemented("tokens are not available yet"))
+        let caller = Caller::of(&request)?;
+        let outcome = self
+            .create_token_inner(request.into_inner(), &caller)
+            .await;
+        self.answer_for(&caller, Op::CreateToken, outcome)
     }
 
     async fn list_tokens(
         &self,
-        _request: Request<pb::ListTokensRequest>,
+        request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensReply>, Status> {
-        Err(Status::unimplemented("tokens are not available yet"))
+        let (caller, _) = self.admit(&request, Op::ListTokens, "")?;
+        self.answer(self.list_tokens_inner(&caller).await)
     }
 
     async fn revoke_token(
         &self,
-        _request: Request<pb::RevokeTokenRequest>,
+        request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenReply>, Status> {
-        Err(Status::unimplemented("tokens are not available yet"))
+        let (caller, _) = self.admit(&request, Op::RevokeToken, "")?;
+        self.answer(
+            self.revoke_token_inner(request.into_inner(), &caller)
+                .await,
+        )
     }
 
     async fn add_key_slot(
         &self,
-        _request: Request<pb::AddKeySlotRequest>,
+        request: Request<pb::AddKeySlotRequest>,
     ) -> Result<Response<pb::AddKeySlotReply>, Status> {
-        Err(Status::unimplemented(
-            "key slot changes are not available yet",
-        ))
+        let (caller, tenant) = self.admit(&request, Op::AddKeySlot, &request.get_ref().tenant)?;
+        let req = pb::AddKeySlotRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.add_key_slot_inner(req, &caller).await)
     }
 
     async fn remove_key_slot(
         &self,
-        _request: Request<pb::RemoveKeySlotRequest>,
+        request: Request<pb::RemoveKeySlotRequest>,
     ) -> Result<Response<pb::RemoveKeySlotReply>, Status> {
-        Err(Status::unimplemented(
-            "key slot changes are not available yet",
-        ))
+        let (caller, tenant) =
+            self.admit(&request, Op::RemoveKeySlot, &request.get_ref().tenant)?;
+        let req = pb::RemoveKeySlotRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.remove_key_slot_inner(req, &caller).await)
     }
 
     async fn audit_log(
         &self,
-        _request: Request<pb::AuditLogRequest>,
+        request: Request<pb::AuditLogRequest>,
     ) -> Result<Response<pb::AuditLogReply>, Status> {
-        Err(Status::unimplemented("the audit log is not available yet"))
+        self.admit(&request, Op::AuditLog, "")?;
+        self.answer(self.audit_log_inner(request.into_inner()).await)
     }
 
     async fn who_am_i(
         &self,
-        _request: Request<pb::WhoAmIRequest>,
+        request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIReply>, Status> {
-        Err(Status::unimplemented("tokens are not available yet"))
+        let (caller, _) = self.admit(&request, Op::WhoAmI, "")?;
+        self.answer(self.who_am_i_inner(&caller))
     }
 }

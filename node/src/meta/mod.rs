@@ -34,6 +34,7 @@
 //!   majority of the initial voters answered that they are empty too.
 
 pub mod admission;
+mod audit;
 pub mod codec;
 mod error;
 pub mod log_store;
@@ -51,6 +52,7 @@ mod write;
 
 pub use error::MetaError;
 pub use settings::MetaConfig;
+pub use write::wall_clock_ms;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};

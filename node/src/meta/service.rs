@@ -144,7 +144,9 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let cmd: Command = self.accept("forwarded command", request)?;
+        let mut cmd: Command = self.accept("forwarded command", request)?;
+        // Forwarded proposals carry the leader's time, not the sender's.
+        cmd.stamp(super::wall_clock_ms());
         reply(
             "forwarded command response",
             &self.raft.client_write(cmd).await,

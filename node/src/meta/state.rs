@@ -18,6 +18,11 @@
 //! 'b' T blob:32         -> BlobLocation
 //! 's' T snapshot:32     -> SnapshotRecord
 //! 'n' node:u64-BE       -> NodeMark                     (absent = every flag cleared)
+//! 00 "clock"            -> i64                          (cluster time: latest leader stamp applied)
+//! 00 "audit_head"       -> (u64, [u8; 32])              (seq and hash of the newest audit entry)
+//! 'K' T slot:u32-BE     -> i64                          (when key slot `slot` was added, cluster time)
+//! 't' key:32            -> TokenRecord                  (key = blake3 derive_key of the secret)
+//! 'a' seq:u64-BE        -> AuditRecord
 //! ```
 //! The `'n'` records came after the first release; older states simply have
 //! none, which reads as "no marks", so the layout marker did not change.
@@ -32,8 +37,8 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{self, CodecError};
 use super::types::{
-    BlobLocation, Command, CommandResult, Id32, MetaStats, NodeId, NodeInfo, NodeMark, PackRecord,
-    SnapshotRecord,
+    Actor, AuditRecord, BlobLocation, Command, CommandResult, Id32, KeySlotEntry, MetaStats,
+    NodeId, NodeInfo, NodeMark, PackRecord, Role, SnapshotRecord, TokenRecord,
 };
 use crate::kv::{KvError, KvPair, KvStore, WriteBatch};
 
@@ -60,6 +65,13 @@ const PACK: u8 = b'p';
 const BLOB: u8 = b'b';
 const SNAPSHOT: u8 = b's';
 const NODE_MARK: u8 = b'n';
+const KEY_SLOT_CREATED: u8 = b'K';
+const TOKEN: u8 = b't';
+const AUDIT: u8 = b'a';
+/// Key of the cluster clock (the latest leader stamp applied).
+pub const CLOCK_KEY: &[u8] = b"\x00clock";
+/// Key of the audit chain's head: seq and hash of the newest entry.
+pub const AUDIT_HEAD_KEY: &[u8] = b"\x00audit_head";
 
 /// Last applied log id as stored.
 pub type AppliedLogId = Option<openraft::LogId<NodeId>>;
@@ -127,6 +139,36 @@ fn key_slot_key(tenant: &str, slot: u32) -> Vec<u8> {
     let mut key = tenant_prefix(KEY_SLOT, tenant);
     key.extend_from_slice(&slot.to_be_bytes());
     key
+}
+
+fn key_slot_created_key(tenant: &str, slot: u32) -> Vec<u8> {
+    let mut key = tenant_prefix(KEY_SLOT_CREATED, tenant);
+    key.extend_from_slice(&slot.to_be_bytes());
+    key
+}
+
+fn token_key(key: &Id32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(TOKEN);
+    k.extend_from_slice(key);
+    k
+}
+
+/// Key of audit entry `seq`.
+pub fn audit_key(seq: u64) -> [u8; 9] {
+    let mut key = [AUDIT; 9];
+    key[1..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The public id of a key slot: hex of blake3(slot)[..8].
+pub fn key_slot_id(slot: &[u8]) -> String {
+    hex::encode(&blake3::hash(slot).as_bytes()[..8])
+}
+
+/// The public id of a token: hex of its key's first 8 bytes.
+pub fn token_id(key: &Id32) -> String {
+    hex::encode(&key[..8])
 }
 
 fn pack_key(id: &Id32) -> Vec<u8> {
@@ -288,6 +330,77 @@ impl StateView {
             .collect()
     }
 
+    /// The tenant's key slots with their ids and times, in slot order.
+    pub fn key_slot_entries(&self, tenant: &str) -> Result<Vec<KeySlotEntry>, StateError> {
+        Ok(self
+            .indexed_key_slots(tenant)?
+            .into_iter()
+            .map(|(index, slot)| {
+                let created_unix_ms = self
+                    .get::<i64>("key slot time", &key_slot_created_key(tenant, index))?
+                    .unwrap_or(0);
+                Ok::<_, StateError>(KeySlotEntry {
+                    id: key_slot_id(&slot),
+                    slot,
+                    created_unix_ms,
+                })
+            })
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The tenant's key slots with their index in the key.
+    fn indexed_key_slots(&self, tenant: &str) -> Result<Vec<(u32, Vec<u8>)>, StateError> {
+        let prefix = tenant_prefix(KEY_SLOT, tenant);
+        self.kv
+            .scan_prefix(&prefix)?
+            .into_iter()
+            .map(|(key, value)| {
+                let index = key
+                    .get(prefix.len()..)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
+                Ok((index, codec::decode("key slot", &value)?))
+            })
+            .collect()
+    }
+
+    /// The token stored under `key` (the hash of its secret).
+    pub fn token(&self, key: &Id32) -> Result<Option<TokenRecord>, StateError> {
+        self.get("token record", &token_key(key))
+    }
+
+    /// Every token (revoked and expired ones too), by key.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StateError> {
+        self.scan("token record", &[TOKEN])
+    }
+
+    /// Cluster time: the latest leader stamp applied (0 before any).
+    pub fn clock(&self) -> Result<i64, StateError> {
+        Ok(self.get("cluster clock", CLOCK_KEY)?.unwrap_or(0))
+    }
+
+    /// Seq and hash of the newest audit entry (0 and the genesis hash before any).
+    pub fn audit_head(&self) -> Result<(u64, Id32), StateError> {
+        Ok(self
+            .get("audit head", AUDIT_HEAD_KEY)?
+            .unwrap_or((0, cairn_proto::audit::GENESIS)))
+    }
+
+    /// Up to `limit` audit entries with seq greater than `after_seq`, oldest first.
+    pub fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditRecord>, StateError> {
+        let start = audit_key(after_seq.saturating_add(1));
+        let end = [AUDIT + 1];
+        if after_seq == u64::MAX {
+            return Ok(Vec::new());
+        }
+        self.kv
+            .range(&start, Some(&end), limit)?
+            .into_iter()
+            .map(|(_, v)| codec::decode("audit entry", &v).map_err(StateError::from))
+            .collect()
+    }
+
     /// Every pair that belongs in a snapshot image, in key order.
     pub fn image_pairs(&self) -> Result<Vec<KvPair>, StateError> {
         let mut pairs = self.kv.scan_prefix(b"")?;
@@ -325,6 +438,72 @@ pub fn apply_command(
     batch: &mut WriteBatch,
     stats: &mut MetaStats,
 ) -> Result<CommandResult, StateError> {
+    let now = advance_clock(view, cmd.stamped(), batch)?;
+    apply_at(view, cmd, now, batch, stats)
+}
+
+/// Cluster time for an entry stamped `stamp`: never earlier than any entry
+/// applied before it (a new leader's clock may lag the old one's), so times
+/// in the state only move forward. The one place this rule lives.
+fn advance_clock(
+    view: &StateView,
+    stamp: Option<i64>,
+    batch: &mut WriteBatch,
+) -> Result<i64, StateError> {
+    let last = view.clock()?;
+    let now = stamp.map_or(last, |stamp| stamp.max(last));
+    if now != last {
+        batch.put(CLOCK_KEY.to_vec(), codec::encode("cluster clock", &now)?);
+    }
+    Ok(now)
+}
+
+/// Appends one audit entry, chained to the stored head. At most one per
+/// log entry: the head is read from the state, not from `batch`.
+fn append_audit(
+    view: &StateView,
+    batch: &mut WriteBatch,
+    now: i64,
+    actor: &Actor,
+    action: &str,
+    target: &str,
+    result: &str,
+) -> Result<(), StateError> {
+    let (seq, prev_hash) = view.audit_head()?;
+    let mut record = AuditRecord {
+        seq: seq + 1,
+        time_unix_ms: now,
+        actor: actor.clone(),
+        action: action.to_string(),
+        target: target.to_string(),
+        result: result.to_string(),
+        prev_hash,
+        hash: [0; 32],
+    };
+    record.hash = cairn_proto::audit::entry_hash(&record.to_wire());
+    batch.put(
+        audit_key(record.seq).to_vec(),
+        codec::encode("audit entry", &record)?,
+    );
+    batch.put(
+        AUDIT_HEAD_KEY.to_vec(),
+        codec::encode("audit head", &(record.seq, record.hash))?,
+    );
+    Ok(())
+}
+
+fn put_token(batch: &mut WriteBatch, key: &Id32, record: &TokenRecord) -> Result<(), StateError> {
+    batch.put(token_key(key), codec::encode("token record", record)?);
+    Ok(())
+}
+
+fn apply_at(
+    view: &StateView,
+    cmd: &Command,
+    now: i64,
+    batch: &mut WriteBatch,
+    stats: &mut MetaStats,
+) -> Result<CommandResult, StateError> {
     match cmd {
         Command::InitTenant { tenant, key_slot } => {
             if !view
@@ -337,6 +516,10 @@ pub fn apply_command(
             batch.put(
                 key_slot_key(tenant, 0),
                 codec::encode("key slot", key_slot)?,
+            );
+            batch.put(
+                key_slot_created_key(tenant, 0),
+                codec::encode("key slot time", &now)?,
             );
             stats.tenants += 1;
             Ok(CommandResult::Ok)
@@ -422,6 +605,151 @@ pub fn apply_command(
         }),
         Command::MarkHoldsLog { node } => {
             update_mark(view, *node, batch, |mark| mark.holds_log = true)
+        }
+        Command::CreateToken {
+            key,
+            role,
+            tenant,
+            ttl_ms,
+            label,
+            created_by,
+        } => {
+            if view.token(key)?.is_some() {
+                return Ok(CommandResult::AlreadyExists);
+            }
+            let expires_unix_ms = match i64::try_from(*ttl_ms) {
+                Ok(0) => 0,
+                Ok(ttl) => now.saturating_add(ttl),
+                Err(_) => i64::MAX,
+            };
+            let record = TokenRecord {
+                id: token_id(key),
+                role: *role,
+                tenant: tenant.clone(),
+                created_unix_ms: now,
+                expires_unix_ms,
+                revoked: false,
+                label: label.clone(),
+                created_by: created_by.clone(),
+            };
+            put_token(batch, key, &record)?;
+            Ok(CommandResult::Ok)
+        }
+        Command::RevokeToken { id } => {
+            for (key, value) in view.kv.scan_prefix(&[TOKEN])? {
+                let mut record: TokenRecord = codec::decode("token record", &value)?;
+                if record.id != *id {
+                    continue;
+                }
+                if record.revoked {
+                    return Ok(CommandResult::AlreadyExists);
+                }
+                record.revoked = true;
+                batch.put(key, codec::encode("token record", &record)?);
+                return Ok(CommandResult::Ok);
+            }
+            Ok(CommandResult::UnknownToken)
+        }
+        Command::BootstrapToken { node, key, .. } => {
+            // Tokens are revoked, never deleted: any record means one was
+            // created, and the bootstrap file no longer counts.
+            if !view.kv.range(&[TOKEN], Some(&[TOKEN + 1]), 1)?.is_empty() {
+                return Ok(CommandResult::AlreadyExists);
+            }
+            let record = TokenRecord {
+                id: token_id(key),
+                role: Role::ClusterAdmin,
+                tenant: None,
+                created_unix_ms: now,
+                expires_unix_ms: 0,
+                revoked: false,
+                label: "bootstrap".into(),
+                created_by: String::new(),
+            };
+            put_token(batch, key, &record)?;
+            let actor = Actor {
+                kind: "node".into(),
+                node_id: *node,
+                ..Actor::default()
+            };
+            append_audit(
+                view,
+                batch,
+                now,
+                &actor,
+                "BootstrapToken",
+                &format!("token {}", record.id),
+                "ok",
+            )?;
+            Ok(CommandResult::Ok)
+        }
+        Command::AddKeySlot { tenant, key_slot } => {
+            let slots = view.indexed_key_slots(tenant)?;
+            if slots.is_empty() {
+                return Ok(CommandResult::UnknownTenant);
+            }
+            if slots.iter().any(|(_, slot)| slot == key_slot) {
+                return Ok(CommandResult::AlreadyExists);
+            }
+            let next = slots
+                .iter()
+                .map(|(index, _)| *index)
+                .max()
+                .unwrap_or(0)
+                .saturating_add(1);
+            batch.put(
+                key_slot_key(tenant, next),
+                codec::encode("key slot", key_slot)?,
+            );
+            batch.put(
+                key_slot_created_key(tenant, next),
+                codec::encode("key slot time", &now)?,
+            );
+            Ok(CommandResult::Ok)
+        }
+        Command::RemoveKeySlot { tenant, id } => {
+            let slots = view.indexed_key_slots(tenant)?;
+            if slots.is_empty() {
+                return Ok(CommandResult::UnknownTenant);
+            }
+            let Some((index, _)) = slots.iter().find(|(_, slot)| key_slot_id(slot) == *id) else {
+                return Ok(CommandResult::UnknownKeySlot);
+            };
+            if slots.len() == 1 {
+                return Ok(CommandResult::LastKeySlot);
+            }
+            batch.delete(key_slot_key(tenant, *index));
+            batch.delete(key_slot_created_key(tenant, *index));
+            Ok(CommandResult::Ok)
+        }
+        Command::Audit {
+            actor,
+            action,
+            target,
+            result,
+            ..
+        } => {
+            append_audit(view, batch, now, actor, action, target, result)?;
+            Ok(CommandResult::Ok)
+        }
+        Command::Audited {
+            actor,
+            action,
+            target,
+            cmd: inner,
+            ..
+        } => {
+            // An inner command that writes its own audit entry would chain
+            // two entries to the same head: refused, and recorded as such.
+            let (result, text) = if inner.stamped().is_some() {
+                (CommandResult::AlreadyExists, "failed: nested audit")
+            } else {
+                let result = apply_at(view, inner, now, batch, stats)?;
+                let text = result.audit_text();
+                (result, text)
+            };
+            append_audit(view, batch, now, actor, action, target, text)?;
+            Ok(result)
         }
     }
 }

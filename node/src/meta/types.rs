@@ -6,6 +6,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::Role;
 pub use crate::model::{Id32, NodeId, NodeInfo, ShardPlacement};
 
 openraft::declare_raft_types!(
@@ -111,6 +112,153 @@ pub enum Command {
         shards: Vec<ShardPlacement>,
         needs_rebalance: bool,
     },
+    /// Stores a bearer token's hash (`key` = `auth::token::token_key`). The
+    /// record's id is derived from `key`, its times from the cluster clock
+    /// when the entry applies; `ttl_ms` 0 = never expires. `AlreadyExists`
+    /// for a key already stored.
+    CreateToken {
+        key: Id32,
+        role: Role,
+        tenant: Option<String>,
+        ttl_ms: u64,
+        label: String,
+        created_by: String,
+    },
+    /// Marks the token with this public id revoked (`UnknownToken` if none).
+    RevokeToken { id: String },
+    /// The first `cluster-admin` token, from `--bootstrap-token-file`: applied
+    /// only while no token was ever created (`AlreadyExists` after), so every
+    /// initial node may propose the same one. Audited by itself when applied.
+    BootstrapToken { at: i64, node: NodeId, key: Id32 },
+    /// Adds a key slot to an initialized tenant (`UnknownTenant` if it has
+    /// none, `AlreadyExists` for the same slot twice).
+    AddKeySlot { tenant: String, key_slot: Vec<u8> },
+    /// Removes the tenant's key slot with this id (`UnknownKeySlot`; the last
+    /// slot is never removed: `LastKeySlot`).
+    RemoveKeySlot { tenant: String, id: String },
+    /// One audit entry on its own (refusals, membership changes, repair).
+    /// `at` is stamped by the leader ([`Command::stamp`]).
+    Audit {
+        at: i64,
+        actor: Actor,
+        action: String,
+        target: String,
+        result: String,
+    },
+    /// `cmd` applied, and an audit entry recording it with its result, in the
+    /// same entry (so a change is never without its record).
+    Audited {
+        at: i64,
+        actor: Actor,
+        action: String,
+        target: String,
+        cmd: Box<Command>,
+    },
+}
+
+impl Command {
+    /// Sets the leader's time on a command that carries one. Called on the
+    /// leader just before it proposes (forwarded commands included), so
+    /// cluster time is the leader's clock, never the client's or a follower's.
+    pub fn stamp(&mut self, now_unix_ms: i64) {
+        match self {
+            Command::BootstrapToken { at, .. }
+            | Command::Audit { at, .. }
+            | Command::Audited { at, .. } => *at = now_unix_ms,
+            _ => {}
+        }
+    }
+
+    /// The time stamped on this command, if it carries one.
+    pub fn stamped(&self) -> Option<i64> {
+        match self {
+            Command::BootstrapToken { at, .. }
+            | Command::Audit { at, .. }
+            | Command::Audited { at, .. } => Some(*at),
+            _ => None,
+        }
+    }
+}
+
+/// Who did something, as an audit entry records it (never a secret).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// `token`, `node`, `anonymous` or `insecure`.
+    pub kind: String,
+    pub token_id: String,
+    pub role: String,
+    pub tenant: String,
+    pub node_id: NodeId,
+}
+
+/// A bearer token as the metadata group keeps it: no secret, only the key
+/// derived from it (under which the record is stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public id: hex of the key's first 8 bytes.
+    pub id: String,
+    pub role: Role,
+    /// `None`: cluster-wide (cluster-admin, monitor).
+    pub tenant: Option<String>,
+    /// Cluster time, Unix ms.
+    pub created_unix_ms: i64,
+    /// 0 = never.
+    pub expires_unix_ms: i64,
+    pub revoked: bool,
+    pub label: String,
+    /// Token id of the creator; empty for the bootstrap token.
+    pub created_by: String,
+}
+
+impl TokenRecord {
+    /// Whether the token may be used at `now_unix_ms`.
+    pub fn usable_at(&self, now_unix_ms: i64) -> bool {
+        !self.revoked && (self.expires_unix_ms == 0 || now_unix_ms < self.expires_unix_ms)
+    }
+}
+
+/// One key slot of a tenant with its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySlotEntry {
+    /// Hex of blake3(slot)[..8].
+    pub id: String,
+    pub slot: Vec<u8>,
+    /// Cluster time it was added; 0 = before this was recorded.
+    pub created_unix_ms: i64,
+}
+
+/// One audit log entry as stored; `cairn_proto::v1::AuditEntry` on the wire,
+/// whose hash ([`cairn_proto::audit::entry_hash`]) it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub time_unix_ms: i64,
+    pub actor: Actor,
+    pub action: String,
+    pub target: String,
+    pub result: String,
+    pub prev_hash: Id32,
+    pub hash: Id32,
+}
+
+impl AuditRecord {
+    /// The wire form, over which the hash is computed.
+    pub fn to_wire(&self) -> cairn_proto::v1::AuditEntry {
+        cairn_proto::v1::AuditEntry {
+            seq: self.seq,
+            time_unix_ms: self.time_unix_ms,
+            actor_kind: self.actor.kind.clone(),
+            token_id: self.actor.token_id.clone(),
+            role: self.actor.role.clone(),
+            tenant: self.actor.tenant.clone(),
+            node_id: self.actor.node_id,
+            action: self.action.clone(),
+            target: self.target.clone(),
+            result: self.result.clone(),
+            prev_hash: self.prev_hash.to_vec(),
+            hash: self.hash.to_vec(),
+        }
+    }
 }
 
 /// What the metadata group records about a node beyond the Raft membership.
@@ -141,6 +289,31 @@ pub enum CommandResult {
     /// `SetPlacementIf` whose expected placement no longer matches the
     /// stored one: another writer changed it first. Nothing changes.
     PlacementChanged,
+    /// `RevokeToken` for an id no token has.
+    UnknownToken,
+    /// `AddKeySlot` or `RemoveKeySlot` on a tenant without key slots.
+    UnknownTenant,
+    /// `RemoveKeySlot` for an id the tenant has no slot with.
+    UnknownKeySlot,
+    /// `RemoveKeySlot` of the tenant's only slot: nothing could unlock it after.
+    LastKeySlot,
+}
+
+impl CommandResult {
+    /// How an audit entry words this result.
+    pub fn audit_text(&self) -> &'static str {
+        match self {
+            CommandResult::Ok => "ok",
+            CommandResult::AlreadyExists => "failed: already exists",
+            CommandResult::UnknownPack => "failed: unknown pack",
+            CommandResult::MissingRootTree => "failed: root tree not stored",
+            CommandResult::PlacementChanged => "failed: placement changed",
+            CommandResult::UnknownToken => "failed: unknown token",
+            CommandResult::UnknownTenant => "failed: tenant not initialized",
+            CommandResult::UnknownKeySlot => "failed: unknown key slot",
+            CommandResult::LastKeySlot => "failed: the last key slot cannot be removed",
+        }
+    }
 }
 
 /// Counts kept by the state machine for status pages.

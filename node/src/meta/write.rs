@@ -18,6 +18,16 @@ use super::{Meta, MetaError};
 type ForwardAnswer =
     Result<ClientWriteResponse<TypeConfig>, RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>;
 
+/// This node's wall clock, Unix ms: what a leader stamps on the commands it
+/// proposes ([`Command::stamp`]); the state machine keeps the applied time
+/// monotonic across leaders.
+pub fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// One try of an operation against the leader.
 pub(super) enum Attempt<T> {
     Done(T),
@@ -35,9 +45,10 @@ impl Meta {
     /// applied; commands are idempotent (`AlreadyExists` on a repeat).
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, MetaError> {
         self.retrying(|leader, deadline| {
-            let cmd = cmd.clone();
+            let mut cmd = cmd.clone();
             async move {
                 if leader == self.inner.node_id {
+                    cmd.stamp(wall_clock_ms());
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     let proposed =
                         tokio::time::timeout(remaining, self.inner.raft.client_write(cmd)).await;
