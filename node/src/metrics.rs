@@ -267,13 +267,42 @@ pub fn render(sources: &Sources) -> Result<String, std::fmt::Error> {
     Ok(text)
 }
 
+/// Whether a scrape may read the page: on a secure node, a bearer token of
+/// a `monitor` or `cluster-admin` (Prometheus: `authorization:
+/// credentials_file`). 401 without a valid token, 403 for another role.
+fn scrape_allowed(sources: &Sources, headers: &header::HeaderMap) -> Result<(), StatusCode> {
+    use crate::auth::layer::Authenticator;
+    use crate::auth::permission::{Op, authorize};
+    let auth = sources.gateway.authenticator();
+    if auth.insecure() {
+        return Ok(());
+    }
+    let token = Authenticator::bearer(headers)
+        .ok_or(StatusCode::UNAUTHORIZED)?
+        .map_err(|_| StatusCode::UNAUTHORIZED)?;
+    let caller = auth
+        .token_caller(token)
+        .map_err(|_| StatusCode::UNAUTHORIZED)?;
+    authorize(&caller, Op::Metrics, "")
+        .map(|_| ())
+        .map_err(|_| StatusCode::FORBIDDEN)
+}
+
 /// Serves `/metrics` until `shutdown` flips.
 pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: watch::Receiver<bool>) {
     let app = Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: header::HeaderMap| {
             let sources = sources.clone();
             async move {
+                if let Err(code) = scrape_allowed(&sources, &headers) {
+                    return (
+                        code,
+                        [(header::WWW_AUTHENTICATE, "Bearer")],
+                        "metrics need a monitor or cluster-admin token\n",
+                    )
+                        .into_response();
+                }
                 match render(&sources) {
                     Ok(text) => (
                         StatusCode::OK,

@@ -44,6 +44,8 @@ pub enum ServerError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    BootstrapToken(#[from] crate::auth::token::BootstrapFileError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -54,6 +56,13 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    // A bad bootstrap file is a start error, before anything is opened.
+    let bootstrap_key = match &config.security.bootstrap_token_file {
+        Some(path) => Some(crate::auth::token::token_key(
+            &crate::auth::token::read_bootstrap_file(path)?,
+        )),
+        None => None,
+    };
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -98,7 +107,8 @@ pub async fn run(
         liveness.clone(),
         repairer.clone(),
         scrub_stats.clone(),
-    ));
+    )
+    .secured(config.security.insecure));
     let shards = ShardService::new(store.clone(), config.node_id).with_scrub(scrub_stats.clone());
 
     // Background workers, each with a name, an owner (this function) and a
@@ -115,6 +125,13 @@ pub async fn run(
         workers_stopped.clone(),
     )));
     workers.push(tokio::spawn(repairer.run(workers_stopped.clone())));
+    if let Some(key) = bootstrap_key {
+        workers.push(tokio::spawn(crate::auth::token::bootstrap(
+            meta.clone(),
+            key,
+            workers_stopped.clone(),
+        )));
+    }
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr)
             .await
@@ -131,6 +148,7 @@ pub async fn run(
     }
     {
         let reporter = gateway.clone();
+        let node_id = config.node_id;
         workers.push(tokio::spawn(crate::scrub::run(
             config.node_id,
             store,
@@ -141,8 +159,13 @@ pub async fn run(
                 let reporter = reporter.clone();
                 async move {
                     use cairn_proto::v1::cairn_server::Cairn;
+                    // In-process: this node reports as itself.
+                    let mut request = tonic::Request::new(request);
+                    request
+                        .extensions_mut()
+                        .insert(crate::auth::Caller::Node(node_id));
                     reporter
-                        .report_faults(tonic::Request::new(request))
+                        .report_faults(request)
                         .await
                         .map(|_| ())
                         .map_err(|status| status.message().to_string())

@@ -61,6 +61,45 @@ pub fn read_bootstrap_file(path: &Path) -> Result<String, BootstrapFileError> {
     Ok(token.to_string())
 }
 
+/// Proposes the bootstrap token until it is committed (or a token already
+/// exists), once a leader is known. Every initial node given the file runs
+/// this; the command applies only while no token was ever created, so they
+/// all agree on one first `cluster-admin` token.
+pub async fn bootstrap(
+    meta: crate::meta::Meta,
+    key: Id32,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use crate::meta::types::Command;
+    let node = meta.node_id();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if meta.tokens().is_ok_and(|tokens| !tokens.is_empty()) {
+            return;
+        }
+        let command = Command::BootstrapToken { at: 0, node, key };
+        let written = tokio::select! {
+            written = meta.write(command) => written,
+            _ = stop.changed() => return,
+        };
+        match written {
+            Ok(result) => {
+                tracing::info!(node_id = node, ?result, "bootstrap token proposed");
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(node_id = node, %error, "bootstrap token not committed yet; retrying");
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

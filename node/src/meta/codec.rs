@@ -185,6 +185,42 @@ mod tests {
                 shards: vec![],
                 needs_rebalance: false,
             },
+            Command::CreateToken {
+                key: [0; 32],
+                role: crate::auth::Role::Backup,
+                tenant: None,
+                ttl_ms: 0,
+                label: String::new(),
+                created_by: String::new(),
+            },
+            Command::RevokeToken { id: String::new() },
+            Command::BootstrapToken {
+                at: 0,
+                node: 1,
+                key: [0; 32],
+            },
+            Command::AddKeySlot {
+                tenant: String::new(),
+                key_slot: vec![],
+            },
+            Command::RemoveKeySlot {
+                tenant: String::new(),
+                id: String::new(),
+            },
+            Command::Audit {
+                at: 0,
+                actor: Default::default(),
+                action: String::new(),
+                target: String::new(),
+                result: String::new(),
+            },
+            Command::Audited {
+                at: 0,
+                actor: Default::default(),
+                action: String::new(),
+                target: String::new(),
+                cmd: Box::new(Command::MarkAdded { node: 1 }),
+            },
         ];
         for (index, cmd) in commands.iter().enumerate() {
             let bytes = encode("command", cmd).expect("encode");

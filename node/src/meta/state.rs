@@ -1126,4 +1126,190 @@ mod tests {
             Err(StateError::SnapshotMagic { .. })
         ));
     }
+
+    fn actor() -> Actor {
+        Actor {
+            kind: "token".into(),
+            token_id: "00112233aabbccdd".into(),
+            role: "admin".into(),
+            tenant: "t".into(),
+            node_id: 0,
+        }
+    }
+
+    fn audited(at: i64, cmd: Command) -> Command {
+        Command::Audited {
+            at,
+            actor: actor(),
+            action: "Test".into(),
+            target: "x".into(),
+            cmd: Box::new(cmd),
+        }
+    }
+
+    fn chain_of(v: &StateView) -> Vec<cairn_proto::v1::AuditEntry> {
+        v.audit_entries(0, 1000)
+            .expect("read")
+            .iter()
+            .map(AuditRecord::to_wire)
+            .collect()
+    }
+
+    fn verify(entries: &[cairn_proto::v1::AuditEntry]) -> Result<(), cairn_proto::audit::ChainBreak> {
+        let mut verifier = cairn_proto::audit::ChainVerifier::default();
+        entries.iter().try_for_each(|e| verifier.push(e))
+    }
+
+    #[test]
+    fn bootstrap_applies_once_and_tokens_expire_and_revoke_in_cluster_time() {
+        let v = view();
+        let boot = |n: u8| Command::BootstrapToken {
+            at: 1_000,
+            node: 1,
+            key: id(n),
+        };
+        assert_eq!(run(&v, boot(1)), CommandResult::Ok);
+        // A second initial node proposing (even another file) changes nothing.
+        assert_eq!(run(&v, boot(1)), CommandResult::AlreadyExists);
+        assert_eq!(run(&v, boot(2)), CommandResult::AlreadyExists);
+        let root = v.token(&id(1)).expect("read").expect("bootstrap token");
+        assert_eq!((root.role, root.tenant.clone()), (Role::ClusterAdmin, None));
+        assert!(v.token(&id(2)).expect("read").is_none());
+
+        let create = Command::CreateToken {
+            key: id(3),
+            role: Role::Backup,
+            tenant: Some("t".into()),
+            ttl_ms: 60_000,
+            label: "host".into(),
+            created_by: root.id.clone(),
+        };
+        // Stamped earlier than the last entry: the clock does not go back.
+        assert_eq!(run(&v, audited(500, create)), CommandResult::Ok);
+        let backup = v.token(&id(3)).expect("read").expect("created");
+        assert_eq!(backup.created_unix_ms, 1_000);
+        assert_eq!(backup.expires_unix_ms, 61_000);
+        assert!(backup.usable_at(60_999) && !backup.usable_at(61_000));
+        assert_eq!(backup.id, token_id(&id(3)));
+
+        let revoke = |id: &str| Command::RevokeToken { id: id.into() };
+        assert_eq!(run(&v, revoke(&backup.id)), CommandResult::Ok);
+        assert_eq!(run(&v, revoke(&backup.id)), CommandResult::AlreadyExists);
+        assert_eq!(run(&v, revoke("ffffffffffffffff")), CommandResult::UnknownToken);
+        assert!(!v.token(&id(3)).expect("read").expect("kept").usable_at(0));
+        assert_eq!(v.tokens().expect("read").len(), 2);
+        assert_eq!(v.clock().expect("clock"), 1_000);
+    }
+
+    #[test]
+    fn key_slots_are_added_and_removed_but_never_the_last() {
+        let v = view();
+        let add = |slot: &[u8]| Command::AddKeySlot {
+            tenant: "t".into(),
+            key_slot: slot.to_vec(),
+        };
+        assert_eq!(run(&v, add(b"second")), CommandResult::UnknownTenant);
+        run(
+            &v,
+            audited(
+                7,
+                Command::InitTenant {
+                    tenant: "t".into(),
+                    key_slot: b"first".to_vec(),
+                },
+            ),
+        );
+        assert_eq!(run(&v, audited(9, add(b"second"))), CommandResult::Ok);
+        assert_eq!(run(&v, add(b"second")), CommandResult::AlreadyExists);
+        let entries = v.key_slot_entries("t").expect("read");
+        assert_eq!(
+            entries
+                .iter()
+                .map(|e| (e.slot.as_slice(), e.created_unix_ms))
+                .collect::<Vec<_>>(),
+            vec![(&b"first"[..], 7), (&b"second"[..], 9)]
+        );
+        let remove = |id: &str| Command::RemoveKeySlot {
+            tenant: "t".into(),
+            id: id.into(),
+        };
+        assert_eq!(run(&v, remove("0000000000000000")), CommandResult::UnknownKeySlot);
+        assert_eq!(run(&v, remove(&entries[0].id)), CommandResult::Ok);
+        assert_eq!(v.key_slots("t").expect("read"), vec![b"second".to_vec()]);
+        assert_eq!(run(&v, remove(&entries[1].id)), CommandResult::LastKeySlot);
+        // A slot added after a removal never reuses a live index.
+        assert_eq!(run(&v, add(b"third")), CommandResult::Ok);
+        assert_eq!(
+            v.key_slots("t").expect("read"),
+            vec![b"second".to_vec(), b"third".to_vec()]
+        );
+    }
+
+    #[test]
+    fn the_audit_chain_verifies_records_failures_and_catches_an_edited_entry() {
+        let v = view();
+        run(&v, Command::BootstrapToken { at: 5, node: 2, key: id(1) });
+        run(&v, audited(6, Command::RevokeToken { id: "0000000000000000".into() }));
+        run(
+            &v,
+            Command::Audit {
+                at: 7,
+                actor: actor(),
+                action: "RemoveNode".into(),
+                target: "node 4".into(),
+                result: "refused: permission denied".into(),
+            },
+        );
+        // A nested audit would chain two entries to one head: refused, recorded.
+        let nested = audited(8, Command::Audit {
+            at: 8,
+            actor: actor(),
+            action: "x".into(),
+            target: String::new(),
+            result: String::new(),
+        });
+        assert_eq!(run(&v, nested), CommandResult::AlreadyExists);
+        let entries = chain_of(&v);
+        assert_eq!(entries.len(), 4);
+        assert_eq!(verify(&entries), Ok(()));
+        assert_eq!(entries[0].action, "BootstrapToken");
+        assert_eq!(entries[1].result, "failed: unknown token");
+        assert_eq!(entries[3].result, "failed: nested audit");
+        let (seq, head) = v.audit_head().expect("head");
+        assert_eq!((seq, head.to_vec()), (4, entries[3].hash.clone()));
+        assert_eq!(v.audit_entries(2, 1).expect("page").len(), 1);
+        assert_eq!(v.audit_entries(2, 1).expect("page")[0].seq, 3);
+
+        // Someone with access to the store rewrites entry 2's result.
+        let key = audit_key(2);
+        let mut record: AuditRecord =
+            codec::decode("audit entry", &v.kv().get(&key).expect("get").expect("stored"))
+                .expect("decode");
+        record.result = "ok".into();
+        v.kv()
+            .put(&key, &codec::encode("audit entry", &record).expect("encode"))
+            .expect("put");
+        assert_eq!(
+            verify(&chain_of(&v)),
+            Err(cairn_proto::audit::ChainBreak::Altered { seq: 2 })
+        );
+        // Rehashing the edit does not help: the next entry no longer chains.
+        record.hash = cairn_proto::audit::entry_hash(&record.to_wire());
+        v.kv()
+            .put(&key, &codec::encode("audit entry", &record).expect("encode"))
+            .expect("put");
+        assert_eq!(
+            verify(&chain_of(&v)),
+            Err(cairn_proto::audit::ChainBreak::PrevMismatch { seq: 3 })
+        );
+        // Removing one is caught too.
+        v.kv().delete(&audit_key(3)).expect("delete");
+        assert_eq!(
+            verify(&chain_of(&v)),
+            Err(cairn_proto::audit::ChainBreak::Gap {
+                expected: 3,
+                found: 4
+            })
+        );
+    }
 }
