@@ -113,16 +113,41 @@ async fn wait_everywhere(addrs: &[String], token: &str, code: Option<Code>, what
     .await;
 }
 
+/// `GET /metrics` with an optional bearer token: the status line and body.
+async fn scrape(port: u16, token: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("metrics port open");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    body
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
     let dir = tempfile::tempdir().expect("tempdir");
     let token_file = dir.path().join("root-token");
     std::fs::write(&token_file, format!("{ROOT}\n")).expect("write token");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
     let cluster = LocalCluster::start_tuned(&dir.path().join("cluster"), &[1, 1, 1], "2+1", {
         let token_file = token_file.clone();
         move |node| {
             node.insecure = false;
             node.bootstrap_token_file = Some(token_file.clone());
+            if node.node_id == Some(2) {
+                node.metrics_listen = Some(([127, 0, 0, 1], metrics_port).into());
+            }
         }
     })
     .await
@@ -409,6 +434,30 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         "monitor reads data",
     );
 
+    // Metrics: a monitor or cluster-admin token, nothing else.
+    let code = |body: String| body.split_whitespace().nth(1).unwrap_or_default().to_string();
+    assert_eq!(code(scrape(metrics_port, None).await), "401");
+    assert_eq!(code(scrape(metrics_port, Some("cairn_unknown-token-000000000000")).await), "401");
+    assert_eq!(code(scrape(metrics_port, Some(&backup_b)).await), "403");
+    let page = scrape(metrics_port, Some(&monitor)).await;
+    assert_eq!(code(page.clone()), "200");
+    assert!(page.contains("cairn_raft_term"), "{page}");
+    assert_eq!(code(scrape(metrics_port, Some(ROOT)).await), "200");
+
+    // Repair is cluster-admin's; asked of a follower, it is forwarded to the
+    // leader with the caller's token and audited there.
+    denied(
+        c.repair(with(Some(&admin_a), pb::RepairRequest::default()))
+            .await,
+        "admin repairs",
+    );
+    for addr in &addrs {
+        client(addr)
+            .repair(with(Some(ROOT), pb::RepairRequest::default()))
+            .await
+            .expect("cluster-admin repairs through any node");
+    }
+
     // Key slots: add one, remove the first, never the last.
     let added = c
         .add_key_slot(with(
@@ -537,10 +586,20 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         "AddKeySlot",
         "RemoveKeySlot",
         "RevokeToken",
+        "Repair",
     ] {
         assert!(actions.contains(&action), "{action} missing from {actions:?}");
     }
     assert_eq!(actions.iter().filter(|a| **a == "BootstrapToken").count(), 1);
+    let repairs: Vec<&pb::AuditEntry> = entries.iter().filter(|e| e.action == "Repair").collect();
+    assert!(
+        repairs.iter().filter(|e| e.result.starts_with("ok")).count() == addrs.len()
+            && repairs
+                .iter()
+                .filter(|e| e.result.starts_with("ok"))
+                .all(|e| e.role == "cluster-admin"),
+        "each repair recorded once, as the cluster-admin: {repairs:?}"
+    );
     let refused: Vec<&pb::AuditEntry> = entries
         .iter()
         .filter(|e| e.result.starts_with("refused"))
