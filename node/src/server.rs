@@ -98,17 +98,19 @@ pub async fn run(
         gateway_config.repair.clone(),
     ));
     let scrub_stats = Arc::new(ScrubStats::default());
-    let gateway = Arc::new(Gateway::new(
-        config.node_id,
-        config.region.clone(),
-        gateway_config,
-        meta.clone(),
-        io,
-        liveness.clone(),
-        repairer.clone(),
-        scrub_stats.clone(),
-    )
-    .secured(config.security.insecure));
+    let gateway = Arc::new(
+        Gateway::new(
+            config.node_id,
+            config.region.clone(),
+            gateway_config,
+            meta.clone(),
+            io,
+            liveness.clone(),
+            repairer.clone(),
+            scrub_stats.clone(),
+        )
+        .secured(config.security.insecure),
+    );
     let shards = ShardService::new(store.clone(), config.node_id).with_scrub(scrub_stats.clone());
 
     // Background workers, each with a name, an owner (this function) and a

@@ -153,7 +153,13 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
     .await
     .expect("cluster");
     let addrs = cluster.addrs();
-    wait_everywhere(&addrs, ROOT, None, "the bootstrap token works on every node").await;
+    wait_everywhere(
+        &addrs,
+        ROOT,
+        None,
+        "the bootstrap token works on every node",
+    )
+    .await;
     let mut c = client(&addrs[0]);
 
     // No credential, a malformed one, an unknown one.
@@ -164,7 +170,10 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
     assert_eq!(status.code(), Code::Unauthenticated);
     assert!(status.message().contains("needs a token"), "{status:?}");
     let status = c
-        .cluster_status(with(Some("cairn_not-a-token-of-this-cluster"), pb::ClusterStatusRequest {}))
+        .cluster_status(with(
+            Some("cairn_not-a-token-of-this-cluster"),
+            pb::ClusterStatusRequest {},
+        ))
         .await
         .expect_err("unknown token");
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -175,7 +184,10 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         .await
         .expect("whoami")
         .into_inner();
-    assert_eq!((who.role.as_str(), who.tenant.as_str(), who.insecure), ("cluster-admin", "", false));
+    assert_eq!(
+        (who.role.as_str(), who.tenant.as_str(), who.insecure),
+        ("cluster-admin", "", false)
+    );
 
     // An admin token for a tenant that does not exist yet initializes it.
     let (admin_a, _) = create(&mut c, ROOT, "admin", "alpha", 0).await;
@@ -406,7 +418,10 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         .await
         .expect("beta locates")
         .into_inner();
-    assert!(!located.locations[0].found, "alpha's blob is invisible to beta");
+    assert!(
+        !located.locations[0].found,
+        "alpha's blob is invisible to beta"
+    );
 
     // Monitor: status yes, tenant data no.
     c.cluster_status(with(Some(&monitor), pb::ClusterStatusRequest {}))
@@ -435,9 +450,17 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
     );
 
     // Metrics: a monitor or cluster-admin token, nothing else.
-    let code = |body: String| body.split_whitespace().nth(1).unwrap_or_default().to_string();
+    let code = |body: String| {
+        body.split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    };
     assert_eq!(code(scrape(metrics_port, None).await), "401");
-    assert_eq!(code(scrape(metrics_port, Some("cairn_unknown-token-000000000000")).await), "401");
+    assert_eq!(
+        code(scrape(metrics_port, Some("cairn_unknown-token-000000000000")).await),
+        "401"
+    );
     assert_eq!(code(scrape(metrics_port, Some(&backup_b)).await), "403");
     let page = scrape(metrics_port, Some(&monitor)).await;
     assert_eq!(code(page.clone()), "200");
@@ -494,7 +517,10 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         .expect("slots")
         .into_inner();
     assert_eq!(slots.key_slots, vec![b"slot-two".to_vec()]);
-    assert!(slots.slots.iter().all(|s| s.id != first), "removed slot is gone");
+    assert!(
+        slots.slots.iter().all(|s| s.id != first),
+        "removed slot is gone"
+    );
     let status = c
         .remove_key_slot(with(
             Some(&admin_a),
@@ -513,7 +539,10 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         .await
         .expect("admin lists")
         .into_inner();
-    assert!(listed.tokens.iter().all(|t| t.tenant == "alpha"), "{listed:?}");
+    assert!(
+        listed.tokens.iter().all(|t| t.tenant == "alpha"),
+        "{listed:?}"
+    );
     assert!(listed.tokens.iter().any(|t| t.id == backup_a_id));
     denied(
         c.revoke_token(with(
@@ -543,9 +572,21 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
     ))
     .await
     .expect("admin revokes its backup token");
-    wait_everywhere(&addrs, &backup_a, Some(Code::Unauthenticated), "revoked everywhere").await;
+    wait_everywhere(
+        &addrs,
+        &backup_a,
+        Some(Code::Unauthenticated),
+        "revoked everywhere",
+    )
+    .await;
     let (short, _) = create(&mut c, ROOT, "restore", "alpha", 1).await;
-    wait_everywhere(&addrs, &short, Some(Code::Unauthenticated), "expired everywhere").await;
+    wait_everywhere(
+        &addrs,
+        &short,
+        Some(Code::Unauthenticated),
+        "expired everywhere",
+    )
+    .await;
 
     // The audit log: cluster-admin only, a verified chain, every change in it.
     denied(
@@ -588,12 +629,22 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         "RevokeToken",
         "Repair",
     ] {
-        assert!(actions.contains(&action), "{action} missing from {actions:?}");
+        assert!(
+            actions.contains(&action),
+            "{action} missing from {actions:?}"
+        );
     }
-    assert_eq!(actions.iter().filter(|a| **a == "BootstrapToken").count(), 1);
+    assert_eq!(
+        actions.iter().filter(|a| **a == "BootstrapToken").count(),
+        1
+    );
     let repairs: Vec<&pb::AuditEntry> = entries.iter().filter(|e| e.action == "Repair").collect();
     assert!(
-        repairs.iter().filter(|e| e.result.starts_with("ok")).count() == addrs.len()
+        repairs
+            .iter()
+            .filter(|e| e.result.starts_with("ok"))
+            .count()
+            == addrs.len()
             && repairs
                 .iter()
                 .filter(|e| e.result.starts_with("ok"))
@@ -618,11 +669,21 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         .iter()
         .find(|e| e.action == "CommitSnapshot")
         .expect("commit");
-    assert_eq!((commit.role.as_str(), commit.result.as_str()), ("backup", "ok"));
-    assert!(entries.windows(2).all(|w| w[0].time_unix_ms <= w[1].time_unix_ms));
+    assert_eq!(
+        (commit.role.as_str(), commit.result.as_str()),
+        ("backup", "ok")
+    );
+    assert!(
+        entries
+            .windows(2)
+            .all(|w| w[0].time_unix_ms <= w[1].time_unix_ms)
+    );
     for entry in &entries {
         for secret in [ROOT, &backup_a, &admin_a] {
-            assert!(!format!("{entry:?}").contains(secret), "a secret in {entry:?}");
+            assert!(
+                !format!("{entry:?}").contains(secret),
+                "a secret in {entry:?}"
+            );
         }
     }
 

@@ -132,6 +132,11 @@ mod tests {
         assert!(read_bootstrap_file(&path).is_err());
         let missing = read_bootstrap_file(&dir.path().join("absent"));
         assert!(matches!(missing, Err(BootstrapFileError::Read(_))));
-        assert!(!missing.unwrap_err().to_string().contains("absent"));
+        assert!(
+            !missing
+                .expect_err("missing file")
+                .to_string()
+                .contains("absent")
+        );
     }
 }

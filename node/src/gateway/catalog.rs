@@ -40,10 +40,7 @@ impl Gateway {
         check_name(&req.tenant, "tenant")?;
         check_key_slot(&req.key_slot)?;
         let tenant = req.tenant.clone();
-        let target = format!(
-            "tenant {tenant}, key slot {}",
-            key_slot_id(&req.key_slot)
-        );
+        let target = format!("tenant {tenant}, key slot {}", key_slot_id(&req.key_slot));
         let cmd = Command::InitTenant {
             tenant: req.tenant,
             key_slot: req.key_slot,

@@ -313,9 +313,7 @@ impl Cairn for Gateway {
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenReply>, Status> {
         let caller = Caller::of(&request)?;
-        let outcome = self
-            .create_token_inner(request.into_inner(), &caller)
-            .await;
+        let outcome = self.create_token_inner(request.into_inner(), &caller).await;
         self.answer_for(&caller, Op::CreateToken, outcome)
     }
 
@@ -332,10 +330,7 @@ impl Cairn for Gateway {
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenReply>, Status> {
         let (caller, _) = self.admit(&request, Op::RevokeToken, "")?;
-        self.answer(
-            self.revoke_token_inner(request.into_inner(), &caller)
-                .await,
-        )
+        self.answer(self.revoke_token_inner(request.into_inner(), &caller).await)
     }
 
     async fn add_key_slot(

@@ -332,8 +332,7 @@ impl StateView {
 
     /// The tenant's key slots with their ids and times, in slot order.
     pub fn key_slot_entries(&self, tenant: &str) -> Result<Vec<KeySlotEntry>, StateError> {
-        Ok(self
-            .indexed_key_slots(tenant)?
+        self.indexed_key_slots(tenant)?
             .into_iter()
             .map(|(index, slot)| {
                 let created_unix_ms = self
@@ -345,7 +344,7 @@ impl StateView {
                     created_unix_ms,
                 })
             })
-            .collect::<Result<_, _>>()?)
+            .collect()
     }
 
     /// The tenant's key slots with their index in the key.
@@ -388,7 +387,11 @@ impl StateView {
     }
 
     /// Up to `limit` audit entries with seq greater than `after_seq`, oldest first.
-    pub fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditRecord>, StateError> {
+    pub fn audit_entries(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StateError> {
         let start = audit_key(after_seq.saturating_add(1));
         let end = [AUDIT + 1];
         if after_seq == u64::MAX {
@@ -1155,7 +1158,9 @@ mod tests {
             .collect()
     }
 
-    fn verify(entries: &[cairn_proto::v1::AuditEntry]) -> Result<(), cairn_proto::audit::ChainBreak> {
+    fn verify(
+        entries: &[cairn_proto::v1::AuditEntry],
+    ) -> Result<(), cairn_proto::audit::ChainBreak> {
         let mut verifier = cairn_proto::audit::ChainVerifier::default();
         entries.iter().try_for_each(|e| verifier.push(e))
     }
@@ -1195,7 +1200,10 @@ mod tests {
         let revoke = |id: &str| Command::RevokeToken { id: id.into() };
         assert_eq!(run(&v, revoke(&backup.id)), CommandResult::Ok);
         assert_eq!(run(&v, revoke(&backup.id)), CommandResult::AlreadyExists);
-        assert_eq!(run(&v, revoke("ffffffffffffffff")), CommandResult::UnknownToken);
+        assert_eq!(
+            run(&v, revoke("ffffffffffffffff")),
+            CommandResult::UnknownToken
+        );
         assert!(!v.token(&id(3)).expect("read").expect("kept").usable_at(0));
         assert_eq!(v.tokens().expect("read").len(), 2);
         assert_eq!(v.clock().expect("clock"), 1_000);
@@ -1233,7 +1241,10 @@ mod tests {
             tenant: "t".into(),
             id: id.into(),
         };
-        assert_eq!(run(&v, remove("0000000000000000")), CommandResult::UnknownKeySlot);
+        assert_eq!(
+            run(&v, remove("0000000000000000")),
+            CommandResult::UnknownKeySlot
+        );
         assert_eq!(run(&v, remove(&entries[0].id)), CommandResult::Ok);
         assert_eq!(v.key_slots("t").expect("read"), vec![b"second".to_vec()]);
         assert_eq!(run(&v, remove(&entries[1].id)), CommandResult::LastKeySlot);
@@ -1248,8 +1259,23 @@ mod tests {
     #[test]
     fn the_audit_chain_verifies_records_failures_and_catches_an_edited_entry() {
         let v = view();
-        run(&v, Command::BootstrapToken { at: 5, node: 2, key: id(1) });
-        run(&v, audited(6, Command::RevokeToken { id: "0000000000000000".into() }));
+        run(
+            &v,
+            Command::BootstrapToken {
+                at: 5,
+                node: 2,
+                key: id(1),
+            },
+        );
+        run(
+            &v,
+            audited(
+                6,
+                Command::RevokeToken {
+                    id: "0000000000000000".into(),
+                },
+            ),
+        );
         run(
             &v,
             Command::Audit {
@@ -1261,13 +1287,16 @@ mod tests {
             },
         );
         // A nested audit would chain two entries to one head: refused, recorded.
-        let nested = audited(8, Command::Audit {
-            at: 8,
-            actor: actor(),
-            action: "x".into(),
-            target: String::new(),
-            result: String::new(),
-        });
+        let nested = audited(
+            8,
+            Command::Audit {
+                at: 8,
+                actor: actor(),
+                action: "x".into(),
+                target: String::new(),
+                result: String::new(),
+            },
+        );
         assert_eq!(run(&v, nested), CommandResult::AlreadyExists);
         let entries = chain_of(&v);
         assert_eq!(entries.len(), 4);
@@ -1282,12 +1311,17 @@ mod tests {
 
         // Someone with access to the store rewrites entry 2's result.
         let key = audit_key(2);
-        let mut record: AuditRecord =
-            codec::decode("audit entry", &v.kv().get(&key).expect("get").expect("stored"))
-                .expect("decode");
+        let mut record: AuditRecord = codec::decode(
+            "audit entry",
+            &v.kv().get(&key).expect("get").expect("stored"),
+        )
+        .expect("decode");
         record.result = "ok".into();
         v.kv()
-            .put(&key, &codec::encode("audit entry", &record).expect("encode"))
+            .put(
+                &key,
+                &codec::encode("audit entry", &record).expect("encode"),
+            )
             .expect("put");
         assert_eq!(
             verify(&chain_of(&v)),
@@ -1296,7 +1330,10 @@ mod tests {
         // Rehashing the edit does not help: the next entry no longer chains.
         record.hash = cairn_proto::audit::entry_hash(&record.to_wire());
         v.kv()
-            .put(&key, &codec::encode("audit entry", &record).expect("encode"))
+            .put(
+                &key,
+                &codec::encode("audit entry", &record).expect("encode"),
+            )
             .expect("put");
         assert_eq!(
             verify(&chain_of(&v)),
