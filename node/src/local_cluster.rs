@@ -273,6 +273,18 @@ impl LocalCluster {
             let mut client = CairnClient::new(channel);
             let mut request = tonic::Request::new(ClusterStatusRequest {});
             request.set_timeout(Duration::from_secs(5));
+            // A cluster with authentication on: ask with its bootstrap token.
+            if let Some(token) = self
+                .template
+                .bootstrap_token_file
+                .as_deref()
+                .and_then(|path| {
+                    let token = crate::auth::token::read_bootstrap_file(path).ok()?;
+                    format!("Bearer {token}").parse().ok()
+                })
+            {
+                request.metadata_mut().insert("authorization", token);
+            }
             match client.cluster_status(request).await {
                 Ok(reply) => return Ok(reply.into_inner()),
                 Err(status) => last = format!("node {id}: {}", status.message()),

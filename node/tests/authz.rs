@@ -152,6 +152,11 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
     })
     .await
     .expect("cluster");
+    // Status calls of the harness carry the bootstrap token.
+    cluster
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready");
     let addrs = cluster.addrs();
     wait_everywhere(
         &addrs,

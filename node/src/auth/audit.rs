@@ -46,10 +46,37 @@ pub fn anonymous(token_id: Option<String>) -> Actor {
     }
 }
 
+/// A token bucket over refusals: [`REFUSALS_BURST`] at once, then
+/// [`REFUSALS_PER_SECOND`]; counts what it turns away.
 struct Bucket {
     tokens: f64,
     refilled: Instant,
     suppressed: u64,
+}
+
+impl Bucket {
+    fn new(now: Instant) -> Self {
+        Self {
+            tokens: REFUSALS_BURST,
+            refilled: now,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(refusals turned away since the last admitted one)` if one more
+    /// may be recorded at `now`.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        let refill =
+            now.saturating_duration_since(self.refilled).as_secs_f64() * REFUSALS_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(REFUSALS_BURST);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            self.suppressed += 1;
+            return None;
+        }
+        self.tokens -= 1.0;
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 /// Writes audit entries for this node's requests.
@@ -62,28 +89,17 @@ impl Auditor {
     pub fn new(meta: Meta) -> Self {
         Self {
             meta,
-            bucket: Mutex::new(Bucket {
-                tokens: REFUSALS_BURST,
-                refilled: Instant::now(),
-                suppressed: 0,
-            }),
+            bucket: Mutex::new(Bucket::new(Instant::now())),
         }
     }
 
     /// Takes one refusal from the bucket: `Some(suppressed since the last
     /// recorded one)` if this one may be recorded.
     fn admit(&self) -> Option<u64> {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let refill = now.duration_since(bucket.refilled).as_secs_f64() * REFUSALS_PER_SECOND;
-        bucket.tokens = (bucket.tokens + refill).min(REFUSALS_BURST);
-        bucket.refilled = now;
-        if bucket.tokens < 1.0 {
-            bucket.suppressed += 1;
-            return None;
-        }
-        bucket.tokens -= 1.0;
-        Some(std::mem::take(&mut bucket.suppressed))
+        self.bucket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now())
     }
 
     /// Records a refused call without making the caller wait for the commit
@@ -132,5 +148,47 @@ impl Auditor {
             })
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_flood_of_refusals_is_bounded_and_counted() {
+        let start = Instant::now();
+        let mut bucket = Bucket::new(start);
+        let admitted = (0..1000).filter(|_| bucket.admit(start).is_some()).count();
+        assert_eq!(admitted, REFUSALS_BURST as usize);
+        // Half a second later: one more, carrying the count of the rest.
+        let later = start + Duration::from_millis(500);
+        assert_eq!(bucket.admit(later), Some(1000 - admitted as u64));
+        assert_eq!(bucket.admit(later), None);
+        assert_eq!(
+            bucket.admit(later + Duration::from_secs(1)),
+            Some(1),
+            "the count restarts after it was reported"
+        );
+    }
+
+    #[test]
+    fn actors_carry_ids_never_secrets() {
+        let actor = actor_of(&Caller::Token {
+            id: "0011223344556677".into(),
+            role: crate::auth::Role::Backup,
+            tenant: Some("t".into()),
+        });
+        assert_eq!(
+            (
+                actor.kind.as_str(),
+                actor.role.as_str(),
+                actor.tenant.as_str()
+            ),
+            ("token", "backup", "t")
+        );
+        assert_eq!(actor_of(&Caller::Node(4)).node_id, 4);
     }
 }
