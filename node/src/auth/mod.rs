@@ -3,6 +3,11 @@
 //! clients present a bearer token bound to a role and (but for cluster-wide
 //! roles) a tenant. Handlers decide on a [`Caller`], never on what a request
 //! claims about itself.
+//!
+//! `token` (generation, hashing, the bootstrap file), `layer` (caller
+//! resolution in front of the Cairn service, before decoding),
+//! `permission` (the role table and the tenant a call acts on), `audit`
+//! (actors and rate-limited refusal records).
 
 use std::fmt;
 use std::str::FromStr;

@@ -2,6 +2,18 @@
 //! operation to allowed or refused, and the tenant a request acts on. The
 //! tenant of a tenant-bound token always wins over what the request names;
 //! a request naming another tenant is refused without echoing that name.
+//!
+//! Decisions the design table leaves open:
+//! - an `admin` creates `admin`, `backup`, `restore` and `monitor` tokens of
+//!   its own tenant (never `cluster-admin`, never cluster-wide ones), lists
+//!   and revokes its tenant's tokens only (another tenant's are "not found");
+//! - `admin` and `monitor` may read `cluster status`; `backup` and `restore`
+//!   may not;
+//! - nodes may report faults and send the calls a gateway forwards to the
+//!   leader (`Repair`, `RemoveNode`, `ReportFaults`); a forwarded call also
+//!   carries the caller's token, so the leader authorizes and audits it as
+//!   that caller;
+//! - the audit log is for `cluster-admin` only.
 
 use super::{Caller, Role};
 
