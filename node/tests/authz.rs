@@ -2,9 +2,12 @@
 //! authentication on (no TLS here: callers are told apart by their tokens).
 //! Raw gRPC with the `authorization` header, not the SDK.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_node::kv::KvStore;
 use cairn_node::local_cluster::{LocalCluster, wait_until};
+use cairn_node::meta::state::StateView;
 use cairn_proto::audit::ChainVerifier;
 use cairn_proto::transport::lazy_channel;
 use cairn_proto::v1 as pb;
@@ -692,5 +695,37 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         }
     }
 
+    // On a stopped node, someone with the disk rewrites an entry through the
+    // store: the chain no longer verifies.
+    let meta_dir = cluster.data_dir(2).join("meta");
     cluster.shutdown().await.expect("shutdown");
+    let db = cairn_node::kv::SledDb::open(&meta_dir).expect("open the stopped node's store");
+    let view =
+        StateView::open(Arc::new(db.tree("raft_state").expect("state tree"))).expect("state");
+    let stored = view.audit_entries(0, 100_000).expect("entries");
+    assert!(stored.len() >= entries.len());
+    let verify = |view: &StateView| {
+        let mut verifier = ChainVerifier::default();
+        view.audit_entries(0, 100_000)
+            .expect("entries")
+            .iter()
+            .try_for_each(|e| verifier.push(&e.to_wire()))
+    };
+    assert_eq!(verify(&view), Ok(()));
+    let target = stored
+        .iter()
+        .find(|e| e.result.starts_with("refused"))
+        .expect("a refusal");
+    let mut edited = target.clone();
+    edited.result = "ok".into();
+    view.kv()
+        .put(
+            &cairn_node::meta::state::audit_key(edited.seq),
+            &cairn_node::meta::codec::encode("audit entry", &edited).expect("encode"),
+        )
+        .expect("put");
+    assert_eq!(
+        verify(&view),
+        Err(cairn_proto::audit::ChainBreak::Altered { seq: edited.seq })
+    );
 }
