@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_node::kv::KvStore;
 use cairn_node::local_cluster::{LocalCluster, wait_until};
 use cairn_node::meta::state::StateView;
 use cairn_proto::audit::ChainVerifier;
