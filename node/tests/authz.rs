@@ -728,3 +728,41 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         Err(cairn_proto::audit::ChainBreak::Altered { seq: edited.seq })
     );
 }
+
+#[tokio::test]
+async fn a_missing_or_malformed_bootstrap_token_file_is_a_start_error() {
+    use cairn_node::config::{NodeConfig, NodeFile};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let short = dir.path().join("short-token");
+    std::fs::write(&short, "too-short\n").expect("write");
+    for (file, expected) in [
+        (dir.path().join("absent-token"), "cannot be read"),
+        (short, "must hold one token"),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = NodeConfig::from_file(NodeFile {
+            node_id: Some(1),
+            region: Some("r1".into()),
+            listen: Some(addr),
+            data_dir: Some(dir.path().join("node-1")),
+            initial_cluster: Some(format!("1=r1@{addr},2=r2@127.0.0.1:1,3=r3@127.0.0.1:2")),
+            erasure: Some("2+1".into()),
+            bootstrap_token_file: Some(file.clone()),
+            ..NodeFile::default()
+        })
+        .expect("config");
+        let error = cairn_node::server::run(config, listener, std::future::pending())
+            .await
+            .expect_err("refused to start");
+        let message = error.to_string();
+        assert!(message.contains(expected), "{message}");
+        assert!(
+            !message.contains(&*dir.path().to_string_lossy()),
+            "no path in {message}"
+        );
+        assert!(!dir.path().join("node-1").exists(), "nothing opened");
+    }
+}
