@@ -187,6 +187,10 @@ pub fn authorize(caller: &Caller, op: Op, requested: &str) -> Result<String, Den
                 return Err(Denied(format!("a {role} token may not call {}", op.name())));
             }
             match tenant {
+                // "No tenant data": not even a per-tenant pack count.
+                None if *role == Role::Monitor && !requested.is_empty() => Err(Denied(
+                    "a cluster-wide monitor token sees no tenant's data".into(),
+                )),
                 None => Ok(requested.to_string()),
                 Some(own) if requested.is_empty() || requested == own => Ok(own.clone()),
                 Some(_) => Err(Denied(
@@ -284,6 +288,7 @@ mod tests {
         assert!(authorize(&monitor, Op::ClusterStatus, "").is_ok());
         assert!(authorize(&monitor, Op::CheckPacks { read_data: false }, "").is_ok());
         assert!(authorize(&monitor, Op::CheckPacks { read_data: true }, "").is_err());
+        assert!(authorize(&monitor, Op::CheckPacks { read_data: false }, "a").is_err());
         assert!(authorize(&monitor, Op::GetKeySlots, "a").is_err());
         let node = Caller::Node(3);
         assert!(authorize(&node, Op::ReportFaults, "").is_ok());
