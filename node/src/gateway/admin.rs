@@ -316,8 +316,7 @@ impl Gateway {
             created_by,
         };
         match self
-            .meta
-            .write(super::catalog::audited(caller, "CreateToken", target, cmd))
+            .write_audited(caller, "CreateToken", target, cmd)
             .await?
         {
             CommandResult::Ok => {}
@@ -382,13 +381,7 @@ impl Gateway {
         }
         let cmd = Command::RevokeToken { id: id.clone() };
         match self
-            .meta
-            .write(super::catalog::audited(
-                caller,
-                "RevokeToken",
-                format!("token {id}"),
-                cmd,
-            ))
+            .write_audited(caller, "RevokeToken", format!("token {id}"), cmd)
             .await?
         {
             CommandResult::UnknownToken => Err(not_found()),

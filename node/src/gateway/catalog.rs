@@ -24,6 +24,27 @@ pub(super) fn audited(caller: &Caller, action: &str, target: String, cmd: Comman
     }
 }
 
+impl Gateway {
+    /// Proposes `cmd` with its audit entry; a token revoked or expired by
+    /// the time the entry applies is refused there ([`CommandResult::ActorRefused`]).
+    pub(super) async fn write_audited(
+        &self,
+        caller: &Caller,
+        action: &str,
+        target: String,
+        cmd: Command,
+    ) -> Result<CommandResult, GatewayError> {
+        match self
+            .meta
+            .write(audited(caller, action, target, cmd))
+            .await?
+        {
+            CommandResult::ActorRefused => Err(GatewayError::Unauthenticated),
+            other => Ok(other),
+        }
+    }
+}
+
 fn check_key_slot(slot: &[u8]) -> Result<(), GatewayError> {
     if slot.is_empty() || slot.len() > KEY_SLOT_BYTES_MAX {
         return Err(invalid("key slot must be 1 byte to 64 KiB"));
@@ -46,8 +67,7 @@ impl Gateway {
             key_slot: req.key_slot,
         };
         match self
-            .meta
-            .write(audited(caller, "InitTenant", target, cmd))
+            .write_audited(caller, "InitTenant", target, cmd)
             .await?
         {
             CommandResult::AlreadyExists => Err(GatewayError::AlreadyExists {
@@ -91,8 +111,7 @@ impl Gateway {
             key_slot: req.key_slot,
         };
         match self
-            .meta
-            .write(audited(caller, "AddKeySlot", target, cmd))
+            .write_audited(caller, "AddKeySlot", target, cmd)
             .await?
         {
             CommandResult::UnknownTenant => Err(GatewayError::NotFound {
@@ -121,8 +140,7 @@ impl Gateway {
             id: id.clone(),
         };
         match self
-            .meta
-            .write(audited(caller, "RemoveKeySlot", target, cmd))
+            .write_audited(caller, "RemoveKeySlot", target, cmd)
             .await?
         {
             CommandResult::UnknownTenant | CommandResult::UnknownKeySlot => {
@@ -206,8 +224,7 @@ impl Gateway {
             snapshot,
         };
         match self
-            .meta
-            .write(audited(caller, "CommitSnapshot", target, cmd))
+            .write_audited(caller, "CommitSnapshot", target, cmd)
             .await?
         {
             CommandResult::MissingRootTree => Err(GatewayError::MissingRootTree { tree }),

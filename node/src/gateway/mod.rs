@@ -64,6 +64,8 @@ pub enum GatewayError {
     AlreadyExists { what: String },
     #[error("{what}")]
     Precondition { what: String },
+    #[error("token unknown, revoked or expired")]
+    Unauthenticated,
     #[error(transparent)]
     Denied(#[from] crate::auth::permission::Denied),
     #[error("snapshot refused: its root tree {tree} is not stored; upload it first")]
@@ -121,6 +123,7 @@ impl GatewayError {
             GatewayError::NotFound { .. } => Status::not_found(message),
             GatewayError::AlreadyExists { .. } => Status::already_exists(message),
             GatewayError::Precondition { .. } => Status::failed_precondition(message),
+            GatewayError::Unauthenticated => Status::unauthenticated(message),
             GatewayError::Denied(_) => Status::permission_denied(message),
             GatewayError::MissingRootTree { .. } => Status::failed_precondition(message),
             GatewayError::AddRefused(refused) if refused.is_bad_request() => {

@@ -500,6 +500,15 @@ fn put_token(batch: &mut WriteBatch, key: &Id32, record: &TokenRecord) -> Result
     Ok(())
 }
 
+/// Whether the token with public id `id` exists, is unrevoked and unexpired
+/// at cluster time `now`.
+fn token_usable(view: &StateView, id: &str, now: i64) -> Result<bool, StateError> {
+    Ok(view
+        .tokens()?
+        .iter()
+        .any(|t| t.id == id && t.usable_at(now)))
+}
+
 fn apply_at(
     view: &StateView,
     cmd: &Command,
@@ -746,6 +755,9 @@ fn apply_at(
             // two entries to the same head: refused, and recorded as such.
             let (result, text) = if inner.stamped().is_some() {
                 (CommandResult::AlreadyExists, "failed: nested audit")
+            } else if actor.kind == "token" && !token_usable(view, &actor.token_id, now)? {
+                let refused = CommandResult::ActorRefused;
+                (refused.clone(), refused.audit_text())
             } else {
                 let result = apply_at(view, inner, now, batch, stats)?;
                 let text = result.audit_text();
@@ -1130,13 +1142,12 @@ mod tests {
         ));
     }
 
+    /// A node actor: no token to be checked when its entries apply.
     fn actor() -> Actor {
         Actor {
-            kind: "token".into(),
-            token_id: "00112233aabbccdd".into(),
-            role: "admin".into(),
-            tenant: "t".into(),
-            node_id: 0,
+            kind: "node".into(),
+            node_id: 3,
+            ..Actor::default()
         }
     }
 
@@ -1207,6 +1218,64 @@ mod tests {
         assert!(!v.token(&id(3)).expect("read").expect("kept").usable_at(0));
         assert_eq!(v.tokens().expect("read").len(), 2);
         assert_eq!(v.clock().expect("clock"), 1_000);
+    }
+
+    #[test]
+    fn a_revoked_or_expired_token_changes_nothing_once_its_revocation_is_applied() {
+        let v = view();
+        let key = id(4);
+        let create = Command::CreateToken {
+            key,
+            role: Role::Admin,
+            tenant: Some("t".into()),
+            ttl_ms: 1_000,
+            label: String::new(),
+            created_by: String::new(),
+        };
+        run(&v, audited(100, create));
+        let actor = Actor {
+            kind: "token".into(),
+            token_id: token_id(&key),
+            role: "admin".into(),
+            tenant: "t".into(),
+            node_id: 0,
+        };
+        let init = |at| Command::Audited {
+            at,
+            actor: actor.clone(),
+            action: "InitTenant".into(),
+            target: "tenant t".into(),
+            cmd: Box::new(Command::InitTenant {
+                tenant: "t".into(),
+                key_slot: b"s".to_vec(),
+            }),
+        };
+        // Expired at 1_100 (created at 100 with a 1 s lifetime).
+        assert_eq!(run(&v, init(1_100)), CommandResult::ActorRefused);
+        assert!(v.key_slots("t").expect("read").is_empty());
+        let v = view();
+        run(
+            &v,
+            audited(
+                100,
+                Command::CreateToken {
+                    key,
+                    role: Role::Admin,
+                    tenant: Some("t".into()),
+                    ttl_ms: 0,
+                    label: String::new(),
+                    created_by: String::new(),
+                },
+            ),
+        );
+        run(&v, Command::RevokeToken { id: token_id(&key) });
+        assert_eq!(run(&v, init(200)), CommandResult::ActorRefused);
+        assert!(v.key_slots("t").expect("read").is_empty());
+        let entries = chain_of(&v);
+        assert_eq!(
+            entries.last().map(|e| e.result.as_str()),
+            Some("refused: token unknown, revoked or expired")
+        );
     }
 
     #[test]

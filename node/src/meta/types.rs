@@ -297,6 +297,11 @@ pub enum CommandResult {
     UnknownKeySlot,
     /// `RemoveKeySlot` of the tenant's only slot: nothing could unlock it after.
     LastKeySlot,
+    /// `Audited` on behalf of a token that is unknown, revoked or expired
+    /// when the entry applies: `cmd` is not applied. A revocation, once
+    /// committed, stops every later change made with the token, whatever
+    /// node's (possibly lagging) state let the call in.
+    ActorRefused,
 }
 
 impl CommandResult {
@@ -312,6 +317,7 @@ impl CommandResult {
             CommandResult::UnknownTenant => "failed: tenant not initialized",
             CommandResult::UnknownKeySlot => "failed: unknown key slot",
             CommandResult::LastKeySlot => "failed: the last key slot cannot be removed",
+            CommandResult::ActorRefused => "refused: token unknown, revoked or expired",
         }
     }
 }
