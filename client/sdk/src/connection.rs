@@ -13,10 +13,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cairn_proto::MAX_MESSAGE_BYTES;
+use cairn_proto::transport::DialTls;
 use cairn_proto::v1::cairn_client::CairnClient;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::debug;
+use zeroize::Zeroizing;
 
 use crate::error::{ClientError, Result};
 
@@ -30,9 +35,110 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// this only covers a node's view lagging a recovery by a probe or two.
 pub const QUORUM_GRACE: Duration = Duration::from_secs(2);
 
+/// Metadata key of the bearer token.
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+
+/// The gRPC client every call gets: the generated one behind the
+/// [`Credentials`] interceptor.
+pub type Client = CairnClient<InterceptedService<Channel, Credentials>>;
+
+/// The bearer token added to every call (none on an `--insecure` cluster).
+///
+/// The secret is kept in a [`Zeroizing`] string, wiped when the last clone
+/// is dropped; `Debug` never prints it, and each request's header is marked
+/// sensitive so HTTP/2 never puts it in its compression table.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    token: Option<std::sync::Arc<Zeroizing<String>>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.token {
+            Some(_) => f.write_str("Credentials(token <redacted>)"),
+            None => f.write_str("Credentials(none)"),
+        }
+    }
+}
+
+impl Credentials {
+    /// A bearer token; surrounding whitespace (a token file's newline) is
+    /// dropped. Refused if empty or not printable ASCII (the error never
+    /// quotes the token).
+    pub fn token(token: Zeroizing<String>) -> Result<Self> {
+        let trimmed = token.trim();
+        if trimmed.is_empty() {
+            return Err(ClientError::BadToken {
+                reason: "it is empty",
+            });
+        }
+        if !trimmed.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ClientError::BadToken {
+                reason: "it must be printable ASCII without spaces",
+            });
+        }
+        let token = if trimmed.len() == token.len() {
+            token
+        } else {
+            Zeroizing::new(trimmed.to_string())
+        };
+        Ok(Self {
+            token: Some(std::sync::Arc::new(token)),
+        })
+    }
+
+    /// Whether a token is presented.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    fn header(&self) -> Option<AsciiMetadataValue> {
+        let token = self.token.as_ref()?;
+        let text = Zeroizing::new(format!("Bearer {}", token.as_str()));
+        // Checked printable ASCII in `Credentials::token`, so this parses.
+        let mut value: AsciiMetadataValue = MetadataValue::try_from(text.as_str()).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        if let Some(value) = self.header() {
+            request.metadata_mut().insert(AUTHORIZATION_HEADER, value);
+        }
+        Ok(request)
+    }
+}
+
+/// How to reach and authenticate to a cluster, beyond its addresses.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOptions {
+    /// The cluster CA (PEM) node certificates must chain to; `None` speaks
+    /// plaintext, which only an `--insecure` cluster accepts.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The bearer token presented on every call.
+    pub credentials: Credentials,
+}
+
+impl ClusterOptions {
+    /// Speak TLS, trusting node certificates signed by this CA (PEM).
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Present this bearer token (see [`Credentials::token`]).
+    pub fn token(mut self, token: impl Into<String>) -> Result<Self> {
+        self.credentials = Credentials::token(Zeroizing::new(token.into()))?;
+        Ok(self)
+    }
+}
+
 /// Connections to every configured node.
 pub struct Cluster {
     endpoints: Vec<(String, Channel)>,
+    credentials: Credentials,
     preferred: AtomicUsize,
     budget: Duration,
     /// How many leading endpoints share spread-out work (the client's own
@@ -42,15 +148,24 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Prepares channels to `addrs` (`host:port`); nothing connects yet.
+    /// Prepares plaintext channels to `addrs` (`host:port`), without a
+    /// token: for `--insecure` clusters. Nothing connects yet.
     pub fn new(addrs: &[String]) -> Result<Self> {
+        Self::with_options(addrs, ClusterOptions::default())
+    }
+
+    /// Prepares channels to `addrs` with TLS and a token as `options` say.
+    /// Nothing connects yet.
+    pub fn with_options(addrs: &[String], options: ClusterOptions) -> Result<Self> {
+        let tls = options.ca_pem.as_ref().map(DialTls::new);
         let mut endpoints = Vec::new();
         for addr in addrs.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
-            let channel = cairn_proto::transport::lazy_channel(addr, Duration::from_secs(2), None)
-                .map_err(|e| ClientError::BadAddress {
-                    addr: addr.to_string(),
-                    reason: e.to_string(),
-                })?;
+            let channel =
+                cairn_proto::transport::lazy_channel(addr, Duration::from_secs(2), tls.as_ref())
+                    .map_err(|e| ClientError::BadAddress {
+                        addr: addr.to_string(),
+                        reason: crate::error::error_chain(&e),
+                    })?;
             endpoints.push((addr.to_string(), channel));
         }
         if endpoints.is_empty() {
@@ -59,6 +174,7 @@ impl Cluster {
         let spread_over = endpoints.len();
         Ok(Self {
             endpoints,
+            credentials: options.credentials,
             preferred: AtomicUsize::new(0),
             budget: FAILOVER_BUDGET,
             spread_over,
@@ -108,7 +224,7 @@ impl Cluster {
     /// errors and `Unavailable`, for at most the failover budget.
     pub async fn call<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T>
     where
-        F: Fn(CairnClient<Channel>) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let start = self.preferred.load(Ordering::Relaxed);
@@ -119,7 +235,7 @@ impl Cluster {
     /// nodes of the preferred group, so bulk reads use several gateways.
     pub async fn call_spread<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T>
     where
-        F: Fn(CairnClient<Channel>) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let turn = self.next_spread.fetch_add(1, Ordering::Relaxed);
@@ -129,7 +245,7 @@ impl Cluster {
 
     async fn call_from<T, F, Fut>(&self, start: usize, name: &'static str, op: F) -> Result<T>
     where
-        F: Fn(CairnClient<Channel>) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let started = Instant::now();
@@ -143,7 +259,7 @@ impl Cluster {
         loop {
             let index = (start + attempt) % n;
             let (addr, channel) = &self.endpoints[index];
-            let client = CairnClient::new(channel.clone())
+            let client = CairnClient::with_interceptor(channel.clone(), self.credentials.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             let result = tokio::time::timeout(ATTEMPT_TIMEOUT, op(client)).await;
@@ -158,12 +274,7 @@ impl Cluster {
                 Err(_) => Status::deadline_exceeded("no answer in time"),
             };
             if !retryable(&status) {
-                return Err(ClientError::Server {
-                    op: name,
-                    addr: addr.clone(),
-                    code: status.code(),
-                    message: status.message().to_string(),
-                });
+                return Err(self.refusal(name, addr, status));
             }
             debug!(op = name, addr = %addr, code = ?status.code(), "failing over");
             if status.message().starts_with("quorum lost") {
@@ -202,6 +313,70 @@ impl Cluster {
             }
         }
     }
+}
+
+impl Cluster {
+    /// Whether calls present a token.
+    pub fn has_token(&self) -> bool {
+        self.credentials.has_token()
+    }
+
+    /// A real answer (not "try another node") as the error a user acts on:
+    /// a refused token or role gets its own sentence, whatever the node said.
+    fn refusal(&self, op: &'static str, addr: &str, status: Status) -> ClientError {
+        match status.code() {
+            Code::Unauthenticated if !self.has_token() => ClientError::TokenRequired,
+            Code::Unauthenticated => ClientError::TokenRefused,
+            Code::PermissionDenied => ClientError::PermissionDenied {
+                op,
+                reason: shorten(status.message(), DESCRIBE_LEN_MAX),
+            },
+            code => ClientError::Server {
+                op,
+                addr: addr.to_string(),
+                code,
+                message: status.message().to_string(),
+            },
+        }
+    }
+
+    /// The caller as the cluster sees it: its token's id, role and tenant,
+    /// or `insecure` when the cluster checks no token.
+    pub async fn who_am_i(&self) -> Result<cairn_proto::v1::WhoAmIReply> {
+        self.call("who am i", |mut c| async move {
+            c.who_am_i(cairn_proto::v1::WhoAmIRequest {}).await
+        })
+        .await
+    }
+
+    /// The tenant this client acts for: `explicit` (`--tenant`,
+    /// `CAIRN_TENANT`) when given; else, with a token, the token's own
+    /// tenant (asked with WhoAmI); else [`crate::repo::DEFAULT_TENANT`].
+    pub async fn resolve_tenant(&self, explicit: Option<&str>) -> Result<String> {
+        if explicit.is_some_and(|t| !t.is_empty()) || !self.has_token() {
+            return Ok(choose_tenant(explicit, None));
+        }
+        match self.who_am_i().await {
+            Ok(me) => Ok(choose_tenant(explicit, Some(&me.tenant))),
+            // A node from before tokens checks none: the default tenant.
+            Err(ClientError::Server {
+                code: Code::Unimplemented,
+                ..
+            }) => Ok(choose_tenant(explicit, None)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Tenant resolution order: the explicit name, then the token's tenant
+/// (empty for a cluster-wide token), then the default tenant.
+pub fn choose_tenant(explicit: Option<&str>, token_tenant: Option<&str>) -> String {
+    [explicit, token_tenant]
+        .into_iter()
+        .flatten()
+        .find(|t| !t.is_empty())
+        .unwrap_or(crate::repo::DEFAULT_TENANT)
+        .to_string()
 }
 
 fn quorum_lost(message: &str) -> ClientError {
