@@ -157,6 +157,9 @@ impl Cluster {
     /// Prepares channels to `addrs` with TLS and a token as `options` say.
     /// Nothing connects yet.
     pub fn with_options(addrs: &[String], options: ClusterOptions) -> Result<Self> {
+        if let Some(pem) = &options.ca_pem {
+            check_ca_pem(pem)?;
+        }
         let tls = options.ca_pem.as_ref().map(DialTls::new);
         let mut endpoints = Vec::new();
         for addr in addrs.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
@@ -368,6 +371,28 @@ impl Cluster {
     }
 }
 
+/// The CA must be one or more PEM certificates: anything else would only
+/// fail later as an unreachable cluster.
+fn check_ca_pem(pem: &[u8]) -> Result<()> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut count = 0usize;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        if cert.is_err() {
+            return Err(ClientError::BadCa {
+                reason: "a certificate in it is not valid PEM",
+            });
+        }
+        count += 1;
+    }
+    if count == 0 {
+        return Err(ClientError::BadCa {
+            reason: "it holds no PEM certificate",
+        });
+    }
+    Ok(())
+}
+
 /// Tenant resolution order: the explicit name, then the token's tenant
 /// (empty for a cluster-wide token), then the default tenant.
 pub fn choose_tenant(explicit: Option<&str>, token_tenant: Option<&str>) -> String {
@@ -397,12 +422,25 @@ fn retryable(status: &Status) -> bool {
     }
 }
 
+/// A failed attempt in a few words: the node's message, and for transport
+/// failures their cause (refused connection, a certificate the CA did not
+/// sign...), which is what tells a user what to fix.
 fn describe(status: &Status) -> String {
-    let message = status.message();
-    if message.is_empty() {
+    let mut text = status.message().to_string();
+    if let Some(source) = std::error::Error::source(status) {
+        let cause = crate::error::error_chain(source);
+        if !cause.is_empty() && !text.contains(&cause) {
+            text = if text.is_empty() {
+                cause
+            } else {
+                format!("{text}: {cause}")
+            };
+        }
+    }
+    if text.is_empty() {
         format!("{:?}", status.code())
     } else {
-        shorten(message, DESCRIBE_LEN_MAX)
+        shorten(&text, DESCRIBE_LEN_MAX)
     }
 }
 
@@ -425,6 +463,139 @@ fn shorten(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SECRET: &str = "cairn_tok_0123456789abcdef";
+
+    fn intercepted(credentials: &mut Credentials) -> Request<()> {
+        credentials
+            .call(Request::new(()))
+            .expect("interceptor passes")
+    }
+
+    #[test]
+    fn the_interceptor_adds_the_bearer_token_to_every_call() {
+        let mut credentials =
+            Credentials::token(Zeroizing::new(format!("{SECRET}\n"))).expect("a valid token");
+        for _ in 0..2 {
+            let request = intercepted(&mut credentials);
+            let value = request
+                .metadata()
+                .get(AUTHORIZATION_HEADER)
+                .expect("authorization header");
+            assert_eq!(
+                value.to_str().ok(),
+                Some(format!("Bearer {SECRET}").as_str())
+            );
+            assert!(value.is_sensitive(), "kept out of HPACK tables and Debug");
+        }
+    }
+
+    #[test]
+    fn without_a_token_no_header_is_sent() {
+        let request = intercepted(&mut Credentials::default());
+        assert!(request.metadata().get(AUTHORIZATION_HEADER).is_none());
+    }
+
+    #[test]
+    fn the_token_is_never_printed() {
+        let credentials = Credentials::token(Zeroizing::new(SECRET.into())).expect("valid");
+        let options = ClusterOptions {
+            credentials,
+            ca_pem: None,
+        };
+        let text = format!("{options:?}");
+        assert!(!text.contains(SECRET), "{text}");
+        assert!(text.contains("redacted"), "{text}");
+        let request = intercepted(&mut options.credentials.clone());
+        assert!(!format!("{request:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_without_quoting_them() {
+        for bad in ["", "  \n", "has space", "tab\there", "ünïcode"] {
+            let error = Credentials::token(Zeroizing::new(bad.into())).expect_err(bad);
+            let text = error.to_string();
+            assert!(text.starts_with("invalid token: "), "{text}");
+            if !bad.trim().is_empty() {
+                assert!(!text.contains(bad.trim()), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn tenant_comes_from_the_flag_then_the_token_then_the_default() {
+        assert_eq!(choose_tenant(Some("chat"), Some("tok")), "chat");
+        assert_eq!(choose_tenant(None, Some("tok")), "tok");
+        assert_eq!(choose_tenant(Some(""), Some("tok")), "tok");
+        // A cluster-wide token has no tenant.
+        assert_eq!(choose_tenant(None, Some("")), "default");
+        assert_eq!(choose_tenant(None, None), "default");
+    }
+
+    #[tokio::test]
+    async fn without_a_token_the_tenant_is_resolved_without_asking() {
+        // Nothing listens on port 1: asking would fail.
+        let cluster = Cluster::new(&["127.0.0.1:1".into()]).expect("address parses");
+        assert_eq!(
+            cluster.resolve_tenant(None).await.expect("no call"),
+            "default"
+        );
+        assert_eq!(
+            cluster.resolve_tenant(Some("chat")).await.expect("no call"),
+            "chat"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_tokens_and_roles_are_real_answers_with_their_own_sentence() {
+        for code in [Code::Unauthenticated, Code::PermissionDenied] {
+            assert!(
+                !retryable(&Status::new(code, "no")),
+                "{code:?} is not failed over"
+            );
+        }
+        let plain = Cluster::new(&["127.0.0.1:1".into()]).expect("parses");
+        let with_token = Cluster::with_options(
+            &["127.0.0.1:1".into()],
+            ClusterOptions::default().token(SECRET).expect("valid"),
+        )
+        .expect("parses");
+        let refused =
+            with_token.refusal("list snapshots", "a:1", Status::unauthenticated("revoked"));
+        assert!(matches!(refused, ClientError::TokenRefused));
+        assert_eq!(
+            refused.to_string(),
+            "the token was refused: unknown, revoked or expired — give a valid one with --token-file or CAIRN_TOKEN"
+        );
+        let missing = plain.refusal("list snapshots", "a:1", Status::unauthenticated("no token"));
+        assert!(matches!(missing, ClientError::TokenRequired), "{missing}");
+        let denied = with_token.refusal("create token", "a:1", Status::permission_denied(""));
+        assert_eq!(denied.to_string(), "this token's role may not create token");
+        let denied = with_token.refusal(
+            "commit snapshot",
+            "a:1",
+            Status::permission_denied("role restore is read-only"),
+        );
+        assert_eq!(
+            denied.to_string(),
+            "this token's role may not commit snapshot (role restore is read-only)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_ca_that_is_not_pem_is_named_as_such() {
+        for bad in [
+            &b""[..],
+            b"not a certificate",
+            b"-----BEGIN CERTIFICATE-----\n!!\n",
+        ] {
+            let options = ClusterOptions::default().ca_pem(bad.to_vec());
+            let error = Cluster::with_options(&["127.0.0.1:7101".into()], options)
+                .err()
+                .expect("refused");
+            assert!(matches!(error, ClientError::BadCa { .. }), "{error}");
+        }
+    }
 
     #[test]
     fn long_messages_are_cut_on_a_character_boundary() {

@@ -37,6 +37,8 @@ pub enum ClientError {
         "the cluster requires a token: give one with --token-file or CAIRN_TOKEN (and its CA with --ca-file or CAIRN_CA)"
     )]
     TokenRequired,
+    #[error("invalid CA (--ca-file or CAIRN_CA): {reason}")]
+    BadCa { reason: &'static str },
     #[error("invalid token: {reason}")]
     BadToken { reason: &'static str },
     /// `reason` is the node's own sentence (why: the role, or another

@@ -859,6 +859,78 @@ impl Repository {
 mod tests {
     use super::*;
 
+    fn slot(id: &str, current: bool) -> KeySlot {
+        KeySlot {
+            id: id.into(),
+            created_unix_ms: 0,
+            current,
+        }
+    }
+
+    #[test]
+    fn key_remove_refuses_the_slot_in_use_and_the_last_slot() {
+        let slots = vec![
+            slot("aaaa1111", true),
+            slot("bbbb2222", false),
+            slot("bbbb3333", false),
+        ];
+        assert_eq!(
+            slot_to_remove(&slots, "bbbb2222").expect("exact id"),
+            "bbbb2222"
+        );
+        assert_eq!(
+            slot_to_remove(&slots, "BBBB3").expect("unique prefix"),
+            "bbbb3333"
+        );
+        assert!(matches!(
+            slot_to_remove(&slots, "bbbb"),
+            Err(ClientError::AmbiguousKeySlot { matches: 2, .. })
+        ));
+        assert!(matches!(
+            slot_to_remove(&slots, "cccc"),
+            Err(ClientError::KeySlotNotFound { .. })
+        ));
+        assert!(matches!(
+            slot_to_remove(&slots, ""),
+            Err(ClientError::KeySlotNotFound { .. })
+        ));
+        assert!(matches!(
+            slot_to_remove(&slots, "aaaa"),
+            Err(ClientError::KeySlotInUse { .. })
+        ));
+        // Unlocked with a slot whose id this list does not show: the last
+        // remaining slot is still refused.
+        let only = vec![slot("bbbb2222", false)];
+        assert!(matches!(
+            slot_to_remove(&only, "bbbb2222"),
+            Err(ClientError::LastKeySlot { .. })
+        ));
+    }
+
+    #[test]
+    fn slots_from_an_older_node_get_the_metadata_groups_ids() {
+        let key = MasterKey::generate();
+        let slot = create_key_slot(&key, b"pw", KdfParams::fast_for_tests()).expect("slot");
+        let reply = pb::GetKeySlotsReply {
+            key_slots: vec![slot.clone()],
+            slots: Vec::new(),
+        };
+        let listed = slots_with_ids(reply);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, key_slot_id(&slot));
+        assert_eq!(listed[0].id.len(), 16);
+        let given = pb::KeySlotInfo {
+            id: "given".into(),
+            slot,
+            created_unix_ms: 5,
+        };
+        let reply = pb::GetKeySlotsReply {
+            key_slots: Vec::new(),
+            slots: vec![given.clone()],
+        };
+        assert_eq!(slots_with_ids(reply), vec![given]);
+    }
+
     fn snapshot(id: u8, time_unix_ms: i64, root_tree: u8) -> Snapshot {
         Snapshot {
             id: [id; 32],

@@ -776,6 +776,36 @@ pub(crate) mod tests {
     use proptest::prelude::*;
     use std::path::PathBuf;
 
+    #[test]
+    fn a_slot_added_with_a_new_passphrase_unlocks_the_same_master_key() {
+        let key = MasterKey::generate();
+        let params = KdfParams::fast_for_tests();
+        let first = create_key_slot(&key, b"old passphrase", params).expect("slot");
+        let unlocked = open_key_slot(&first, b"old passphrase").expect("opens");
+        // `cairn key add`: the unlocked key wrapped under a new passphrase.
+        let second = create_key_slot(&unlocked, b"new passphrase", params).expect("slot");
+        let reopened = open_key_slot(&second, b"new passphrase").expect("opens");
+        assert_eq!(reopened.to_bytes(), key.to_bytes());
+        assert_eq!(reopened.blob_id(b"chunk"), key.blob_id(b"chunk"));
+        let sealed = key.seal(b"data", b"aad");
+        assert_eq!(reopened.open(&sealed, b"aad").expect("opens"), b"data");
+        assert!(matches!(
+            open_key_slot(&second, b"old passphrase"),
+            Err(SealError::WrongPassword)
+        ));
+    }
+
+    #[test]
+    fn key_material_is_wiped() {
+        fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+        wiped_on_drop::<MasterKey>();
+        let mut key = MasterKey::generate();
+        assert_ne!(*key.to_bytes(), [0u8; MASTER_KEY_LEN]);
+        key.zeroize();
+        assert_eq!(*key.to_bytes(), [0u8; MASTER_KEY_LEN]);
+        assert_eq!(format!("{key:?}"), "MasterKey(<redacted>)");
+    }
+
     /// The key of the golden vectors: bytes 0, 1, ..., 63 (id key first).
     pub(crate) fn golden_key() -> MasterKey {
         let mut bytes = [0u8; MASTER_KEY_LEN];
