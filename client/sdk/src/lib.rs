@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
 pub mod backup;
 pub mod chunker;
 pub mod connection;
@@ -32,6 +33,6 @@ pub mod restore;
 pub mod seal;
 pub mod tree;
 
-pub use connection::Cluster;
+pub use connection::{Cluster, ClusterOptions, Credentials};
 pub use error::ClientError;
-pub use repo::{CatalogWarning, Repository, Snapshot, SnapshotList};
+pub use repo::{CatalogWarning, KeySlot, Repository, Snapshot, SnapshotList};
