@@ -115,6 +115,9 @@ enum Command {
         /// Back up this directory instead of generated data.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Transports to measure, one pass each on identical data.
+        #[arg(long, value_enum, default_value = "both")]
+        mode: demo::BenchModes,
     },
     /// Failover drill: restore the latest snapshots without one region and verify them.
     Drill {
@@ -597,8 +600,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit { command } => audit_command(&cli, command).await?,
         Command::Cluster { command } => cluster_command(&cli, command).await?,
         Command::Demo { size_mb } => demo::demo(*size_mb).await?,
-        Command::Bench { size_mb, data } => {
-            let report = demo::bench(*size_mb, data.clone(), cli.json).await?;
+        Command::Bench {
+            size_mb,
+            data,
+            mode,
+        } => {
+            let report = demo::bench(*size_mb, data.clone(), *mode, cli.json).await?;
             if cli.json {
                 print_json(&report)?;
             }
@@ -826,7 +833,10 @@ async fn audit_command(cli: &Cli, command: &AuditCommand) -> anyhow::Result<()> 
             if !report.ok {
                 eprintln!(
                     "error: audit log broken: {}",
-                    report.broken.as_deref().unwrap_or("the chain does not verify")
+                    report
+                        .broken
+                        .as_deref()
+                        .unwrap_or("the chain does not verify")
                 );
                 std::process::exit(1);
             }
