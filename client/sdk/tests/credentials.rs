@@ -238,6 +238,36 @@ async fn serve(node: std::sync::Arc<FakeNode>) -> String {
     addr
 }
 
+/// A CA and a certificate it signed for `localhost` (PEM: CA, cert, key).
+fn ca_and_server_cert() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    let cert = params.signed_by(&key, &issuer).expect("signed");
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// Serves `node` over TLS with `cert`/`key`; returns `localhost:PORT`.
+async fn serve_tls(node: std::sync::Arc<FakeNode>, cert: &str, key: &str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let port = listener.local_addr().expect("address").port();
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key));
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .expect("TLS config")
+        .add_service(CairnServer::new(Shared(node)))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    tokio::spawn(server);
+    format!("localhost:{port}")
+}
+
 fn node(token: &str, tenant: &str) -> std::sync::Arc<FakeNode> {
     std::sync::Arc::new(FakeNode {
         token: token.into(),
@@ -410,5 +440,60 @@ async fn audit_verify_pages_through_a_long_log_and_names_an_edited_entry() {
     assert_eq!(
         report.broken.as_deref(),
         Some("entry 1700 was altered after it was written")
+    );
+}
+
+#[tokio::test]
+async fn with_the_cluster_ca_the_client_speaks_tls_and_refuses_other_servers() {
+    let (ca, cert, key) = ca_and_server_cert();
+    let fake = node("tok", "chat");
+    let addrs = vec![serve_tls(fake.clone(), &cert, &key).await];
+    let options = ClusterOptions::default()
+        .ca_pem(ca.as_bytes())
+        .token("tok")
+        .expect("valid");
+    let cluster = Cluster::with_options(&addrs, options).expect("parses");
+    assert_eq!(
+        cluster.resolve_tenant(None).await.expect("over TLS"),
+        "chat"
+    );
+    assert_eq!(
+        fake.headers.lock().expect("lock").as_slice(),
+        ["Bearer tok".to_string()]
+    );
+
+    // A server whose certificate another CA signed is not this cluster.
+    let (other_ca, _, _) = ca_and_server_cert();
+    let options = ClusterOptions::default()
+        .ca_pem(other_ca.as_bytes())
+        .token("tok")
+        .expect("valid");
+    let error = Cluster::with_options(&addrs, options)
+        .expect("parses")
+        .with_failover_budget(Duration::from_millis(300))
+        .who_am_i()
+        .await
+        .expect_err("refused");
+    let text = error.to_string();
+    assert!(
+        matches!(error, ClientError::NoNodeReachable { .. }),
+        "{text}"
+    );
+    assert!(text.contains("certificate"), "the cause is named: {text}");
+
+    // Plaintext to a TLS node gets nothing either.
+    let error = client(&addrs, "tok")
+        .with_failover_budget(Duration::from_millis(300))
+        .who_am_i()
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(error, ClientError::NoNodeReachable { .. }),
+        "{error}"
+    );
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst),
+        1,
+        "only the TLS call got through"
     );
 }
