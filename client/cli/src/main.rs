@@ -626,13 +626,29 @@ fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// The tenant a new token is for: `--tenant`; else, for a role that acts
+/// on one tenant's data, the creator's own tenant; else none (cluster-wide).
+async fn token_tenant(
+    cluster: &Cluster,
+    explicit: Option<&str>,
+    role: &str,
+) -> anyhow::Result<String> {
+    if let Some(tenant) = explicit.filter(|t| !t.is_empty()) {
+        return Ok(tenant.to_string());
+    }
+    if matches!(role, "cluster-admin" | "monitor") || !cluster.has_token() {
+        return Ok(String::new());
+    }
+    Ok(cluster.who_am_i().await?.tenant)
+}
+
 async fn token_command(cli: &Cli, command: &TokenCommand) -> anyhow::Result<()> {
     let cluster = cluster(cli)?;
     match command {
         TokenCommand::Create { role, ttl, label } => {
             let ttl = ttl.as_deref().map(access::parse_ttl).transpose()?;
-            let tenant = cli.tenant.as_deref().unwrap_or_default();
-            let created = admin::create_token(&cluster, role, tenant, ttl, label).await?;
+            let tenant = token_tenant(&cluster, cli.tenant.as_deref(), role).await?;
+            let created = admin::create_token(&cluster, role, &tenant, ttl, label).await?;
             if cli.json {
                 print_json(&access::created_token_json(&created.info, &created.secret))?;
             } else {

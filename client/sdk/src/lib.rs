@@ -10,8 +10,14 @@
 //! use std::sync::Arc;
 //! use cairn_client::{Cluster, Repository, backup, restore};
 //!
-//! let cluster = Cluster::new(&["127.0.0.1:7101".into(), "127.0.0.1:7201".into()])?;
-//! let repo = Arc::new(Repository::open(cluster, "default", b"passphrase").await?);
+//! // `Cluster::new` speaks plaintext without a token (an `--insecure`
+//! // cluster); `ClusterOptions` adds the cluster CA and a bearer token.
+//! let options = cairn_client::ClusterOptions::default()
+//!     .ca_pem(b"-----BEGIN CERTIFICATE-----...".to_vec())
+//!     .token("the token")?;
+//! let cluster = Cluster::with_options(&["127.0.0.1:7101".into(), "127.0.0.1:7201".into()], options)?;
+//! let tenant = cluster.resolve_tenant(None).await?; // the token's tenant
+//! let repo = Arc::new(Repository::open(cluster, &tenant, b"passphrase").await?);
 //! let options = backup::BackupOptions { dataset: "chat-messages".into(), ..Default::default() };
 //! let summary = backup::backup_paths(repo.clone(), &["/var/lib/chat".into()], &options,
 //!     Default::default()).await?;
