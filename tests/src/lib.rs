@@ -42,10 +42,8 @@ pub async fn must_start_cluster(dir: &Path) -> LocalCluster {
 /// How the SDK reaches `cluster` as its operator: the cluster CA and the
 /// bootstrap cluster-admin token once it runs TLS.
 pub fn admin_options(cluster: &LocalCluster) -> ClusterOptions {
-    let _ = cluster;
-    // TODO(integration): once LocalCluster runs TLS, this one line:
-    // ClusterOptions::default().ca_pem(cluster.ca_pem()).token(cluster.admin_token()).expect("bootstrap token is valid")
-    ClusterOptions::default()
+    cairn_cli::demo::client_options(cluster, cairn_cli::demo::Transport::Tls)
+        .expect("the cluster's credentials")
 }
 
 /// Like [`admin_options`] with another token (a tenant's, with its role).

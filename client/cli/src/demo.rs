@@ -102,7 +102,12 @@ async fn backup_once(repo: &Arc<Repository>, source: &Path) -> anyhow::Result<Ba
 
 /// How the SDK reaches an embedded cluster: its CA and bootstrap
 /// cluster-admin token when it runs TLS, nothing when it runs `--insecure`.
-fn client_options(cluster: &LocalCluster, transport: Transport) -> anyhow::Result<ClusterOptions> {
+/// The one place demo, bench, the SDK example and the test harness get
+/// their credentials from.
+pub fn client_options(
+    cluster: &LocalCluster,
+    transport: Transport,
+) -> anyhow::Result<ClusterOptions> {
     let _ = cluster;
     match transport {
         // TODO(integration): once LocalCluster runs TLS, this one line:

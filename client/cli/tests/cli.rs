@@ -125,6 +125,7 @@ mod secured {
     use std::process::{Command, Output};
     use std::time::Duration;
 
+    use cairn_cli::demo::Transport;
     use cairn_node::local_cluster::LocalCluster;
     use serde_json::Value;
 
@@ -151,11 +152,16 @@ mod secured {
                 .await
                 .expect("cluster ready");
             let admin_token = path.join("admin.token");
-            // TODO(integration): the cluster's CA and bootstrap token:
-            //   std::fs::write(path.join("ca.pem"), cluster.ca_pem()).expect("ca");
+            // TODO(integration): the bootstrap token, once LocalCluster has one:
             //   std::fs::write(&admin_token, cluster.admin_token()).expect("token");
-            //   and ca_args = ["--ca-file", path.join("ca.pem")].
-            let ca_args = Vec::new();
+            let options = cairn_cli::demo::client_options(&cluster, Transport::Tls)
+                .expect("the cluster's credentials");
+            let mut ca_args = Vec::new();
+            if let Some(pem) = &options.ca_pem {
+                let ca = path.join("ca.pem");
+                std::fs::write(&ca, pem).expect("write the CA");
+                ca_args = vec!["--ca-file".to_string(), ca.to_string_lossy().to_string()];
+            }
             Self {
                 addrs: cluster.addrs().join(","),
                 cluster,
