@@ -135,9 +135,15 @@ impl ClusterOptions {
     }
 }
 
+/// Said when no node answered a client that speaks plaintext: a TLS node
+/// just drops the connection, which says nothing by itself.
+const PLAINTEXT_HINT: &str = "; if the cluster runs TLS, give its CA with --ca-file or CAIRN_CA";
+
 /// Connections to every configured node.
 pub struct Cluster {
     endpoints: Vec<(String, Channel)>,
+    /// Channels speak TLS (a CA was given).
+    tls: bool,
     credentials: Credentials,
     preferred: AtomicUsize,
     budget: Duration,
@@ -177,6 +183,7 @@ impl Cluster {
         let spread_over = endpoints.len();
         Ok(Self {
             endpoints,
+            tls: tls.is_some(),
             credentials: options.credentials,
             preferred: AtomicUsize::new(0),
             budget: FAILOVER_BUDGET,
@@ -300,7 +307,12 @@ impl Cluster {
                 {
                     return Err(quorum_lost(&detail));
                 }
-                return Err(ClientError::NoNodeReachable { tried });
+                let hint = if self.tls || tried.is_empty() {
+                    ""
+                } else {
+                    PLAINTEXT_HINT
+                };
+                return Err(ClientError::NoNodeReachable { tried, hint });
             }
             if attempt.is_multiple_of(n) {
                 if let Some(detail) = round_quorum_lost.take()
@@ -429,12 +441,10 @@ fn describe(status: &Status) -> String {
     let mut text = status.message().to_string();
     if let Some(source) = std::error::Error::source(status) {
         let cause = crate::error::error_chain(source);
-        if !cause.is_empty() && !text.contains(&cause) {
-            text = if text.is_empty() {
-                cause
-            } else {
-                format!("{text}: {cause}")
-            };
+        if cause.contains(&text) {
+            text = cause;
+        } else if !cause.is_empty() && !text.contains(&cause) {
+            text = format!("{text}: {cause}");
         }
     }
     if text.is_empty() {

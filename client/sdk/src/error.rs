@@ -5,8 +5,13 @@ use std::path::PathBuf;
 /// Everything the SDK can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no reachable node: tried {}", format_tried(.tried))]
-    NoNodeReachable { tried: Vec<(String, String)> },
+    #[error("no reachable node: tried {}{hint}", format_tried(.tried))]
+    NoNodeReachable {
+        tried: Vec<(String, String)>,
+        /// What to check, when the failures suggest it (e.g. plaintext
+        /// to a TLS cluster); empty or starting with "; ".
+        hint: &'static str,
+    },
     #[error("quorum lost: {detail}; the metadata group cannot serve until enough regions return")]
     QuorumLost { detail: String },
     #[error("no cluster address given: pass --cluster ADDR[,ADDR...] or set CAIRN_CLUSTER")]

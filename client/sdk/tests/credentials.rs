@@ -491,6 +491,12 @@ async fn with_the_cluster_ca_the_client_speaks_tls_and_refuses_other_servers() {
         matches!(error, ClientError::NoNodeReachable { .. }),
         "{error}"
     );
+    assert!(
+        error
+            .to_string()
+            .ends_with("; if the cluster runs TLS, give its CA with --ca-file or CAIRN_CA"),
+        "{error}"
+    );
     assert_eq!(
         fake.calls.load(Ordering::SeqCst),
         1,
