@@ -139,6 +139,9 @@ impl ClusterOptions {
 /// just drops the connection, which says nothing by itself.
 const PLAINTEXT_HINT: &str = "; if the cluster runs TLS, give its CA with --ca-file or CAIRN_CA";
 
+/// Said when every node's certificate failed to verify against the CA.
+const UNTRUSTED_HINT: &str = "; no node's certificate verifies against the given CA (--ca-file or CAIRN_CA): is it this cluster's CA?";
+
 /// Connections to every configured node.
 pub struct Cluster {
     endpoints: Vec<(String, Channel)>,
@@ -266,6 +269,10 @@ impl Cluster {
         // In the current round: did every node that answered say "quorum lost"?
         let mut round_quorum_lost: Option<String> = None;
         let mut round_other = false;
+        // Attempts of this round refused because the node's certificate did
+        // not verify against the CA: when every node says so, the CA is wrong
+        // (or these are not the cluster's nodes), and waiting will not help.
+        let mut round_untrusted = 0usize;
         loop {
             let index = (start + attempt) % n;
             let (addr, channel) = &self.endpoints[index];
@@ -296,6 +303,9 @@ impl Cluster {
                 round_other = true;
             }
             let reason = describe(&status);
+            if reason.contains("invalid peer certificate") {
+                round_untrusted += 1;
+            }
             match tried.iter_mut().find(|(a, _)| a == addr) {
                 Some(entry) => entry.1 = reason,
                 None => tried.push((addr.clone(), reason)),
@@ -321,6 +331,13 @@ impl Cluster {
                 {
                     return Err(quorum_lost(&detail));
                 }
+                if round_untrusted == n {
+                    return Err(ClientError::NoNodeReachable {
+                        tried,
+                        hint: UNTRUSTED_HINT,
+                    });
+                }
+                round_untrusted = 0;
                 round_other = false;
                 // A full round failed: wait a little (an election, a restart).
                 tokio::time::sleep(backoff).await;
