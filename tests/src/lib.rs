@@ -70,6 +70,29 @@ pub fn client_with(cluster: &LocalCluster, options: ClusterOptions) -> Cluster {
         .with_failover_budget(Duration::from_secs(20))
 }
 
+/// A client presenting `token` (with the cluster's CA when it runs TLS).
+pub fn client_with_token(cluster: &LocalCluster, token: &str) -> Cluster {
+    client_with(cluster, token_options(cluster, token))
+}
+
+/// Creates a token of `role` for `tenant` (empty: cluster-wide) with the
+/// cluster-admin token; returns its secret.
+pub async fn must_create_token(cluster: &LocalCluster, role: &str, tenant: &str) -> String {
+    let created = cairn_client::admin::create_token(&client(cluster), role, tenant, None, "test")
+        .await
+        .unwrap_or_else(|e| panic!("create a {role} token for {tenant:?}: {e}"));
+    created.secret.to_string()
+}
+
+/// Initializes `tenant` through `cluster` (whatever token it presents).
+pub async fn must_init_as(cluster: Cluster, tenant: &str) -> Arc<Repository> {
+    Arc::new(
+        Repository::init(cluster, tenant, PASSWORD, KdfParams::fast_for_tests())
+            .await
+            .unwrap_or_else(|e| panic!("init {tenant}: {e}")),
+    )
+}
+
 pub async fn must_init(cluster: &LocalCluster) -> Arc<Repository> {
     Arc::new(
         Repository::init(
