@@ -5,8 +5,15 @@
 //! `Unavailable`, deadline) the call moves to the next address, and keeps
 //! cycling with a short backoff for a bounded time, so an election or a lost
 //! region costs a pause, not an error. Answers that are real refusals
-//! (`InvalidArgument`, `AlreadyExists`...) are returned at once. Only
-//! idempotent operations go through [`Cluster::call`].
+//! (`InvalidArgument`, `AlreadyExists`, and a refused token or role:
+//! `Unauthenticated`, `PermissionDenied`) are returned at once, since every
+//! node would say the same. Only idempotent operations go through
+//! [`Cluster::call`].
+//!
+//! Credentials: with a CA ([`ClusterOptions::ca_pem`]) every channel speaks
+//! TLS and checks the node's certificate against it. Clients present no
+//! certificate of their own but a bearer token ([`ClusterOptions::token`]),
+//! added to every call by the [`Credentials`] interceptor.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
