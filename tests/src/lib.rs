@@ -10,7 +10,7 @@ use cairn_cli::verify;
 use cairn_client::backup::{BackupOptions, BackupSummary, Progress, backup_paths};
 use cairn_client::restore::{RestoreOptions, restore};
 use cairn_client::seal::KdfParams;
-use cairn_client::{Cluster, Repository};
+use cairn_client::{Cluster, ClusterOptions, Repository};
 use cairn_node::local_cluster::LocalCluster;
 
 pub const PASSWORD: &[u8] = b"correct horse battery staple";
@@ -39,11 +39,58 @@ pub async fn must_start_cluster(dir: &Path) -> LocalCluster {
     cluster
 }
 
-/// A client for every node of the cluster (it fails over between them).
+/// How the SDK reaches `cluster` as its operator: the cluster CA and the
+/// bootstrap cluster-admin token once it runs TLS.
+pub fn admin_options(cluster: &LocalCluster) -> ClusterOptions {
+    cairn_cli::demo::client_options(cluster, cairn_cli::demo::Transport::Tls)
+        .expect("the cluster's credentials")
+}
+
+/// Like [`admin_options`] with another token (a tenant's, with its role).
+pub fn token_options(cluster: &LocalCluster, token: &str) -> ClusterOptions {
+    let options = admin_options(cluster);
+    let ca = options.ca_pem.clone();
+    let with_token = ClusterOptions {
+        ca_pem: ca,
+        ..ClusterOptions::default()
+    };
+    with_token.token(token).expect("token is valid")
+}
+
+/// A client for every node of the cluster (it fails over between them),
+/// presenting the cluster-admin token.
 pub fn client(cluster: &LocalCluster) -> Cluster {
-    Cluster::new(&cluster.addrs())
+    client_with(cluster, admin_options(cluster))
+}
+
+/// A client for every node of the cluster with these credentials.
+pub fn client_with(cluster: &LocalCluster, options: ClusterOptions) -> Cluster {
+    Cluster::with_options(&cluster.addrs(), options)
         .expect("addresses parse")
         .with_failover_budget(Duration::from_secs(20))
+}
+
+/// A client presenting `token` (with the cluster's CA when it runs TLS).
+pub fn client_with_token(cluster: &LocalCluster, token: &str) -> Cluster {
+    client_with(cluster, token_options(cluster, token))
+}
+
+/// Creates a token of `role` for `tenant` (empty: cluster-wide) with the
+/// cluster-admin token; returns its secret.
+pub async fn must_create_token(cluster: &LocalCluster, role: &str, tenant: &str) -> String {
+    let created = cairn_client::admin::create_token(&client(cluster), role, tenant, None, "test")
+        .await
+        .unwrap_or_else(|e| panic!("create a {role} token for {tenant:?}: {e}"));
+    created.secret.to_string()
+}
+
+/// Initializes `tenant` through `cluster` (whatever token it presents).
+pub async fn must_init_as(cluster: Cluster, tenant: &str) -> Arc<Repository> {
+    Arc::new(
+        Repository::init(cluster, tenant, PASSWORD, KdfParams::fast_for_tests())
+            .await
+            .unwrap_or_else(|e| panic!("init {tenant}: {e}")),
+    )
 }
 
 pub async fn must_init(cluster: &LocalCluster) -> Arc<Repository> {

@@ -1,14 +1,15 @@
 //! Back up a directory and restore it with the SDK.
 //!
 //! `cargo run --example backup_and_restore -- [DIR]` uses the cluster in
-//! `CAIRN_CLUSTER` (passphrase in `CAIRN_PASSWORD`), or, without it, starts a
-//! three-region cluster inside this process for the occasion.
+//! `CAIRN_CLUSTER` (passphrase in `CAIRN_PASSWORD`, CA file in `CAIRN_CA`,
+//! token in `CAIRN_TOKEN`), or, without it, starts a three-region cluster
+//! inside this process for the occasion.
 
 use std::sync::Arc;
 
 use cairn_cli::{datagen, verify};
 use cairn_client::seal::KdfParams;
-use cairn_client::{Cluster, Repository, backup, restore};
+use cairn_client::{Cluster, ClusterOptions, Repository, backup, restore};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -24,12 +25,22 @@ async fn main() -> anyhow::Result<()> {
 
     // A cluster: the one configured, or a local one.
     let mut local = None;
-    let (addrs, password, fresh) = match std::env::var("CAIRN_CLUSTER") {
-        Ok(list) => (
-            list.split(',').map(String::from).collect::<Vec<_>>(),
-            std::env::var("CAIRN_PASSWORD")?,
-            false,
-        ),
+    let (addrs, options, password, fresh) = match std::env::var("CAIRN_CLUSTER") {
+        Ok(list) => {
+            let mut options = ClusterOptions::default();
+            if let Ok(ca) = std::env::var("CAIRN_CA") {
+                options = options.ca_pem(std::fs::read(ca)?);
+            }
+            if let Ok(token) = std::env::var("CAIRN_TOKEN") {
+                options = options.token(token)?;
+            }
+            (
+                list.split(',').map(String::from).collect::<Vec<_>>(),
+                options,
+                std::env::var("CAIRN_PASSWORD")?,
+                false,
+            )
+        }
         Err(_) => {
             let cluster = cairn_node::local_cluster::LocalCluster::start(
                 &scratch.path().join("cluster"),
@@ -41,22 +52,20 @@ async fn main() -> anyhow::Result<()> {
                 .wait_ready(std::time::Duration::from_secs(30))
                 .await?;
             let addrs = cluster.addrs();
+            let options =
+                cairn_cli::demo::client_options(&cluster, cairn_cli::demo::Transport::Tls)?;
             local = Some(cluster);
-            (addrs, "example passphrase".to_string(), true)
+            (addrs, options, "example passphrase".to_string(), true)
         }
     };
 
-    let cluster = Cluster::new(&addrs)?;
+    let cluster = Cluster::with_options(&addrs, options)?;
+    // The token's tenant, or "default".
+    let tenant = cluster.resolve_tenant(None).await?;
     let repo = Arc::new(if fresh {
-        Repository::init(
-            cluster,
-            "default",
-            password.as_bytes(),
-            KdfParams::default(),
-        )
-        .await?
+        Repository::init(cluster, &tenant, password.as_bytes(), KdfParams::default()).await?
     } else {
-        Repository::open(cluster, "default", password.as_bytes()).await?
+        Repository::open(cluster, &tenant, password.as_bytes()).await?
     });
 
     // Back up.

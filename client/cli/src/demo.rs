@@ -14,7 +14,7 @@ use crate::{datagen, verify};
 use cairn_client::backup::{BackupOptions, BackupSummary, Progress, backup_paths};
 use cairn_client::restore::{RestoreOptions, RestoreSummary, restore};
 use cairn_client::seal::KdfParams;
-use cairn_client::{Cluster, Repository};
+use cairn_client::{Cluster, ClusterOptions, Repository};
 
 const TENANT: &str = "demo";
 const PASSWORD: &[u8] = b"demo-only passphrase";
@@ -36,10 +36,49 @@ impl Stage<'_> {
     }
 }
 
+/// How the embedded cluster's nodes talk to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The cluster's default: TLS with the CA and a bootstrap token that
+    /// `LocalCluster` makes in its directory.
+    Tls,
+    /// `--insecure`: plaintext, no token.
+    Insecure,
+}
+
+/// Which transports `cairn bench` measures, one pass each, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchModes {
+    Tls,
+    Insecure,
+    /// Both, on identical data, so the cost of TLS shows in one run.
+    Both,
+}
+
+impl BenchModes {
+    fn transports(self) -> &'static [Transport] {
+        match self {
+            Self::Tls => &[Transport::Tls],
+            Self::Insecure => &[Transport::Insecure],
+            Self::Both => &[Transport::Tls, Transport::Insecure],
+        }
+    }
+}
+
 async fn start_cluster(dir: &Path) -> anyhow::Result<LocalCluster> {
-    let cluster = LocalCluster::start(&dir.join("cluster"), &TOPOLOGY, "4+2")
-        .await
-        .context("starting the local cluster")?;
+    start_cluster_with(dir, Transport::Tls).await
+}
+
+async fn start_cluster_with(dir: &Path, transport: Transport) -> anyhow::Result<LocalCluster> {
+    let base = dir.join("cluster");
+    let cluster = match transport {
+        Transport::Tls => LocalCluster::start(&base, &TOPOLOGY, "4+2").await,
+        Transport::Insecure => {
+            LocalCluster::start_tuned(&base, &TOPOLOGY, "4+2", |file| file.insecure = true).await
+        }
+    }
+    .context("starting the local cluster")?;
     cluster
         .wait_ready(Duration::from_secs(30))
         .await
@@ -59,6 +98,30 @@ async fn backup_once(repo: &Arc<Repository>, source: &Path) -> anyhow::Result<Ba
         Arc::new(Progress::default()),
     )
     .await?)
+}
+
+/// How the SDK reaches an embedded cluster: its CA and bootstrap
+/// cluster-admin token when it runs TLS, nothing when it runs `--insecure`.
+/// The one place demo, bench, the SDK example and the test harness get
+/// their credentials from.
+pub fn client_options(
+    cluster: &LocalCluster,
+    transport: Transport,
+) -> anyhow::Result<ClusterOptions> {
+    let _ = cluster;
+    match transport {
+        // TODO(integration): once LocalCluster runs TLS, this one line:
+        // Transport::Tls => Ok(ClusterOptions::default().ca_pem(cluster.ca_pem()).token(cluster.admin_token())?),
+        Transport::Tls | Transport::Insecure => Ok(ClusterOptions::default()),
+    }
+}
+
+/// A client of the embedded cluster, with the credentials it needs.
+fn connect(cluster: &LocalCluster, transport: Transport) -> anyhow::Result<Cluster> {
+    Ok(Cluster::with_options(
+        &cluster.addrs(),
+        client_options(cluster, transport)?,
+    )?)
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -95,7 +158,7 @@ pub async fn demo(size_mb: u64) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     ));
 
-    let client = Cluster::new(&cluster.addrs())?;
+    let client = connect(&cluster, Transport::Tls)?;
     let repo = Arc::new(
         Repository::init(client, TENANT, PASSWORD, KdfParams::default())
             .await
@@ -179,52 +242,128 @@ pub async fn demo(size_mb: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Figures of one benchmark run.
+/// Figures of one benchmark pass (one transport).
 #[derive(Debug, Serialize)]
-pub struct BenchReport {
-    pub dataset_bytes: u64,
+pub struct BenchPass {
+    pub transport: Transport,
+    /// The client spoke TLS (checked against the cluster CA) in this pass.
+    pub client_tls: bool,
     pub backup: BackupSummary,
     pub backup_mb_s: f64,
     pub incremental: BackupSummary,
     pub restore: RestoreSummary,
     pub restore_mb_s: f64,
+}
+
+/// Figures of one benchmark run: a pass per transport, on identical data.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub dataset_bytes: u64,
+    pub passes: Vec<BenchPass>,
+    /// TLS throughput as a share of insecure throughput (1.0 = no cost),
+    /// when both were measured.
+    pub tls_vs_insecure: Option<TlsCost>,
     pub peak_rss_bytes: Option<u64>,
     pub note: &'static str,
 }
 
-/// Runs backup, 1% incremental and restore on the embedded cluster.
-pub async fn bench(size_mb: u64, data: Option<PathBuf>, json: bool) -> anyhow::Result<BenchReport> {
+/// What TLS costs, as ratios of MB/s (TLS / insecure).
+#[derive(Debug, Serialize)]
+pub struct TlsCost {
+    pub backup_ratio: f64,
+    pub restore_ratio: f64,
+}
+
+impl BenchReport {
+    fn tls_cost(passes: &[BenchPass]) -> Option<TlsCost> {
+        let find = |t: Transport| passes.iter().find(|p| p.transport == t);
+        let (tls, insecure) = (find(Transport::Tls)?, find(Transport::Insecure)?);
+        Some(TlsCost {
+            backup_ratio: tls.backup_mb_s / insecure.backup_mb_s.max(1e-9),
+            restore_ratio: tls.restore_mb_s / insecure.restore_mb_s.max(1e-9),
+        })
+    }
+}
+
+/// Runs backup, 1% incremental and restore on the embedded cluster, once
+/// per transport in `modes`, each on a fresh cluster and identical data.
+pub async fn bench(
+    size_mb: u64,
+    data: Option<PathBuf>,
+    modes: BenchModes,
+    json: bool,
+) -> anyhow::Result<BenchReport> {
     let work = tempfile::Builder::new().prefix("cairn-bench-").tempdir()?;
-    let cluster = start_cluster(work.path()).await?;
-    let source = match &data {
-        Some(dir) => dir.clone(),
-        None => {
-            let source = work.path().join("data");
-            datagen::generate(&source, size_mb, 1)?;
-            source
+    let mut passes = Vec::new();
+    let mut dataset_bytes = 0;
+    for (index, &transport) in modes.transports().iter().enumerate() {
+        let dir = work.path().join(format!("pass-{index}"));
+        let source = match &data {
+            Some(dir) => dir.clone(),
+            None => {
+                // The same seed: every pass backs up identical bytes.
+                let source = dir.join("data");
+                datagen::generate(&source, size_mb, 1)?;
+                source
+            }
+        };
+        dataset_bytes = crate::progress::measure(std::slice::from_ref(&source));
+        if !json {
+            println!(
+                "benchmark ({}): {:.0} MB, 3 regions x 2 nodes, 4+2, fsync on",
+                match transport {
+                    Transport::Tls => "TLS",
+                    Transport::Insecure => "insecure",
+                },
+                mb(dataset_bytes)
+            );
         }
-    };
-    let dataset_bytes = crate::progress::measure(std::slice::from_ref(&source));
-    let client = Cluster::new(&cluster.addrs())?;
-    let repo = Arc::new(Repository::init(client, TENANT, PASSWORD, KdfParams::default()).await?);
-    if !json {
+        let pass = bench_pass(&dir, &source, data.is_none(), transport, json).await?;
+        passes.push(pass);
+        // Each pass's cluster files go before the next pass starts.
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let tls_vs_insecure = BenchReport::tls_cost(&passes);
+    if let (Some(cost), false) = (&tls_vs_insecure, json) {
         println!(
-            "benchmark: {:.0} MB, 3 regions x 2 nodes, 4+2, fsync on",
-            mb(dataset_bytes)
+            "TLS vs insecure: backup {:.0}%, restore {:.0}% of the insecure MB/s",
+            cost.backup_ratio * 100.0,
+            cost.restore_ratio * 100.0
         );
     }
-    let full = backup_once(&repo, &source).await?;
+    Ok(BenchReport {
+        dataset_bytes,
+        passes,
+        tls_vs_insecure,
+        peak_rss_bytes: peak_rss(),
+        note: "client and all six nodes share this process; peak RSS covers them all",
+    })
+}
+
+async fn bench_pass(
+    dir: &Path,
+    source: &Path,
+    mutate: bool,
+    transport: Transport,
+    json: bool,
+) -> anyhow::Result<BenchPass> {
+    let cluster = start_cluster_with(dir, transport).await?;
+    let options = client_options(&cluster, transport)?;
+    let client_tls = options.ca_pem.is_some();
+    let client = Cluster::with_options(&cluster.addrs(), options)?;
+    let repo = Arc::new(Repository::init(client, TENANT, PASSWORD, KdfParams::default()).await?);
+    let full = backup_once(&repo, source).await?;
+    let backup_mb_s = mb(full.bytes) / full.duration_s.max(1e-9);
     if !json {
         println!(
             "  backup       {:>7.2}s  {:>6.0} MB/s",
-            full.duration_s,
-            mb(full.bytes) / full.duration_s
+            full.duration_s, backup_mb_s
         );
     }
-    if data.is_none() {
-        datagen::mutate(&source, 1, 2)?;
+    if mutate {
+        datagen::mutate(source, 1, 2)?;
     }
-    let incremental = backup_once(&repo, &source).await?;
+    let incremental = backup_once(&repo, source).await?;
     if !json {
         println!(
             "  incremental  {:>7.2}s  {:.2} MB new",
@@ -233,7 +372,7 @@ pub async fn bench(size_mb: u64, data: Option<PathBuf>, json: bool) -> anyhow::R
         );
     }
     let snapshot = repo.find_snapshot("latest", Some("chat-messages")).await?;
-    let target = work.path().join("restore");
+    let target = dir.join("restore");
     let restored = restore(
         &repo,
         &snapshot,
@@ -249,16 +388,16 @@ pub async fn bench(size_mb: u64, data: Option<PathBuf>, json: bool) -> anyhow::R
             restored.duration_s, restore_mb_s
         );
     }
+    drop(repo);
     cluster.shutdown().await?;
-    Ok(BenchReport {
-        dataset_bytes,
-        backup_mb_s: mb(full.bytes) / full.duration_s,
+    Ok(BenchPass {
+        transport,
+        client_tls,
         backup: full,
+        backup_mb_s,
         incremental,
         restore: restored,
         restore_mb_s,
-        peak_rss_bytes: peak_rss(),
-        note: "client and all six nodes share this process; peak RSS covers them all",
     })
 }
 

@@ -3,6 +3,7 @@
 //! data generator, byte-for-byte verification). The SDK itself
 //! (`cairn-client`) knows nothing of terminals or in-process clusters.
 
+pub mod access;
 pub mod datagen;
 pub mod demo;
 pub mod progress;

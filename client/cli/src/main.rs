@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use cairn_cli::{demo, progress};
+use cairn_cli::{access, demo, progress};
+use cairn_client::admin;
 use cairn_client::backup::{self, BackupOptions, Progress};
 use cairn_client::path_guard::display_name;
 use cairn_client::restore::{self, RestoreOptions};
@@ -14,6 +15,7 @@ use cairn_client::tree::EntryKind;
 use cairn_client::{Cluster, Repository};
 use cairn_proto::v1 as pb;
 use clap::{Args, Parser, Subcommand};
+use zeroize::Zeroizing;
 
 /// Cairn: encrypted, erasure-coded backups across regions.
 #[derive(Debug, Parser)]
@@ -25,9 +27,16 @@ struct Cli {
     /// File holding the passphrase (else CAIRN_PASSWORD).
     #[arg(long, global = true)]
     password_file: Option<PathBuf>,
-    /// Tenant whose data to use.
-    #[arg(long, env = "CAIRN_TENANT", global = true, default_value = "default")]
-    tenant: String,
+    /// Tenant whose data to use (default: the token's tenant, else "default").
+    #[arg(long, env = "CAIRN_TENANT", global = true)]
+    tenant: Option<String>,
+    /// File holding the bearer token (else CAIRN_TOKEN, the token itself).
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The cluster CA node certificates must chain to (PEM). Without it the
+    /// client speaks plaintext, which only --insecure clusters accept.
+    #[arg(long, env = "CAIRN_CA", global = true, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// This client's region: reads prefer its nodes.
     #[arg(long, env = "CAIRN_REGION", global = true)]
     region: Option<String>,
@@ -73,6 +82,21 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Bearer tokens: create, list, revoke, and which token this is.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Key slots: the passphrases that unlock the tenant's master key.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// The hash-chained audit log of privileged and refused calls.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Cluster commands.
     Cluster {
         #[command(subcommand)]
@@ -91,6 +115,9 @@ enum Command {
         /// Back up this directory instead of generated data.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Transports to measure, one pass each on identical data.
+        #[arg(long, value_enum, default_value = "both")]
+        mode: demo::BenchModes,
     },
     /// Failover drill: restore the latest snapshots without one region and verify them.
     Drill {
@@ -103,6 +130,61 @@ enum Command {
         #[arg(long)]
         scratch: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; its secret is printed once (on stdout), nodes keep only its hash.
+    Create {
+        /// cluster-admin, admin, backup, restore or monitor.
+        #[arg(long)]
+        role: String,
+        /// Expire after this long (e.g. 12h, 30d); default: never.
+        #[arg(long, value_name = "DUR")]
+        ttl: Option<String>,
+        /// A note shown in `token list` (e.g. the host it is for).
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token: every node refuses it from now on.
+    Revoke { id: String },
+    /// Show the token in use as the cluster sees it: id, role, tenant, expiry.
+    Whoami,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// List the tenant's key slots; the one that unlocked this session is marked.
+    List,
+    /// Add a key slot: a new passphrase for the same master key.
+    Add {
+        /// File holding the new passphrase (else CAIRN_NEW_PASSWORD).
+        #[arg(long, value_name = "FILE")]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Remove a key slot (an id or a unique prefix); its passphrase stops
+    /// working. Neither the slot in use nor the last slot can be removed.
+    Remove { id: String },
+    /// Change the passphrase: add a slot for the new one, remove the one in use.
+    Passwd {
+        /// File holding the new passphrase (else CAIRN_NEW_PASSWORD).
+        #[arg(long, value_name = "FILE")]
+        new_password_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Print audit entries, oldest first.
+    Log {
+        /// Only entries from this time on: RFC 3339, a date, or a duration ago (24h, 7d).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+    },
+    /// Recompute the hash chain from the first entry; print the head; exit 1 if broken.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,24 +292,60 @@ fn print_catalog_warning(warning: &cairn_client::repo::CatalogWarning) {
     eprintln!("warning: {}", warning.message);
 }
 
-fn passphrase(cli: &Cli) -> anyhow::Result<Vec<u8>> {
-    if let Some(path) = &cli.password_file {
-        let text = std::fs::read(path)
-            .with_context(|| format!("cannot read password file {}", path.display()))?;
+/// The passphrase from --password-file or CAIRN_PASSWORD, wiped when dropped.
+fn passphrase(cli: &Cli) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    read_passphrase(
+        cli.password_file.as_deref(),
+        "CAIRN_PASSWORD",
+        "no passphrase: set CAIRN_PASSWORD or pass --password-file FILE",
+        "password file",
+    )
+}
+
+/// The new passphrase of `key add` / `key passwd`.
+fn new_passphrase(file: Option<&std::path::Path>) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    read_passphrase(
+        file,
+        "CAIRN_NEW_PASSWORD",
+        "no new passphrase: pass --new-password-file FILE or set CAIRN_NEW_PASSWORD",
+        "new password file",
+    )
+}
+
+fn read_passphrase(
+    file: Option<&std::path::Path>,
+    env: &str,
+    missing: &'static str,
+    what: &str,
+) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    if let Some(path) = file {
+        let text = Zeroizing::new(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read {what} {}", path.display()))?,
+        );
         let trimmed = text
             .strip_suffix(b"\n")
             .map(|t| t.strip_suffix(b"\r").unwrap_or(t))
             .unwrap_or(&text);
-        return Ok(trimmed.to_vec());
+        return Ok(Zeroizing::new(trimmed.to_vec()));
     }
-    match std::env::var_os("CAIRN_PASSWORD") {
-        Some(p) if !p.is_empty() => Ok(p.into_encoded_bytes()),
-        _ => bail!("no passphrase: set CAIRN_PASSWORD or pass --password-file FILE"),
+    match std::env::var_os(env) {
+        Some(p) if !p.is_empty() => Ok(Zeroizing::new(p.into_encoded_bytes())),
+        _ => bail!(missing),
     }
 }
 
+/// A connection with the CA and token the flags and environment give.
 fn cluster(cli: &Cli) -> anyhow::Result<Cluster> {
-    Ok(Cluster::new(&cli.cluster)?)
+    let token = access::read_token(
+        cli.token_file.as_deref(),
+        std::env::var(access::TOKEN_ENV).ok(),
+    )?;
+    let ca = access::read_ca(cli.ca_file.as_deref())?;
+    Ok(Cluster::with_options(
+        &cli.cluster,
+        access::cluster_options(ca, token)?,
+    )?)
 }
 
 async fn open(cli: &Cli) -> anyhow::Result<Arc<Repository>> {
@@ -235,7 +353,8 @@ async fn open(cli: &Cli) -> anyhow::Result<Arc<Repository>> {
     if let Some(region) = &cli.region {
         cluster = cluster.prefer_region(region).await?;
     }
-    let repo = Repository::open(cluster, &cli.tenant, &passphrase(cli)?)
+    let tenant = cluster.resolve_tenant(cli.tenant.as_deref()).await?;
+    let repo = Repository::open(cluster, &tenant, &passphrase(cli)?)
         .await?
         .with_warning_sink(Arc::new(print_catalog_warning));
     Ok(Arc::new(match &cli.region {
@@ -261,13 +380,10 @@ fn time_text(ms: i64) -> String {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Init => {
-            let repo = Repository::init(
-                cluster(&cli)?,
-                &cli.tenant,
-                &passphrase(&cli)?,
-                KdfParams::default(),
-            )
-            .await?;
+            let cluster = cluster(&cli)?;
+            let tenant = cluster.resolve_tenant(cli.tenant.as_deref()).await?;
+            let repo = Repository::init(cluster, &tenant, &passphrase(&cli)?, KdfParams::default())
+                .await?;
             if cli.json {
                 print_json(&serde_json::json!({"tenant": repo.tenant(), "initialized": true}))?;
             } else {
@@ -479,10 +595,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             restore::failures_to_error(&summary)?;
         }
         Command::Check { read_data, repair } => check(&cli, *read_data, *repair).await?,
+        Command::Token { command } => token_command(&cli, command).await?,
+        Command::Key { command } => key_command(&cli, command).await?,
+        Command::Audit { command } => audit_command(&cli, command).await?,
         Command::Cluster { command } => cluster_command(&cli, command).await?,
         Command::Demo { size_mb } => demo::demo(*size_mb).await?,
-        Command::Bench { size_mb, data } => {
-            let report = demo::bench(*size_mb, data.clone(), cli.json).await?;
+        Command::Bench {
+            size_mb,
+            data,
+            mode,
+        } => {
+            let report = demo::bench(*size_mb, data.clone(), *mode, cli.json).await?;
             if cli.json {
                 print_json(&report)?;
             }
@@ -492,6 +615,248 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dataset,
             scratch,
         } => drill(&cli, without_region, dataset.as_deref(), scratch.clone()).await?,
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// The tenant a new token is for: `--tenant`; else, for a role that acts
+/// on one tenant's data, the creator's own tenant; else none (cluster-wide).
+async fn token_tenant(
+    cluster: &Cluster,
+    explicit: Option<&str>,
+    role: &str,
+) -> anyhow::Result<String> {
+    if let Some(tenant) = explicit.filter(|t| !t.is_empty()) {
+        return Ok(tenant.to_string());
+    }
+    if matches!(role, "cluster-admin" | "monitor") || !cluster.has_token() {
+        return Ok(String::new());
+    }
+    Ok(cluster.who_am_i().await?.tenant)
+}
+
+async fn token_command(cli: &Cli, command: &TokenCommand) -> anyhow::Result<()> {
+    let cluster = cluster(cli)?;
+    match command {
+        TokenCommand::Create { role, ttl, label } => {
+            let ttl = ttl.as_deref().map(access::parse_ttl).transpose()?;
+            let tenant = token_tenant(&cluster, cli.tenant.as_deref(), role).await?;
+            let created = admin::create_token(&cluster, role, &tenant, ttl, label).await?;
+            if cli.json {
+                print_json(&access::created_token_json(&created.info, &created.secret))?;
+            } else {
+                let info = &created.info;
+                eprintln!(
+                    "token {} created: role {}, {}, expires {}; its secret follows, shown this once: keep it in a --token-file",
+                    info.id,
+                    info.role,
+                    if info.tenant.is_empty() {
+                        "all tenants".to_string()
+                    } else {
+                        format!("tenant {}", info.tenant)
+                    },
+                    access::time_or_none(info.expires_unix_ms).unwrap_or_else(|| "never".into())
+                );
+                println!("{}", created.secret.as_str());
+            }
+        }
+        TokenCommand::List => {
+            let tokens = admin::list_tokens(&cluster).await?;
+            if cli.json {
+                print_json(&tokens.iter().map(access::token_json).collect::<Vec<_>>())?;
+            } else {
+                println!("{}", access::token_header());
+                let now = now_ms();
+                for info in &tokens {
+                    println!("{}", access::token_line(info, now));
+                }
+                println!("{} token(s)", tokens.len());
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            admin::revoke_token(&cluster, id).await?;
+            if cli.json {
+                print_json(&serde_json::json!({"revoked": id}))?;
+            } else {
+                println!("token {id} revoked: every node refuses it from now on");
+            }
+        }
+        TokenCommand::Whoami => {
+            let me = cluster.who_am_i().await?;
+            let expires = access::time_or_none(me.expires_unix_ms);
+            if cli.json {
+                print_json(&serde_json::json!({"insecure": me.insecure,
+                    "token_id": (!me.token_id.is_empty()).then_some(&me.token_id),
+                    "role": (!me.role.is_empty()).then_some(&me.role),
+                    "tenant": (!me.tenant.is_empty()).then_some(&me.tenant),
+                    "expires": expires}))?;
+            } else if me.insecure {
+                println!("the cluster runs --insecure: no token is needed or checked");
+            } else {
+                println!(
+                    "token {}: role {}, {}, expires {}",
+                    me.token_id,
+                    me.role,
+                    if me.tenant.is_empty() {
+                        "all tenants".to_string()
+                    } else {
+                        format!("tenant {}", me.tenant)
+                    },
+                    expires.unwrap_or_else(|| "never".into())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn key_command(cli: &Cli, command: &KeyCommand) -> anyhow::Result<()> {
+    // Read the new passphrase before the slow unlock, so a missing one fails fast.
+    let new = match command {
+        KeyCommand::Add { new_password_file } | KeyCommand::Passwd { new_password_file } => {
+            Some(new_passphrase(new_password_file.as_deref())?)
+        }
+        KeyCommand::List | KeyCommand::Remove { .. } => None,
+    };
+    let repo = open(cli).await?;
+    match (command, new) {
+        (KeyCommand::List, _) => {
+            let slots = repo.key_slots().await?;
+            if cli.json {
+                print_json(
+                    &slots
+                        .iter()
+                        .map(|s| {
+                            serde_json::json!({"id": s.id,
+                    "created": access::time_or_none(s.created_unix_ms), "current": s.current})
+                        })
+                        .collect::<Vec<_>>(),
+                )?;
+            } else {
+                println!(" {:<18} created", "id");
+                for slot in &slots {
+                    println!(
+                        "{}{:<18} {}",
+                        if slot.current { "*" } else { " " },
+                        slot.id,
+                        access::time_or_none(slot.created_unix_ms).unwrap_or_else(|| "-".into())
+                    );
+                }
+                println!(
+                    "{} key slot(s) of tenant {:?}; * unlocked this session",
+                    slots.len(),
+                    repo.tenant()
+                );
+            }
+        }
+        (KeyCommand::Add { .. }, Some(new)) => {
+            let id = repo.add_key_slot(&new, KdfParams::default()).await?;
+            if cli.json {
+                print_json(&serde_json::json!({"added": id}))?;
+            } else {
+                println!(
+                    "key slot {id} added: the new passphrase unlocks tenant {:?}",
+                    repo.tenant()
+                );
+            }
+        }
+        (KeyCommand::Remove { id }, _) => {
+            let removed = repo.remove_key_slot(id).await?;
+            if cli.json {
+                print_json(&serde_json::json!({"removed": removed}))?;
+            } else {
+                println!("key slot {removed} removed: its passphrase no longer unlocks the key");
+            }
+        }
+        (KeyCommand::Passwd { .. }, Some(new)) => {
+            let old = repo.unlocked_slot();
+            let id = repo.change_passphrase(&new, KdfParams::default()).await?;
+            if cli.json {
+                print_json(&serde_json::json!({"added": id, "removed": old}))?;
+            } else {
+                println!(
+                    "passphrase changed: key slot {id} added{}",
+                    old.map(|o| format!(", key slot {o} removed"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        (KeyCommand::Add { .. } | KeyCommand::Passwd { .. }, None) => {
+            bail!("no new passphrase")
+        }
+    }
+    Ok(())
+}
+
+async fn audit_command(cli: &Cli, command: &AuditCommand) -> anyhow::Result<()> {
+    let cluster = cluster(cli)?;
+    match command {
+        AuditCommand::Log { since } => {
+            let since = since
+                .as_deref()
+                .map(|s| access::parse_since(s, std::time::SystemTime::now()))
+                .transpose()?;
+            let mut shown = Vec::new();
+            let mut count = 0usize;
+            admin::audit_entries(&cluster, 0, |page| {
+                for entry in page {
+                    if since.is_some_and(|s| entry.time_unix_ms < s) {
+                        continue;
+                    }
+                    count += 1;
+                    if cli.json {
+                        shown.push(access::audit_json(entry));
+                    } else {
+                        println!("{}", access::audit_line(entry));
+                    }
+                }
+            })
+            .await?;
+            if cli.json {
+                print_json(&shown)?;
+            } else {
+                println!("{count} entr{}", if count == 1 { "y" } else { "ies" });
+            }
+        }
+        AuditCommand::Verify => {
+            let report = admin::audit_verify(&cluster).await?;
+            if cli.json {
+                print_json(&report)?;
+            } else if report.ok {
+                println!(
+                    "audit log intact: {} entries; head {} {}",
+                    report.entries, report.head_seq, report.head_hash
+                );
+            } else {
+                println!(
+                    "AUDIT LOG BROKEN: {}; {} entries verified before it, last good head {} {}",
+                    report
+                        .broken
+                        .as_deref()
+                        .unwrap_or("the chain does not verify"),
+                    report.entries,
+                    report.head_seq,
+                    report.head_hash
+                );
+            }
+            if !report.ok {
+                eprintln!(
+                    "error: audit log broken: {}",
+                    report
+                        .broken
+                        .as_deref()
+                        .unwrap_or("the chain does not verify")
+                );
+                std::process::exit(1);
+            }
+        }
     }
     Ok(())
 }
@@ -811,6 +1176,8 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
                 "lost_total": repair.lost_total,
                 "last_pass": time_or_null(repair.last_pass_unix_ms)},
             "orphans": {"shards": reply.orphan_shards, "bytes": reply.orphan_bytes},
+            // TODO(integration): "insecure": reply.insecure, once
+            // ClusterStatusReply.insecure (field 14) is in the protocol.
             "nodes": nodes}))?;
         return Ok(());
     }

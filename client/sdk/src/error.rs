@@ -5,8 +5,13 @@ use std::path::PathBuf;
 /// Everything the SDK can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no reachable node: tried {}", format_tried(.tried))]
-    NoNodeReachable { tried: Vec<(String, String)> },
+    #[error("no reachable node: tried {}{hint}", format_tried(.tried))]
+    NoNodeReachable {
+        tried: Vec<(String, String)>,
+        /// What to check, when the failures suggest it (e.g. plaintext
+        /// to a TLS cluster); empty or starting with "; ".
+        hint: &'static str,
+    },
     #[error("quorum lost: {detail}; the metadata group cannot serve until enough regions return")]
     QuorumLost { detail: String },
     #[error("no cluster address given: pass --cluster ADDR[,ADDR...] or set CAIRN_CLUSTER")]
@@ -29,6 +34,34 @@ pub enum ClientError {
     BadSnapshotId { query: String },
     #[error("{path}: not found in snapshot")]
     PathNotInSnapshot { path: String },
+    #[error(
+        "the token was refused: unknown, revoked or expired — give a valid one with --token-file or CAIRN_TOKEN"
+    )]
+    TokenRefused,
+    #[error(
+        "the cluster requires a token: give one with --token-file or CAIRN_TOKEN (and its CA with --ca-file or CAIRN_CA)"
+    )]
+    TokenRequired,
+    #[error("invalid CA (--ca-file or CAIRN_CA): {reason}")]
+    BadCa { reason: &'static str },
+    #[error("invalid token: {reason}")]
+    BadToken { reason: &'static str },
+    /// `reason` is the node's own sentence (why: the role, or another
+    /// tenant), shown after the operation when the node gave one.
+    #[error("this token's role may not {op}{}", detail(.reason))]
+    PermissionDenied { op: &'static str, reason: String },
+    #[error(
+        "key slot {id} unlocked this session and cannot be removed; unlock with another passphrase first (or use `cairn key passwd`)"
+    )]
+    KeySlotInUse { id: String },
+    #[error(
+        "key slot {id} is the tenant's last: without a key slot the data cannot be read; add another first"
+    )]
+    LastKeySlot { id: String },
+    #[error("no key slot matches {query:?}")]
+    KeySlotNotFound { query: String },
+    #[error("key slot prefix {query:?} is ambiguous ({matches} slots match); give more characters")]
+    AmbiguousKeySlot { query: String, matches: usize },
     #[error("{op} failed on {addr}: {message}")]
     Server {
         op: &'static str,
@@ -56,6 +89,14 @@ pub enum ClientError {
     BadInput { what: String },
     #[error("invalid --exclude pattern {pattern:?}: {reason}")]
     BadExclude { pattern: String, reason: String },
+}
+
+fn detail(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
+    }
 }
 
 fn format_tried(tried: &[(String, String)]) -> String {

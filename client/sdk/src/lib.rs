@@ -10,8 +10,14 @@
 //! use std::sync::Arc;
 //! use cairn_client::{Cluster, Repository, backup, restore};
 //!
-//! let cluster = Cluster::new(&["127.0.0.1:7101".into(), "127.0.0.1:7201".into()])?;
-//! let repo = Arc::new(Repository::open(cluster, "default", b"passphrase").await?);
+//! // `Cluster::new` speaks plaintext without a token (an `--insecure`
+//! // cluster); `ClusterOptions` adds the cluster CA and a bearer token.
+//! let options = cairn_client::ClusterOptions::default()
+//!     .ca_pem(b"-----BEGIN CERTIFICATE-----...".to_vec())
+//!     .token("the token")?;
+//! let cluster = Cluster::with_options(&["127.0.0.1:7101".into(), "127.0.0.1:7201".into()], options)?;
+//! let tenant = cluster.resolve_tenant(None).await?; // the token's tenant
+//! let repo = Arc::new(Repository::open(cluster, &tenant, b"passphrase").await?);
 //! let options = backup::BackupOptions { dataset: "chat-messages".into(), ..Default::default() };
 //! let summary = backup::backup_paths(repo.clone(), &["/var/lib/chat".into()], &options,
 //!     Default::default()).await?;
@@ -21,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
 pub mod backup;
 pub mod chunker;
 pub mod connection;
@@ -32,6 +39,6 @@ pub mod restore;
 pub mod seal;
 pub mod tree;
 
-pub use connection::Cluster;
+pub use connection::{Cluster, ClusterOptions, Credentials};
 pub use error::ClientError;
-pub use repo::{CatalogWarning, Repository, Snapshot, SnapshotList};
+pub use repo::{CatalogWarning, KeySlot, Repository, Snapshot, SnapshotList};

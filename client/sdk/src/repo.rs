@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use cairn_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::connection::Cluster;
 use crate::error::{ClientError, Result};
@@ -116,11 +117,94 @@ pub struct Located {
     pub length: u32,
 }
 
+/// One of the tenant's key slots: another passphrase wrapping the same
+/// master key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeySlot {
+    /// Short hex id given by the metadata group.
+    pub id: String,
+    /// When it was added (cluster time); 0 when not recorded.
+    pub created_unix_ms: i64,
+    /// This session was unlocked with it.
+    pub current: bool,
+}
+
+/// The id of a slot listed by a node that gives none: blake3 of the slot,
+/// first 8 bytes in hex, as the metadata group names slots.
+pub fn key_slot_id(slot: &[u8]) -> String {
+    hex::encode(&blake3::hash(slot).as_bytes()[..8])
+}
+
+/// Every slot of a GetKeySlots answer with its id (the `slots` field, or
+/// the ids computed for the older `key_slots` field).
+fn slots_with_ids(reply: pb::GetKeySlotsReply) -> Vec<pb::KeySlotInfo> {
+    if !reply.slots.is_empty() {
+        return reply.slots;
+    }
+    reply
+        .key_slots
+        .into_iter()
+        .map(|slot| pb::KeySlotInfo {
+            id: key_slot_id(&slot),
+            slot,
+            created_unix_ms: 0,
+        })
+        .collect()
+}
+
+/// Which slot `query` (an id or a unique prefix of one) names, refusing
+/// what restic's `key remove` refuses: the slot in use and the last slot.
+fn slot_to_remove(slots: &[KeySlot], query: &str) -> Result<String> {
+    let query_lower = query.trim().to_ascii_lowercase();
+    let mut matches: Vec<&KeySlot> = if query_lower.is_empty() {
+        Vec::new()
+    } else {
+        slots
+            .iter()
+            .filter(|s| s.id.to_ascii_lowercase().starts_with(&query_lower))
+            .collect()
+    };
+    if let Some(exact) = slots
+        .iter()
+        .find(|s| s.id.to_ascii_lowercase() == query_lower)
+    {
+        matches = vec![exact];
+    }
+    let slot = match matches.as_slice() {
+        [] => {
+            return Err(ClientError::KeySlotNotFound {
+                query: query.to_string(),
+            });
+        }
+        [one] => *one,
+        many => {
+            return Err(ClientError::AmbiguousKeySlot {
+                query: query.to_string(),
+                matches: many.len(),
+            });
+        }
+    };
+    if slot.current {
+        return Err(ClientError::KeySlotInUse {
+            id: slot.id.clone(),
+        });
+    }
+    if slots.len() <= 1 {
+        return Err(ClientError::LastKeySlot {
+            id: slot.id.clone(),
+        });
+    }
+    Ok(slot.id.clone())
+}
+
 /// A tenant's repository on a cluster, unlocked.
 pub struct Repository {
     cluster: Cluster,
     tenant: String,
     key: MasterKey,
+    /// Id of the key slot this session was unlocked with (after `passwd`,
+    /// the slot that replaced it).
+    unlocked_slot: Mutex<Option<String>>,
     region: String,
     warn: WarningSink,
     /// Records already warned about, so a listing repeated by one command
@@ -245,6 +329,18 @@ fn open_snapshot(
     Ok((snapshot, auth))
 }
 
+/// The tenant's key slots, as stored.
+async fn get_key_slots(cluster: &Cluster, tenant: &str) -> Result<pb::GetKeySlotsReply> {
+    cluster
+        .call("get key", |mut c| {
+            let request = pb::GetKeySlotsRequest {
+                tenant: tenant.to_string(),
+            };
+            async move { c.get_key_slots(request).await }
+        })
+        .await
+}
+
 impl Repository {
     /// Creates the tenant's master key and stores its first key slot.
     /// Fails if the tenant already has one.
@@ -256,6 +352,7 @@ impl Repository {
     ) -> Result<Self> {
         let key = MasterKey::generate();
         let slot = create_key_slot(&key, passphrase, kdf)?;
+        let slot_id = key_slot_id(&slot);
         let result = cluster
             .call("init", |mut c| {
                 let request = pb::InitTenantRequest {
@@ -277,45 +374,39 @@ impl Repository {
             }
             Err(e) => return Err(e),
         }
-        Ok(Self::unlocked(cluster, tenant, key))
+        Ok(Self::unlocked(cluster, tenant, key, Some(slot_id)))
     }
 
-    fn unlocked(cluster: Cluster, tenant: &str, key: MasterKey) -> Self {
+    fn unlocked(cluster: Cluster, tenant: &str, key: MasterKey, slot: Option<String>) -> Self {
         Self {
             cluster,
             tenant: tenant.to_string(),
             key,
+            unlocked_slot: Mutex::new(slot),
             region: String::new(),
             warn: Arc::new(log_warning),
             warned: Mutex::new(HashSet::new()),
         }
     }
 
-    /// Unlocks the tenant's key with the passphrase.
+    /// Unlocks the tenant's key with the passphrase, trying each key slot.
     pub async fn open(cluster: Cluster, tenant: &str, passphrase: &[u8]) -> Result<Self> {
-        let reply = cluster
-            .call("get key", |mut c| {
-                let request = pb::GetKeySlotsRequest {
-                    tenant: tenant.to_string(),
-                };
-                async move { c.get_key_slots(request).await }
-            })
-            .await?;
-        if reply.key_slots.is_empty() {
+        let slots = slots_with_ids(get_key_slots(&cluster, tenant).await?);
+        if slots.is_empty() {
             return Err(ClientError::NotInitialized {
                 tenant: tenant.to_string(),
             });
         }
         let mut last_error = ClientError::WrongPassword;
-        for slot in &reply.key_slots {
-            let slot = slot.clone();
-            let passphrase = passphrase.to_vec();
+        for info in slots {
+            let slot = info.slot;
+            let passphrase = Zeroizing::new(passphrase.to_vec());
             // argon2 is deliberately slow: keep it off the async threads.
             let opened = tokio::task::spawn_blocking(move || open_key_slot(&slot, &passphrase))
                 .await
                 .map_err(|e| ClientError::integrity(format!("key derivation task: {e}")))?;
             match opened {
-                Ok(key) => return Ok(Self::unlocked(cluster, tenant, key)),
+                Ok(key) => return Ok(Self::unlocked(cluster, tenant, key, Some(info.id))),
                 Err(crate::seal::SealError::WrongPassword) => {}
                 Err(e) => last_error = e.into(),
             }
@@ -342,6 +433,110 @@ impl Repository {
 
     pub(crate) fn key(&self) -> &MasterKey {
         &self.key
+    }
+
+    /// The cluster connection this repository uses.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Id of the key slot that unlocked this session.
+    pub fn unlocked_slot(&self) -> Option<String> {
+        self.unlocked_slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The tenant's key slots, oldest first, the one in use marked.
+    pub async fn key_slots(&self) -> Result<Vec<KeySlot>> {
+        let current = self.unlocked_slot();
+        let mut slots: Vec<KeySlot> =
+            slots_with_ids(get_key_slots(&self.cluster, &self.tenant).await?)
+                .into_iter()
+                .map(|info| KeySlot {
+                    current: current.as_deref() == Some(info.id.as_str()),
+                    id: info.id,
+                    created_unix_ms: info.created_unix_ms,
+                })
+                .collect();
+        slots.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        Ok(slots)
+    }
+
+    /// Adds a key slot: `passphrase` then unlocks the same master key.
+    /// Returns the new slot's id.
+    pub async fn add_key_slot(&self, passphrase: &[u8], kdf: KdfParams) -> Result<String> {
+        let key = self.key.clone();
+        let passphrase = Zeroizing::new(passphrase.to_vec());
+        // argon2 is deliberately slow: keep it off the async threads.
+        let slot = tokio::task::spawn_blocking(move || create_key_slot(&key, &passphrase, kdf))
+            .await
+            .map_err(|e| ClientError::integrity(format!("key derivation task: {e}")))??;
+        let reply = self
+            .cluster
+            .call("add key slot", |mut c| {
+                let request = pb::AddKeySlotRequest {
+                    tenant: self.tenant.clone(),
+                    key_slot: slot.clone(),
+                };
+                async move { c.add_key_slot(request).await }
+            })
+            .await?;
+        Ok(if reply.id.is_empty() {
+            key_slot_id(&slot)
+        } else {
+            reply.id
+        })
+    }
+
+    /// Removes the key slot `query` names (an id or a unique prefix); its
+    /// passphrase then says "wrong password". The slot that unlocked this
+    /// session and the last slot are refused. Returns the removed id.
+    pub async fn remove_key_slot(&self, query: &str) -> Result<String> {
+        let id = slot_to_remove(&self.key_slots().await?, query)?;
+        self.remove_slot_by_id(&id).await?;
+        Ok(id)
+    }
+
+    async fn remove_slot_by_id(&self, id: &str) -> Result<()> {
+        let result = self
+            .cluster
+            .call("remove key slot", |mut c| {
+                let request = pb::RemoveKeySlotRequest {
+                    tenant: self.tenant.clone(),
+                    id: id.to_string(),
+                };
+                async move { c.remove_key_slot(request).await }
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(ClientError::Server {
+                code: tonic::Code::NotFound,
+                ..
+            }) => Err(ClientError::KeySlotNotFound {
+                query: id.to_string(),
+            }),
+            Err(ClientError::Server {
+                code: tonic::Code::FailedPrecondition,
+                ..
+            }) => Err(ClientError::LastKeySlot { id: id.to_string() }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Changes this session's passphrase: adds a slot for `new_passphrase`,
+    /// then removes the slot that unlocked this session (so the old
+    /// passphrase stops working). Returns the new slot's id.
+    pub async fn change_passphrase(&self, new_passphrase: &[u8], kdf: KdfParams) -> Result<String> {
+        let old = self.unlocked_slot();
+        let new = self.add_key_slot(new_passphrase, kdf).await?;
+        if let Some(old) = old.filter(|old| *old != new) {
+            self.remove_slot_by_id(&old).await?;
+        }
+        *self.unlocked_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());
+        Ok(new)
     }
 
     /// Every snapshot (of one dataset, or all), oldest first. Records that
@@ -663,6 +858,78 @@ impl Repository {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn slot(id: &str, current: bool) -> KeySlot {
+        KeySlot {
+            id: id.into(),
+            created_unix_ms: 0,
+            current,
+        }
+    }
+
+    #[test]
+    fn key_remove_refuses_the_slot_in_use_and_the_last_slot() {
+        let slots = vec![
+            slot("aaaa1111", true),
+            slot("bbbb2222", false),
+            slot("bbbb3333", false),
+        ];
+        assert_eq!(
+            slot_to_remove(&slots, "bbbb2222").expect("exact id"),
+            "bbbb2222"
+        );
+        assert_eq!(
+            slot_to_remove(&slots, "BBBB3").expect("unique prefix"),
+            "bbbb3333"
+        );
+        assert!(matches!(
+            slot_to_remove(&slots, "bbbb"),
+            Err(ClientError::AmbiguousKeySlot { matches: 2, .. })
+        ));
+        assert!(matches!(
+            slot_to_remove(&slots, "cccc"),
+            Err(ClientError::KeySlotNotFound { .. })
+        ));
+        assert!(matches!(
+            slot_to_remove(&slots, ""),
+            Err(ClientError::KeySlotNotFound { .. })
+        ));
+        assert!(matches!(
+            slot_to_remove(&slots, "aaaa"),
+            Err(ClientError::KeySlotInUse { .. })
+        ));
+        // Unlocked with a slot whose id this list does not show: the last
+        // remaining slot is still refused.
+        let only = vec![slot("bbbb2222", false)];
+        assert!(matches!(
+            slot_to_remove(&only, "bbbb2222"),
+            Err(ClientError::LastKeySlot { .. })
+        ));
+    }
+
+    #[test]
+    fn slots_from_an_older_node_get_the_metadata_groups_ids() {
+        let key = MasterKey::generate();
+        let slot = create_key_slot(&key, b"pw", KdfParams::fast_for_tests()).expect("slot");
+        let reply = pb::GetKeySlotsReply {
+            key_slots: vec![slot.clone()],
+            slots: Vec::new(),
+        };
+        let listed = slots_with_ids(reply);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, key_slot_id(&slot));
+        assert_eq!(listed[0].id.len(), 16);
+        let given = pb::KeySlotInfo {
+            id: "given".into(),
+            slot,
+            created_unix_ms: 5,
+        };
+        let reply = pb::GetKeySlotsReply {
+            key_slots: Vec::new(),
+            slots: vec![given.clone()],
+        };
+        assert_eq!(slots_with_ids(reply), vec![given]);
+    }
 
     fn snapshot(id: u8, time_unix_ms: i64, root_tree: u8) -> Snapshot {
         Snapshot {

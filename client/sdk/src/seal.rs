@@ -40,8 +40,10 @@
 //! ([`KDF_MAX_M_KIB`], [`KDF_MAX_T`], [`KDF_MAX_P`]) so that a hostile slot
 //! served by the metadata group cannot make a client allocate 100 GiB.
 //!
-//! Key bytes are not zeroized on drop (no zeroize crate in the graph); the
-//! `Debug` impl never prints them.
+//! Key material is wiped when dropped (`zeroize`): the master key, its
+//! serialized bytes, the argon2 key-encryption key, the one-time subkeys and
+//! the hasher that derives them. (The AES key schedules inside `ring` are
+//! outside our reach.) The `Debug` impl never prints a key.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -49,6 +51,7 @@ use std::fmt;
 use rand::RngCore;
 use rand::rngs::OsRng;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// A blob's id: blake3 keyed with the tenant's id key, over the plaintext.
 pub type BlobId = [u8; 32];
@@ -298,12 +301,28 @@ pub enum SnapshotAuth {
 
 /// The tenant's master key: an id key for keyed blake3 and an encryption key.
 ///
-/// Never leaves the client except wrapped in a key slot.
+/// Never leaves the client except wrapped in a key slot, and is wiped from
+/// memory when dropped.
 #[derive(Clone)]
 pub struct MasterKey {
     id_key: [u8; 32],
     enc_key: [u8; 32],
 }
+
+impl Zeroize for MasterKey {
+    fn zeroize(&mut self) {
+        self.id_key.zeroize();
+        self.enc_key.zeroize();
+    }
+}
+
+impl Drop for MasterKey {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for MasterKey {}
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -314,8 +333,8 @@ impl fmt::Debug for MasterKey {
 impl MasterKey {
     /// A fresh random key from the operating system's CSPRNG.
     pub fn generate() -> Self {
-        let mut bytes = [0u8; MASTER_KEY_LEN];
-        OsRng.fill_bytes(&mut bytes);
+        let mut bytes = Zeroizing::new([0u8; MASTER_KEY_LEN]);
+        OsRng.fill_bytes(bytes.as_mut());
         Self::from_bytes(&bytes)
     }
 
@@ -330,8 +349,8 @@ impl MasterKey {
         key
     }
 
-    fn to_bytes(&self) -> [u8; MASTER_KEY_LEN] {
-        let mut bytes = [0u8; MASTER_KEY_LEN];
+    fn to_bytes(&self) -> Zeroizing<[u8; MASTER_KEY_LEN]> {
+        let mut bytes = Zeroizing::new([0u8; MASTER_KEY_LEN]);
         bytes[..32].copy_from_slice(&self.id_key);
         bytes[32..].copy_from_slice(&self.enc_key);
         bytes
@@ -356,8 +375,9 @@ impl MasterKey {
         let mut hasher = blake3::Hasher::new_derive_key(SUBKEY_CONTEXT);
         hasher.update(&self.enc_key);
         hasher.update(salt);
-        let subkey = hasher.finalize();
-        let unbound = UnboundKey::new(&AES_256_GCM, subkey.as_bytes())
+        let subkey = Zeroizing::new(*hasher.finalize().as_bytes());
+        hasher.zeroize();
+        let unbound = UnboundKey::new(&AES_256_GCM, subkey.as_ref())
             .expect("a 32-byte key is always valid for AES-256-GCM");
         LessSafeKey::new(unbound)
     }
@@ -651,13 +671,13 @@ impl KdfParams {
         let params = self.validate()?;
         let argon =
             argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-        let mut kek = [0u8; 32];
+        let mut kek = Zeroizing::new([0u8; 32]);
         argon
-            .hash_password_into(passphrase, salt, &mut kek)
+            .hash_password_into(passphrase, salt, kek.as_mut())
             .map_err(|e| SealError::Kdf {
                 reason: e.to_string(),
             })?;
-        let unbound = UnboundKey::new(&AES_256_GCM, &kek)
+        let unbound = UnboundKey::new(&AES_256_GCM, kek.as_ref())
             .expect("a 32-byte key is always valid for AES-256-GCM");
         Ok(LessSafeKey::new(unbound))
     }
@@ -693,7 +713,7 @@ pub fn create_key_slot(
     slot.extend_from_slice(&nonce);
     debug_assert_eq!(slot.len(), SLOT_HEADER_LEN);
     let header = slot.clone();
-    slot.extend_from_slice(&master.to_bytes());
+    slot.extend_from_slice(master.to_bytes().as_ref());
     let tag = kek
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
@@ -736,7 +756,7 @@ pub fn open_key_slot(slot: &[u8], passphrase: &[u8]) -> Result<MasterKey, SealEr
     let mut nonce = [0u8; NONCE_LEN];
     nonce.copy_from_slice(&slot[21 + SLOT_SALT_LEN..SLOT_HEADER_LEN]);
     let kek = params.derive(passphrase, salt)?;
-    let mut buf = slot[SLOT_HEADER_LEN..].to_vec();
+    let mut buf = Zeroizing::new(slot[SLOT_HEADER_LEN..].to_vec());
     let plain = kek
         .open_in_place(
             Nonce::assume_unique_for_key(nonce),
@@ -755,6 +775,36 @@ pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn a_slot_added_with_a_new_passphrase_unlocks_the_same_master_key() {
+        let key = MasterKey::generate();
+        let params = KdfParams::fast_for_tests();
+        let first = create_key_slot(&key, b"old passphrase", params).expect("slot");
+        let unlocked = open_key_slot(&first, b"old passphrase").expect("opens");
+        // `cairn key add`: the unlocked key wrapped under a new passphrase.
+        let second = create_key_slot(&unlocked, b"new passphrase", params).expect("slot");
+        let reopened = open_key_slot(&second, b"new passphrase").expect("opens");
+        assert_eq!(reopened.to_bytes(), key.to_bytes());
+        assert_eq!(reopened.blob_id(b"chunk"), key.blob_id(b"chunk"));
+        let sealed = key.seal(b"data", b"aad");
+        assert_eq!(reopened.open(&sealed, b"aad").expect("opens"), b"data");
+        assert!(matches!(
+            open_key_slot(&second, b"old passphrase"),
+            Err(SealError::WrongPassword)
+        ));
+    }
+
+    #[test]
+    fn key_material_is_wiped() {
+        fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+        wiped_on_drop::<MasterKey>();
+        let mut key = MasterKey::generate();
+        assert_ne!(*key.to_bytes(), [0u8; MASTER_KEY_LEN]);
+        key.zeroize();
+        assert_eq!(*key.to_bytes(), [0u8; MASTER_KEY_LEN]);
+        assert_eq!(format!("{key:?}"), "MasterKey(<redacted>)");
+    }
 
     /// The key of the golden vectors: bytes 0, 1, ..., 63 (id key first).
     pub(crate) fn golden_key() -> MasterKey {
