@@ -120,7 +120,7 @@ pub struct NodeCertSpec {
     pub days: u32,
     /// Start of validity; `None` is now. Tests back-date it to make an
     /// expired certificate.
-    pub not_before: Option<time::OffsetDateTime>,
+    pub not_before: Option<std::time::SystemTime>,
 }
 
 impl NodeCertSpec {
@@ -175,7 +175,11 @@ pub fn issue(ca: &Pems, spec: &NodeCertSpec) -> Result<Pems, CaError> {
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
-    validity(&mut params, spec.not_before.unwrap_or_else(now), spec.days);
+    let not_before = spec
+        .not_before
+        .map(time::OffsetDateTime::from)
+        .unwrap_or_else(now);
+    validity(&mut params, not_before, spec.days);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     Ok(Pems {

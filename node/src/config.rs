@@ -667,6 +667,7 @@ impl NodeConfig {
             rpc_timeout: self.gateway.rpc_timeout,
             packs_in_flight_max: self.gateway.packs_in_flight_max,
             repair: (&self.repair).into(),
+            insecure: self.security.insecure,
         }
     }
 }

@@ -298,15 +298,23 @@ fn verified_peer<B>(request: &http::Request<B>) -> Option<NodeId> {
     }
 }
 
-/// The tower layer mounted on the node's server (TLS mode only).
+/// The tower layer mounted on the node's server. Disabled (a pass-through)
+/// in `--insecure` mode, where nobody is authenticated.
 #[derive(Clone)]
 pub struct PeerAuthLayer {
-    members: Arc<dyn MemberCheck>,
+    members: Option<Arc<dyn MemberCheck>>,
 }
 
 impl PeerAuthLayer {
     pub fn new(members: Arc<dyn MemberCheck>) -> Self {
-        Self { members }
+        Self {
+            members: Some(members),
+        }
+    }
+
+    /// Checks nothing: `--insecure`.
+    pub fn disabled() -> Self {
+        Self { members: None }
     }
 }
 
@@ -325,7 +333,7 @@ impl<S> tower_layer::Layer<S> for PeerAuthLayer {
 #[derive(Clone)]
 pub struct PeerAuth<S> {
     inner: S,
-    members: Arc<dyn MemberCheck>,
+    members: Option<Arc<dyn MemberCheck>>,
 }
 
 /// What the layer decided for one request.
@@ -361,11 +369,14 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let Some(members) = &self.members else {
+            return Either::Right(self.inner.call(request));
+        };
         let peer = verified_peer(&request);
         if let Some(id) = peer {
             request.extensions_mut().insert(VerifiedPeer(id));
         }
-        match decide(request.uri().path(), peer, self.members.as_ref()) {
+        match decide(request.uri().path(), peer, members.as_ref()) {
             Ok(()) => Either::Right(self.inner.call(request)),
             Err(status) => {
                 tracing::warn!(
@@ -443,7 +454,8 @@ mod tests {
             .expect_err("key of another cert");
         assert!(matches!(err, TlsError::KeyMismatch), "{err}");
         let mut old = NodeCertSpec::new(7, "r1", &["127.0.0.1"]);
-        old.not_before = Some(time::OffsetDateTime::now_utc() - std::time::Duration::from_secs(10 * 86_400));
+        old.not_before =
+            Some(std::time::SystemTime::now() - std::time::Duration::from_secs(10 * 86_400));
         old.days = 2;
         let expired = issue(&ca, &old).expect("expired cert");
         let err = NodeTls::from_pems(7, ca.cert_pem, expired.cert_pem, expired.key_pem)

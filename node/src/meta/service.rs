@@ -26,7 +26,8 @@ use tonic::{Request, Response, Status};
 use super::Meta;
 use super::admission::{Admission, ClusterInfoRequest};
 use super::codec;
-use super::membership::ChangeRequest;
+use super::membership::{ChangeRequest, MembershipChange};
+use crate::auth::VerifiedPeer;
 use super::network::NODE_ID_HEADER;
 use super::types::{Command, NodeId, TypeConfig};
 
@@ -96,6 +97,35 @@ impl RaftService {
     }
 }
 
+/// The node id the request's certificate proved (`None` in `--insecure`
+/// mode: the server's layer refuses node services without one otherwise).
+fn peer_of<T>(request: &Request<T>) -> Option<NodeId> {
+    request.extensions().get::<VerifiedPeer>().map(|p| p.0)
+}
+
+/// A payload that names its sender (a vote's candidate, an append's or a
+/// snapshot's leader, a cluster-info asker) must name the certificate's node:
+/// a node cannot speak for another.
+fn same_sender(
+    peer: Option<NodeId>,
+    claimed: Option<NodeId>,
+    what: &str,
+) -> Result<(), Status> {
+    match (peer, claimed) {
+        (Some(peer), Some(claimed)) if peer != claimed => {
+            tracing::warn!(peer, claimed, what, "refused a raft payload naming another node as its sender");
+            Err(Status::permission_denied(format!(
+                "{what} claims to come from node {claimed}, but the certificate is node {peer}'s"
+            )))
+        }
+        (Some(peer), None) => {
+            tracing::warn!(peer, what, "refused a raft payload naming no sender");
+            Err(Status::permission_denied(format!("{what} names no sender")))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn reply<T: Serialize>(what: &'static str, value: &T) -> Result<Response<RaftPayload>, Status> {
     match codec::encode(what, value) {
         Ok(data) => Ok(Response::new(RaftPayload { data })),
@@ -112,8 +142,10 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let peer = peer_of(&request);
         let rpc: AppendEntriesRequest<TypeConfig> =
             self.accept("append-entries request", request)?;
+        same_sender(peer, rpc.vote.leader_id().voted_for(), "append-entries request")?;
         self.gate()?;
         reply(
             "append-entries response",
@@ -122,7 +154,9 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let peer = peer_of(&request);
         let rpc: VoteRequest<NodeId> = self.accept("vote request", request)?;
+        same_sender(peer, rpc.vote.leader_id().voted_for(), "vote request")?;
         self.gate()?;
         reply("vote response", &self.raft.vote(rpc).await)
     }
@@ -131,8 +165,10 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let peer = peer_of(&request);
         let rpc: InstallSnapshotRequest<TypeConfig> =
             self.accept("install-snapshot request", request)?;
+        same_sender(peer, rpc.vote.leader_id().voted_for(), "install-snapshot request")?;
         self.gate()?;
         reply(
             "install-snapshot response",
@@ -170,8 +206,22 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let peer = peer_of(&request);
         let ChangeRequest { change, within_ms } =
             self.accept("membership change request", request)?;
+        // Members relay operators' changes; a node that is not a member
+        // (admission lets it through) may only ask to add itself.
+        if let Some(peer) = peer
+            && !crate::tls::MemberCheck::admits(&self.meta, peer)
+        {
+            let own = matches!(&change, MembershipChange::Add { id, .. } if *id == peer);
+            if !own {
+                tracing::warn!(peer, ?change, "refused a membership change from a node that is not a member");
+                return Err(Status::permission_denied(format!(
+                    "node {peer} is not a member and may only ask to add itself"
+                )));
+            }
+        }
         // The caller's budget, capped by ours.
         let within = Duration::from_millis(within_ms).min(self.meta.config().membership_timeout());
         let answer = self
@@ -185,7 +235,9 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let peer = peer_of(&request);
         let ClusterInfoRequest { asker } = self.accept("cluster-info request", request)?;
+        same_sender(peer, Some(asker), "cluster-info request")?;
         match self.meta.cluster_info(asker) {
             Ok(info) => reply("cluster-info response", &info),
             Err(e) => {
