@@ -287,8 +287,11 @@ mod tests {
     #[test]
     fn a_node_certificate_names_its_node_and_hosts() {
         let ca = init(30).expect("ca");
-        let node = issue(&ca, &NodeCertSpec::new(7, "r2", &["10.0.0.7", "n7.example"]))
-            .expect("node cert");
+        let node = issue(
+            &ca,
+            &NodeCertSpec::new(7, "r2", &["10.0.0.7", "n7.example"]),
+        )
+        .expect("node cert");
         let id = crate::tls::cert_node_id_pem(&node.cert_pem).expect("one node name");
         assert_eq!(id, 7);
         crate::tls::check_chain_pem(&ca.cert_pem, &node.cert_pem).expect("signed by the CA");

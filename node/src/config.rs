@@ -977,7 +977,10 @@ mod tests {
         let mut partial = plain.clone();
         partial.tls.ca = Some("ca.pem".into());
         let err = NodeConfig::from_file(partial).expect_err("a part");
-        assert!(err.to_string().contains("--tls-cert, --tls-key missing"), "{err}");
+        assert!(
+            err.to_string().contains("--tls-cert, --tls-key missing"),
+            "{err}"
+        );
         let mut both = file(cluster, "4+2");
         both.tls.ca = Some("ca.pem".into());
         assert!(matches!(

@@ -83,7 +83,12 @@ impl Secure {
     }
 
     /// Issues node `id`'s certificate (loopback names) and points `file` at it.
-    fn node_files(&self, id: NodeId, region: &str, file: &mut NodeFile) -> Result<(), LocalClusterError> {
+    fn node_files(
+        &self,
+        id: NodeId,
+        region: &str,
+        file: &mut NodeFile,
+    ) -> Result<(), LocalClusterError> {
         let cert_path = self.dir.join(ca::node_cert_file(id));
         if !cert_path.exists() {
             ca::issue_dir(

@@ -64,7 +64,11 @@ fn run_ca(command: CaCommand) -> anyhow::Result<()> {
     match command {
         CaCommand::Init { out, days } => {
             ca::init_dir(&out, days)?;
-            println!("wrote {} and {} (keep ca.key offline)", ca::CA_CERT_FILE, ca::CA_KEY_FILE);
+            println!(
+                "wrote {} and {} (keep ca.key offline)",
+                ca::CA_CERT_FILE,
+                ca::CA_KEY_FILE
+            );
         }
         CaCommand::Issue {
             ca: ca_dir,

@@ -9,9 +9,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cairn_proto::MAX_MESSAGE_BYTES;
+use cairn_proto::transport::DialTls;
 use cairn_proto::v1::shards_client::ShardsClient;
 use tonic::Request;
-use cairn_proto::transport::DialTls;
 use tonic::transport::Channel;
 
 use crate::meta::types::NodeId;

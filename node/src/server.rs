@@ -65,7 +65,10 @@ pub async fn run(
         );
         None
     } else {
-        Some(crate::tls::NodeTls::load(config.node_id, &config.security.tls)?)
+        Some(crate::tls::NodeTls::load(
+            config.node_id,
+            &config.security.tls,
+        )?)
     };
     let dial = tls.as_ref().map(crate::tls::NodeTls::dial);
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {

@@ -79,10 +79,14 @@ pub fn cert_node_id(der: &[u8]) -> Result<NodeId, PeerCertError> {
         .subject_alternative_name()
         .map_err(|_| PeerCertError::Unparsable)?
         .ok_or(PeerCertError::NoNodeName)?;
-    let mut ids = san.value.general_names.iter().filter_map(|name| match name {
-        GeneralName::DNSName(dns) => parse_node_name(dns),
-        _ => None,
-    });
+    let mut ids = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => parse_node_name(dns),
+            _ => None,
+        });
     let id = ids.next().ok_or(PeerCertError::NoNodeName)?;
     if ids.next().is_some() {
         return Err(PeerCertError::SeveralNodeNames);
@@ -92,7 +96,11 @@ pub fn cert_node_id(der: &[u8]) -> Result<NodeId, PeerCertError> {
 
 /// `node-<id>.cairn` → id (the exact spelling [`node_server_name`] makes).
 fn parse_node_name(dns: &str) -> Option<NodeId> {
-    let id: NodeId = dns.strip_prefix("node-")?.strip_suffix(".cairn")?.parse().ok()?;
+    let id: NodeId = dns
+        .strip_prefix("node-")?
+        .strip_suffix(".cairn")?
+        .parse()
+        .ok()?;
     (node_server_name(id) == dns).then_some(id)
 }
 
@@ -435,8 +443,13 @@ mod tests {
     fn start_refuses_a_certificate_for_another_node_or_ca() {
         let ca = init(10).expect("ca");
         let seven = issue(&ca, &NodeCertSpec::new(7, "r1", &["127.0.0.1"])).expect("cert");
-        NodeTls::from_pems(7, ca.cert_pem.clone(), seven.cert_pem.clone(), seven.key_pem.clone())
-            .expect("own cert");
+        NodeTls::from_pems(
+            7,
+            ca.cert_pem.clone(),
+            seven.cert_pem.clone(),
+            seven.key_pem.clone(),
+        )
+        .expect("own cert");
         let err = NodeTls::from_pems(
             3,
             ca.cert_pem.clone(),

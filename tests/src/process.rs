@@ -340,7 +340,12 @@ impl ProcessCluster {
             .args(["--listen", &node.addr, "--initial-cluster", initial])
             .arg("--data-dir")
             .arg(&data)
-            .args(["--erasure", &self.options.erasure, "--down-after", down_after]);
+            .args([
+                "--erasure",
+                &self.options.erasure,
+                "--down-after",
+                down_after,
+            ]);
         match node.tls.clone().or(own_tls) {
             Some(files) => {
                 command

@@ -202,8 +202,11 @@ async fn node_services_accept_only_member_certificates_of_the_cluster_ca() {
         .expect_err("a non-member's DeleteShard");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert_eq!(shard_files_on_disk(dir.path()), on_disk, "nothing deleted");
-    // postcard of `ClusterInfoRequest { asker: 3 }`: one varint.
-    let claims_three = vec![3u8];
+    let claims_three = cairn_node::meta::codec::encode(
+        "cluster-info request",
+        &cairn_node::meta::admission::ClusterInfoRequest { asker: 3 },
+    )
+    .expect("encode");
     let err = as_seven
         .cluster_info(addressed(1, RaftPayload { data: claims_three }, CALL))
         .await
@@ -214,8 +217,8 @@ async fn node_services_accept_only_member_certificates_of_the_cluster_ca() {
     // Another CA's certificate, and an expired one of this CA, fail the
     // handshake: no call gets an answer from the server.
     let other_ca = ca::init(30).expect("other CA");
-    let stranger = ca::issue(&other_ca, &NodeCertSpec::new(2, "r1", &["127.0.0.1"]))
-        .expect("stranger cert");
+    let stranger =
+        ca::issue(&other_ca, &NodeCertSpec::new(2, "r1", &["127.0.0.1"])).expect("stranger cert");
     let stranger = write_files(&dir.path().join("stranger"), &tls.ca_pem, &stranger);
     let mut expired_spec = NodeCertSpec::new(2, "r1", &["127.0.0.1"]);
     expired_spec.not_before = Some(SystemTime::now() - Duration::from_secs(30 * 86_400));

@@ -27,9 +27,9 @@ use super::Meta;
 use super::admission::{Admission, ClusterInfoRequest};
 use super::codec;
 use super::membership::{ChangeRequest, MembershipChange};
-use crate::auth::VerifiedPeer;
 use super::network::NODE_ID_HEADER;
 use super::types::{Command, NodeId, TypeConfig};
+use crate::auth::VerifiedPeer;
 
 /// The `Raft` gRPC service of one node.
 #[derive(Clone)]
@@ -106,14 +106,15 @@ fn peer_of<T>(request: &Request<T>) -> Option<NodeId> {
 /// A payload that names its sender (a vote's candidate, an append's or a
 /// snapshot's leader, a cluster-info asker) must name the certificate's node:
 /// a node cannot speak for another.
-fn same_sender(
-    peer: Option<NodeId>,
-    claimed: Option<NodeId>,
-    what: &str,
-) -> Result<(), Status> {
+fn same_sender(peer: Option<NodeId>, claimed: Option<NodeId>, what: &str) -> Result<(), Status> {
     match (peer, claimed) {
         (Some(peer), Some(claimed)) if peer != claimed => {
-            tracing::warn!(peer, claimed, what, "refused a raft payload naming another node as its sender");
+            tracing::warn!(
+                peer,
+                claimed,
+                what,
+                "refused a raft payload naming another node as its sender"
+            );
             Err(Status::permission_denied(format!(
                 "{what} claims to come from node {claimed}, but the certificate is node {peer}'s"
             )))
@@ -145,7 +146,11 @@ impl RaftRpc for RaftService {
         let peer = peer_of(&request);
         let rpc: AppendEntriesRequest<TypeConfig> =
             self.accept("append-entries request", request)?;
-        same_sender(peer, rpc.vote.leader_id().voted_for(), "append-entries request")?;
+        same_sender(
+            peer,
+            rpc.vote.leader_id().voted_for(),
+            "append-entries request",
+        )?;
         self.gate()?;
         reply(
             "append-entries response",
@@ -168,7 +173,11 @@ impl RaftRpc for RaftService {
         let peer = peer_of(&request);
         let rpc: InstallSnapshotRequest<TypeConfig> =
             self.accept("install-snapshot request", request)?;
-        same_sender(peer, rpc.vote.leader_id().voted_for(), "install-snapshot request")?;
+        same_sender(
+            peer,
+            rpc.vote.leader_id().voted_for(),
+            "install-snapshot request",
+        )?;
         self.gate()?;
         reply(
             "install-snapshot response",
@@ -216,7 +225,11 @@ impl RaftRpc for RaftService {
         {
             let own = matches!(&change, MembershipChange::Add { id, .. } if *id == peer);
             if !own {
-                tracing::warn!(peer, ?change, "refused a membership change from a node that is not a member");
+                tracing::warn!(
+                    peer,
+                    ?change,
+                    "refused a membership change from a node that is not a member"
+                );
                 return Err(Status::permission_denied(format!(
                     "node {peer} is not a member and may only ask to add itself"
                 )));
@@ -248,5 +261,21 @@ impl RaftRpc for RaftService {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_must_name_the_certificates_node() {
+        assert!(same_sender(Some(3), Some(3), "vote request").is_ok());
+        let err = same_sender(Some(7), Some(3), "vote request").expect_err("7 speaking for 3");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("node 3"), "{}", err.message());
+        assert!(same_sender(Some(7), None, "append-entries request").is_err());
+        // --insecure: no certificate, nothing to compare.
+        assert!(same_sender(None, Some(3), "vote request").is_ok());
     }
 }
