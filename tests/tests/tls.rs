@@ -315,3 +315,64 @@ async fn a_node_without_tls_or_with_another_nodes_certificate_does_not_start() {
         "refused before opening anything"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_in_process_cluster_runs_tls_by_choice_and_reports_insecure_otherwise() {
+    use cairn_node::local_cluster::LocalCluster;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut secure = LocalCluster::start_secure(&dir.path().join("tls"), &[1, 1, 1], "1+2", |_| {})
+        .await
+        .expect("secure cluster starts");
+    secure
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("forms over mutual TLS");
+    assert!(secure.is_secure());
+    let token = secure.admin_token().to_string();
+    assert!(
+        token.starts_with("cairn_") && token.len() == 6 + 64,
+        "{token}"
+    );
+    let ca_path = secure.ca_path().expect("a CA file");
+    assert_eq!(
+        std::fs::read_to_string(&ca_path).expect("CA file"),
+        secure.ca_pem().expect("CA")
+    );
+    assert!(!secure.status().await.expect("status").insecure);
+    // A node added later gets its certificate and joins through admission.
+    let extra = secure.start_extra_node("r2").await.expect("extra node");
+    let status = wait_until(
+        "the extra node to join",
+        Duration::from_secs(60),
+        || async {
+            let status = secure.status().await?;
+            if status.nodes.iter().any(|n| n.node_id == extra) {
+                Ok(status)
+            } else {
+                Err(format!("{} members", status.nodes.len()))
+            }
+        },
+    )
+    .await;
+    assert_eq!(status.nodes.len(), 4);
+    // Plaintext to a node of this cluster gets nothing.
+    let mut plain = CairnClient::new(raw_channel(&secure.members()[&1].addr, None));
+    assert!(
+        plain
+            .cluster_status(tonic::Request::new(ClusterStatusRequest {}))
+            .await
+            .is_err()
+    );
+    secure.shutdown().await.expect("stops");
+
+    let insecure = LocalCluster::start(&dir.path().join("plain"), &[1, 1, 1], "1+2")
+        .await
+        .expect("insecure cluster starts");
+    insecure
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("forms in plaintext");
+    assert!(insecure.status().await.expect("status").insecure);
+    assert_eq!(insecure.admin_token(), "");
+    insecure.shutdown().await.expect("stops");
+}
