@@ -62,6 +62,8 @@ pub enum CaError {
     NoHost,
     #[error("host {host:?} is not a valid DNS name or IP address")]
     BadHost { host: String },
+    #[error("host {host:?} is another node's name; a node certificate names one node")]
+    OtherNodeName { host: String },
 }
 
 /// A certificate and its private key, both PEM.
@@ -145,6 +147,13 @@ pub fn issue(ca: &Pems, spec: &NodeCertSpec) -> Result<Pems, CaError> {
         .collect();
     if hosts.is_empty() {
         return Err(CaError::NoHost);
+    }
+    // A certificate naming two nodes would prove neither.
+    if let Some(host) = hosts
+        .iter()
+        .find(|h| crate::tls::parse_node_name(h).is_some_and(|other| other != spec.node_id))
+    {
+        return Err(CaError::OtherNodeName { host: host.clone() });
     }
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|_| CaError::BadCa {
         what: "ca.key is not a PEM private key",
@@ -334,5 +343,11 @@ mod tests {
         )
         .expect_err("no host");
         assert!(matches!(err, CaError::NoHost));
+        let err = issue(
+            &load_dir(dir.path()).expect("load"),
+            &NodeCertSpec::new(4, "r1", &["node-5.cairn"]),
+        )
+        .expect_err("another node's name");
+        assert!(matches!(err, CaError::OtherNodeName { .. }), "{err}");
     }
 }

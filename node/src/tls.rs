@@ -95,7 +95,7 @@ pub fn cert_node_id(der: &[u8]) -> Result<NodeId, PeerCertError> {
 }
 
 /// `node-<id>.cairn` → id (the exact spelling [`node_server_name`] makes).
-fn parse_node_name(dns: &str) -> Option<NodeId> {
+pub(crate) fn parse_node_name(dns: &str) -> Option<NodeId> {
     let id: NodeId = dns
         .strip_prefix("node-")?
         .strip_suffix(".cairn")?
