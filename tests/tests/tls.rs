@@ -96,10 +96,18 @@ async fn node_services_accept_only_member_certificates_of_the_cluster_ca() {
 
     // cluster status over TLS from every node.
     for id in cluster.ids() {
-        let status = status_with(cluster.addr(id), Some(&tls))
-            .await
-            .unwrap_or_else(|e| panic!("status over TLS from node {id}: {e}"));
-        assert!(status.has_leader);
+        wait_until(
+            &format!("node {id} to report a leader over TLS"),
+            Duration::from_secs(30),
+            || async {
+                match status_with(cluster.addr(id), Some(&tls)).await {
+                    Ok(status) if status.has_leader => Ok(()),
+                    Ok(_) => Err("no leader yet".to_string()),
+                    Err(e) => Err(e),
+                }
+            },
+        )
+        .await;
     }
 
     // Plaintext gets no answer on any node port.
@@ -213,6 +221,31 @@ async fn node_services_accept_only_member_certificates_of_the_cluster_ca() {
         .expect_err("node 7 asking as node 3");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("node 3"), "{}", err.message());
+
+    // A member (node 2) cannot speak for another node (3) in Raft payloads.
+    let mut as_two = RaftClient::new(raw_channel(&addr, Some(&member)));
+    let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(1, 3u64), None);
+    let vote = cairn_node::meta::codec::encode("vote request", &vote).expect("encode");
+    let err = as_two
+        .vote(addressed(1, RaftPayload { data: vote }, CALL))
+        .await
+        .expect_err("node 2 voting as node 3");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("node 3"), "{}", err.message());
+    let append: openraft::raft::AppendEntriesRequest<cairn_node::meta::types::TypeConfig> =
+        openraft::raft::AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(1, 3),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        };
+    let append =
+        cairn_node::meta::codec::encode("append-entries request", &append).expect("encode");
+    let err = as_two
+        .append_entries(addressed(1, RaftPayload { data: append }, CALL))
+        .await
+        .expect_err("node 2 appending as leader 3");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
     // Another CA's certificate, and an expired one of this CA, fail the
     // handshake: no call gets an answer from the server.
