@@ -18,6 +18,13 @@ REGIONS=(r1 r2 r3)
 # the CLI fails over between them.
 export CAIRN_CLUSTER=${CAIRN_CLUSTER:-node-1:7100,node-3:7100,node-5:7100,node-2:7100,node-4:7100,node-6:7100}
 
+# The bootstrap cluster-admin token, made by certs.sh; the CLI reads CAIRN_TOKEN.
+SECRETS_DIR="$COMPOSE_DIR/.secrets"
+if [ -z "${CAIRN_TOKEN:-}" ] && [ -r "$SECRETS_DIR/bootstrap-token" ]; then
+  CAIRN_TOKEN=$(cat "$SECRETS_DIR/bootstrap-token")
+  export CAIRN_TOKEN
+fi
+
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 

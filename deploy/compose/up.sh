@@ -20,6 +20,7 @@ done
 if [ $build = yes ] || ! docker image inspect "$CAIRN_IMAGE" >/dev/null 2>&1; then
   "$COMPOSE_DIR/build-image.sh"
 fi
+"$COMPOSE_DIR/certs.sh"
 log "starting nodes 1..6"
 compose up -d --no-build node-1 node-2 node-3 node-4 node-5 node-6
 log "waiting up to ${timeout_s}s for a leader and six nodes up"

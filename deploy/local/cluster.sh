@@ -7,7 +7,11 @@
 #   deploy/local/cluster.sh stop
 # CAIRN_BUILD=0 uses the binaries already in target/release; CAIRN_NODE_CONFIG
 # (a TOML file), CAIRN_DOWN_AFTER and CAIRN_METRICS_BASE (metrics on port
-# base+id) pass settings to every node.
+# base+id) pass settings to every node. Nodes speak mutual TLS with a CA and
+# node certificates made by `cairn-node ca` under $DIR/tls, and $DIR/tls/
+# bootstrap-token becomes the first cluster-admin token; the `start` output
+# says what to export for the CLI (CAIRN_CA, CAIRN_TOKEN). CAIRN_INSECURE=1
+# runs plaintext without authentication instead.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DIR=${CAIRN_LOCAL_DIR:-${TMPDIR:-/tmp}/cairn-local}
@@ -16,11 +20,30 @@ BIN=target/release/cairn-node
 NODES=(1=r1@127.0.0.1:7101 2=r1@127.0.0.1:7102 3=r2@127.0.0.1:7201 4=r2@127.0.0.1:7202 5=r3@127.0.0.1:7301 6=r3@127.0.0.1:7302)
 CLUSTER=$(IFS=,; echo "${NODES[*]}")
 
+# The CA and token, once per $DIR (existing files are kept).
+make_tls() {
+  local tls=$DIR/tls
+  mkdir -p "$tls"
+  [ -f "$tls/ca.pem" ] || "$BIN" ca init --out "$tls" >/dev/null
+  if [ ! -s "$tls/bootstrap-token" ]; then
+    (umask 077 && printf 'cairn_%s' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$tls/bootstrap-token")
+  fi
+}
+
 start_node() { # id=region@addr
   local spec=$1 id=${1%%=*} rest=${1#*=}
   local region=${rest%%@*} addr=${rest#*@}
   mkdir -p "$DIR/node-$id"
   local extra=()
+  if [ "${CAIRN_INSECURE:-0}" = 1 ]; then
+    extra+=(--insecure)
+  else
+    local tls=$DIR/tls
+    [ -f "$tls/node-$id.pem" ] || "$BIN" ca issue --ca "$tls" --node-id "$id" --region "$region" \
+      --host "${addr%:*},localhost" --out "$tls" >/dev/null
+    extra+=(--tls-ca "$tls/ca.pem" --tls-cert "$tls/node-$id.pem" --tls-key "$tls/node-$id.key"
+      --bootstrap-token-file "$tls/bootstrap-token")
+  fi
   if [ -n "${CAIRN_NODE_CONFIG:-}" ]; then extra+=(--config "$CAIRN_NODE_CONFIG"); fi
   if [ -n "${CAIRN_DOWN_AFTER:-}" ]; then extra+=(--down-after "$CAIRN_DOWN_AFTER"); fi
   if [ -n "${CAIRN_METRICS_BASE:-}" ]; then extra+=(--metrics-listen "127.0.0.1:$((CAIRN_METRICS_BASE + id))"); fi
@@ -35,8 +58,13 @@ case "${1:-}" in
   start)
     [ "${CAIRN_BUILD:-1}" = 0 ] || cargo build --release --bin cairn-node --bin cairn
     mkdir -p "$DIR"
+    [ "${CAIRN_INSECURE:-0}" = 1 ] || make_tls
     for spec in "${NODES[@]}"; do start_node "$spec"; done
     echo "export CAIRN_CLUSTER=127.0.0.1:7101,127.0.0.1:7201,127.0.0.1:7301"
+    if [ "${CAIRN_INSECURE:-0}" != 1 ]; then
+      echo "export CAIRN_CA=$DIR/tls/ca.pem"
+      echo "export CAIRN_TOKEN=\$(cat $DIR/tls/bootstrap-token)"
+    fi
     ;;
   stop-region)
     for spec in "${NODES[@]}"; do if [[ $spec == *"=$2@"* ]]; then stop_node "${spec%%=*}"; fi; done ;;

@@ -22,6 +22,12 @@ export CAIRN_LOCAL_DIR=$SCRATCH/cluster CAIRN_NODE_CONFIG=$SCRATCH/node.toml CAI
 [ "${CAIRN_BUILD:-1}" = 0 ] || cargo build --release --bin cairn-node --bin cairn
 CAIRN_BUILD=0 deploy/local/cluster.sh start "$SCRATCH/cluster" >/dev/null
 trap 'deploy/local/cluster.sh stop >/dev/null 2>&1 || true' EXIT
+# The cluster's CA and bootstrap token (cluster.sh made them), for the CLI.
+if [ "${CAIRN_INSECURE:-0}" != 1 ]; then
+  export CAIRN_CA=$SCRATCH/cluster/tls/ca.pem
+  CAIRN_TOKEN=$(cat "$SCRATCH/cluster/tls/bootstrap-token")
+  export CAIRN_TOKEN
+fi
 export CAIRN_CLUSTER=127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7201,127.0.0.1:7202,127.0.0.1:7301,127.0.0.1:7302
 export CAIRN_PASSWORD=figures-only-password
 for _ in $(seq 1 100); do "$BIN/cairn" cluster status --json >/dev/null 2>&1 && break; sleep 0.2; done

@@ -54,11 +54,23 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     #[error(
-        "environment variable {var} is not a node setting: use {ENV_PREFIX}ID, _REGION, _LISTEN, _DATA_DIR, _INITIAL_CLUSTER, _ERASURE, _DOWN_AFTER, _METRICS_LISTEN or {ENV_PREFIX}<SECTION>_<KEY> with a section of raft, gateway, repair, scrub"
+        "environment variable {var} is not a node setting: use {ENV_PREFIX}ID, _REGION, _LISTEN, _DATA_DIR, _INITIAL_CLUSTER, _ERASURE, _DOWN_AFTER, _METRICS_LISTEN, _INSECURE, _BOOTSTRAP_TOKEN_FILE or {ENV_PREFIX}<SECTION>_<KEY> with a section of raft, gateway, repair, scrub, tls"
     )]
     EnvUnknown { var: String },
     #[error("environment variable {var}={value:?}: expected a whole number")]
     EnvNumber { var: String, value: String },
+    #[error("environment variable {var}={value:?}: expected true or false")]
+    EnvBool { var: String, value: String },
+    #[error(
+        "no TLS configured: give --tls-ca, --tls-cert and --tls-key (or [tls] ca, cert and key in the config file; make them with `cairn-node ca init` and `cairn-node ca issue`), or --insecure for a plaintext cluster without authentication"
+    )]
+    NoTls,
+    #[error(
+        "incomplete TLS settings: {missing} missing (--tls-ca, --tls-cert and --tls-key go together)"
+    )]
+    TlsIncomplete { missing: String },
+    #[error("--insecure and TLS settings are both given: drop one of them")]
+    InsecureWithTls,
     #[error("missing setting: {name} (flag --{flag}, {env} or `{name}` in the config file)")]
     Missing {
         name: &'static str,
@@ -228,9 +240,9 @@ impl From<&ScrubSection> for crate::scrub::ScrubConfig {
 }
 
 /// The sections an environment variable `CAIRN_NODE_<SECTION>_<KEY>` may set.
-const SECTIONS: [&str; 4] = ["raft", "gateway", "repair", "scrub"];
+const SECTIONS: [&str; 5] = ["raft", "gateway", "repair", "scrub", "tls"];
 /// Top-level keys and their variables (`CAIRN_NODE_ID` is `node_id`).
-const TOP_LEVEL: [(&str, &str); 8] = [
+const TOP_LEVEL: [(&str, &str); 10] = [
     ("ID", "node_id"),
     ("REGION", "region"),
     ("LISTEN", "listen"),
@@ -239,10 +251,14 @@ const TOP_LEVEL: [(&str, &str); 8] = [
     ("ERASURE", "erasure"),
     ("DOWN_AFTER", "down_after"),
     ("METRICS_LISTEN", "metrics_listen"),
+    ("INSECURE", "insecure"),
+    ("BOOTSTRAP_TOKEN_FILE", "bootstrap_token_file"),
 ];
 /// Keys whose values are whole numbers (every other value is a string:
 /// durations, sizes, addresses and names parse from text).
 const NUMBER_KEYS: [&str; 3] = ["node_id", "snapshot_every_logs", "packs_in_flight_max"];
+/// Keys whose values are `true` or `false`.
+const BOOL_KEYS: [&str; 1] = ["insecure"];
 
 /// The whole file, every section optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -333,6 +349,18 @@ impl NodeFile {
                     value: value.clone(),
                 })?;
                 toml::Value::Integer(n)
+            } else if BOOL_KEYS.contains(&key.as_str()) {
+                let flag = match value.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" | "" => false,
+                    _ => {
+                        return Err(ConfigError::EnvBool {
+                            var: var.clone(),
+                            value: value.clone(),
+                        });
+                    }
+                };
+                toml::Value::Boolean(flag)
             } else {
                 toml::Value::String(value)
             };
@@ -405,6 +433,25 @@ pub struct NodeArgs {
     /// Address for Prometheus metrics. [env: CAIRN_NODE_METRICS_LISTEN]
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The cluster CA certificate (PEM) every node certificate must chain
+    /// to. [env: CAIRN_NODE_TLS_CA]
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), made by `cairn-node ca issue` for its
+    /// node id. [env: CAIRN_NODE_TLS_CERT]
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM). [env: CAIRN_NODE_TLS_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Plaintext, no authentication: for tests and experiments only; without
+    /// it a node needs --tls-ca, --tls-cert and --tls-key. [env: CAIRN_NODE_INSECURE]
+    #[arg(long)]
+    pub insecure: bool,
+    /// At cluster initialization, the token in this file becomes the first
+    /// cluster-admin token. [env: CAIRN_NODE_BOOTSTRAP_TOKEN_FILE]
+    #[arg(long, value_name = "FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
     /// TOML configuration file; the environment and flags override it.
     #[arg(long, env = ENV_CONFIG)]
     pub config: Option<PathBuf>,
@@ -426,6 +473,13 @@ impl NodeArgs {
         set(self.erasure, &mut file.erasure);
         set(self.down_after, &mut file.down_after);
         set(self.metrics_listen, &mut file.metrics_listen);
+        set(self.tls_ca, &mut file.tls.ca);
+        set(self.tls_cert, &mut file.tls.cert);
+        set(self.tls_key, &mut file.tls.key);
+        set(self.bootstrap_token_file, &mut file.bootstrap_token_file);
+        if self.insecure {
+            file.insecure = true;
+        }
     }
 
     /// The whole configuration: defaults < file < `env` < these flags,
@@ -514,6 +568,29 @@ fn check_sections(file: &NodeFile) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Either `--insecure` or all three TLS files, never both nor a part.
+fn check_security(insecure: bool, tls: &TlsSection) -> Result<(), ConfigError> {
+    let given = [
+        ("--tls-ca", tls.ca.is_some()),
+        ("--tls-cert", tls.cert.is_some()),
+        ("--tls-key", tls.key.is_some()),
+    ];
+    let missing: Vec<&str> = given
+        .iter()
+        .filter(|(_, set)| !set)
+        .map(|(flag, _)| *flag)
+        .collect();
+    match (insecure, missing.len()) {
+        (true, 3) => Ok(()),
+        (true, _) => Err(ConfigError::InsecureWithTls),
+        (false, 0) => Ok(()),
+        (false, 3) => Err(ConfigError::NoTls),
+        (false, _) => Err(ConfigError::TlsIncomplete {
+            missing: missing.join(", "),
+        }),
+    }
+}
+
 impl NodeConfig {
     /// Validates a merged file (environment and flags already applied on top of it).
     pub fn from_file(file: NodeFile) -> Result<Self, ConfigError> {
@@ -555,6 +632,7 @@ impl NodeConfig {
                     reason: e.to_string(),
                 })?;
         check_code_fits(code, &initial_cluster)?;
+        check_security(file.insecure, &file.tls)?;
         Ok(Self {
             node_id,
             region,
@@ -589,6 +667,7 @@ impl NodeConfig {
             rpc_timeout: self.gateway.rpc_timeout,
             packs_in_flight_max: self.gateway.packs_in_flight_max,
             repair: (&self.repair).into(),
+            insecure: self.security.insecure,
         }
     }
 }
@@ -688,6 +767,7 @@ mod tests {
             data_dir: Some("/nonexistent".into()),
             initial_cluster: Some(cluster.into()),
             erasure: Some(erasure.into()),
+            insecure: true,
             ..Default::default()
         }
     }
@@ -723,7 +803,7 @@ mod tests {
         let path = write_file(
             dir.path(),
             &format!(
-                "node_id = 1\nregion = \"r1\"\nlisten = \"127.0.0.1:7101\"\ndata_dir = \"/srv/a\"\ninitial_cluster = \"{CLUSTER}\"\n\n[scrub]\ninterval = \"2h\"\nrate_bytes_per_s = \"8MiB\"\n[raft]\nheartbeat = \"200ms\"\nelection_min = \"2s\"\nelection_max = \"4s\"\n"
+                "node_id = 1\nregion = \"r1\"\nlisten = \"127.0.0.1:7101\"\ndata_dir = \"/srv/a\"\ninitial_cluster = \"{CLUSTER}\"\ninsecure = true\n\n[scrub]\ninterval = \"2h\"\nrate_bytes_per_s = \"8MiB\"\n[raft]\nheartbeat = \"200ms\"\nelection_min = \"2s\"\nelection_max = \"4s\"\n"
             ),
         );
         let args = |extra: &[&str]| {
@@ -778,6 +858,7 @@ mod tests {
             ("CAIRN_NODE_LISTEN", "127.0.0.1:7201"),
             ("CAIRN_NODE_DATA_DIR", "/srv/3"),
             ("CAIRN_NODE_INITIAL_CLUSTER", CLUSTER),
+            ("CAIRN_NODE_INSECURE", "true"),
         ]);
         let config = NodeArgs::default()
             .load(vars.clone())
@@ -882,5 +963,73 @@ mod tests {
             let file: NodeFile = toml::from_str(text).expect("example parses");
             check_sections(&file).expect("example is consistent");
         }
+    }
+
+    #[test]
+    fn a_node_needs_tls_or_insecure() {
+        let cluster = "1=r1@a:1,2=r1@a:2,3=r2@b:1,4=r2@b:2,5=r3@c:1,6=r3@c:2";
+        let mut plain = file(cluster, "4+2");
+        plain.insecure = false;
+        let err = NodeConfig::from_file(plain.clone()).expect_err("neither");
+        assert!(matches!(err, ConfigError::NoTls), "{err}");
+        assert!(err.to_string().contains("--insecure"), "{err}");
+        assert!(err.to_string().contains("--tls-cert"), "{err}");
+        let mut partial = plain.clone();
+        partial.tls.ca = Some("ca.pem".into());
+        let err = NodeConfig::from_file(partial).expect_err("a part");
+        assert!(
+            err.to_string().contains("--tls-cert, --tls-key missing"),
+            "{err}"
+        );
+        let mut both = file(cluster, "4+2");
+        both.tls.ca = Some("ca.pem".into());
+        assert!(matches!(
+            NodeConfig::from_file(both),
+            Err(ConfigError::InsecureWithTls)
+        ));
+
+        // Flags, environment and file all reach the same settings.
+        let vars = env(&[
+            ("CAIRN_NODE_ID", "1"),
+            ("CAIRN_NODE_REGION", "r1"),
+            ("CAIRN_NODE_LISTEN", "127.0.0.1:7101"),
+            ("CAIRN_NODE_DATA_DIR", "/srv/1"),
+            ("CAIRN_NODE_INITIAL_CLUSTER", CLUSTER),
+            ("CAIRN_NODE_TLS_CA", "/etc/cairn/ca.pem"),
+            ("CAIRN_NODE_TLS_CERT", "/etc/cairn/node-1.pem"),
+            ("CAIRN_NODE_BOOTSTRAP_TOKEN_FILE", "/etc/cairn/token"),
+        ]);
+        let args = <NodeArgs as clap::Parser>::try_parse_from([
+            "cairn-node",
+            "--tls-key",
+            "/etc/cairn/node-1.key",
+        ])
+        .expect("flags parse");
+        let config = args.load(vars.clone()).expect("TLS from env and flags");
+        assert!(!config.security.insecure);
+        assert_eq!(
+            config.security.tls.key,
+            Some(PathBuf::from("/etc/cairn/node-1.key"))
+        );
+        assert_eq!(
+            config.security.tls.ca,
+            Some(PathBuf::from("/etc/cairn/ca.pem"))
+        );
+        assert_eq!(
+            config.security.bootstrap_token_file,
+            Some(PathBuf::from("/etc/cairn/token"))
+        );
+        let args =
+            <NodeArgs as clap::Parser>::try_parse_from(["cairn-node", "--insecure"]).expect("flag");
+        let mut insecure_env = vars[..5].to_vec();
+        insecure_env.push(("CAIRN_NODE_INSECURE".into(), "maybe".into()));
+        assert!(matches!(
+            args.load(insecure_env),
+            Err(ConfigError::EnvBool { .. })
+        ));
+        let file: NodeFile =
+            toml::from_str("insecure = false\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n")
+                .expect("[tls] parses");
+        assert_eq!(file.tls.cert, Some(PathBuf::from("b")));
     }
 }

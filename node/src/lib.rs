@@ -6,6 +6,7 @@
 //! shards go (`placement`). Nodes only ever see ciphertext.
 
 pub mod auth;
+pub mod ca;
 pub mod config;
 pub mod erasure;
 pub mod gateway;
@@ -23,3 +24,4 @@ pub mod scrub;
 pub mod server;
 pub mod shard_io;
 pub mod shard_store;
+pub mod tls;

@@ -118,7 +118,7 @@ pub async fn run_prober(
                 let liveness = liveness.clone();
                 let (id, addr) = (*id, view.addr.clone());
                 async move {
-                    let Ok(mut client) = peers.shards(&addr) else {
+                    let Ok(mut client) = peers.shards(id, &addr) else {
                         return;
                     };
                     let request = addressed(

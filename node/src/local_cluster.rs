@@ -11,7 +11,10 @@ use cairn_proto::v1::cairn_client::CairnClient;
 use cairn_proto::v1::{ClusterStatusReply, ClusterStatusRequest};
 use tokio::net::TcpListener;
 
-use crate::config::{GatewaySection, NodeConfig, NodeFile, RaftSection, format_initial_cluster};
+use crate::ca::{self, NodeCertSpec, Pems};
+use crate::config::{
+    GatewaySection, NodeConfig, NodeFile, RaftSection, TlsSection, format_initial_cluster,
+};
 use crate::meta::types::{NodeId, NodeInfo};
 use crate::peers::lazy_channel;
 use crate::server::{NodeHandle, ServerError};
@@ -28,6 +31,10 @@ pub enum LocalClusterError {
         node_id: NodeId,
         source: ServerError,
     },
+    #[error("cluster certificates: {0}")]
+    Ca(#[from] ca::CaError),
+    #[error("cannot write the cluster's TLS files: {0}")]
+    Files(std::io::Error),
     #[error("no such node {0}")]
     UnknownNode(NodeId),
     #[error("cluster not ready after {waited:?}: {last}")]
@@ -43,11 +50,90 @@ pub struct LocalCluster {
     /// The settings every node started with (after `tune`), without the
     /// per-node keys: what an extra node is configured from.
     template: NodeFile,
+    /// The CA and admin token of a TLS cluster; `None` when insecure.
+    secure: Option<Secure>,
+}
+
+/// What a TLS cluster made for itself in its base directory.
+struct Secure {
+    ca: Pems,
+    dir: PathBuf,
+    token: String,
+}
+
+/// Header carrying a client's bearer token.
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+
+/// A fresh random token in the form clients and nodes use: `cairn_<64 hex>`.
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    format!("cairn_{}", hex::encode(bytes))
+}
+
+impl Secure {
+    /// A CA and a bootstrap token under `base_dir/tls`.
+    fn create(base_dir: &Path) -> Result<Self, LocalClusterError> {
+        let dir = base_dir.join("tls");
+        let ca = ca::init_dir(&dir, 30)?;
+        let token = new_token();
+        write_private(&dir.join("bootstrap-token"), &token)?;
+        Ok(Self { ca, dir, token })
+    }
+
+    /// Issues node `id`'s certificate (loopback names) and points `file` at it.
+    fn node_files(
+        &self,
+        id: NodeId,
+        region: &str,
+        file: &mut NodeFile,
+    ) -> Result<(), LocalClusterError> {
+        let cert_path = self.dir.join(ca::node_cert_file(id));
+        if !cert_path.exists() {
+            ca::issue_dir(
+                &self.dir,
+                &NodeCertSpec::new(id, region, &["127.0.0.1", "localhost"]),
+                &self.dir,
+            )?;
+        }
+        file.tls = TlsSection {
+            ca: Some(self.dir.join(ca::CA_CERT_FILE)),
+            cert: Some(cert_path),
+            key: Some(self.dir.join(ca::node_key_file(id))),
+        };
+        file.bootstrap_token_file = Some(self.dir.join("bootstrap-token"));
+        file.insecure = false;
+        Ok(())
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), LocalClusterError> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(LocalClusterError::Files)?;
+    file.write_all(text.as_bytes())
+        .map_err(LocalClusterError::Files)
+}
+
+/// After `tune`: a node tuned to `insecure` drops the TLS files.
+fn settle_security(file: &mut NodeFile) {
+    if file.insecure {
+        file.tls = TlsSection::default();
+    }
 }
 
 impl LocalCluster {
     /// Starts `nodes_per_region[i]` nodes in region `r{i+1}`, ids 1.., data
-    /// under `base_dir/node-ID`. `erasure` is like "4+2".
+    /// under `base_dir/node-ID`. `erasure` is like "4+2". The cluster runs
+    /// `--insecure` (plaintext, no tokens); [`LocalCluster::start_secure`]
+    /// starts one with mutual TLS and a bootstrap token.
     pub async fn start(
         base_dir: &Path,
         nodes_per_region: &[usize],
@@ -64,6 +150,34 @@ impl LocalCluster {
         erasure: &str,
         tune: impl Fn(&mut NodeFile),
     ) -> Result<Self, LocalClusterError> {
+        Self::start_with(base_dir, nodes_per_region, erasure, false, tune).await
+    }
+
+    /// A cluster with mutual TLS between nodes: a CA, node certificates and
+    /// a bootstrap token are made under `base_dir/tls` (see
+    /// [`LocalCluster::ca_pem`], [`LocalCluster::admin_token`]). `tune` may
+    /// still set `file.insecure = true` to opt out.
+    pub async fn start_secure(
+        base_dir: &Path,
+        nodes_per_region: &[usize],
+        erasure: &str,
+        tune: impl Fn(&mut NodeFile),
+    ) -> Result<Self, LocalClusterError> {
+        Self::start_with(base_dir, nodes_per_region, erasure, true, tune).await
+    }
+
+    async fn start_with(
+        base_dir: &Path,
+        nodes_per_region: &[usize],
+        erasure: &str,
+        secure: bool,
+        tune: impl Fn(&mut NodeFile),
+    ) -> Result<Self, LocalClusterError> {
+        let secure = if secure {
+            Some(Secure::create(base_dir)?)
+        } else {
+            None
+        };
         let mut listeners = BTreeMap::new();
         let mut members = BTreeMap::new();
         let mut id: NodeId = 0;
@@ -96,24 +210,31 @@ impl LocalCluster {
                 rpc_timeout: Duration::from_secs(5),
                 ..GatewaySection::default()
             },
-            insecure: true,
+            insecure: secure.is_none(),
             ..NodeFile::default()
         };
         let mut configs = BTreeMap::new();
         for (id, info) in &members {
             let mut file = node_file(&base, base_dir, *id, info, &initial);
+            if let Some(secure) = &secure {
+                secure.node_files(*id, &info.region, &mut file)?;
+            }
             tune(&mut file);
+            settle_security(&mut file);
             configs.insert(*id, NodeConfig::from_file(file)?);
         }
         // What `tune` does to every node (it may single out nodes by id).
         let mut template = base;
         tune(&mut template);
+        // An opt-out through `tune` makes the whole cluster insecure.
+        let secure = secure.filter(|_| !template.insecure);
         let mut cluster = Self {
             base_dir: base_dir.to_path_buf(),
             members,
             configs,
             running: BTreeMap::new(),
             template,
+            secure,
         };
         for (id, listener) in listeners {
             cluster.spawn(id, listener)?;
@@ -139,13 +260,17 @@ impl LocalCluster {
         };
         let mut known = self.members.clone();
         known.insert(id, info.clone());
-        let file = node_file(
+        let mut file = node_file(
             &self.template,
             &self.base_dir,
             id,
             &info,
             &format_initial_cluster(&known),
         );
+        if let Some(secure) = &self.secure {
+            secure.node_files(id, region, &mut file)?;
+        }
+        settle_security(&mut file);
         self.configs.insert(id, NodeConfig::from_file(file)?);
         self.members.insert(id, info);
         self.spawn(id, listener)?;
@@ -161,6 +286,31 @@ impl LocalCluster {
         let handle = NodeHandle::spawn(config, listener).map_err(LocalClusterError::Bind)?;
         self.running.insert(id, handle);
         Ok(())
+    }
+
+    /// The cluster CA (PEM) node certificates chain to; `None` when insecure.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.secure.as_ref().map(|s| s.ca.cert_pem.as_str())
+    }
+
+    /// The cluster CA's file (for `--ca-file` / `CAIRN_CA`); `None` when insecure.
+    pub fn ca_path(&self) -> Option<PathBuf> {
+        self.secure.as_ref().map(|s| s.dir.join(ca::CA_CERT_FILE))
+    }
+
+    /// The directory holding the CA, node certificates and bootstrap token.
+    pub fn tls_dir(&self) -> Option<&Path> {
+        self.secure.as_ref().map(|s| s.dir.as_path())
+    }
+
+    /// The bootstrap `cluster-admin` token ("" when insecure: none is needed).
+    pub fn admin_token(&self) -> &str {
+        self.secure.as_ref().map_or("", |s| s.token.as_str())
+    }
+
+    /// Whether the cluster runs with TLS.
+    pub fn is_secure(&self) -> bool {
+        self.secure.is_some()
     }
 
     /// Where data lives.
@@ -268,22 +418,19 @@ impl LocalCluster {
         let mut last = String::from("no node running");
         for id in self.running.keys() {
             let addr = &self.members[id].addr;
-            let channel =
-                lazy_channel(addr, Duration::from_secs(1), None).map_err(|e| e.to_string())?;
+            let tls = self
+                .secure
+                .as_ref()
+                .map(|s| cairn_proto::transport::DialTls::new(&s.ca.cert_pem));
+            let channel = lazy_channel(addr, Duration::from_secs(1), tls.as_ref())
+                .map_err(|e| e.to_string())?;
             let mut client = CairnClient::new(channel);
             let mut request = tonic::Request::new(ClusterStatusRequest {});
             request.set_timeout(Duration::from_secs(5));
-            // A cluster with authentication on: ask with its bootstrap token.
-            if let Some(token) = self
-                .template
-                .bootstrap_token_file
-                .as_deref()
-                .and_then(|path| {
-                    let token = crate::auth::token::read_bootstrap_file(path).ok()?;
-                    format!("Bearer {token}").parse().ok()
-                })
+            if let Some(secure) = &self.secure
+                && let Ok(value) = format!("Bearer {}", secure.token).parse()
             {
-                request.metadata_mut().insert("authorization", token);
+                request.metadata_mut().insert(AUTHORIZATION_HEADER, value);
             }
             match client.cluster_status(request).await {
                 Ok(reply) => return Ok(reply.into_inner()),

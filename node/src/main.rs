@@ -1,11 +1,106 @@
 //! `cairn-node`: one Cairn storage node. Its flags, environment variables
 //! and config file are defined in `cairn_node::config`.
 
+use std::path::PathBuf;
+
 use anyhow::Context;
+use cairn_node::ca;
 use cairn_node::config::NodeArgs;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+/// `cairn-node [flags]` runs a node; `cairn-node ca ...` manages certificates.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cairn-node",
+    version,
+    about = "A Cairn storage node: Raft metadata member, shard store and gateway.",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The cluster's certificate authority and node certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a cluster CA: writes ca.pem and ca.key (0600) into DIR.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = ca::CA_DAYS_DEFAULT)]
+        days: u32,
+    },
+    /// Issue a node certificate: writes node-N.pem and node-N.key (0600).
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        #[arg(long)]
+        node_id: u64,
+        #[arg(long)]
+        region: String,
+        /// Host names or IP addresses the node is reached at, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        host: Vec<String>,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = ca::NODE_DAYS_DEFAULT)]
+        days: u32,
+    },
+}
+
+fn run_ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init { out, days } => {
+            ca::init_dir(&out, days)?;
+            println!(
+                "wrote {} and {} (keep ca.key offline)",
+                ca::CA_CERT_FILE,
+                ca::CA_KEY_FILE
+            );
+        }
+        CaCommand::Issue {
+            ca: ca_dir,
+            node_id,
+            region,
+            host,
+            out,
+            days,
+        } => {
+            let spec = ca::NodeCertSpec {
+                node_id,
+                region,
+                hosts: host,
+                days,
+                not_before: None,
+            };
+            ca::issue_dir(&ca_dir, &spec, &out)?;
+            println!(
+                "wrote {} and {}",
+                ca::node_cert_file(node_id),
+                ca::node_key_file(node_id)
+            );
+        }
+    }
+    Ok(())
+}
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Ca(command)) = cli.command {
+        return run_ca(command);
+    }
     cairn_node::malloc::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -15,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     // Defaults < --config file < CAIRN_NODE_* environment < flags.
-    let config = NodeArgs::parse().load(std::env::vars())?;
+    let config = cli.node.load(std::env::vars())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cairn_proto::MAX_MESSAGE_BYTES;
+use cairn_proto::transport::DialTls;
 use cairn_proto::v1::shards_client::ShardsClient;
 use tonic::Request;
 use tonic::transport::Channel;
@@ -33,7 +34,11 @@ pub struct Peers {
     connect_timeout: Duration,
     /// How long a failed node is skipped before it is tried again.
     retry_after: Duration,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// How to prove ourselves and check the peer; `None` is `--insecure`.
+    tls: Option<DialTls>,
+    /// Keyed by node id and address: over TLS a channel only ever talks to
+    /// the node whose certificate it checked.
+    channels: Mutex<HashMap<(NodeId, String), Channel>>,
     liveness: Mutex<HashMap<NodeId, Liveness>>,
 }
 
@@ -42,24 +47,39 @@ impl Peers {
         Self {
             connect_timeout,
             retry_after,
+            tls: None,
             channels: Mutex::new(HashMap::new()),
             liveness: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The shard client for a peer address (channel reused across calls).
-    pub fn shards(&self, addr: &str) -> Result<ShardsClient<Channel>, tonic::transport::Error> {
-        let channel = {
-            let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-            match channels.get(addr) {
-                Some(channel) => channel.clone(),
-                None => {
-                    let channel = lazy_channel(addr, self.connect_timeout, None)?;
-                    channels.insert(addr.to_string(), channel.clone());
-                    channel
-                }
-            }
-        };
+    /// Dial peers over mutual TLS with this node's identity.
+    pub fn with_tls(mut self, tls: Option<DialTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The channel to node `node` at `addr` (reused across calls); over TLS
+    /// the server must prove it is that node.
+    pub fn channel(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (node, addr.to_string());
+        if let Some(channel) = channels.get(&key) {
+            return Ok(channel.clone());
+        }
+        let tls = self.tls.as_ref().map(|tls| tls.for_node(node));
+        let channel = lazy_channel(addr, self.connect_timeout, tls.as_ref())?;
+        channels.insert(key, channel.clone());
+        Ok(channel)
+    }
+
+    /// The shard client for node `node` at `addr`.
+    pub fn shards(
+        &self,
+        node: NodeId,
+        addr: &str,
+    ) -> Result<ShardsClient<Channel>, tonic::transport::Error> {
+        let channel = self.channel(node, addr)?;
         Ok(ShardsClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))

@@ -46,6 +46,8 @@ pub enum ServerError {
     },
     #[error("{0}")]
     BootstrapToken(#[from] crate::auth::token::BootstrapFileError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -56,6 +58,21 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    // Checked before anything is opened: a node with a certificate its
+    // peers would refuse must not start at all.
+    let tls = if config.security.insecure {
+        tracing::warn!(
+            node_id = config.node_id,
+            "--insecure: plaintext and no authentication; anyone who reaches this port controls the cluster"
+        );
+        None
+    } else {
+        Some(crate::tls::NodeTls::load(
+            config.node_id,
+            &config.security.tls,
+        )?)
+    };
+    let dial = tls.as_ref().map(crate::tls::NodeTls::dial);
     // A bad bootstrap file is a start error, before anything is opened.
     let bootstrap_key = match &config.security.bootstrap_token_file {
         Some(path) => Some(crate::auth::token::token_key(
@@ -68,20 +85,24 @@ pub async fn run(
         source,
     })?;
     let store = Arc::new(ShardStore::open(config.data_dir.join("shards"))?);
-    let meta = Meta::open(
+    let meta = Meta::open_with(
         config.node_id,
         &config.data_dir.join("meta"),
         config.initial_cluster.clone(),
         config.meta_config(),
+        dial.clone(),
     )
     .await?;
-    let peers = Arc::new(Peers::new(
-        Duration::from_secs(2),
-        // A failed peer is avoided by placement until the prober (or any
-        // call) hears from it again; being declared down, and repaired
-        // around, takes `down_after`.
-        Duration::from_secs(60),
-    ));
+    let peers = Arc::new(
+        Peers::new(
+            Duration::from_secs(2),
+            // A failed peer is avoided by placement until the prober (or any
+            // call) hears from it again; being declared down, and repaired
+            // around, takes `down_after`.
+            Duration::from_secs(60),
+        )
+        .with_tls(dial),
+    );
     let liveness = Arc::new(Liveness::new(config.node_id, config.down_after));
     let gateway_config = config.gateway_config();
     let io = Arc::new(ShardIo::new(
@@ -178,7 +199,16 @@ pub async fn run(
     }
 
     info!(node_id = config.node_id, region = %config.region, addr = %config.listen, "node serving");
-    let served = tonic::transport::Server::builder()
+    let peer_auth = match &tls {
+        Some(_) => crate::tls::PeerAuthLayer::new(Arc::new(meta.clone())),
+        None => crate::tls::PeerAuthLayer::disabled(),
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.server_config())?;
+    }
+    let served = builder
+        .layer(peer_auth)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .tcp_nodelay(true)

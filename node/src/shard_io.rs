@@ -126,6 +126,11 @@ pub struct ShardIo {
 }
 
 impl ShardIo {
+    /// The channels to peers (shared with the gateway's leader calls).
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
     pub fn new(
         node_id: NodeId,
         store: Arc<ShardStore>,
@@ -162,7 +167,7 @@ impl ShardIo {
     ) -> Result<pb::shards_client::ShardsClient<tonic::transport::Channel>, ShardIoError> {
         let view = members.get(&node).ok_or(ShardIoError::NotMember { node })?;
         self.peers
-            .shards(&view.addr)
+            .shards(node, &view.addr)
             .map_err(|e| ShardIoError::Connect {
                 node,
                 addr: view.addr.clone(),

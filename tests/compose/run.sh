@@ -132,6 +132,9 @@ run_started=$SECONDS
 
 step "start the deployment"
 "$COMPOSE/down.sh" >/dev/null 2>&1 || true # stale networks or volumes of an earlier run
+# up.sh makes the cluster CA, node certificates and bootstrap token
+# (certs.sh); every CLI run then gets CAIRN_CA (the CA in the client
+# container) and CAIRN_TOKEN (the bootstrap cluster-admin token, from lib.sh).
 "$COMPOSE/up.sh" --timeout 120
 
 step "generate data"

@@ -204,6 +204,7 @@ impl Gateway {
             repair: Some(self.repair_status()),
             orphan_shards,
             orphan_bytes,
+            insecure: self.config.insecure,
         })
     }
 

@@ -51,6 +51,8 @@ pub struct GatewayConfig {
     /// Packs encoded at once; bounds memory (each holds ~2.5× a pack).
     pub packs_in_flight_max: usize,
     pub repair: crate::repair::RepairConfig,
+    /// `--insecure`: reported in `cluster status`.
+    pub insecure: bool,
 }
 
 /// Everything one gateway request may fail with.
@@ -381,7 +383,11 @@ impl Gateway {
         let view = members.get(&leader).ok_or_else(|| GatewayError::NotFound {
             what: format!("leader node {leader} in the membership"),
         })?;
-        let channel = crate::peers::lazy_channel(&view.addr, self.config.rpc_timeout, None)
+        // Over TLS as this node, checking the leader's certificate.
+        let channel = self
+            .io
+            .peers()
+            .channel(leader, &view.addr)
             .map_err(|e| invalid(format!("leader address {}: {e}", view.addr)))?;
         Ok((
             leader,

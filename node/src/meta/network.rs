@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_proto::MAX_MESSAGE_BYTES;
-use cairn_proto::transport::lazy_channel;
+use cairn_proto::transport::{DialTls, lazy_channel};
 use cairn_proto::v1::RaftPayload;
 use cairn_proto::v1::raft_client::RaftClient;
 use openraft::error::{
@@ -145,38 +145,51 @@ impl CallError {
     }
 }
 
-/// Lazily connected channels to peers, keyed by address. Cheap to clone.
+/// Lazily connected channels to peers, keyed by node id and address (over
+/// TLS a channel checked one node's certificate). Cheap to clone.
 #[derive(Clone)]
 pub struct PeerChannels {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
     connect_timeout: Duration,
+    /// This node's identity and the cluster CA; `None` is `--insecure`.
+    tls: Option<DialTls>,
 }
 
 impl PeerChannels {
     /// No channel is opened until the first call to an address.
     pub fn new(connect_timeout: Duration) -> Self {
+        Self::with_tls(connect_timeout, None)
+    }
+
+    /// Like [`PeerChannels::new`]; over mutual TLS when `tls` is given, each
+    /// peer proving it is the node dialed.
+    pub fn with_tls(connect_timeout: Duration, tls: Option<DialTls>) -> Self {
         Self {
             channels: Arc::new(Mutex::new(HashMap::new())),
             connect_timeout,
+            tls,
         }
     }
 
     fn client(&self, target: NodeId, addr: &str) -> Result<RaftClient<Channel>, CallError> {
         // The map only caches channels; a panic elsewhere cannot corrupt it.
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        let channel = match channels.get(addr) {
+        let key = (target, addr.to_string());
+        let channel = match channels.get(&key) {
             Some(channel) => channel.clone(),
             None => {
                 // The shared transport policy: HTTP/2 keep-alive finds a
                 // partitioned peer in seconds, as on the shard channels.
-                let channel = lazy_channel(addr, self.connect_timeout, None).map_err(|source| {
-                    CallError::BadAddress {
-                        target,
-                        addr: addr.to_string(),
-                        source,
-                    }
-                })?;
-                channels.insert(addr.to_string(), channel.clone());
+                let tls = self.tls.as_ref().map(|tls| tls.for_node(target));
+                let channel =
+                    lazy_channel(addr, self.connect_timeout, tls.as_ref()).map_err(|source| {
+                        CallError::BadAddress {
+                            target,
+                            addr: addr.to_string(),
+                            source,
+                        }
+                    })?;
+                channels.insert(key, channel.clone());
                 channel
             }
         };

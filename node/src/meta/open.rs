@@ -51,6 +51,18 @@ impl Meta {
         initial_cluster: BTreeMap<NodeId, NodeInfo>,
         config: MetaConfig,
     ) -> Result<Meta, MetaError> {
+        Self::open_with(node_id, dir, initial_cluster, config, None).await
+    }
+
+    /// [`Meta::open`], dialing peers over mutual TLS with `tls` (`None`:
+    /// plaintext, `--insecure`).
+    pub async fn open_with(
+        node_id: NodeId,
+        dir: &Path,
+        initial_cluster: BTreeMap<NodeId, NodeInfo>,
+        config: MetaConfig,
+        tls: Option<cairn_proto::transport::DialTls>,
+    ) -> Result<Meta, MetaError> {
         if !initial_cluster.contains_key(&node_id) {
             return Err(MetaError::NotInCluster { node_id });
         }
@@ -79,7 +91,7 @@ impl Meta {
 
         let initial_voters = voters::choose_voters(&initial_cluster);
         let region = initial_cluster[&node_id].region.clone();
-        let channels = PeerChannels::new(Duration::from_millis(config.rpc_timeout_ms));
+        let channels = PeerChannels::with_tls(Duration::from_millis(config.rpc_timeout_ms), tls);
         let decision = if empty {
             let answers =
                 admission::probe(&channels, node_id, &initial_cluster, config.probe_timeout())

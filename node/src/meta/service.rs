@@ -26,9 +26,10 @@ use tonic::{Request, Response, Status};
 use super::Meta;
 use super::admission::{Admission, ClusterInfoRequest};
 use super::codec;
-use super::membership::ChangeRequest;
+use super::membership::{ChangeRequest, MembershipChange};
 use super::network::NODE_ID_HEADER;
 use super::types::{Command, NodeId, TypeConfig};
+use crate::auth::VerifiedPeer;
 
 /// The `Raft` gRPC service of one node.
 #[derive(Clone)]
@@ -96,6 +97,36 @@ impl RaftService {
     }
 }
 
+/// The node id the request's certificate proved (`None` in `--insecure`
+/// mode: the server's layer refuses node services without one otherwise).
+fn peer_of<T>(request: &Request<T>) -> Option<NodeId> {
+    request.extensions().get::<VerifiedPeer>().map(|p| p.0)
+}
+
+/// A payload that names its sender (a vote's candidate, an append's or a
+/// snapshot's leader, a cluster-info asker) must name the certificate's node:
+/// a node cannot speak for another.
+fn same_sender(peer: Option<NodeId>, claimed: Option<NodeId>, what: &str) -> Result<(), Status> {
+    match (peer, claimed) {
+        (Some(peer), Some(claimed)) if peer != claimed => {
+            tracing::warn!(
+                peer,
+                claimed,
+                what,
+                "refused a raft payload naming another node as its sender"
+            );
+            Err(Status::permission_denied(format!(
+                "{what} claims to come from node {claimed}, but the certificate is node {peer}'s"
+            )))
+        }
+        (Some(peer), None) => {
+            tracing::warn!(peer, what, "refused a raft payload naming no sender");
+            Err(Status::permission_denied(format!("{what} names no sender")))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn reply<T: Serialize>(what: &'static str, value: &T) -> Result<Response<RaftPayload>, Status> {
     match codec::encode(what, value) {
         Ok(data) => Ok(Response::new(RaftPayload { data })),
@@ -112,8 +143,14 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let peer = peer_of(&request);
         let rpc: AppendEntriesRequest<TypeConfig> =
             self.accept("append-entries request", request)?;
+        same_sender(
+            peer,
+            rpc.vote.leader_id().voted_for(),
+            "append-entries request",
+        )?;
         self.gate()?;
         reply(
             "append-entries response",
@@ -122,7 +159,9 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let peer = peer_of(&request);
         let rpc: VoteRequest<NodeId> = self.accept("vote request", request)?;
+        same_sender(peer, rpc.vote.leader_id().voted_for(), "vote request")?;
         self.gate()?;
         reply("vote response", &self.raft.vote(rpc).await)
     }
@@ -131,8 +170,14 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let peer = peer_of(&request);
         let rpc: InstallSnapshotRequest<TypeConfig> =
             self.accept("install-snapshot request", request)?;
+        same_sender(
+            peer,
+            rpc.vote.leader_id().voted_for(),
+            "install-snapshot request",
+        )?;
         self.gate()?;
         reply(
             "install-snapshot response",
@@ -172,8 +217,26 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let peer = peer_of(&request);
         let ChangeRequest { change, within_ms } =
             self.accept("membership change request", request)?;
+        // Members relay operators' changes; a node that is not a member
+        // (admission lets it through) may only ask to add itself.
+        if let Some(peer) = peer
+            && !crate::tls::MemberCheck::admits(&self.meta, peer)
+        {
+            let own = matches!(&change, MembershipChange::Add { id, .. } if *id == peer);
+            if !own {
+                tracing::warn!(
+                    peer,
+                    ?change,
+                    "refused a membership change from a node that is not a member"
+                );
+                return Err(Status::permission_denied(format!(
+                    "node {peer} is not a member and may only ask to add itself"
+                )));
+            }
+        }
         // The caller's budget, capped by ours.
         let within = Duration::from_millis(within_ms).min(self.meta.config().membership_timeout());
         let answer = self
@@ -187,7 +250,9 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let peer = peer_of(&request);
         let ClusterInfoRequest { asker } = self.accept("cluster-info request", request)?;
+        same_sender(peer, Some(asker), "cluster-info request")?;
         match self.meta.cluster_info(asker) {
             Ok(info) => reply("cluster-info response", &info),
             Err(e) => {
@@ -198,5 +263,21 @@ impl RaftRpc for RaftService {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_must_name_the_certificates_node() {
+        assert!(same_sender(Some(3), Some(3), "vote request").is_ok());
+        let err = same_sender(Some(7), Some(3), "vote request").expect_err("7 speaking for 3");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("node 3"), "{}", err.message());
+        assert!(same_sender(Some(7), None, "append-entries request").is_err());
+        // --insecure: no certificate, nothing to compare.
+        assert!(same_sender(None, Some(3), "vote request").is_ok());
     }
 }
