@@ -8,7 +8,7 @@ use std::time::Duration;
 use cairn_node::local_cluster::{LocalCluster, wait_until};
 use cairn_node::meta::state::StateView;
 use cairn_proto::audit::ChainVerifier;
-use cairn_proto::transport::lazy_channel;
+use cairn_proto::transport::{DialTls, lazy_channel};
 use cairn_proto::v1 as pb;
 use pb::cairn_client::CairnClient;
 use tonic::transport::Channel;
@@ -16,8 +16,11 @@ use tonic::{Code, Request, Status};
 
 const ROOT: &str = "root-token-of-the-authz-test-0123456789";
 
+/// The cluster CA every test client trusts (set once the cluster exists).
+static CA: std::sync::OnceLock<DialTls> = std::sync::OnceLock::new();
+
 fn client(addr: &str) -> CairnClient<Channel> {
-    CairnClient::new(lazy_channel(addr, Duration::from_secs(2), None).expect("channel"))
+    CairnClient::new(lazy_channel(addr, Duration::from_secs(2), CA.get()).expect("channel"))
 }
 
 fn with<T>(token: Option<&str>, message: T) -> Request<T> {
@@ -142,10 +145,9 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let cluster = LocalCluster::start_tuned(&dir.path().join("cluster"), &[1, 1, 1], "2+1", {
+    let cluster = LocalCluster::start_secure(&dir.path().join("cluster"), &[1, 1, 1], "2+1", {
         let token_file = token_file.clone();
         move |node| {
-            node.insecure = false;
             node.bootstrap_token_file = Some(token_file.clone());
             if node.node_id == Some(2) {
                 node.metrics_listen = Some(([127, 0, 0, 1], metrics_port).into());
@@ -154,6 +156,7 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
     })
     .await
     .expect("cluster");
+    let _ = CA.set(DialTls::new(cluster.ca_pem().expect("a TLS cluster")));
     // Status calls of the harness carry the bootstrap token.
     cluster
         .wait_ready(Duration::from_secs(30))

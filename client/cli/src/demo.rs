@@ -73,7 +73,7 @@ async fn start_cluster(dir: &Path) -> anyhow::Result<LocalCluster> {
 async fn start_cluster_with(dir: &Path, transport: Transport) -> anyhow::Result<LocalCluster> {
     let base = dir.join("cluster");
     let cluster = match transport {
-        Transport::Tls => LocalCluster::start(&base, &TOPOLOGY, "4+2").await,
+        Transport::Tls => LocalCluster::start_secure(&base, &TOPOLOGY, "4+2", |_| {}).await,
         Transport::Insecure => {
             LocalCluster::start_tuned(&base, &TOPOLOGY, "4+2", |file| file.insecure = true).await
         }
@@ -108,11 +108,11 @@ pub fn client_options(
     cluster: &LocalCluster,
     transport: Transport,
 ) -> anyhow::Result<ClusterOptions> {
-    let _ = cluster;
-    match transport {
-        // TODO(integration): once LocalCluster runs TLS, this one line:
-        // Transport::Tls => Ok(ClusterOptions::default().ca_pem(cluster.ca_pem()).token(cluster.admin_token())?),
-        Transport::Tls | Transport::Insecure => Ok(ClusterOptions::default()),
+    match (transport, cluster.ca_pem()) {
+        (Transport::Tls, Some(ca)) => Ok(ClusterOptions::default()
+            .ca_pem(ca)
+            .token(cluster.admin_token())?),
+        _ => Ok(ClusterOptions::default()),
     }
 }
 

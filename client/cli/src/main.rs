@@ -1176,8 +1176,7 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
                 "lost_total": repair.lost_total,
                 "last_pass": time_or_null(repair.last_pass_unix_ms)},
             "orphans": {"shards": reply.orphan_shards, "bytes": reply.orphan_bytes},
-            // TODO(integration): "insecure": reply.insecure, once
-            // ClusterStatusReply.insecure (field 14) is in the protocol.
+            "insecure": reply.insecure,
             "nodes": nodes}))?;
         return Ok(());
     }

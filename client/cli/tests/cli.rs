@@ -144,7 +144,7 @@ mod secured {
         async fn start() -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().to_path_buf();
-            let cluster = LocalCluster::start(&path.join("cluster"), &[2, 2, 2], "4+2")
+            let cluster = LocalCluster::start_secure(&path.join("cluster"), &[2, 2, 2], "4+2", |_| {})
                 .await
                 .expect("cluster starts");
             cluster
@@ -152,8 +152,7 @@ mod secured {
                 .await
                 .expect("cluster ready");
             let admin_token = path.join("admin.token");
-            // TODO(integration): the bootstrap token, once LocalCluster has one:
-            //   std::fs::write(&admin_token, cluster.admin_token()).expect("token");
+            std::fs::write(&admin_token, cluster.admin_token()).expect("token");
             let options = cairn_cli::demo::client_options(&cluster, Transport::Tls)
                 .expect("the cluster's credentials");
             let mut ca_args = Vec::new();
@@ -238,8 +237,7 @@ mod secured {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    #[ignore = "needs node-side tokens (issue 7 merge)"]
-    async fn a_created_token_backs_up_and_is_refused_once_revoked() {
+        async fn a_created_token_backs_up_and_is_refused_once_revoked() {
         let env = Env::start().await;
         let admin = env.admin_token.clone();
         let (_, chat_admin, created) = env
@@ -313,8 +311,7 @@ mod secured {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    #[ignore = "needs node-side tokens (issue 7 merge)"]
-    async fn a_removed_key_slots_passphrase_says_wrong_password() {
+        async fn a_removed_key_slots_passphrase_says_wrong_password() {
         let env = Env::start().await;
         let admin = env.admin_token.clone();
         let tenant = ["--tenant", "keys"];
@@ -412,8 +409,7 @@ mod secured {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    #[ignore = "needs node-side tokens (issue 7 merge)"]
-    async fn audit_verify_is_clean_after_work_and_the_log_names_it() {
+        async fn audit_verify_is_clean_after_work_and_the_log_names_it() {
         let env = Env::start().await;
         let admin = env.admin_token.clone();
         let (backup_id, _, _) = env
