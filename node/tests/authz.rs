@@ -754,6 +754,8 @@ async fn a_missing_or_malformed_bootstrap_token_file_is_a_start_error() {
             initial_cluster: Some(format!("1=r1@{addr},2=r2@127.0.0.1:1,3=r3@127.0.0.1:2")),
             erasure: Some("2+1".into()),
             bootstrap_token_file: Some(file.clone()),
+            // The token file is checked whatever the transport.
+            insecure: true,
             ..NodeFile::default()
         })
         .expect("config");
