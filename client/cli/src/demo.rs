@@ -142,6 +142,11 @@ pub async fn demo(size_mb: u64) -> anyhow::Result<()> {
         "1. cluster up in {:.2}s: 3 regions x 2 nodes on loopback, Raft leader elected, erasure 4+2",
         t.elapsed().as_secs_f64()
     ));
+    stage.say(
+        "     mutual TLS between nodes (a fresh cluster CA, one certificate per node id); \
+         the client speaks TLS with the bootstrap cluster-admin token"
+            .to_string(),
+    );
     for (id, info) in cluster.members() {
         stage.say(format!(
             "     node {id}  region {}  {}",
