@@ -25,7 +25,6 @@ use crate::scrub::ScrubStats;
 use crate::shard_io::ShardIo;
 use crate::shard_store::service::ShardService;
 use crate::shard_store::{ShardStore, ShardStoreError};
-use cairn_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 
 /// Why a node could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -153,13 +152,14 @@ pub async fn run(
     }
 
     info!(node_id = config.node_id, region = %config.region, addr = %config.listen, "node serving");
-    let served = tonic::transport::Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .tcp_nodelay(true)
-        .add_service(meta.raft_service())
-        .add_service(shards.into_server())
-        .add_service(gateway.server())
+    let served = crate::limits::server()
+        .add_routes(crate::limits::routes(
+            meta.raft_service(),
+            shards.into_server(),
+            gateway.server(),
+            gateway.budget(),
+            |cairn| cairn,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             let _ = stop_workers.send(true);

@@ -35,8 +35,6 @@ use crate::shard_io::{Members, ShardIo};
 
 /// Most ids one FindBlobs/LocateBlobs request may carry.
 pub const IDS_PER_REQUEST_MAX: usize = 100_000;
-/// Pack reads one gateway serves at once.
-pub const READS_IN_FLIGHT_MAX: usize = 4;
 /// Longest tenant or dataset name.
 pub const NAME_LEN_MAX: usize = 128;
 
@@ -58,6 +56,9 @@ pub enum GatewayError {
     InvalidArgument { what: String },
     #[error("{what} not found")]
     NotFound { what: String },
+    /// The node's memory budget for this kind of work is in use.
+    #[error("{what}")]
+    Busy { what: String },
     #[error("{what} already exists")]
     AlreadyExists { what: String },
     #[error("snapshot refused: its root tree {tree} is not stored; upload it first")]
@@ -113,6 +114,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidArgument { .. } => Status::invalid_argument(message),
             GatewayError::NotFound { .. } => Status::not_found(message),
+            GatewayError::Busy { .. } => Status::resource_exhausted(message),
             GatewayError::AlreadyExists { .. } => Status::already_exists(message),
             GatewayError::MissingRootTree { .. } => Status::failed_precondition(message),
             GatewayError::AddRefused(refused) if refused.is_bad_request() => {
@@ -185,9 +187,9 @@ pub struct Gateway {
     /// This node's scrub counters (for `cluster status`).
     scrub: Arc<ScrubStats>,
     pack_permits: Semaphore,
-    /// Pack reads served at once; bounds memory (each holds up to k shards
-    /// and the answer).
-    read_permits: Semaphore,
+    /// This node's memory pools (`limits`): the server reserves request
+    /// bytes in them; pack reads reserve their answer's bytes here.
+    budget: crate::limits::Budget,
 }
 
 impl Gateway {
@@ -213,8 +215,13 @@ impl Gateway {
             repairer,
             scrub,
             pack_permits,
-            read_permits: Semaphore::new(READS_IN_FLIGHT_MAX),
+            budget: crate::limits::Budget::default(),
         }
+    }
+
+    /// This node's memory pools, shared with the server's request limits.
+    pub fn budget(&self) -> &crate::limits::Budget {
+        &self.budget
     }
 
     /// The gRPC service over a shared gateway (the repair worker holds it too).
