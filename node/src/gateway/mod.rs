@@ -357,6 +357,18 @@ impl Gateway {
     }
 }
 
+/// Refuses a fault report over [`cairn_proto::FAULTS_PER_REPORT_MAX`]
+/// (scrub and readers report a few at a time).
+fn check_fault_count(count: usize) -> Result<(), GatewayError> {
+    if count > cairn_proto::FAULTS_PER_REPORT_MAX {
+        return Err(invalid(format!(
+            "{count} faults in one report, at most {}",
+            cairn_proto::FAULTS_PER_REPORT_MAX
+        )));
+    }
+    Ok(())
+}
+
 fn ids(raw: &[Vec<u8>]) -> Result<Vec<Id32>, GatewayError> {
     if raw.len() > IDS_PER_REQUEST_MAX {
         return Err(invalid(format!(
