@@ -102,7 +102,9 @@ async fn raw_call(
 const UNDECODABLE: [&[u8]; 4] = [
     &[0x0f, 0x01, 0x02, 0x03],
     &[0x0a, 0xff, 0xff, 0x7f, 0x01],
-    &[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+    &[
+        0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+    ],
     &[0x09, 0x01, 0x02],
 ];
 
@@ -110,7 +112,11 @@ fn node_pid(addr: &str) -> u32 {
     let wanted = format!("--listen\0{addr}\0");
     for entry in std::fs::read_dir("/proc").expect("/proc") {
         let Ok(entry) = entry else { continue };
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
@@ -180,7 +186,9 @@ async fn every_rpc_refuses_malformed_and_oversized_messages_as_the_callers_error
         if !matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange) {
             failures.push(format!("{path} over its limit of {limit}: {status:?}"));
         } else if !status.message().contains(&limit.to_string()) {
-            failures.push(format!("{path}: the refusal does not name the limit: {status:?}"));
+            failures.push(format!(
+                "{path}: the refusal does not name the limit: {status:?}"
+            ));
         }
     }
     // Raft payloads that are valid protobuf but not a Raft message.
@@ -199,7 +207,9 @@ async fn every_rpc_refuses_malformed_and_oversized_messages_as_the_callers_error
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The node is still up and serving.
-    status(&addr).await.expect("node answers after the hostile calls");
+    status(&addr)
+        .await
+        .expect("node answers after the hostile calls");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +265,10 @@ async fn a_flood_of_large_requests_keeps_the_node_in_its_memory_budget_and_servi
     let addr = cluster.addr(1).to_string();
     let pid = node_pid(&addr);
     let stop = Arc::new(AtomicBool::new(false));
-    let codes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
+    let codes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u64,
+    >::new()));
     let count = |codes: &Arc<std::sync::Mutex<_>>, what: String| {
         let mut map: std::sync::MutexGuard<'_, std::collections::BTreeMap<String, u64>> =
             codes.lock().unwrap_or_else(|p| p.into_inner());
