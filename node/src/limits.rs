@@ -90,6 +90,23 @@ pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 /// node reading them.
 pub const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 
+// The limits checked against each other when the node is compiled.
+const _: () = {
+    // 100,000 ids of 32 bytes (with their 2-byte tags) fit a control message.
+    assert!(crate::gateway::IDS_PER_REQUEST_MAX * 34 < CONTROL_MESSAGE_BYTES);
+    // A full AddPack entry (about 80 bytes a blob) fits a Raft entry.
+    assert!(cairn_proto::BLOBS_PER_PACK_MAX * 80 + 64 * KIB < RAFT_ENTRY_BYTES_MAX);
+    // The largest pack (and its framing) fits PutPack and a shard.
+    assert!(cairn_proto::PACK_BYTES_MAX < PUT_PACK_MESSAGE_BYTES);
+    assert!(cairn_proto::PACK_BYTES_MAX < SHARD_MESSAGE_BYTES);
+    assert!(PUT_PACK_MESSAGE_BYTES <= MAX_MESSAGE_BYTES);
+    // 512 MiB per node: the pools, the windows of the streams waiting for
+    // them, and about 100 MiB for the runtime, sled's cache and the state.
+    let pools = GATEWAY_POOL_BYTES + STORE_POOL_BYTES + RAFT_POOL_BYTES + CONTROL_POOL_BYTES;
+    let waiting = 4 * WAITERS_PER_POOL_MAX * STREAM_WINDOW_BYTES as usize;
+    assert!(pools + waiting + 100 * MIB <= 512 * MIB);
+};
+
 /// A memory pool: bytes reserved before a message is read, released when
 /// its reply has been sent.
 pub struct Pool {
@@ -631,27 +648,6 @@ mod tests {
         assert_eq!(
             limits_of("/cairn.v1.Cairn/FindBlobs").request,
             CONTROL_MESSAGE_BYTES
-        );
-        // 100,000 ids of 32 bytes (with their 2-byte tags) fit a control message.
-        assert!(crate::gateway::IDS_PER_REQUEST_MAX * 34 < CONTROL_MESSAGE_BYTES);
-        // A full AddPack entry fits a Raft entry.
-        assert!(cairn_proto::BLOBS_PER_PACK_MAX * 80 + 64 * KIB < RAFT_ENTRY_BYTES_MAX);
-        // The largest pack (and its framing) fits PutPack and a shard.
-        assert!(cairn_proto::PACK_BYTES_MAX < PUT_PACK_MESSAGE_BYTES);
-        assert!(cairn_proto::PACK_BYTES_MAX < SHARD_MESSAGE_BYTES);
-        assert!(PUT_PACK_MESSAGE_BYTES <= MAX_MESSAGE_BYTES);
-    }
-
-    #[test]
-    fn pools_fit_the_node_memory_budget() {
-        // 512 MiB per node: the pools, the waiting streams' windows, and
-        // about 100 MiB for the runtime, sled's cache and the state.
-        let pools = GATEWAY_POOL_BYTES + STORE_POOL_BYTES + RAFT_POOL_BYTES + CONTROL_POOL_BYTES;
-        let waiting = 4 * WAITERS_PER_POOL_MAX * STREAM_WINDOW_BYTES as usize;
-        assert!(
-            pools + waiting + 100 * MIB <= 512 * MIB,
-            "{} MiB",
-            (pools + waiting) / MIB
         );
     }
 

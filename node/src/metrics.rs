@@ -38,11 +38,14 @@ pub struct Sources {
     pub liveness: Arc<crate::liveness::Liveness>,
 }
 
+/// A snapshot and when it was taken.
+type Taken = Option<(Instant, Arc<MetricsSnapshot>)>;
+
 /// The last state snapshot and when it was taken. The async mutex makes one
 /// scrape refresh it while the others wait for that refresh.
 #[derive(Default, Clone)]
 pub struct SnapshotCache {
-    last: Arc<tokio::sync::Mutex<Option<(Instant, Arc<MetricsSnapshot>)>>>,
+    last: Arc<tokio::sync::Mutex<Taken>>,
     /// Refreshes so far (each one a scan of the index).
     pub refreshes: Arc<AtomicU64>,
 }
