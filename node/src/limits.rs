@@ -56,6 +56,9 @@ pub const BUDGET_WAIT: Duration = Duration::from_secs(20);
 /// Calls waiting for one pool at once; more are refused at once. Bounds the
 /// bytes HTTP/2 holds for streams that wait (one stream window each).
 pub const WAITERS_PER_POOL_MAX: usize = 4;
+/// Waiters of the shard pool: a gateway takes a refused shard write for a
+/// full node and places the shard elsewhere, so shard writes queue longer.
+pub const SHARD_WAITERS_MAX: usize = 8;
 /// Messages up to this size skip the pools: a status query always gets
 /// through, whatever large traffic does.
 pub const UNMETERED_BYTES: usize = 64 * KIB;
@@ -103,7 +106,7 @@ const _: () = {
     // 512 MiB per node: the pools, the windows of the streams waiting for
     // them, and about 100 MiB for the runtime, sled's cache and the state.
     let pools = GATEWAY_POOL_BYTES + STORE_POOL_BYTES + RAFT_POOL_BYTES + CONTROL_POOL_BYTES;
-    let waiting = 4 * WAITERS_PER_POOL_MAX * STREAM_WINDOW_BYTES as usize;
+    let waiting = (3 * WAITERS_PER_POOL_MAX + SHARD_WAITERS_MAX) * STREAM_WINDOW_BYTES as usize;
     assert!(pools + waiting + 100 * MIB <= 512 * MIB);
 };
 
@@ -114,6 +117,7 @@ pub struct Pool {
     bytes: usize,
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
+    waiters_max: usize,
 }
 
 /// Counts a waiter for as long as it waits.
@@ -126,24 +130,25 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pool {
-    /// A pool of `bytes`, in KiB units.
-    pub fn new(name: &'static str, bytes: usize) -> Arc<Self> {
+    /// A pool of `bytes`, in KiB units, with at most `waiters_max` calls waiting.
+    pub fn new(name: &'static str, bytes: usize, waiters_max: usize) -> Arc<Self> {
         Arc::new(Self {
             name,
             bytes,
             permits: Arc::new(Semaphore::new(bytes.div_ceil(KIB))),
             waiting: AtomicUsize::new(0),
+            waiters_max,
         })
     }
 
     /// Reserves `bytes` (at most the whole pool), waiting at most
-    /// [`BUDGET_WAIT`] behind at most [`WAITERS_PER_POOL_MAX`] others.
+    /// [`BUDGET_WAIT`] behind at most `waiters_max` others.
     pub async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Status> {
         let units = u32::try_from(bytes.min(self.bytes).div_ceil(KIB).max(1)).unwrap_or(u32::MAX);
         if let Ok(permit) = self.permits.clone().try_acquire_many_owned(units) {
             return Ok(permit);
         }
-        if self.waiting.fetch_add(1, Ordering::Relaxed) >= WAITERS_PER_POOL_MAX {
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.waiters_max {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(self.busy());
         }
@@ -183,10 +188,10 @@ pub struct Budget {
 impl Default for Budget {
     fn default() -> Self {
         Self {
-            gateway: Pool::new("pack", GATEWAY_POOL_BYTES),
-            store: Pool::new("shard", STORE_POOL_BYTES),
-            raft: Pool::new("raft", RAFT_POOL_BYTES),
-            control: Pool::new("control", CONTROL_POOL_BYTES),
+            gateway: Pool::new("pack", GATEWAY_POOL_BYTES, WAITERS_PER_POOL_MAX),
+            store: Pool::new("shard", STORE_POOL_BYTES, SHARD_WAITERS_MAX),
+            raft: Pool::new("raft", RAFT_POOL_BYTES, WAITERS_PER_POOL_MAX),
+            control: Pool::new("control", CONTROL_POOL_BYTES, WAITERS_PER_POOL_MAX),
         }
     }
 }
@@ -653,7 +658,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_pool_refuses_after_the_queue_is_full() {
-        let pool = Pool::new("test", MIB);
+        let pool = Pool::new("test", MIB, WAITERS_PER_POOL_MAX);
         let all = pool.reserve(MIB).await.expect("whole pool");
         assert_eq!(pool.available_bytes(), 0);
         // Over-large reservations are clamped to the pool, never stuck forever.
