@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cairn_proto::MAX_MESSAGE_BYTES;
+use cairn_proto::SHARD_MESSAGE_BYTES;
 use cairn_proto::v1::shards_client::ShardsClient;
 use tonic::Request;
 use tonic::transport::Channel;
@@ -61,8 +61,8 @@ impl Peers {
             }
         };
         Ok(ShardsClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+            .max_decoding_message_size(SHARD_MESSAGE_BYTES)
+            .max_encoding_message_size(SHARD_MESSAGE_BYTES))
     }
 
     pub fn record_ok(&self, node: NodeId) {
