@@ -11,7 +11,8 @@ use prost::Message;
 fn check<M: Message + Default + PartialEq>(bytes: &[u8]) {
     match M::decode(bytes) {
         Ok(message) => {
-            let again = M::decode(message.encode_to_vec().as_slice()).expect("re-encoded message decodes");
+            let again =
+                M::decode(message.encode_to_vec().as_slice()).expect("re-encoded message decodes");
             assert!(again == message, "round trip changed the message");
         }
         Err(error) => {
