@@ -1,5 +1,5 @@
 //! The SDK's decoders of what comes back from nodes, selected by the first
-//! input byte: trees (v1 and v2), the pack trailer, and sealed snapshot
+//! input byte: trees (v1 and v2, raw and behind a valid header), the pack trailer, and sealed snapshot
 //! records. A hostile node's bytes must give an error, never a panic.
 #![no_main]
 
@@ -19,9 +19,25 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, bytes)) = data.split_first() else {
         return;
     };
-    match selector % 3 {
+    match selector % 4 {
         0 => {
             let _ = Tree::decode(bytes);
+        }
+        3 => {
+            // Past the magic and version: the postcard body and validation.
+            let mut tree = Tree {
+                entries: Vec::new(),
+            }
+            .encode();
+            tree.pop(); // the empty entry list
+            if bytes.first().is_some_and(|b| b & 1 == 1) {
+                // Format v1, still read.
+                if let Some(version) = tree.last_mut() {
+                    *version = 1;
+                }
+            }
+            tree.extend_from_slice(bytes);
+            let _ = Tree::decode(&tree);
         }
         1 => {
             let _ = read_pack_index(key(), bytes);

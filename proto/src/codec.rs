@@ -116,7 +116,7 @@ mod tests {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut refused = 0;
         for round in 0..20_000 {
-            let len = (round % 97) as usize;
+            let len = round % 97;
             let bytes: Vec<u8> = (0..len)
                 .map(|_| {
                     state ^= state << 13;
