@@ -310,6 +310,161 @@ const ROUTES: &[(&str, MethodLimits, PoolKind)] = &[
     ("/cairn.v1.Cairn/RemoveNode", LONG, PoolKind::Control),
 ];
 
+/// Occurrences of any top-level field a request may carry unless
+/// [`LISTS`] says otherwise: no field of a request is a longer list.
+pub const FIELD_REPEATS_MAX: usize = 1024;
+
+/// Most tags of a snapshot record (the catalog's own check agrees).
+pub const TAGS_MAX: usize = 64;
+
+/// Most regions a read may exclude.
+pub const EXCLUDED_REGIONS_MAX: usize = 64;
+
+/// List lengths counted on the wire before a request is decoded: prost
+/// turns a 2-byte empty entry into a 24-byte (or larger) value, so a list
+/// must be capped before decoding, not after. `(path, field path, name,
+/// most)`: the last number of the field path is the list, the others the
+/// embedded messages leading to it.
+const LISTS: &[(&str, &[u64], &str, usize)] = &[
+    (
+        "/cairn.v1.Cairn/FindBlobs",
+        &[2],
+        "ids",
+        crate::gateway::IDS_PER_REQUEST_MAX,
+    ),
+    (
+        "/cairn.v1.Cairn/LocateBlobs",
+        &[2],
+        "ids",
+        crate::gateway::IDS_PER_REQUEST_MAX,
+    ),
+    (
+        "/cairn.v1.Cairn/PutPack",
+        &[4],
+        "blobs",
+        cairn_proto::BLOBS_PER_PACK_MAX,
+    ),
+    (
+        "/cairn.v1.Cairn/ReadPack",
+        &[2],
+        "ranges",
+        cairn_proto::READ_RANGES_MAX,
+    ),
+    (
+        "/cairn.v1.Cairn/ReadPack",
+        &[4],
+        "excluded regions",
+        EXCLUDED_REGIONS_MAX,
+    ),
+    (
+        "/cairn.v1.Cairn/ReportFaults",
+        &[1],
+        "faults",
+        cairn_proto::FAULTS_PER_REPORT_MAX,
+    ),
+    ("/cairn.v1.Cairn/CommitSnapshot", &[2, 11], "tags", TAGS_MAX),
+];
+
+/// Walks the top-level fields of a protobuf message: `(field number,
+/// payload of a length-delimited field)`. Refuses what prost would refuse
+/// (bad wire types, truncation) and groups, which no Cairn message uses.
+fn walk_fields(mut buf: &[u8], mut visit: impl FnMut(u64, Option<&[u8]>)) -> Result<(), String> {
+    fn varint(buf: &mut &[u8]) -> Result<u64, String> {
+        let mut value = 0u64;
+        for shift in 0..10 {
+            let (&byte, rest) = buf.split_first().ok_or("truncated varint")?;
+            *buf = rest;
+            value |= u64::from(byte & 0x7f) << (7 * shift);
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err("varint longer than 10 bytes".into())
+    }
+    fn skip<'a>(buf: &mut &'a [u8], len: u64) -> Result<&'a [u8], String> {
+        let len = usize::try_from(len).map_err(|_| "field length out of range")?;
+        if len > buf.len() {
+            return Err("field longer than the message".into());
+        }
+        let (field, rest) = buf.split_at(len);
+        *buf = rest;
+        Ok(field)
+    }
+    while !buf.is_empty() {
+        let key = varint(&mut buf)?;
+        let field = key >> 3;
+        if field == 0 {
+            return Err("field number 0".into());
+        }
+        match key & 7 {
+            0 => {
+                varint(&mut buf)?;
+                visit(field, None);
+            }
+            1 => {
+                skip(&mut buf, 8)?;
+                visit(field, None);
+            }
+            2 => {
+                let len = varint(&mut buf)?;
+                let payload = skip(&mut buf, len)?;
+                visit(field, Some(payload));
+            }
+            5 => {
+                skip(&mut buf, 4)?;
+                visit(field, None);
+            }
+            wire => return Err(format!("unsupported wire type {wire}")),
+        }
+    }
+    Ok(())
+}
+
+/// Counts the lists of a request on the wire and refuses one over its cap
+/// (or any field repeated over [`FIELD_REPEATS_MAX`] times).
+pub fn check_lists(path: &str, message: &[u8]) -> Result<(), Status> {
+    let malformed =
+        |e: String| Status::invalid_argument(format!("malformed protobuf message: {e}"));
+    let mut counts: std::collections::BTreeMap<u64, usize> = Default::default();
+    let mut embedded: Vec<(&[u64], &str, usize, usize)> = Vec::new();
+    let caps: Vec<_> = LISTS.iter().filter(|(p, ..)| *p == path).collect();
+    walk_fields(message, |field, payload| {
+        *counts.entry(field).or_default() += 1;
+        if let Some(payload) = payload {
+            for (_, fields, name, most) in &caps {
+                if fields.len() == 2 && fields[0] == field {
+                    let mut inner = 0;
+                    // An embedded message that does not walk is refused by prost.
+                    let _ = walk_fields(payload, |f, _| inner += usize::from(f == fields[1]));
+                    embedded.push((fields, name, *most, inner));
+                }
+            }
+        }
+    })
+    .map_err(malformed)?;
+    for (field, count) in counts {
+        let cap = caps
+            .iter()
+            .find(|(_, fields, ..)| fields.len() == 1 && fields[0] == field);
+        let (name, most) = cap.map_or(("a field", FIELD_REPEATS_MAX), |(_, _, name, most)| {
+            (*name, *most)
+        });
+        if count > most {
+            return Err(Status::invalid_argument(format!(
+                "{path}: {count} {name} in one request, at most {most}"
+            )));
+        }
+    }
+    for (_, name, most, count) in embedded {
+        if count > most {
+            return Err(Status::invalid_argument(format!(
+                "{path}: {count} {name} in one request, at most {most}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The limits a path is served with.
 pub fn limits_of(path: &str) -> MethodLimits {
     ROUTES
@@ -584,7 +739,18 @@ async fn read_message(
             message.len() - 5
         )));
     }
-    Ok((Bytes::from(message), permit))
+    let message = Bytes::from(message);
+    if len <= UNMETERED_BYTES {
+        check_lists(path, &message[5..])?;
+    } else {
+        // Walking millions of fields takes a while: off the async workers,
+        // which keep answering pings and other calls meanwhile.
+        let (path, scanned) = (path.to_string(), message.clone());
+        tokio::task::spawn_blocking(move || check_lists(&path, &scanned[5..]))
+            .await
+            .map_err(|_| Status::internal("request check failed"))??;
+    }
+    Ok((message, permit))
 }
 
 /// A reply body that keeps its call's pool reservation until it is dropped.
@@ -654,6 +820,55 @@ mod tests {
             limits_of("/cairn.v1.Cairn/FindBlobs").request,
             CONTROL_MESSAGE_BYTES
         );
+    }
+
+    #[test]
+    fn lists_are_counted_on_the_wire_before_decoding() {
+        use prost::Message;
+        // 100,001 empty ids: 200 KB on the wire, refused by count.
+        let find = cairn_proto::v1::FindBlobsRequest {
+            tenant: "t".into(),
+            ids: vec![Vec::new(); crate::gateway::IDS_PER_REQUEST_MAX + 1],
+        };
+        let refused = check_lists("/cairn.v1.Cairn/FindBlobs", &find.encode_to_vec())
+            .expect_err("too many ids");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(
+            refused
+                .message()
+                .contains("ids in one request, at most 100000"),
+            "{refused}"
+        );
+        let ok = cairn_proto::v1::FindBlobsRequest {
+            tenant: "t".into(),
+            ids: vec![vec![1; 32]; 1000],
+        };
+        check_lists("/cairn.v1.Cairn/FindBlobs", &ok.encode_to_vec()).expect("1000 ids");
+        // Empty blob entries in a pack.
+        let pack = cairn_proto::v1::PutPackRequest {
+            blobs: vec![Default::default(); cairn_proto::BLOBS_PER_PACK_MAX + 1],
+            ..Default::default()
+        };
+        let refused =
+            check_lists("/cairn.v1.Cairn/PutPack", &pack.encode_to_vec()).expect_err("blobs");
+        assert!(refused.message().contains("blobs"), "{refused}");
+        // Tags inside the embedded snapshot record.
+        let commit = cairn_proto::v1::CommitSnapshotRequest {
+            tenant: "t".into(),
+            snapshot: Some(cairn_proto::v1::SnapshotRecord {
+                tags: vec![String::new(); TAGS_MAX + 1],
+                ..Default::default()
+            }),
+        };
+        let refused = check_lists("/cairn.v1.Cairn/CommitSnapshot", &commit.encode_to_vec())
+            .expect_err("tags");
+        assert!(refused.message().contains("tags"), "{refused}");
+        // Any other field repeated beyond reason.
+        let repeated: Vec<u8> = [0x08, 0x01].repeat(FIELD_REPEATS_MAX + 1);
+        assert!(check_lists("/cairn.v1.Cairn/ClusterStatus", &repeated).is_err());
+        // Malformed wire data is the caller's error too.
+        let bad = check_lists("/cairn.v1.Cairn/FindBlobs", &[0x0a, 0xff]).expect_err("bad");
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     }
 
     #[tokio::test]

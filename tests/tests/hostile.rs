@@ -213,7 +213,7 @@ async fn every_rpc_refuses_malformed_and_oversized_messages_as_the_callers_error
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_64_mib_message_of_empty_ids_is_refused_before_it_is_decoded() {
+async fn a_64_mib_message_of_empty_ids_is_refused_before_it_is_decoded_and_empty_lists_by_count() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = started(dir.path()).await;
     let addr = cluster.addr(1).to_string();
@@ -254,6 +254,31 @@ async fn a_64_mib_message_of_empty_ids_is_refused_before_it_is_decoded() {
         "the node read the message: peak RSS {} -> {} MiB",
         before >> 20,
         after >> 20
+    );
+    // Under PutPack's limit, but 25 Mi empty blob entries would decode into
+    // about a GiB: refused from the count on the wire.
+    let pack = pb::PutPackRequest {
+        tenant: "t".into(),
+        pack_id: vec![0; 32],
+        data: vec![1].into(),
+        blobs: vec![pb::BlobEntry::default(); 25 * 1024 * 1024],
+    };
+    let refused = client
+        .put_pack(pack)
+        .await
+        .expect_err("a pack of empty blob entries is refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("blobs"), "{refused:?}");
+    let after_blobs = peak_rss(pid);
+    eprintln!(
+        "50 MiB of empty blob entries refused ({}): node peak RSS {} MiB",
+        refused.message(),
+        after_blobs >> 20
+    );
+    assert!(
+        after_blobs < 256 * 1024 * 1024,
+        "peak RSS {} MiB",
+        after_blobs >> 20
     );
     status(&addr).await.expect("node still answers");
 }
