@@ -9,12 +9,18 @@
 //!   length prefix, its bytes are reserved in a pool (pack ingest, shard
 //!   traffic, Raft, control calls), waiting a bounded time behind a bounded
 //!   queue; a message over its method's limit is refused from the prefix;
+//! - **list lengths**: counted on the wire ([`check_lists`]) before prost
+//!   turns each 2-byte empty entry into a value ten times its size;
 //! - **a deadline on every call**, streams and concurrent calls per
 //!   connection, and the size of a request's headers.
 //!
 //! An undecodable message is `InvalidArgument` (see `cairn_proto::codec`),
-//! an oversized one or an exhausted budget `ResourceExhausted`. Caps on list
-//! lengths inside messages are checked by the handlers and named here.
+//! an oversized one or an exhausted budget `ResourceExhausted`. Handlers
+//! check the caps again on the decoded values (`gateway`, `shard_store`).
+//!
+//! Not bounded here: the number of connections (each may hold up to
+//! [`CONNECTION_WINDOW_BYTES`] unread), and postcard's expansion of a Raft
+//! payload, which only cluster members may send once TLS is on.
 
 use std::future::poll_fn;
 use std::sync::Arc;
