@@ -11,6 +11,7 @@ pub mod config;
 pub mod erasure;
 pub mod gateway;
 pub mod kv;
+pub mod limits;
 pub mod liveness;
 pub mod local_cluster;
 pub mod malloc;

@@ -1,11 +1,16 @@
 //! Prometheus metrics on `--metrics-listen` (`GET /metrics`).
 //!
-//! Values are read from the node's live state at scrape time (a fresh
-//! registry per scrape), so no subsystem carries metric objects around.
+//! Counters are read from the subsystems' atomics at scrape time (a fresh
+//! registry per scrape), so no subsystem carries metric objects around. The
+//! one expensive value, the protection of every pack (a scan of the whole
+//! index), comes from a snapshot refreshed at most every
+//! [`SNAPSHOT_MAX_AGE`] on a blocking thread, so scraping in a loop cannot
+//! turn into a loop of full scans.
 //! Names follow `cairn_<subsystem>_<name>_<unit>`; labels stay low-cardinality.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -19,8 +24,11 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, MetricsSnapshot};
 use crate::scrub::ScrubStats;
+
+/// Oldest snapshot of the node's state a scrape may be answered from.
+pub const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(10);
 
 /// What the metrics page reads from.
 #[derive(Clone)]
@@ -28,6 +36,48 @@ pub struct Sources {
     pub gateway: Arc<Gateway>,
     pub scrub: Arc<ScrubStats>,
     pub liveness: Arc<crate::liveness::Liveness>,
+}
+
+/// A snapshot and when it was taken.
+type Taken = Option<(Instant, Arc<MetricsSnapshot>)>;
+
+/// The last state snapshot and when it was taken. The async mutex makes one
+/// scrape refresh it while the others wait for that refresh.
+#[derive(Default, Clone)]
+pub struct SnapshotCache {
+    last: Arc<tokio::sync::Mutex<Taken>>,
+    /// Refreshes so far (each one a scan of the index).
+    pub refreshes: Arc<AtomicU64>,
+}
+
+impl SnapshotCache {
+    /// The cached snapshot, or one taken by `take` (on a blocking thread)
+    /// when the cached one is older than `max_age`. `None` only if `take`
+    /// panicked and there is no earlier snapshot.
+    pub async fn get(
+        &self,
+        max_age: Duration,
+        take: impl FnOnce() -> MetricsSnapshot + Send + 'static,
+    ) -> Option<Arc<MetricsSnapshot>> {
+        let mut last = self.last.lock().await;
+        if let Some((at, snapshot)) = last.as_ref()
+            && at.elapsed() < max_age
+        {
+            return Some(snapshot.clone());
+        }
+        match tokio::task::spawn_blocking(take).await {
+            Ok(snapshot) => {
+                let fresh = Arc::new(snapshot);
+                self.refreshes.fetch_add(1, Ordering::Relaxed);
+                *last = Some((Instant::now(), fresh.clone()));
+                Some(fresh)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "metrics snapshot failed; serving the previous one");
+                last.as_ref().map(|(_, snapshot)| snapshot.clone())
+            }
+        }
+    }
 }
 
 fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
@@ -46,10 +96,9 @@ fn load(value: &AtomicU64) -> u64 {
     value.load(Ordering::Relaxed)
 }
 
-/// Renders the metrics text.
-pub fn render(sources: &Sources) -> Result<String, std::fmt::Error> {
+/// Renders the metrics text from `snapshot` and the live counters.
+pub fn render(sources: &Sources, snapshot: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
-    let snapshot = sources.gateway.metrics_snapshot();
     let repair = sources.gateway.repair_state();
     gauge(
         &mut registry,
@@ -290,10 +339,12 @@ fn scrape_allowed(sources: &Sources, headers: &header::HeaderMap) -> Result<(), 
 
 /// Serves `/metrics` until `shutdown` flips.
 pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: watch::Receiver<bool>) {
+    let cache = SnapshotCache::default();
     let app = Router::new().route(
         "/metrics",
         get(move |headers: header::HeaderMap| {
             let sources = sources.clone();
+            let cache = cache.clone();
             async move {
                 if let Err(code) = scrape_allowed(&sources, &headers) {
                     return (
@@ -303,8 +354,12 @@ pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: watch:
                     )
                         .into_response();
                 }
-                match render(&sources) {
-                    Ok(text) => (
+                let gateway = sources.gateway.clone();
+                let snapshot = cache
+                    .get(SNAPSHOT_MAX_AGE, move || gateway.metrics_snapshot())
+                    .await;
+                match snapshot.map(|snapshot| render(&sources, &snapshot)) {
+                    Some(Ok(text)) => (
                         StatusCode::OK,
                         [(
                             header::CONTENT_TYPE,
@@ -313,7 +368,7 @@ pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: watch:
                         text,
                     )
                         .into_response(),
-                    Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
                 }
             }
         }),
@@ -325,5 +380,52 @@ pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: watch:
         .await;
     if let Err(error) = served {
         tracing::warn!(%error, "metrics endpoint stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(term: u64) -> MetricsSnapshot {
+        MetricsSnapshot {
+            term,
+            is_leader: false,
+            last_applied: 0,
+            shards: 0,
+            shard_bytes: 0,
+            protection: Default::default(),
+            nodes: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn scrapes_in_a_loop_take_one_snapshot_per_max_age() {
+        let cache = SnapshotCache::default();
+        let taken = Arc::new(AtomicU64::new(0));
+        for _ in 0..100 {
+            let taken = taken.clone();
+            let got = cache
+                .get(Duration::from_secs(60), move || {
+                    snapshot(taken.fetch_add(1, Ordering::Relaxed) + 1)
+                })
+                .await
+                .expect("snapshot");
+            assert_eq!(got.term, 1);
+        }
+        assert_eq!(taken.load(Ordering::Relaxed), 1);
+        // An expired snapshot is taken again.
+        let got = cache
+            .get(Duration::ZERO, || snapshot(2))
+            .await
+            .expect("snapshot");
+        assert_eq!(got.term, 2);
+        assert_eq!(cache.refreshes.load(Ordering::Relaxed), 2);
+        // A failed refresh serves the previous snapshot.
+        let got = cache
+            .get(Duration::ZERO, || panic!("scan failed"))
+            .await
+            .expect("previous snapshot");
+        assert_eq!(got.term, 2);
     }
 }

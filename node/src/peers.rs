@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cairn_proto::MAX_MESSAGE_BYTES;
+use cairn_proto::SHARD_MESSAGE_BYTES;
 use cairn_proto::transport::DialTls;
 use cairn_proto::v1::shards_client::ShardsClient;
 use tonic::Request;
@@ -81,8 +81,8 @@ impl Peers {
     ) -> Result<ShardsClient<Channel>, tonic::transport::Error> {
         let channel = self.channel(node, addr)?;
         Ok(ShardsClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+            .max_decoding_message_size(SHARD_MESSAGE_BYTES)
+            .max_encoding_message_size(SHARD_MESSAGE_BYTES))
     }
 
     pub fn record_ok(&self, node: NodeId) {

@@ -25,7 +25,6 @@ use crate::scrub::ScrubStats;
 use crate::shard_io::ShardIo;
 use crate::shard_store::service::ShardService;
 use crate::shard_store::{ShardStore, ShardStoreError};
-use cairn_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 
 /// Why a node could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -203,18 +202,19 @@ pub async fn run(
         Some(_) => crate::tls::PeerAuthLayer::new(Arc::new(meta.clone())),
         None => crate::tls::PeerAuthLayer::disabled(),
     };
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = crate::limits::server();
     if let Some(tls) = &tls {
         builder = builder.tls_config(tls.server_config())?;
     }
     let served = builder
         .layer(peer_auth)
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .tcp_nodelay(true)
-        .add_service(meta.raft_service())
-        .add_service(shards.into_server())
-        .add_service(gateway.server())
+        .add_routes(crate::limits::routes(
+            meta.raft_service(),
+            shards.into_server(),
+            gateway.server(),
+            gateway.budget(),
+            |cairn| gateway.behind_auth(cairn),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             let _ = stop_workers.send(true);

@@ -144,9 +144,10 @@ mod secured {
         async fn start() -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().to_path_buf();
-            let cluster = LocalCluster::start_secure(&path.join("cluster"), &[2, 2, 2], "4+2", |_| {})
-                .await
-                .expect("cluster starts");
+            let cluster =
+                LocalCluster::start_secure(&path.join("cluster"), &[2, 2, 2], "4+2", |_| {})
+                    .await
+                    .expect("cluster starts");
             cluster
                 .wait_ready(Duration::from_secs(30))
                 .await
@@ -237,7 +238,7 @@ mod secured {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn a_created_token_backs_up_and_is_refused_once_revoked() {
+    async fn a_created_token_backs_up_and_is_refused_once_revoked() {
         let env = Env::start().await;
         let admin = env.admin_token.clone();
         let (_, chat_admin, created) = env
@@ -311,7 +312,7 @@ mod secured {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn a_removed_key_slots_passphrase_says_wrong_password() {
+    async fn a_removed_key_slots_passphrase_says_wrong_password() {
         let env = Env::start().await;
         let admin = env.admin_token.clone();
         let tenant = ["--tenant", "keys"];
@@ -409,7 +410,7 @@ mod secured {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn audit_verify_is_clean_after_work_and_the_log_names_it() {
+    async fn audit_verify_is_clean_after_work_and_the_log_names_it() {
         let env = Env::start().await;
         let admin = env.admin_token.clone();
         let (backup_id, _, _) = env

@@ -233,9 +233,11 @@ impl PackBuilder {
         self.data.len()
     }
 
-    /// True once the blobs reach the target size: time to [`finish`](Self::finish).
+    /// True once the blobs reach the target size or the node's blob count
+    /// per pack: time to [`finish`](Self::finish).
     pub fn is_full(&self) -> bool {
-        self.data.len() >= self.target_bytes
+        // Nodes refuse a pack listing more blobs than one Raft entry holds.
+        self.data.len() >= self.target_bytes || self.blobs.len() >= cairn_proto::BLOBS_PER_PACK_MAX
     }
 
     /// Seal the trailer and close the pack.

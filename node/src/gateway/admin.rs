@@ -107,6 +107,7 @@ impl Gateway {
 
     /// Parses reported faults and hands them to the repairer.
     pub(super) fn take_faults(&self, faults: &[pb::ShardFault]) -> Result<(), GatewayError> {
+        super::check_fault_count(faults.len())?;
         let mut parsed = Vec::with_capacity(faults.len());
         for fault in faults {
             parsed.push((id32(&fault.pack_id, "pack id")?, fault.index, fault.node_id));

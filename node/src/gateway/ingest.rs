@@ -32,6 +32,22 @@ impl Gateway {
         if *blake3::hash(&req.data).as_bytes() != pack_id {
             return Err(invalid("pack id is not the blake3 hash of the pack bytes"));
         }
+        // The blob list becomes one Raft entry (`AddPack`): capped so that
+        // no entry exceeds what a follower accepts in one append.
+        if req.blobs.len() > cairn_proto::BLOBS_PER_PACK_MAX {
+            return Err(invalid(format!(
+                "{} blobs in one pack, at most {}",
+                req.blobs.len(),
+                cairn_proto::BLOBS_PER_PACK_MAX
+            )));
+        }
+        if req.data.len() > cairn_proto::PACK_BYTES_MAX {
+            return Err(invalid(format!(
+                "pack of {} bytes, at most {}",
+                req.data.len(),
+                cairn_proto::PACK_BYTES_MAX
+            )));
+        }
         let mut blobs = Vec::with_capacity(req.blobs.len());
         for blob in &req.blobs {
             let end = blob.offset.checked_add(u64::from(blob.length));

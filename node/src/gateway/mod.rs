@@ -37,8 +37,6 @@ use crate::shard_io::{Members, ShardIo};
 
 /// Most ids one FindBlobs/LocateBlobs request may carry.
 pub const IDS_PER_REQUEST_MAX: usize = 100_000;
-/// Pack reads one gateway serves at once.
-pub const READS_IN_FLIGHT_MAX: usize = 4;
 /// Longest tenant or dataset name.
 pub const NAME_LEN_MAX: usize = 128;
 
@@ -62,6 +60,9 @@ pub enum GatewayError {
     InvalidArgument { what: String },
     #[error("{what} not found")]
     NotFound { what: String },
+    /// The node's memory budget for this kind of work is in use.
+    #[error("{what}")]
+    Busy { what: String },
     #[error("{what} already exists")]
     AlreadyExists { what: String },
     #[error("{what}")]
@@ -123,6 +124,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidArgument { .. } => Status::invalid_argument(message),
             GatewayError::NotFound { .. } => Status::not_found(message),
+            GatewayError::Busy { .. } => Status::resource_exhausted(message),
             GatewayError::AlreadyExists { .. } => Status::already_exists(message),
             GatewayError::Precondition { .. } => Status::failed_precondition(message),
             GatewayError::Unauthenticated => Status::unauthenticated(message),
@@ -198,13 +200,13 @@ pub struct Gateway {
     /// This node's scrub counters (for `cluster status`).
     scrub: Arc<ScrubStats>,
     pack_permits: Semaphore,
-    /// Pack reads served at once; bounds memory (each holds up to k shards
-    /// and the answer).
-    read_permits: Semaphore,
     /// Writes audit entries for this node's requests (refusals rate-limited).
     auditor: Arc<Auditor>,
     /// Resolves callers: the service's front door and the metrics page's.
     auth: Arc<Authenticator>,
+    /// This node's memory pools (`limits`): the server reserves request
+    /// bytes in them; pack reads reserve their answer's bytes here.
+    budget: crate::limits::Budget,
 }
 
 impl Gateway {
@@ -233,9 +235,9 @@ impl Gateway {
             repairer,
             scrub,
             pack_permits,
-            read_permits: Semaphore::new(READS_IN_FLIGHT_MAX),
             auditor,
             auth,
+            budget: crate::limits::Budget::default(),
         }
     }
 
@@ -254,16 +256,25 @@ impl Gateway {
         &self.auth
     }
 
+    /// This node's memory pools, shared with the server's request limits.
+    pub fn budget(&self) -> &crate::limits::Budget {
+        &self.budget
+    }
+
     /// The gRPC service over a shared gateway (the repair worker holds it
-    /// too), behind caller resolution: every request reaches a handler with
-    /// its [`crate::auth::Caller`], or is refused before its body is decoded.
-    pub fn server(self: &Arc<Self>) -> AuthService<CairnServer<Self>> {
-        AuthService::new(
-            CairnServer::from_arc(self.clone())
-                .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES),
-            self.auth.clone(),
-        )
+    /// too). `limits::routes` mounts it method by method, each behind
+    /// [`Gateway::behind_auth`].
+    pub fn server(self: &Arc<Self>) -> CairnServer<Self> {
+        CairnServer::from_arc(self.clone())
+            .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
+    }
+
+    /// Caller resolution in front of a Cairn service: every request reaches
+    /// a handler with its [`crate::auth::Caller`], or is refused before its
+    /// body is decoded.
+    pub fn behind_auth<S>(&self, service: S) -> AuthService<S> {
+        AuthService::new(service, self.auth.clone())
     }
 
     fn members(&self) -> Members {
@@ -394,6 +405,18 @@ impl Gateway {
             cairn_proto::v1::cairn_client::CairnClient::new(channel),
         ))
     }
+}
+
+/// Refuses a fault report over [`cairn_proto::FAULTS_PER_REPORT_MAX`]
+/// (scrub and readers report a few at a time).
+fn check_fault_count(count: usize) -> Result<(), GatewayError> {
+    if count > cairn_proto::FAULTS_PER_REPORT_MAX {
+        return Err(invalid(format!(
+            "{count} faults in one report, at most {}",
+            cairn_proto::FAULTS_PER_REPORT_MAX
+        )));
+    }
+    Ok(())
 }
 
 fn ids(raw: &[Vec<u8>]) -> Result<Vec<Id32>, GatewayError> {

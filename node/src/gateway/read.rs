@@ -20,7 +20,7 @@ use crate::placement::{read_order, region_loss_fatal};
 use crate::shard_io::{Members, verify_shard};
 
 /// Most bytes one ReadPack may return.
-const READ_BYTES_MAX: u64 = cairn_proto::MAX_MESSAGE_BYTES as u64 - 1024 * 1024;
+const READ_BYTES_MAX: u64 = cairn_proto::READ_PACK_BYTES_MAX as u64;
 
 /// A data shard slower than this gets a spare read started beside it.
 const HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(800);
@@ -102,24 +102,39 @@ impl Gateway {
             ))
             .into());
         }
-        let _permit = self
-            .read_permits
-            .acquire()
-            .await
-            .expect("the read semaphore is never closed");
+        if req.ranges.len() > cairn_proto::READ_RANGES_MAX {
+            return Err(invalid(format!(
+                "{} ranges in one read, at most {}",
+                req.ranges.len(),
+                cairn_proto::READ_RANGES_MAX
+            )));
+        }
         let mut total = 0u64;
         for range in &req.ranges {
             let end = range.offset.checked_add(range.length);
             if end.is_none_or(|end| end > pack.pack_len) {
                 return Err(invalid("range outside the pack"));
             }
-            total += range.length;
+            total = total.saturating_add(range.length);
         }
         if total > READ_BYTES_MAX {
             return Err(invalid(format!(
-                "{total} bytes requested, at most {READ_BYTES_MAX} per request"
+                "{total} bytes requested, at most {READ_BYTES_MAX} per read"
             )));
         }
+        // The shards read (k of them when reconstructing: the whole pack),
+        // the answer and its encoding: reserved before a byte is fetched.
+        let _reserved = self
+            .budget
+            .gateway
+            .reserve(
+                usize::try_from(pack.pack_len.saturating_add(total.saturating_mul(2)))
+                    .unwrap_or(usize::MAX),
+            )
+            .await
+            .map_err(|status| GatewayError::Busy {
+                what: status.message().to_string(),
+            })?;
         let preferred = if req.preferred_region.is_empty() {
             self.region.clone()
         } else {

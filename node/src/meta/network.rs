@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cairn_proto::MAX_MESSAGE_BYTES;
+use cairn_proto::RAFT_MESSAGE_BYTES;
 use cairn_proto::transport::{DialTls, lazy_channel};
 use cairn_proto::v1::RaftPayload;
 use cairn_proto::v1::raft_client::RaftClient;
@@ -194,8 +194,8 @@ impl PeerChannels {
             }
         };
         Ok(RaftClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES))
     }
 
     /// Sends `request` to node `target` at `addr` and decodes its answer.

@@ -93,6 +93,9 @@ impl MetaConfig {
             // Keep one snapshot interval of log behind the snapshot, so a
             // briefly lagging follower catches up from the log, not a snapshot.
             max_in_snapshot_log_to_keep: self.snapshot_every_logs,
+            // With entries of at most RAFT_ENTRY_BYTES_MAX, an append stays
+            // within the message limit every follower accepts.
+            max_payload_entries: cairn_proto::RAFT_ENTRIES_PER_APPEND,
             ..Default::default()
         }
         .validate()

@@ -12,16 +12,17 @@
 
 use std::sync::Arc;
 
-use cairn_proto::MAX_MESSAGE_BYTES;
 use cairn_proto::v1::shards_server::{Shards, ShardsServer};
 use cairn_proto::v1::{
     DeleteShardReply, DeleteShardRequest, GetShardReply, GetShardRequest, PutShardReply,
     PutShardRequest, ShardStatsReply, ShardStatsRequest,
 };
+use cairn_proto::{CONTROL_MESSAGE_BYTES, SHARD_MESSAGE_BYTES};
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use super::{ShardStore, ShardStoreError};
+use crate::erasure::MAX_TOTAL_SHARDS;
 use crate::meta::types::{Id32, NodeId};
 
 /// Request metadata key naming the node a request is meant for.
@@ -33,6 +34,12 @@ pub enum ShardServiceError {
     /// `pack_id` is not 32 bytes.
     #[error("pack_id must be 32 bytes, got {len}")]
     BadPackId { len: usize },
+    /// A shard index no pack can have.
+    #[error("shard index {index} out of range: a pack has at most {MAX_TOTAL_SHARDS} shards")]
+    BadIndex { index: u32 },
+    /// A shard over the largest a pack can produce.
+    #[error("shard of {len} bytes is over the limit of {SHARD_MESSAGE_BYTES} bytes")]
+    TooLarge { len: usize },
     /// The node id metadata is not a decimal node id.
     #[error("{NODE_ID_METADATA} metadata must be a decimal node id")]
     BadNodeIdMetadata,
@@ -56,10 +63,11 @@ pub enum ShardServiceError {
 pub fn to_status(err: &ShardServiceError) -> Status {
     use ShardStoreError as S;
     match err {
-        ShardServiceError::BadPackId { .. } | ShardServiceError::BadNodeIdMetadata => {
-            Status::invalid_argument(err.to_string())
-        }
+        ShardServiceError::BadPackId { .. }
+        | ShardServiceError::BadIndex { .. }
+        | ShardServiceError::BadNodeIdMetadata => Status::invalid_argument(err.to_string()),
         ShardServiceError::WrongNode { .. } => Status::failed_precondition(err.to_string()),
+        ShardServiceError::TooLarge { .. } => Status::resource_exhausted(err.to_string()),
         ShardServiceError::Store(store) => match store {
             S::BadShard(_) => Status::invalid_argument(err.to_string()),
             S::NotFound { .. } => Status::not_found(err.to_string()),
@@ -111,11 +119,12 @@ impl ShardService {
         self
     }
 
-    /// The tonic server, with message limits large enough for whole shards.
+    /// The tonic server, with message limits large enough for whole
+    /// shards; the node's server narrows them per method (`limits`).
     pub fn into_server(self) -> ShardsServer<ShardService> {
         ShardsServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(SHARD_MESSAGE_BYTES.max(CONTROL_MESSAGE_BYTES))
+            .max_encoding_message_size(SHARD_MESSAGE_BYTES.max(CONTROL_MESSAGE_BYTES))
     }
 
     /// Refuses requests addressed to another node. Requests without the
@@ -139,6 +148,13 @@ impl ShardService {
     }
 }
 
+fn shard_index(index: u32) -> Result<u32, ShardServiceError> {
+    if index >= MAX_TOTAL_SHARDS {
+        return Err(ShardServiceError::BadIndex { index });
+    }
+    Ok(index)
+}
+
 fn pack_id(bytes: &[u8]) -> Result<Id32, ShardServiceError> {
     bytes
         .try_into()
@@ -153,6 +169,9 @@ impl Shards for ShardService {
     ) -> Result<Response<PutShardReply>, Status> {
         self.check_addressee(&request)?;
         let shard = request.into_inner().shard;
+        if shard.len() > SHARD_MESSAGE_BYTES {
+            return Err(ShardServiceError::TooLarge { len: shard.len() }.into());
+        }
         self.store
             .put(shard)
             .await
@@ -169,7 +188,7 @@ impl Shards for ShardService {
         let id = pack_id(&req.pack_id)?;
         let shard = self
             .store
-            .get(&id, req.index)
+            .get(&id, shard_index(req.index)?)
             .await
             .map_err(ShardServiceError::from)?;
         Ok(Response::new(GetShardReply { shard }))
@@ -183,7 +202,7 @@ impl Shards for ShardService {
         let req = request.into_inner();
         let id = pack_id(&req.pack_id)?;
         self.store
-            .delete(&id, req.index)
+            .delete(&id, shard_index(req.index)?)
             .await
             .map_err(ShardServiceError::from)?;
         Ok(Response::new(DeleteShardReply {}))
@@ -239,8 +258,8 @@ mod tests {
         let client = ShardsClient::connect(format!("http://{addr}"))
             .await
             .expect("connect")
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES);
         (client, stop, dir)
     }
 
@@ -336,6 +355,19 @@ mod tests {
             .await
             .expect_err("short id");
         assert_eq!(short_id.code(), GrpcCode::InvalidArgument);
+
+        let bad_index = client
+            .delete_shard(DeleteShardRequest {
+                pack_id: vec![1; 32],
+                index: u32::MAX,
+            })
+            .await
+            .expect_err("index out of range");
+        assert_eq!(bad_index.code(), GrpcCode::InvalidArgument);
+        assert!(
+            bad_index.message().contains("at most 32 shards"),
+            "{bad_index}"
+        );
 
         let wrong = client
             .shard_stats(to_node(NODE + 1, ShardStatsRequest {}))
