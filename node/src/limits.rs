@@ -45,6 +45,7 @@ use tonic::codegen::Service;
 use tonic::service::Routes;
 use tonic::transport::Server;
 
+use crate::auth::layer::{AuthService, Authenticator};
 use crate::gateway::Gateway;
 use crate::meta::service::RaftService;
 use crate::shard_store::service::ShardService;
@@ -495,26 +496,17 @@ pub fn server() -> Server {
         .http2_max_pending_accept_reset_streams(Some(32))
 }
 
-/// The three services, each method mounted with its limits.
-/// `wrap_cairn` lets the caller put a layer (authentication) around every
-/// route of the Cairn service.
-pub fn routes<C, B>(
+/// The three services, each method mounted with its limits. Every Cairn
+/// route sits behind `auth`: a caller is resolved (or refused) from the
+/// headers before its message is read or any pool is reserved for it, so an
+/// unauthenticated client can never hold memory meant for real work.
+pub fn routes(
     raft: RaftServer<RaftService>,
     shards: ShardsServer<ShardService>,
     cairn: CairnServer<Gateway>,
     budget: &Budget,
-    wrap_cairn: impl Fn(CairnServer<Gateway>) -> C,
-) -> Routes
-where
-    C: Service<http::Request<Body>, Response = http::Response<B>, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    C::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
-{
+    auth: &Arc<Authenticator>,
+) -> Routes {
     let mut router = axum::Router::new();
     let pool = |kind: PoolKind| match kind {
         PoolKind::Gateway => budget.gateway.clone(),
@@ -529,8 +521,14 @@ where
         } else if path.starts_with("/cairn.v1.Shards/") {
             mount(router, path, limited_shards(&shards, limits), limits, pool)
         } else {
-            let svc = wrap_cairn(limited_cairn(&cairn, limits));
-            mount(router, path, svc, limits, pool)
+            mount_behind(
+                router,
+                path,
+                limited_cairn(&cairn, limits),
+                limits,
+                pool,
+                auth,
+            )
         };
     }
     let control = pool(PoolKind::Control);
@@ -548,12 +546,13 @@ where
         CONTROL,
         control.clone(),
     );
-    router = mount(
+    router = mount_behind(
         router,
         "/cairn.v1.Cairn/{*rest}",
-        wrap_cairn(limited_cairn(&cairn, CONTROL)),
+        limited_cairn(&cairn, CONTROL),
         CONTROL,
         control,
+        auth,
     );
     // Unknown methods and services: gRPC's UNIMPLEMENTED, as tonic's router answers.
     Routes::from(
@@ -600,14 +599,51 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<axum::BoxError>,
 {
-    router.route(
+    router.route(path, limited(svc, limits, pool))
+}
+
+/// Like [`mount`], with caller resolution in front of the limits.
+fn mount_behind<S, B>(
+    router: axum::Router,
+    path: &'static str,
+    svc: S,
+    limits: MethodLimits,
+    pool: Arc<Pool>,
+    auth: &Arc<Authenticator>,
+) -> axum::Router
+where
+    S: Service<http::Request<Body>, Response = http::Response<B>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    router.route_service(
         path,
-        any(move |request: Request| {
-            let svc = svc.clone();
-            let pool = pool.clone();
-            async move { serve_limited(svc, request, limits, pool).await }
-        }),
+        AuthService::new(limited(svc, limits, pool), auth.clone()),
     )
+}
+
+/// A handler that reads the message prefix, reserves the pool, then calls `svc`.
+fn limited<S, B>(svc: S, limits: MethodLimits, pool: Arc<Pool>) -> axum::routing::MethodRouter
+where
+    S: Service<http::Request<Body>, Response = http::Response<B>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    any(move |request: Request| {
+        let svc = svc.clone();
+        let pool = pool.clone();
+        async move { serve_limited(svc, request, limits, pool).await }
+    })
 }
 
 async fn serve_limited<S, B>(
@@ -788,21 +824,6 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for ReplyBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Compiles only if an authentication interceptor can wrap the Cairn routes.
-    #[allow(dead_code)]
-    fn cairn_routes_take_an_interceptor(
-        raft: RaftServer<RaftService>,
-        shards: ShardsServer<ShardService>,
-        cairn: CairnServer<Gateway>,
-    ) -> Routes {
-        routes(raft, shards, cairn, &Budget::default(), |svc| {
-            tonic::service::interceptor::InterceptedService::new(
-                svc,
-                |request: tonic::Request<()>| Ok(request),
-            )
-        })
-    }
 
     #[test]
     fn heavy_methods_have_their_own_limits_and_the_rest_is_small() {

@@ -213,7 +213,7 @@ pub async fn run(
             shards.into_server(),
             gateway.server(),
             gateway.budget(),
-            |cairn| gateway.behind_auth(cairn),
+            gateway.authenticator(),
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;

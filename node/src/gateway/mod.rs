@@ -24,7 +24,7 @@ use tonic::{Response, Status};
 use tracing::warn;
 
 use crate::auth::audit::Auditor;
-use crate::auth::layer::{AuthService, Authenticator};
+use crate::auth::layer::Authenticator;
 use crate::erasure::Code;
 use crate::liveness::Liveness;
 use crate::meta::membership::AddRefused;
@@ -262,19 +262,12 @@ impl Gateway {
     }
 
     /// The gRPC service over a shared gateway (the repair worker holds it
-    /// too). `limits::routes` mounts it method by method, each behind
-    /// [`Gateway::behind_auth`].
+    /// too). `limits::routes` mounts it method by method, each behind the
+    /// [`Gateway::authenticator`].
     pub fn server(self: &Arc<Self>) -> CairnServer<Self> {
         CairnServer::from_arc(self.clone())
             .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
-    }
-
-    /// Caller resolution in front of a Cairn service: every request reaches
-    /// a handler with its [`crate::auth::Caller`], or is refused before its
-    /// body is decoded.
-    pub fn behind_auth<S>(&self, service: S) -> AuthService<S> {
-        AuthService::new(service, self.auth.clone())
     }
 
     fn members(&self) -> Members {
