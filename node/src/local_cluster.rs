@@ -229,10 +229,10 @@ impl LocalCluster {
         // An opt-out through `tune` makes the whole cluster insecure.
         let mut secure = secure.filter(|_| !template.insecure);
         // A test that brings its own bootstrap token: the harness uses it too.
-        if let (Some(secure), Some(path)) = (&mut secure, &template.bootstrap_token_file) {
-            if let Ok(token) = std::fs::read_to_string(path) {
-                secure.token = token.trim().to_string();
-            }
+        if let (Some(secure), Some(path)) = (&mut secure, &template.bootstrap_token_file)
+            && let Ok(token) = std::fs::read_to_string(path)
+        {
+            secure.token = token.trim().to_string();
         }
         let mut cluster = Self {
             base_dir: base_dir.to_path_buf(),
