@@ -399,8 +399,11 @@ async fn two_regions_killed_backup_fails_fast_with_quorum_lost() {
         text.contains("2 of 3 regions unreachable (r1, r2)"),
         "{text}"
     );
+    // Said, not timed out: a client that cycled through the nodes until its
+    // failover budget ran out would take at least the whole budget. (Seen at
+    // 6-8 s alone and once at 24.6 s on a loaded 2-core CI machine.)
     assert!(
-        elapsed < Duration::from_secs(20),
-        "took {elapsed:?}: {text}"
+        elapsed < cairn_client::connection::FAILOVER_BUDGET,
+        "took {elapsed:?}, the whole failover budget: {text}"
     );
 }
