@@ -263,11 +263,10 @@ impl Gateway {
 
     /// The gRPC service over a shared gateway (the repair worker holds it
     /// too). `limits::routes` mounts it method by method, each behind the
-    /// [`Gateway::authenticator`].
+    /// [`Gateway::authenticator`], with that method's message limits (set
+    /// there, the one place every bound lives).
     pub fn server(self: &Arc<Self>) -> CairnServer<Self> {
         CairnServer::from_arc(self.clone())
-            .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
     }
 
     fn members(&self) -> Members {
