@@ -241,6 +241,23 @@ mod secured {
     async fn a_created_token_backs_up_and_is_refused_once_revoked() {
         let env = Env::start().await;
         let admin = env.admin_token.clone();
+        // Without the CA: one round of nodes, then what to give.
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        command
+            .args(["--cluster", &env.addrs, "--token-file"])
+            .arg(&admin)
+            .args(["cluster", "status"])
+            .env_remove("CAIRN_CA")
+            .env_remove("CAIRN_TOKEN");
+        let output = tokio::task::spawn_blocking(move || command.output().expect("cairn runs"))
+            .await
+            .expect("joins");
+        let said = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(!output.status.success());
+        assert!(
+            said.contains("if the cluster runs TLS, give its CA with --ca-file or CAIRN_CA"),
+            "{said}"
+        );
         let (_, chat_admin, created) = env
             .create_token(
                 &admin,

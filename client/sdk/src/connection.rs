@@ -280,6 +280,8 @@ impl Cluster {
         // not verify against the CA: when every node says so, the CA is wrong
         // (or these are not the cluster's nodes), and waiting will not help.
         let mut round_untrusted = 0usize;
+        // Plaintext answered by a TLS server: HTTP/2 breaks on the handshake.
+        let mut round_tls_only = 0usize;
         loop {
             let index = (start + attempt) % n;
             let (addr, channel) = &self.endpoints[index];
@@ -313,6 +315,9 @@ impl Cluster {
             if reason.contains("invalid peer certificate") {
                 round_untrusted += 1;
             }
+            if !self.tls && speaks_tls_only(&status) {
+                round_tls_only += 1;
+            }
             match tried.iter_mut().find(|(a, _)| a == addr) {
                 Some(entry) => entry.1 = reason,
                 None => tried.push((addr.clone(), reason)),
@@ -344,7 +349,14 @@ impl Cluster {
                         hint: UNTRUSTED_HINT,
                     });
                 }
+                if round_tls_only == n {
+                    return Err(ClientError::NoNodeReachable {
+                        tried,
+                        hint: PLAINTEXT_HINT,
+                    });
+                }
                 round_untrusted = 0;
+                round_tls_only = 0;
                 round_other = false;
                 // A full round failed: wait a little (an election, a restart).
                 tokio::time::sleep(backoff).await;
@@ -446,8 +458,16 @@ fn quorum_lost(message: &str) -> ClientError {
     }
 }
 
+/// What a plaintext client gets from a node that speaks only TLS.
+fn speaks_tls_only(status: &Status) -> bool {
+    status.code() == Code::Internal && status.message().starts_with("h2 protocol error")
+}
+
 /// The node did not serve this call, another one may.
 fn retryable(status: &Status) -> bool {
+    if speaks_tls_only(status) {
+        return true;
+    }
     match status.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => true,
         // Transport failures surface as Unknown with a transport source.

@@ -490,7 +490,20 @@ async fn with_the_cluster_ca_the_client_speaks_tls_and_refuses_other_servers() {
     );
     assert!(text.contains("is it this cluster's CA?"), "{text}");
 
-    // Plaintext to a TLS node gets nothing either.
+    // Plaintext to a TLS node gets nothing either, and with the default
+    // failover budget the user is told at once to give the CA.
+    let started = std::time::Instant::now();
+    let error = client(&addrs, "tok").who_am_i().await.expect_err("refused");
+    assert!(
+        error
+            .to_string()
+            .ends_with("; if the cluster runs TLS, give its CA with --ca-file or CAIRN_CA"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < cairn_client::connection::FAILOVER_BUDGET,
+        "said after one round, not after the whole budget"
+    );
     let error = client(&addrs, "tok")
         .with_failover_budget(Duration::from_millis(300))
         .who_am_i()
