@@ -315,6 +315,9 @@ const ROUTES: &[(&str, MethodLimits, PoolKind)] = &[
     ("/cairn.v1.Cairn/CheckPacks", LONG, PoolKind::Control),
     ("/cairn.v1.Cairn/AddNode", LONG, PoolKind::Control),
     ("/cairn.v1.Cairn/RemoveNode", LONG, PoolKind::Control),
+    ("/cairn.v1.Cairn/Prune", LONG, PoolKind::Control),
+    ("/cairn.v1.Cairn/Forget", LONG, PoolKind::Control),
+    ("/cairn.v1.Cairn/Stats", LONG, PoolKind::Control),
 ];
 
 /// Occurrences of any top-level field a request may carry unless
@@ -886,6 +889,7 @@ mod tests {
                 tags: vec![String::new(); TAGS_MAX + 1],
                 ..Default::default()
             }),
+            ..Default::default()
         };
         let refused = check_lists("/cairn.v1.Cairn/CommitSnapshot", &commit.encode_to_vec())
             .expect_err("tags");

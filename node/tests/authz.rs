@@ -84,6 +84,7 @@ fn pack(tenant: &str, seed: u8) -> (pb::PutPackRequest, Vec<u8>) {
             length: data.len() as u32,
         }],
         data: data.into(),
+        session: Vec::new(),
     };
     (request, blob_id)
 }
@@ -275,6 +276,7 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
         pb::CommitSnapshotRequest {
             tenant: "alpha".into(),
             snapshot: Some(snapshot(blob.clone(), 1)),
+            ..Default::default()
         },
     ))
     .await
@@ -359,6 +361,7 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
             pb::CommitSnapshotRequest {
                 tenant: String::new(),
                 snapshot: Some(snapshot(blob.clone(), 2)),
+                ..Default::default()
             },
         ))
         .await,

@@ -65,4 +65,5 @@ pub const FAULTS_PER_REPORT_MAX: usize = 10_000;
 
 pub mod audit;
 pub mod codec;
+pub mod refs;
 pub mod transport;

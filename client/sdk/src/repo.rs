@@ -252,6 +252,7 @@ fn seal_snapshot(key: &MasterKey, tenant: &str, snapshot: &Snapshot) -> Result<p
         bytes: snapshot.bytes,
         bytes_added: snapshot.bytes_added,
         tags: snapshot.tags.clone(),
+        ..Default::default()
     })
 }
 
@@ -613,6 +614,7 @@ impl Repository {
                 let request = pb::CommitSnapshotRequest {
                     tenant: self.tenant.clone(),
                     snapshot: Some(record.clone()),
+                    ..Default::default()
                 };
                 async move { c.commit_snapshot(request).await }
             })
@@ -663,6 +665,7 @@ impl Repository {
                     pack_id: pack.id.to_vec(),
                     data: data.clone(),
                     blobs: blobs.clone(),
+                    session: Vec::new(),
                 };
                 async move { c.put_pack(request).await }
             })

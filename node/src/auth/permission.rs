@@ -30,7 +30,9 @@ pub enum Op {
     CommitSnapshot,
     ListSnapshots,
     ClusterStatus,
-    CheckPacks { read_data: bool },
+    CheckPacks {
+        read_data: bool,
+    },
     Repair,
     ReportFaults,
     AddNode,
@@ -43,6 +45,16 @@ pub enum Op {
     AuditLog,
     WhoAmI,
     Metrics,
+    Forget,
+    Prune,
+    LockSnapshot,
+    /// Unlock; `bypass` = remove a governance lock before it expires.
+    UnlockSnapshot {
+        bypass: bool,
+    },
+    SetPolicy,
+    GetPolicies,
+    Stats,
 }
 
 impl Op {
@@ -71,6 +83,13 @@ impl Op {
             Op::AuditLog => "AuditLog",
             Op::WhoAmI => "WhoAmI",
             Op::Metrics => "Metrics",
+            Op::Forget => "Forget",
+            Op::Prune => "Prune",
+            Op::LockSnapshot => "LockSnapshot",
+            Op::UnlockSnapshot { .. } => "UnlockSnapshot",
+            Op::SetPolicy => "SetPolicy",
+            Op::GetPolicies => "GetPolicies",
+            Op::Stats => "Stats",
         }
     }
 
@@ -100,6 +119,13 @@ impl Op {
             "RemoveKeySlot" => Op::RemoveKeySlot,
             "AuditLog" => Op::AuditLog,
             "WhoAmI" => Op::WhoAmI,
+            "Forget" => Op::Forget,
+            "Prune" => Op::Prune,
+            "LockSnapshot" => Op::LockSnapshot,
+            "UnlockSnapshot" => Op::UnlockSnapshot { bypass: true },
+            "SetPolicy" => Op::SetPolicy,
+            "GetPolicies" => Op::GetPolicies,
+            "Stats" => Op::Stats,
             _ => return None,
         })
     }
@@ -116,7 +142,8 @@ pub fn role_allows(role: Role, op: Op) -> bool {
     match role {
         // Everything but the node-only fault intake.
         Role::ClusterAdmin => op != ReportFaults,
-        // Everything of its tenant; no membership, repair or audit log.
+        // Everything of its tenant; no membership, repair or audit log, and
+        // governance locks yield only to cluster-admin.
         Role::Admin => matches!(
             op,
             InitTenant
@@ -135,6 +162,13 @@ pub fn role_allows(role: Role, op: Op) -> bool {
                 | AddKeySlot
                 | RemoveKeySlot
                 | WhoAmI
+                | Forget
+                | Prune
+                | LockSnapshot
+                | UnlockSnapshot { bypass: false }
+                | SetPolicy
+                | GetPolicies
+                | Stats
         ),
         // Append-only: never deletes, never changes keys or tokens.
         Role::Backup => matches!(
@@ -154,7 +188,12 @@ pub fn role_allows(role: Role, op: Op) -> bool {
         ),
         Role::Monitor => matches!(
             op,
-            ClusterStatus | CheckPacks { read_data: false } | Metrics | WhoAmI
+            ClusterStatus
+                | CheckPacks { read_data: false }
+                | Metrics
+                | WhoAmI
+                | GetPolicies
+                | Stats
         ),
     }
 }

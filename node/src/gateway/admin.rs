@@ -206,6 +206,7 @@ impl Gateway {
             orphan_shards,
             orphan_bytes,
             insecure: self.config.insecure,
+            warnings: Vec::new(),
         })
     }
 

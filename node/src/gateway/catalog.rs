@@ -165,7 +165,10 @@ impl Gateway {
         // A stale "absent" only costs a re-upload; "present" is never
         // stale because index entries are added only for durable packs.
         let present = self.meta.find_blobs(&req.tenant, &ids(&req.ids)?)?;
-        Ok(pb::FindBlobsReply { present })
+        Ok(pb::FindBlobsReply {
+            present,
+            gc_epoch: self.meta.view()?.gc_epoch()?,
+        })
     }
 
     pub(super) async fn locate_blobs_inner(
@@ -262,6 +265,10 @@ fn snapshot_to_wire(s: SnapshotRecord) -> pb::SnapshotRecord {
         bytes: s.bytes,
         bytes_added: s.bytes_added,
         tags: s.tags,
+        // Filled in by the lifecycle (commit time, lock, reference list).
+        committed_unix_ms: 0,
+        lock: None,
+        has_refs: false,
     }
 }
 

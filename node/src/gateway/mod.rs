@@ -10,7 +10,9 @@
 
 mod admin;
 mod catalog;
+mod collect;
 mod ingest;
+mod lifecycle;
 mod read;
 mod service;
 
@@ -151,6 +153,12 @@ impl GatewayError {
             }
             GatewayError::Unrecoverable { .. } => Status::data_loss(message),
         }
+    }
+}
+
+impl From<crate::meta::state::StateError> for GatewayError {
+    fn from(error: crate::meta::state::StateError) -> Self {
+        GatewayError::Meta(MetaError::from(error))
     }
 }
 

@@ -373,4 +373,99 @@ impl Cairn for Gateway {
         let (caller, _) = self.admit(&request, Op::WhoAmI, "")?;
         self.answer(self.who_am_i_inner(&caller))
     }
+    async fn forget(
+        &self,
+        request: Request<pb::ForgetRequest>,
+    ) -> Result<Response<pb::ForgetReply>, Status> {
+        let op = Op::Forget;
+        let (caller, tenant) = self.admit(&request, op, &request.get_ref().tenant)?;
+        if request.get_ref().bypass_governance {
+            self.admit(&request, Op::UnlockSnapshot { bypass: true }, &tenant)?;
+        }
+        let req = pb::ForgetRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        let outcome = self.forget_inner(req, &caller).await;
+        self.answer_for(&caller, op, outcome)
+    }
+
+    async fn prune(
+        &self,
+        request: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneReply>, Status> {
+        let (caller, tenant) = self.admit(&request, Op::Prune, &request.get_ref().tenant)?;
+        let credential = credential(request.metadata());
+        let req = pb::PruneRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        let outcome = self.prune_inner(req, &caller, credential).await;
+        self.answer_for(&caller, Op::Prune, outcome)
+    }
+
+    async fn lock_snapshot(
+        &self,
+        request: Request<pb::LockSnapshotRequest>,
+    ) -> Result<Response<pb::LockSnapshotReply>, Status> {
+        let (caller, tenant) = self.admit(&request, Op::LockSnapshot, &request.get_ref().tenant)?;
+        let req = pb::LockSnapshotRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        let outcome = self.lock_snapshot_inner(req, &caller).await;
+        self.answer_for(&caller, Op::LockSnapshot, outcome)
+    }
+
+    async fn unlock_snapshot(
+        &self,
+        request: Request<pb::UnlockSnapshotRequest>,
+    ) -> Result<Response<pb::UnlockSnapshotReply>, Status> {
+        let op = Op::UnlockSnapshot {
+            bypass: request.get_ref().bypass_governance,
+        };
+        let (caller, tenant) = self.admit(&request, op, &request.get_ref().tenant)?;
+        let req = pb::UnlockSnapshotRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        let outcome = self.unlock_snapshot_inner(req, &caller).await;
+        self.answer_for(&caller, op, outcome)
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SetPolicyReply>, Status> {
+        let (caller, tenant) = self.admit(&request, Op::SetPolicy, &request.get_ref().tenant)?;
+        let req = pb::SetPolicyRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        let outcome = self.set_policy_inner(req, &caller).await;
+        self.answer_for(&caller, Op::SetPolicy, outcome)
+    }
+
+    async fn get_policies(
+        &self,
+        request: Request<pb::GetPoliciesRequest>,
+    ) -> Result<Response<pb::GetPoliciesReply>, Status> {
+        let (_, tenant) = self.admit(&request, Op::GetPolicies, &request.get_ref().tenant)?;
+        self.answer(
+            self.get_policies_inner(pb::GetPoliciesRequest { tenant })
+                .await,
+        )
+    }
+
+    async fn stats(
+        &self,
+        request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsReply>, Status> {
+        let (_, tenant) = self.admit(&request, Op::Stats, &request.get_ref().tenant)?;
+        let req = pb::StatsRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.stats_inner(req).await)
+    }
 }

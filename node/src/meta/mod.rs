@@ -37,6 +37,8 @@ pub mod admission;
 mod audit;
 pub mod codec;
 mod error;
+mod gc_state;
+mod lifecycle_state;
 pub mod log_store;
 pub mod membership;
 pub mod network;
@@ -130,7 +132,8 @@ impl Meta {
         Ok(self.view()?.node_marks()?)
     }
 
-    fn view(&self) -> Result<StateView, MetaError> {
+    /// The local state (possibly stale: call after a read barrier when it matters).
+    pub(crate) fn view(&self) -> Result<StateView, MetaError> {
         // Only `shutdown` writes it, and it cannot panic while holding it.
         let state = self.inner.state.read().unwrap_or_else(|p| p.into_inner());
         state.clone().ok_or(MetaError::ShuttingDown)

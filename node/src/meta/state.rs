@@ -23,7 +23,17 @@
 //! 'K' T slot:u32-BE     -> i64                          (when key slot `slot` was added, cluster time)
 //! 't' key:32            -> TokenRecord                  (key = blake3 derive_key of the secret)
 //! 'a' seq:u64-BE        -> AuditRecord
+//! 00 "gc_epoch"         -> u64                          (bumped by every SweepBlobs)
+//! 00 "catalog_seq"      -> u64                          (bumped by every snapshot commit)
+//! 'S' T snapshot:32     -> SnapshotLife                 (commit time, catalog seq, reference list)
+//! 'L' T snapshot:32     -> RetentionLock
+//! 'y' T dataset         -> Policy
+//! 'c' pack:32           -> PackLife                     (creation time and session)
+//! 'w' session:16        -> SessionRecord
 //! ```
+//! Lifecycle records (from `S` on) are applied by `gc_state.rs` (packs,
+//! sessions, references, sweeps) and `lifecycle_state.rs` (forget, locks,
+//! policies).
 //! The `'n'` records came after the first release; older states simply have
 //! none, which reads as "no marks", so the layout marker did not change.
 //! Invariants: an entry's effects, `applied` and `stats` are written in one
@@ -68,6 +78,15 @@ const NODE_MARK: u8 = b'n';
 const KEY_SLOT_CREATED: u8 = b'K';
 const TOKEN: u8 = b't';
 const AUDIT: u8 = b'a';
+pub(super) const SNAPSHOT_LIFE: u8 = b'S';
+pub(super) const LOCK: u8 = b'L';
+pub(super) const POLICY: u8 = b'y';
+pub(super) const PACK_LIFE: u8 = b'c';
+pub(super) const SESSION: u8 = b'w';
+/// Key of the GC epoch (bumped by every sweep of index entries).
+pub const GC_EPOCH_KEY: &[u8] = b"\x00gc_epoch";
+/// Key of the catalog sequence (bumped by every snapshot commit).
+pub const CATALOG_SEQ_KEY: &[u8] = b"\x00catalog_seq";
 /// Key of the cluster clock (the latest leader stamp applied).
 pub const CLOCK_KEY: &[u8] = b"\x00clock";
 /// Key of the audit chain's head: seq and hash of the newest entry.
@@ -125,7 +144,7 @@ impl SnapshotImage {
     }
 }
 
-fn tenant_prefix(kind: u8, tenant: &str) -> Vec<u8> {
+pub(super) fn tenant_prefix(kind: u8, tenant: &str) -> Vec<u8> {
     // Length-prefixed so that tenant "a" never prefixes tenant "ab".
     let len = u32::try_from(tenant.len()).unwrap_or(u32::MAX);
     let mut key = Vec::with_capacity(5 + tenant.len() + 32);
@@ -171,14 +190,14 @@ pub fn token_id(key: &Id32) -> String {
     hex::encode(&key[..8])
 }
 
-fn pack_key(id: &Id32) -> Vec<u8> {
+pub(super) fn pack_key(id: &Id32) -> Vec<u8> {
     let mut key = Vec::with_capacity(33);
     key.push(PACK);
     key.extend_from_slice(id);
     key
 }
 
-fn blob_key(tenant: &str, id: &Id32) -> Vec<u8> {
+pub(super) fn blob_key(tenant: &str, id: &Id32) -> Vec<u8> {
     let mut key = tenant_prefix(BLOB, tenant);
     key.extend_from_slice(id);
     key
@@ -190,7 +209,7 @@ fn node_mark_key(node: NodeId) -> [u8; 9] {
     key
 }
 
-fn snapshot_key(tenant: &str, id: &Id32) -> Vec<u8> {
+pub(super) fn snapshot_key(tenant: &str, id: &Id32) -> Vec<u8> {
     let mut key = tenant_prefix(SNAPSHOT, tenant);
     key.extend_from_slice(id);
     key
@@ -227,7 +246,7 @@ impl StateView {
         &self.kv
     }
 
-    fn get<T: serde::de::DeserializeOwned>(
+    pub(super) fn get<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
         key: &[u8],
@@ -238,7 +257,7 @@ impl StateView {
         }
     }
 
-    fn scan<T: serde::de::DeserializeOwned>(
+    pub(super) fn scan<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
         prefix: &[u8],
@@ -509,7 +528,7 @@ fn token_usable(view: &StateView, id: &str, now: i64) -> Result<bool, StateError
         .any(|t| t.id == id && t.usable_at(now)))
 }
 
-fn apply_at(
+pub(super) fn apply_at(
     view: &StateView,
     cmd: &Command,
     now: i64,
@@ -743,6 +762,25 @@ fn apply_at(
         } => {
             append_audit(view, batch, now, actor, action, target, result)?;
             Ok(CommandResult::Ok)
+        }
+        Command::Timed { cmd: inner, .. } => {
+            if inner.stamped().is_some() {
+                return Ok(CommandResult::AlreadyExists);
+            }
+            apply_at(view, inner, now, batch, stats)
+        }
+        Command::AddPackInSession { .. }
+        | Command::CommitSnapshotWithRefs { .. }
+        | Command::SweepBlobs { .. }
+        | Command::DropPack { .. }
+        | Command::Repack { .. } => super::gc_state::apply(view, cmd, now, batch, stats),
+        Command::ForgetSnapshots { .. }
+        | Command::SetLock { .. }
+        | Command::RemoveLock { .. }
+        | Command::SetPolicy { .. }
+        | Command::RemovePolicy { .. }
+        | Command::PolicyApplied { .. } => {
+            super::lifecycle_state::apply(view, cmd, now, batch, stats)
         }
         Command::Audited {
             actor,

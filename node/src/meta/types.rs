@@ -154,6 +154,83 @@ pub enum Command {
         target: String,
         cmd: Box<Command>,
     },
+    /// `cmd` applied at cluster time `at` (stamped by the leader), for
+    /// commands that record a time but are not audited (pack uploads).
+    Timed { at: i64, cmd: Box<Command> },
+    /// [`Command::AddPack`] that also records the pack's life: its cluster
+    /// time of creation and the backup session that uploaded it (whose
+    /// uncommitted packs garbage collection keeps for the grace period).
+    AddPackInSession {
+        pack: PackRecord,
+        blobs: Vec<(Id32, BlobLocation)>,
+        session: Option<SessionId>,
+    },
+    /// Adds a snapshot with its reference list. Refused with
+    /// [`CommandResult::GcRaced`] unless the GC epoch still equals
+    /// `expect_epoch` (no index entry was swept since the references were
+    /// known present), with `MissingRootTree` if the root is not indexed.
+    /// Records the commit time (cluster time) and catalog sequence in the
+    /// snapshot's [`SnapshotLife`], and closes `session`.
+    CommitSnapshotWithRefs {
+        tenant: String,
+        snapshot: SnapshotRecord,
+        refs: Vec<RefSegment>,
+        expect_epoch: u64,
+        session: Option<SessionId>,
+    },
+    /// Removes snapshot records (and their life records). Refused with
+    /// [`CommandResult::Locked`] (nothing changes) if any of them holds an
+    /// unexpired lock that this command may not override: compliance
+    /// always, governance unless `bypass_governance`. `UnknownSnapshot` if
+    /// an id is not in the catalog.
+    ForgetSnapshots {
+        tenant: String,
+        ids: Vec<Id32>,
+        bypass_governance: bool,
+    },
+    /// Sets or extends a retention lock. An unexpired compliance lock can
+    /// only be extended (later `until`), never shortened or turned into
+    /// governance (`Locked`); `UnknownSnapshot` for an id not in the catalog.
+    SetLock {
+        tenant: String,
+        id: Id32,
+        lock: RetentionLock,
+    },
+    /// Removes a lock: an expired one always; an unexpired governance lock
+    /// only with `bypass_governance`; an unexpired compliance lock never
+    /// (`Locked`).
+    RemoveLock {
+        tenant: String,
+        id: Id32,
+        bypass_governance: bool,
+    },
+    /// Sets (replaces) the policy of `policy.dataset`; its times are set
+    /// when the entry applies.
+    SetPolicy { tenant: String, policy: Policy },
+    /// Removes the dataset's policy (`UnknownPolicy` if none).
+    RemovePolicy { tenant: String, dataset: String },
+    /// Records when the leader last applied the dataset's policy.
+    PolicyApplied { tenant: String, dataset: String },
+    /// Removes these blob index entries. Refused with
+    /// [`CommandResult::CatalogChanged`] unless no snapshot of any tenant
+    /// was committed since catalog sequence `catalog_seq` (the one the
+    /// collector marked at). Bumps the GC epoch.
+    SweepBlobs {
+        tenant: String,
+        ids: Vec<Id32>,
+        catalog_seq: u64,
+    },
+    /// Removes a pack record (and its life record) that no index entry
+    /// points at any more. Its shards are deleted after this applies.
+    DropPack { id: Id32 },
+    /// Repacking: adds `new`, points every blob listed whose index entry
+    /// still points into `old` at its place in `new`, and removes `old`.
+    /// `UnknownPack` if `old` is gone.
+    Repack {
+        old: Id32,
+        new: PackRecord,
+        blobs: Vec<(Id32, BlobLocation)>,
+    },
 }
 
 impl Command {
@@ -164,7 +241,8 @@ impl Command {
         match self {
             Command::BootstrapToken { at, .. }
             | Command::Audit { at, .. }
-            | Command::Audited { at, .. } => *at = now_unix_ms,
+            | Command::Audited { at, .. }
+            | Command::Timed { at, .. } => *at = now_unix_ms,
             _ => {}
         }
     }
@@ -174,10 +252,131 @@ impl Command {
         match self {
             Command::BootstrapToken { at, .. }
             | Command::Audit { at, .. }
-            | Command::Audited { at, .. } => Some(*at),
+            | Command::Audited { at, .. }
+            | Command::Timed { at, .. } => Some(*at),
             _ => None,
         }
     }
+}
+
+/// A backup session: 16 random bytes the client picks per backup.
+pub type SessionId = [u8; 16];
+
+/// One segment of a snapshot's reference list (`cairn_proto::refs`): a
+/// plaintext blob of sorted blob ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefSegment {
+    pub blob: Id32,
+    pub first: Id32,
+    pub last: Id32,
+    pub count: u32,
+}
+
+/// What the lifecycle knows of a committed snapshot beyond its record.
+/// Snapshots committed before reference lists existed have none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotLife {
+    /// Cluster time of the commit: retention's clock.
+    pub committed_unix_ms: i64,
+    /// Catalog sequence of the commit (1, 2, ... over all tenants).
+    pub catalog_seq: u64,
+    pub refs: Vec<RefSegment>,
+}
+
+/// `compliance`: nobody removes it before `until`; `governance`: only
+/// cluster-admin with the bypass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockMode {
+    Governance,
+    Compliance,
+}
+
+impl LockMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Governance => "governance",
+            LockMode::Compliance => "compliance",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "governance" | "" => Some(LockMode::Governance),
+            "compliance" => Some(LockMode::Compliance),
+            _ => None,
+        }
+    }
+}
+
+/// A retention lock on one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionLock {
+    pub mode: LockMode,
+    /// Cluster time, Unix ms.
+    pub until_unix_ms: i64,
+    /// Token id that set it ("" insecure).
+    pub set_by: String,
+    /// Cluster time it was set (filled in when the entry applies).
+    pub set_unix_ms: i64,
+}
+
+impl RetentionLock {
+    /// Whether it still holds at cluster time `now`.
+    pub fn holds_at(&self, now_unix_ms: i64) -> bool {
+        now_unix_ms < self.until_unix_ms
+    }
+}
+
+/// restic's keep rules (0 / empty: rule not given).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeepRules {
+    pub last: u32,
+    pub hourly: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+    pub yearly: u32,
+    pub within_ms: u64,
+    pub tags: Vec<String>,
+}
+
+impl KeepRules {
+    /// No rule given: such a forget removes nothing by policy.
+    pub fn is_empty(&self) -> bool {
+        *self == KeepRules::default()
+    }
+}
+
+/// A dataset's policy, applied by the leader on a schedule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub dataset: String,
+    pub keep: KeepRules,
+    /// Legal ceiling; 0 = none.
+    pub max_age_ms: u64,
+    /// Tiering (cold storage class) after this long; 0 = never.
+    pub cold_after_ms: u64,
+    /// Cluster times, set when the entry applies.
+    pub updated_unix_ms: i64,
+    pub applied_unix_ms: i64,
+}
+
+/// A pack's life: when it was created and in which backup session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackLife {
+    pub created_unix_ms: i64,
+    pub session: Option<SessionId>,
+}
+
+/// A backup session as the metadata group sees it: open from its first
+/// pack until its commit. Its packs are protected while it is open and
+/// active within the grace period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub opened_unix_ms: i64,
+    /// Cluster time of its latest pack.
+    pub active_unix_ms: i64,
+    pub closed: bool,
 }
 
 /// Who did something, as an audit entry records it (never a secret).
@@ -302,6 +501,18 @@ pub enum CommandResult {
     /// committed, stops every later change made with the token, whatever
     /// node's (possibly lagging) state let the call in.
     ActorRefused,
+    /// `CommitSnapshotWithRefs` whose expected GC epoch is stale: blobs may
+    /// have been swept since its references were checked. Nothing changes.
+    GcRaced,
+    /// `SweepBlobs` after a snapshot was committed past the collector's
+    /// mark: it must mark the new snapshots first. Nothing changes.
+    CatalogChanged,
+    /// A lock forbids it (forget, shorten, unlock). Nothing changes.
+    Locked,
+    /// A snapshot id not in the tenant's catalog.
+    UnknownSnapshot,
+    /// `RemovePolicy` for a dataset without one.
+    UnknownPolicy,
 }
 
 impl CommandResult {
@@ -318,6 +529,11 @@ impl CommandResult {
             CommandResult::UnknownKeySlot => "failed: unknown key slot",
             CommandResult::LastKeySlot => "failed: the last key slot cannot be removed",
             CommandResult::ActorRefused => "refused: token unknown, revoked or expired",
+            CommandResult::GcRaced => "failed: garbage collection swept blobs meanwhile",
+            CommandResult::CatalogChanged => "failed: catalog changed meanwhile",
+            CommandResult::Locked => "refused: retention lock",
+            CommandResult::UnknownSnapshot => "failed: unknown snapshot",
+            CommandResult::UnknownPolicy => "failed: no policy for this dataset",
         }
     }
 }
