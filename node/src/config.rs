@@ -7,7 +7,7 @@
 //! missing keys from it and the components are built from the sections, so
 //! tests and production run the same numbers unless they say otherwise.
 //! Each component gets its own section (`[raft]` → the metadata group,
-//! `[gateway]`, `[repair]`, `[scrub]`), never the whole configuration.
+//! `[gateway]`, `[repair]`, `[scrub]`, `[lifecycle]`), never the whole configuration.
 //!
 //! Validated once, at start: a configuration that could not keep its
 //! promises (an erasure code that a region loss would break on this
@@ -54,7 +54,7 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     #[error(
-        "environment variable {var} is not a node setting: use {ENV_PREFIX}ID, _REGION, _LISTEN, _DATA_DIR, _INITIAL_CLUSTER, _ERASURE, _DOWN_AFTER, _METRICS_LISTEN, _INSECURE, _BOOTSTRAP_TOKEN_FILE or {ENV_PREFIX}<SECTION>_<KEY> with a section of raft, gateway, repair, scrub, tls"
+        "environment variable {var} is not a node setting: use {ENV_PREFIX}ID, _REGION, _LISTEN, _DATA_DIR, _INITIAL_CLUSTER, _ERASURE, _DOWN_AFTER, _METRICS_LISTEN, _INSECURE, _BOOTSTRAP_TOKEN_FILE or {ENV_PREFIX}<SECTION>_<KEY> with a section of raft, gateway, repair, scrub, tls, lifecycle"
     )]
     EnvUnknown { var: String },
     #[error("environment variable {var}={value:?}: expected a whole number")]
@@ -239,8 +239,38 @@ impl From<&ScrubSection> for crate::scrub::ScrubConfig {
     }
 }
 
+/// `[lifecycle]`: garbage collection and dataset policies, run by the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleSection {
+    /// Pause between two garbage collections (mark, sweep, repack).
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+    /// An unreferenced pack of a backup that has not committed yet is kept
+    /// while the backup uploaded within this long (a killed backup's packs
+    /// go after it); keep it above the longest pause between two packs.
+    #[serde(with = "humantime_serde")]
+    pub gc_grace: Duration,
+    /// Pause between two applications of the dataset policies.
+    #[serde(with = "humantime_serde")]
+    pub policy_interval: Duration,
+    /// Packs with less than this share of live bytes (percent) are repacked.
+    pub repack_below_percent: u8,
+}
+
+impl Default for LifecycleSection {
+    fn default() -> Self {
+        Self {
+            gc_interval: Duration::from_secs(3600),
+            gc_grace: Duration::from_secs(3600),
+            policy_interval: Duration::from_secs(600),
+            repack_below_percent: 50,
+        }
+    }
+}
+
 /// The sections an environment variable `CAIRN_NODE_<SECTION>_<KEY>` may set.
-const SECTIONS: [&str; 5] = ["raft", "gateway", "repair", "scrub", "tls"];
+const SECTIONS: [&str; 6] = ["raft", "gateway", "repair", "scrub", "tls", "lifecycle"];
 /// Top-level keys and their variables (`CAIRN_NODE_ID` is `node_id`).
 const TOP_LEVEL: [(&str, &str); 10] = [
     ("ID", "node_id"),
@@ -283,6 +313,7 @@ pub struct NodeFile {
     pub gateway: GatewaySection,
     pub repair: RepairSection,
     pub scrub: ScrubSection,
+    pub lifecycle: LifecycleSection,
 }
 
 /// `[tls]`: the cluster CA and this node's certificate and key (PEM files).
@@ -511,6 +542,7 @@ pub struct NodeConfig {
     pub gateway: GatewaySection,
     pub repair: RepairSection,
     pub scrub: ScrubSection,
+    pub lifecycle: LifecycleSection,
 }
 
 fn missing(name: &'static str, flag: &'static str, env: &'static str) -> ConfigError {
@@ -562,6 +594,14 @@ fn check_sections(file: &NodeFile) -> Result<(), ConfigError> {
     }
     positive("repair.interval", file.repair.interval)?;
     positive("scrub.interval", file.scrub.interval)?;
+    positive("lifecycle.gc_interval", file.lifecycle.gc_interval)?;
+    positive("lifecycle.policy_interval", file.lifecycle.policy_interval)?;
+    if !(1..=100).contains(&file.lifecycle.repack_below_percent) {
+        return Err(ConfigError::Invalid {
+            key: "lifecycle.repack_below_percent",
+            reason: "must be 1 to 100".into(),
+        });
+    }
     if let Some(down_after) = file.down_after {
         positive("down_after", down_after)?;
     }
@@ -650,6 +690,7 @@ impl NodeConfig {
             raft: file.raft,
             gateway: file.gateway,
             repair: file.repair,
+            lifecycle: file.lifecycle,
             scrub: file.scrub,
         })
     }
@@ -667,6 +708,7 @@ impl NodeConfig {
             rpc_timeout: self.gateway.rpc_timeout,
             packs_in_flight_max: self.gateway.packs_in_flight_max,
             repair: (&self.repair).into(),
+            lifecycle: self.lifecycle.clone(),
             insecure: self.security.insecure,
         }
     }

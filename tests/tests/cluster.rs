@@ -339,6 +339,7 @@ async fn malformed_requests_get_invalid_argument_and_the_node_keeps_serving() {
                     pack_id: vec![7; 32],
                     data: vec![1, 2, 3].into(),
                     blobs: vec![],
+                    session: vec![],
                 })
                 .await
             })
@@ -363,6 +364,7 @@ async fn malformed_requests_get_invalid_argument_and_the_node_keeps_serving() {
                             offset: 5,
                             length: 100,
                         }],
+                        session: vec![],
                     })
                     .await
                 }
@@ -519,6 +521,7 @@ async fn bad_catalog_records_are_skipped_by_name_and_the_rest_still_works() {
                 c.commit_snapshot(pb::CommitSnapshotRequest {
                     tenant: TENANT.into(),
                     snapshot: Some(record),
+                    ..Default::default()
                 })
                 .await
             }

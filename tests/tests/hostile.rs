@@ -262,6 +262,7 @@ async fn a_64_mib_message_of_empty_ids_is_refused_before_it_is_decoded_and_empty
         pack_id: vec![0; 32],
         data: vec![1].into(),
         blobs: vec![pb::BlobEntry::default(); 25 * 1024 * 1024],
+        session: vec![],
     };
     let refused = client
         .put_pack(pack)
@@ -318,6 +319,7 @@ async fn a_flood_of_large_requests_keeps_the_node_in_its_memory_budget_and_servi
                         pack_id: vec![worker as u8; 32],
                         data: pack.clone(),
                         blobs: Vec::new(),
+                        session: Vec::new(),
                     })
                     .await;
                 let code = result.map(|_| Code::Ok).unwrap_or_else(|s| s.code());

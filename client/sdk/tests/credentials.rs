@@ -144,6 +144,36 @@ impl Cairn for Shared {
             head_hash: head.map(|h| h.hash.clone()).unwrap_or_default(),
         }))
     }
+    async fn forget(&self, _: Request<pb::ForgetRequest>) -> Reply<pb::ForgetReply> {
+        unimplemented()
+    }
+    async fn prune(&self, _: Request<pb::PruneRequest>) -> Reply<pb::PruneReply> {
+        unimplemented()
+    }
+    async fn lock_snapshot(
+        &self,
+        _: Request<pb::LockSnapshotRequest>,
+    ) -> Reply<pb::LockSnapshotReply> {
+        unimplemented()
+    }
+    async fn unlock_snapshot(
+        &self,
+        _: Request<pb::UnlockSnapshotRequest>,
+    ) -> Reply<pb::UnlockSnapshotReply> {
+        unimplemented()
+    }
+    async fn set_policy(&self, _: Request<pb::SetPolicyRequest>) -> Reply<pb::SetPolicyReply> {
+        unimplemented()
+    }
+    async fn get_policies(
+        &self,
+        _: Request<pb::GetPoliciesRequest>,
+    ) -> Reply<pb::GetPoliciesReply> {
+        unimplemented()
+    }
+    async fn stats(&self, _: Request<pb::StatsRequest>) -> Reply<pb::StatsReply> {
+        unimplemented()
+    }
     async fn who_am_i(&self, r: Request<pb::WhoAmIRequest>) -> Reply<pb::WhoAmIReply> {
         self.check(&r)?;
         Ok(Response::new(pb::WhoAmIReply {

@@ -51,6 +51,8 @@ pub struct GatewayConfig {
     /// Packs encoded at once; bounds memory (each holds ~2.5× a pack).
     pub packs_in_flight_max: usize,
     pub repair: crate::repair::RepairConfig,
+    /// Garbage collection and policies (`[lifecycle]`).
+    pub lifecycle: crate::config::LifecycleSection,
     /// `--insecure`: reported in `cluster status`.
     pub insecure: bool,
 }
