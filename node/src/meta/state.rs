@@ -215,6 +215,43 @@ pub(super) fn snapshot_key(tenant: &str, id: &Id32) -> Vec<u8> {
     key
 }
 
+/// Key of a snapshot's [`SnapshotLife`](super::types::SnapshotLife).
+pub(super) fn snapshot_life_key(tenant: &str, id: &Id32) -> Vec<u8> {
+    let mut key = tenant_prefix(SNAPSHOT_LIFE, tenant);
+    key.extend_from_slice(id);
+    key
+}
+
+/// Key of a snapshot's retention lock.
+pub(super) fn lock_key(tenant: &str, id: &Id32) -> Vec<u8> {
+    let mut key = tenant_prefix(LOCK, tenant);
+    key.extend_from_slice(id);
+    key
+}
+
+/// Key of a dataset's policy.
+pub(super) fn policy_key(tenant: &str, dataset: &str) -> Vec<u8> {
+    let mut key = tenant_prefix(POLICY, tenant);
+    key.extend_from_slice(dataset.as_bytes());
+    key
+}
+
+/// Key of a pack's [`PackLife`](super::types::PackLife).
+pub(super) fn pack_life_key(id: &Id32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(33);
+    key.push(PACK_LIFE);
+    key.extend_from_slice(id);
+    key
+}
+
+/// Key of a backup session's record.
+pub(super) fn session_key(id: &super::types::SessionId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(17);
+    key.push(SESSION);
+    key.extend_from_slice(id);
+    key
+}
+
 /// Read access to the state, shared by the state machine and the node's reads.
 #[derive(Clone)]
 pub struct StateView {
