@@ -383,6 +383,11 @@ impl ProcessCluster {
         }
     }
 
+    /// The operating-system process id of a running node.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id)?.child.as_ref().map(Child::id)
+    }
+
     /// Deletes a killed node's data directory (its disk was replaced).
     pub fn wipe(&self, id: u64) {
         let data = self.dir.join(format!("node-{id}"));
