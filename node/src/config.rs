@@ -255,6 +255,9 @@ pub struct LifecycleSection {
     #[serde(with = "humantime_serde")]
     pub policy_interval: Duration,
     /// Packs with less than this share of live bytes (percent) are repacked.
+    /// 100 (the default): every pack holding a dead blob is rewritten, so a
+    /// prune leaves no forgotten byte on any disk (right to erasure); lower
+    /// it to rewrite less and keep dead blobs inside mostly-live packs.
     pub repack_below_percent: u8,
 }
 
@@ -264,7 +267,7 @@ impl Default for LifecycleSection {
             gc_interval: Duration::from_secs(3600),
             gc_grace: Duration::from_secs(3600),
             policy_interval: Duration::from_secs(600),
-            repack_below_percent: 50,
+            repack_below_percent: 100,
         }
     }
 }
