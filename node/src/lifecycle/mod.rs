@@ -94,7 +94,11 @@ pub fn datasets(
 /// Conditions an operator should see: a snapshot past its dataset's
 /// max-age that only a lock keeps (legal hold against the ceiling). One
 /// tenant's, or every tenant's for `None` (cluster status).
-pub fn warnings(view: &StateView, tenant: Option<&str>, now: i64) -> Result<Vec<String>, StateError> {
+pub fn warnings(
+    view: &StateView,
+    tenant: Option<&str>,
+    now: i64,
+) -> Result<Vec<String>, StateError> {
     let policies = match tenant {
         Some(tenant) => view
             .policies(tenant)?

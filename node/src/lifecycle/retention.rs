@@ -65,7 +65,7 @@ fn hour_bucket(t: OffsetDateTime) -> String {
 }
 
 fn day_bucket(t: OffsetDateTime) -> String {
-    format!("{}-{:02}", month_bucket(t), u8::from(t.month()))
+    format!("{}-{:02}", month_bucket(t), t.day())
 }
 
 fn week_bucket(t: OffsetDateTime) -> String {
@@ -83,23 +83,53 @@ fn year_bucket(t: OffsetDateTime) -> String {
 
 /// Decides every snapshot of one dataset at cluster time `now`. Returns
 /// one decision per candidate, oldest first (by time, then id).
-pub fn select(candidates: &[Candidate], rules: &KeepRules, max_age_ms: u64, now: i64) -> Vec<Decision> {
+pub fn select(
+    candidates: &[Candidate],
+    rules: &KeepRules,
+    max_age_ms: u64,
+    now: i64,
+) -> Vec<Decision> {
     let mut order: Vec<&Candidate> = candidates.iter().collect();
     // Newest first; ties broken by id so every replica agrees.
     order.sort_by(|a, b| (b.time_unix_ms, b.id).cmp(&(a.time_unix_ms, a.id)));
-    let oldest_allowed = (max_age_ms > 0)
-        .then(|| now.saturating_sub(i64::try_from(max_age_ms).unwrap_or(i64::MAX)));
+    let oldest_allowed =
+        (max_age_ms > 0).then(|| now.saturating_sub(i64::try_from(max_age_ms).unwrap_or(i64::MAX)));
     let expired = |c: &Candidate| oldest_allowed.is_some_and(|limit| c.time_unix_ms < limit);
 
     // Rules only ever look at snapshots inside max-age: an expired one can
     // neither be kept by them nor use up one of their slots.
     let newest = order.iter().find(|c| !expired(c)).map(|c| c.time_unix_ms);
     let mut buckets = [
-        BucketRule { name: "hourly", count: rules.hourly, bucket: hour_bucket, last: None },
-        BucketRule { name: "daily", count: rules.daily, bucket: day_bucket, last: None },
-        BucketRule { name: "weekly", count: rules.weekly, bucket: week_bucket, last: None },
-        BucketRule { name: "monthly", count: rules.monthly, bucket: month_bucket, last: None },
-        BucketRule { name: "yearly", count: rules.yearly, bucket: year_bucket, last: None },
+        BucketRule {
+            name: "hourly",
+            count: rules.hourly,
+            bucket: hour_bucket,
+            last: None,
+        },
+        BucketRule {
+            name: "daily",
+            count: rules.daily,
+            bucket: day_bucket,
+            last: None,
+        },
+        BucketRule {
+            name: "weekly",
+            count: rules.weekly,
+            bucket: week_bucket,
+            last: None,
+        },
+        BucketRule {
+            name: "monthly",
+            count: rules.monthly,
+            bucket: month_bucket,
+            last: None,
+        },
+        BucketRule {
+            name: "yearly",
+            count: rules.yearly,
+            bucket: year_bucket,
+            last: None,
+        },
     ];
     let mut last_left = rules.last;
     let mut decisions = Vec::with_capacity(order.len());
@@ -180,4 +210,341 @@ pub fn select(candidates: &[Candidate], rules: &KeepRules, max_age_ms: u64, now:
     }
     decisions.reverse();
     decisions
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::meta::types::LockMode;
+
+    const HOUR: i64 = 3_600_000;
+    const DAY: i64 = 24 * HOUR;
+
+    /// Unix ms of a UTC date and time.
+    fn at(year: i32, month: u8, day: u8, hour: u8) -> i64 {
+        let month = time::Month::try_from(month).expect("month");
+        let date = time::Date::from_calendar_date(year, month, day).expect("date");
+        let time = date.with_hms(hour, 0, 0).expect("time").assume_utc();
+        i64::try_from(time.unix_timestamp_nanos() / 1_000_000).expect("ms")
+    }
+
+    fn candidate(n: u8, time_unix_ms: i64) -> Candidate {
+        Candidate {
+            id: [n; 32],
+            time_unix_ms,
+            tags: Vec::new(),
+            lock: None,
+        }
+    }
+
+    fn kept(decisions: &[Decision]) -> Vec<u8> {
+        decisions
+            .iter()
+            .filter(|d| d.keep)
+            .map(|d| d.id[0])
+            .collect()
+    }
+
+    fn reasons(decisions: &[Decision], n: u8) -> Vec<String> {
+        decisions
+            .iter()
+            .find(|d| d.id[0] == n)
+            .map(|d| d.reasons.clone())
+            .expect("decided")
+    }
+
+    #[test]
+    fn keep_daily_keeps_the_newest_of_each_day() {
+        // Two or three backups a day over four days (restic's keep-daily example).
+        let snapshots = [
+            candidate(1, at(2026, 11, 25, 9)),
+            candidate(2, at(2026, 11, 25, 18)),
+            candidate(3, at(2026, 11, 26, 9)),
+            candidate(4, at(2026, 11, 27, 9)),
+            candidate(5, at(2026, 11, 27, 13)),
+            candidate(6, at(2026, 11, 27, 18)),
+            candidate(7, at(2026, 11, 28, 9)),
+            candidate(8, at(2026, 11, 28, 18)),
+        ];
+        let rules = KeepRules {
+            daily: 3,
+            ..KeepRules::default()
+        };
+        let now = at(2026, 11, 29, 0);
+        let decisions = select(&snapshots, &rules, 0, now);
+        // Oldest first, one decision each.
+        assert_eq!(
+            decisions.iter().map(|d| d.id[0]).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5, 6, 7, 8]
+        );
+        assert_eq!(kept(&decisions), vec![3, 6, 8]);
+        assert_eq!(
+            reasons(&decisions, 8),
+            vec!["latest", "daily snapshot 2026-11-28"]
+        );
+        assert_eq!(reasons(&decisions, 3), vec!["daily snapshot 2026-11-26"]);
+        assert_eq!(reasons(&decisions, 7), vec!["no rule keeps it"]);
+
+        // With keep-last 2 as well: the two newest, and the days' newest.
+        let rules = KeepRules {
+            last: 2,
+            daily: 3,
+            ..KeepRules::default()
+        };
+        assert_eq!(kept(&select(&snapshots, &rules, 0, now)), vec![3, 6, 7, 8]);
+    }
+
+    #[test]
+    fn weeks_are_iso_weeks_and_years_are_calendar_years() {
+        // 2026-12-31 and 2027-01-01 are both in ISO week 2026-W53; Sunday
+        // 2027-01-03 too; Monday 2027-01-04 starts 2027-W01.
+        let snapshots = [
+            candidate(1, at(2026, 12, 28, 12)),
+            candidate(2, at(2026, 12, 31, 12)),
+            candidate(3, at(2027, 1, 1, 12)),
+            candidate(4, at(2027, 1, 3, 12)),
+            candidate(5, at(2027, 1, 4, 12)),
+        ];
+        let now = at(2027, 1, 5, 0);
+        let weekly = KeepRules {
+            weekly: 5,
+            ..KeepRules::default()
+        };
+        let decisions = select(&snapshots, &weekly, 0, now);
+        assert_eq!(kept(&decisions), vec![4, 5]);
+        assert_eq!(
+            reasons(&decisions, 4),
+            vec!["weekly snapshot 2026-W53".to_string()]
+        );
+        let yearly = KeepRules {
+            yearly: 5,
+            ..KeepRules::default()
+        };
+        assert_eq!(kept(&select(&snapshots, &yearly, 0, now)), vec![2, 5]);
+        let monthly = KeepRules {
+            monthly: 1,
+            ..KeepRules::default()
+        };
+        assert_eq!(kept(&select(&snapshots, &monthly, 0, now)), vec![5]);
+        let hourly = KeepRules {
+            hourly: 2,
+            ..KeepRules::default()
+        };
+        assert_eq!(kept(&select(&snapshots, &hourly, 0, now)), vec![4, 5]);
+    }
+
+    #[test]
+    fn within_tags_locks_and_max_age() {
+        let now = at(2026, 11, 29, 0);
+        let mut snapshots: Vec<Candidate> = (1..=10u8)
+            .map(|n| candidate(n, now - i64::from(11 - n) * DAY))
+            .collect();
+        snapshots[1].tags = vec!["monthly".into()];
+        snapshots[0].lock = Some(RetentionLock {
+            mode: LockMode::Compliance,
+            until_unix_ms: at(2027, 1, 1, 0),
+            set_by: String::new(),
+            set_unix_ms: 0,
+        });
+        // An expired lock holds nothing.
+        snapshots[2].lock = Some(RetentionLock {
+            mode: LockMode::Governance,
+            until_unix_ms: now,
+            set_by: String::new(),
+            set_unix_ms: 0,
+        });
+        let rules = KeepRules {
+            within_ms: 3 * DAY as u64,
+            tags: vec!["monthly".into()],
+            ..KeepRules::default()
+        };
+        let decisions = select(&snapshots, &rules, 0, now);
+        // Newest is day -1: within 3d of it = days -1..-4 (snapshots 7..10).
+        assert_eq!(kept(&decisions), vec![1, 2, 7, 8, 9, 10]);
+        assert_eq!(
+            reasons(&decisions, 1),
+            vec!["locked (compliance) until 2027-01-01T00:00:00Z"]
+        );
+        assert_eq!(reasons(&decisions, 2), vec!["tag monthly"]);
+        assert_eq!(reasons(&decisions, 7), vec!["within 3d"]);
+
+        // Max-age 5d removes even tagged and "last" snapshots, never locked ones.
+        let rules = KeepRules {
+            last: 10,
+            tags: vec!["monthly".into()],
+            ..KeepRules::default()
+        };
+        let decisions = select(&snapshots, &rules, 5 * DAY as u64, now);
+        assert_eq!(kept(&decisions), vec![1, 6, 7, 8, 9, 10]);
+        assert_eq!(reasons(&decisions, 2), vec!["older than max-age 5d"]);
+        assert_eq!(
+            reasons(&decisions, 1),
+            vec![
+                "locked (compliance) until 2027-01-01T00:00:00Z".to_string(),
+                "past max-age 5d".to_string()
+            ]
+        );
+        // Max-age alone keeps everything inside it; no rule at all keeps all.
+        let none = KeepRules::default();
+        assert_eq!(
+            kept(&select(&snapshots, &none, 5 * DAY as u64, now)),
+            vec![1, 6, 7, 8, 9, 10]
+        );
+        assert_eq!(kept(&select(&snapshots, &none, 0, now)).len(), 10);
+        // Past max-age, even the newest goes.
+        assert_eq!(kept(&select(&snapshots, &none, HOUR as u64, now)), vec![1]);
+    }
+
+    #[test]
+    fn durations_and_times_read_well() {
+        assert_eq!(super::super::format_duration(3 * 365 * DAY as u64), "3y");
+        assert_eq!(super::super::format_duration(7 * DAY as u64), "7d");
+        assert_eq!(super::super::format_duration(36 * HOUR as u64), "36h");
+        assert_eq!(super::super::format_duration(1500), "1500ms");
+        assert_eq!(
+            super::super::format_time(at(2027, 1, 1, 0)),
+            "2027-01-01T00:00:00Z"
+        );
+    }
+
+    /// Snapshots over ~40 days (some sharing a time), some tagged, some locked.
+    fn snapshots() -> impl Strategy<Value = Vec<Candidate>> {
+        prop::collection::vec(
+            (
+                0i64..40 * 24 * 4,
+                any::<bool>(),
+                prop::option::of((any::<bool>(), -5i64..5)),
+            ),
+            1..40,
+        )
+        .prop_map(|raw| {
+            let base = at(2026, 10, 1, 0);
+            raw.into_iter()
+                .enumerate()
+                .map(|(i, (quarter_hours, tagged, lock))| Candidate {
+                    id: [u8::try_from(i).expect("small"); 32],
+                    time_unix_ms: base + quarter_hours * HOUR / 4,
+                    tags: if tagged {
+                        vec!["keep".into()]
+                    } else {
+                        Vec::new()
+                    },
+                    lock: lock.map(|(compliance, days)| RetentionLock {
+                        mode: if compliance {
+                            LockMode::Compliance
+                        } else {
+                            LockMode::Governance
+                        },
+                        until_unix_ms: at(2026, 11, 10, 0) + days * DAY,
+                        set_by: String::new(),
+                        set_unix_ms: 0,
+                    }),
+                })
+                .collect()
+        })
+    }
+
+    fn rules() -> impl Strategy<Value = KeepRules> {
+        (
+            0u32..4,
+            0u32..3,
+            0u32..6,
+            0u32..3,
+            0u32..2,
+            0u32..2,
+            0u64..4,
+            any::<bool>(),
+        )
+            .prop_map(
+                |(last, hourly, daily, weekly, monthly, yearly, within_days, tags)| KeepRules {
+                    last,
+                    hourly,
+                    daily,
+                    weekly,
+                    monthly,
+                    yearly,
+                    within_ms: within_days * DAY as u64,
+                    tags: if tags {
+                        vec!["keep".into()]
+                    } else {
+                        Vec::new()
+                    },
+                },
+            )
+    }
+
+    /// Newest first, as restic walks them.
+    fn newest_first(snapshots: &[Candidate]) -> Vec<&Candidate> {
+        let mut order: Vec<&Candidate> = snapshots.iter().collect();
+        order.sort_by(|a, b| (b.time_unix_ms, b.id).cmp(&(a.time_unix_ms, a.id)));
+        order
+    }
+
+    proptest! {
+        #[test]
+        fn selection_obeys_the_model(
+            snapshots in snapshots(),
+            rules in rules(),
+            max_age_days in prop::option::of(1u64..45),
+        ) {
+            let now = at(2026, 11, 10, 0);
+            let max_age_ms = max_age_days.map_or(0, |d| d * DAY as u64);
+            let decisions = select(&snapshots, &rules, max_age_ms, now);
+            prop_assert_eq!(decisions.len(), snapshots.len());
+            let keep: BTreeMap<Id32, bool> = decisions.iter().map(|d| (d.id, d.keep)).collect();
+            prop_assert_eq!(keep.len(), snapshots.len());
+            let order = newest_first(&snapshots);
+            let limit = now - i64::try_from(max_age_ms).expect("small");
+            for c in &snapshots {
+                let locked = c.lock.as_ref().is_some_and(|l| l.holds_at(now));
+                if locked {
+                    prop_assert!(keep[&c.id], "a locked snapshot is removed");
+                }
+                if max_age_ms > 0 && c.time_unix_ms < limit && !locked {
+                    prop_assert!(!keep[&c.id], "kept past max-age without a lock");
+                }
+            }
+            if max_age_ms == 0 {
+                prop_assert!(keep[&order[0].id], "the newest snapshot is removed");
+                for c in order.iter().take(rules.last as usize) {
+                    prop_assert!(keep[&c.id], "one of the last {} is removed", rules.last);
+                }
+                // The newest snapshot of each of the `daily` newest days is kept.
+                let mut days_seen = BTreeSet::new();
+                let mut day_newest = Vec::new();
+                for c in &order {
+                    if days_seen.insert(c.time_unix_ms.div_euclid(DAY)) {
+                        day_newest.push(c.id);
+                    }
+                }
+                let expected_days = (rules.daily as usize).min(days_seen.len());
+                for id in day_newest.iter().take(expected_days) {
+                    prop_assert!(keep[id], "a day's newest snapshot is removed");
+                }
+                // With daily the only rule and no lock, exactly those are kept.
+                let only_daily = KeepRules { daily: rules.daily, ..KeepRules::default() };
+                if rules.daily > 0 {
+                    let unlocked: Vec<Candidate> = snapshots
+                        .iter()
+                        .map(|c| Candidate { lock: None, ..c.clone() })
+                        .collect();
+                    let kept: BTreeSet<Id32> = select(&unlocked, &only_daily, 0, now)
+                        .into_iter()
+                        .filter(|d| d.keep)
+                        .map(|d| d.id)
+                        .collect();
+                    let expected: BTreeSet<Id32> =
+                        day_newest.iter().take(expected_days).copied().collect();
+                    prop_assert_eq!(kept, expected);
+                }
+            }
+            if rules.is_empty() && max_age_ms == 0 {
+                prop_assert!(keep.values().all(|k| *k), "no rule removed something");
+            }
+        }
+    }
 }

@@ -32,7 +32,9 @@ impl StateView {
             .scan_prefix(&prefix)?
             .into_iter()
             .filter_map(|(key, value)| {
-                let id = key.get(prefix.len()..).and_then(|b| Id32::try_from(b).ok())?;
+                let id = key
+                    .get(prefix.len()..)
+                    .and_then(|b| Id32::try_from(b).ok())?;
                 Some(
                     codec::decode("retention lock", &value)
                         .map(|lock| (id, lock))
@@ -70,13 +72,18 @@ impl StateView {
 
     /// The lifecycle records of the tenant's snapshots, by id (snapshots
     /// committed before reference lists existed have none).
-    pub fn lifecycle_lives(&self, tenant: &str) -> Result<BTreeMap<Id32, SnapshotLife>, StateError> {
+    pub fn lifecycle_lives(
+        &self,
+        tenant: &str,
+    ) -> Result<BTreeMap<Id32, SnapshotLife>, StateError> {
         let prefix = tenant_prefix(SNAPSHOT_LIFE, tenant);
         self.kv()
             .scan_prefix(&prefix)?
             .into_iter()
             .filter_map(|(key, value)| {
-                let id = key.get(prefix.len()..).and_then(|b| Id32::try_from(b).ok())?;
+                let id = key
+                    .get(prefix.len()..)
+                    .and_then(|b| Id32::try_from(b).ok())?;
                 Some(
                     codec::decode("snapshot life", &value)
                         .map(|life| (id, life))
@@ -145,8 +152,7 @@ pub(super) fn apply(
                 // never turns back into governance. Shortening a governance
                 // lock means removing it with the bypass first (audited).
                 let shorter = lock.until_unix_ms < old.until_unix_ms;
-                let weaker =
-                    old.mode == LockMode::Compliance && lock.mode != LockMode::Compliance;
+                let weaker = old.mode == LockMode::Compliance && lock.mode != LockMode::Compliance;
                 if shorter || weaker {
                     return Ok(CommandResult::Locked);
                 }
@@ -390,7 +396,10 @@ mod tests {
             "shortening a governance lock"
         );
         assert_eq!(run_at(&v, 20, unlock(1, true)), CommandResult::Ok);
-        assert_eq!(run_at(&v, 20, unlock(1, true)), CommandResult::AlreadyExists);
+        assert_eq!(
+            run_at(&v, 20, unlock(1, true)),
+            CommandResult::AlreadyExists
+        );
         // Forget with the bypass removes a governance-locked snapshot.
         assert_eq!(
             run_at(&v, 30, set_lock(2, LockMode::Governance, DAY)),
@@ -494,11 +503,18 @@ mod tests {
         let stored = v.policy(T, "d").expect("read").expect("policy");
         assert_eq!((stored.updated_unix_ms, stored.applied_unix_ms), (10, 0));
         assert_eq!(run_at(&v, 20, applied("d")), CommandResult::Ok);
-        assert_eq!(run_at(&v, 20, applied("none")), CommandResult::UnknownPolicy);
+        assert_eq!(
+            run_at(&v, 20, applied("none")),
+            CommandResult::UnknownPolicy
+        );
         assert_eq!(run_at(&v, 30, set(T, policy("d", 5))), CommandResult::Ok);
         let stored = v.policy(T, "d").expect("read").expect("policy");
         assert_eq!(
-            (stored.keep.last, stored.updated_unix_ms, stored.applied_unix_ms),
+            (
+                stored.keep.last,
+                stored.updated_unix_ms,
+                stored.applied_unix_ms
+            ),
             (5, 30, 20)
         );
         let all = v.all_policies().expect("all");
