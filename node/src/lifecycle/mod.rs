@@ -38,7 +38,7 @@ pub fn format_duration(ms: u64) -> String {
         ("s", 1_000),
     ];
     for (unit, size) in UNITS {
-        if ms >= size && ms % size == 0 {
+        if ms >= size && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
     }

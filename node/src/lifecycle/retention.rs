@@ -91,7 +91,7 @@ pub fn select(
 ) -> Vec<Decision> {
     let mut order: Vec<&Candidate> = candidates.iter().collect();
     // Newest first; ties broken by id so every replica agrees.
-    order.sort_by(|a, b| (b.time_unix_ms, b.id).cmp(&(a.time_unix_ms, a.id)));
+    order.sort_by_key(|c| std::cmp::Reverse((c.time_unix_ms, c.id)));
     let oldest_allowed =
         (max_age_ms > 0).then(|| now.saturating_sub(i64::try_from(max_age_ms).unwrap_or(i64::MAX)));
     let expired = |c: &Candidate| oldest_allowed.is_some_and(|limit| c.time_unix_ms < limit);
@@ -480,7 +480,7 @@ mod tests {
     /// Newest first, as restic walks them.
     fn newest_first(snapshots: &[Candidate]) -> Vec<&Candidate> {
         let mut order: Vec<&Candidate> = snapshots.iter().collect();
-        order.sort_by(|a, b| (b.time_unix_ms, b.id).cmp(&(a.time_unix_ms, a.id)));
+        order.sort_by_key(|c| std::cmp::Reverse((c.time_unix_ms, c.id)));
         order
     }
 
