@@ -478,6 +478,81 @@ mod tests {
     }
 
     #[test]
+    fn retention_uses_the_commit_time_and_warns_of_locks_past_max_age() {
+        let v = with_snapshots(3);
+        // Snapshot 3 has a recorded commit time (cluster time); 1 and 2,
+        // committed before lives existed, fall back to their own time.
+        let life = SnapshotLife {
+            committed_unix_ms: 50 * DAY,
+            catalog_seq: 3,
+            refs: Vec::new(),
+        };
+        let mut batch = WriteBatch::new();
+        batch.put(
+            snapshot_life_key(T, &id(3)),
+            codec::encode("snapshot life", &life).expect("encode"),
+        );
+        v.kv().apply_batch(batch).expect("batch");
+        assert_eq!(v.lifecycle_lives(T).expect("lives").len(), 1);
+        let now = 60 * DAY;
+        assert_eq!(
+            run_at(&v, 10, set_lock(1, LockMode::Compliance, 100 * DAY)),
+            CommandResult::Ok
+        );
+        let datasets = crate::lifecycle::datasets(&v, T, None).expect("datasets");
+        let times: Vec<(u8, i64)> = datasets["d"]
+            .iter()
+            .map(|(_, c)| (c.id[0], c.time_unix_ms))
+            .collect();
+        assert_eq!(times, vec![(1, 1), (2, 2), (3, 50 * DAY)]);
+        assert!(datasets["d"][0].1.lock.is_some());
+
+        let policy = Policy {
+            dataset: "d".into(),
+            keep: KeepRules {
+                last: 1,
+                ..KeepRules::default()
+            },
+            max_age_ms: 30 * DAY as u64,
+            ..Policy::default()
+        };
+        let set = Command::SetPolicy {
+            tenant: T.into(),
+            policy,
+        };
+        assert_eq!(run_at(&v, 20, set), CommandResult::Ok);
+        // Snapshot 1 is past max-age but locked; 2 is past it; 3 is the latest.
+        let plan = crate::lifecycle::policy::plan(&v, now).expect("plan");
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].remove, vec![id(2)]);
+        assert_eq!(
+            plan[0].target(),
+            "tenant tenant dataset d: removed 1, kept 2"
+        );
+        let warnings = crate::lifecycle::warnings(&v, Some(T), now).expect("warnings");
+        assert_eq!(
+            warnings,
+            vec![
+                "tenant tenant dataset d: snapshot 01010101 is past max-age 30d but locked (compliance) until 1970-04-11T00:00:00Z"
+                    .to_string()
+            ]
+        );
+        assert_eq!(
+            crate::lifecycle::warnings(&v, None, now).expect("all"),
+            warnings
+        );
+        // Once the lock expires there is nothing to warn about.
+        assert!(
+            crate::lifecycle::warnings(&v, None, 100 * DAY)
+                .expect("warnings")
+                .is_empty()
+        );
+        // Forgetting a snapshot removes its life record too.
+        assert_eq!(run_at(&v, now, forget(&[3], false)), CommandResult::Ok);
+        assert!(v.lifecycle_lives(T).expect("lives").is_empty());
+    }
+
+    #[test]
     fn policies_keep_their_times_in_cluster_time() {
         let v = view();
         let policy = |dataset: &str, last: u32| Policy {
