@@ -10,8 +10,8 @@
 //! yearly n` keeps a snapshot whenever its bucket (UTC hour, day, ISO week,
 //! month, year) differs from the bucket of the previous snapshot that rule
 //! kept, until n buckets are kept: the newest snapshot of each of the n
-//! newest buckets. `within d` keeps every snapshot within d of the newest
-//! snapshot's time. `tags` keeps snapshots carrying any of the tags. A
+//! newest buckets. `within d` keeps every snapshot newer than the newest
+//! snapshot's time minus d. `tags` keeps snapshots carrying any of the tags. A
 //! snapshot is kept if any rule keeps it.
 //!
 //! Cairn adds, in this order of strength:
@@ -194,7 +194,7 @@ pub fn select(
         if rules.within_ms > 0
             && let Some(newest) = newest
             && candidate.time_unix_ms
-                >= newest.saturating_sub(i64::try_from(rules.within_ms).unwrap_or(i64::MAX))
+                > newest.saturating_sub(i64::try_from(rules.within_ms).unwrap_or(i64::MAX))
         {
             kept_by_rule = true;
             reasons.push(format!("within {}", format_duration(rules.within_ms)));
@@ -363,14 +363,16 @@ mod tests {
             ..KeepRules::default()
         };
         let decisions = select(&snapshots, &rules, 0, now);
-        // Newest is day -1: within 3d of it = days -1..-4 (snapshots 7..10).
-        assert_eq!(kept(&decisions), vec![1, 2, 7, 8, 9, 10]);
+        // Newest is day -1: strictly within 3d of it (as restic: newer than
+        // newest - 3d) = days -1..-3 (snapshots 8..10); 7 is exactly 3d older.
+        assert_eq!(kept(&decisions), vec![1, 2, 8, 9, 10]);
         assert_eq!(
             reasons(&decisions, 1),
             vec!["locked (compliance) until 2027-01-01T00:00:00Z"]
         );
         assert_eq!(reasons(&decisions, 2), vec!["tag monthly"]);
-        assert_eq!(reasons(&decisions, 7), vec!["within 3d"]);
+        assert_eq!(reasons(&decisions, 8), vec!["within 3d"]);
+        assert_eq!(reasons(&decisions, 7), vec!["no rule keeps it"]);
 
         // Max-age 5d removes even tagged and "last" snapshots, never locked ones.
         let rules = KeepRules {
