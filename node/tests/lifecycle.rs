@@ -471,5 +471,77 @@ async fn forget_locks_roles_and_policies() {
     assert_eq!(policies.policies.len(), 1);
     assert!(policies.policies[0].applied_unix_ms > 0);
 
+    // Max-age on "chat" (its snapshots are from 1970): the leader forgets
+    // snapshot 4 even though it is the latest, keeps the compliance-locked
+    // 1, and both GetPolicies and the cluster status warn about it.
+    let max_age = pb::SetPolicyRequest {
+        tenant: "alpha".into(),
+        policy: Some(pb::Policy {
+            dataset: "chat".into(),
+            max_age_ms: 24 * HOUR_MS,
+            ..Default::default()
+        }),
+        remove: false,
+    };
+    c.set_policy(with(&admin, max_age))
+        .await
+        .expect("a max-age policy");
+    wait_until(
+        "max-age forgets snapshot 4",
+        Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            let admin = admin.clone();
+            async move {
+                let left = listed(&mut c, &admin, "chat").await;
+                if left == vec![1] {
+                    Ok(())
+                } else {
+                    Err(format!("chat snapshots: {left:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    let warning = "tenant alpha dataset chat: snapshot 01010101 is past max-age 1d but locked (compliance) until ";
+    let policies = c
+        .get_policies(with(&admin, pb::GetPoliciesRequest::default()))
+        .await
+        .expect("policies")
+        .into_inner();
+    assert_eq!(policies.policies.len(), 2);
+    assert!(
+        policies.warnings.len() == 1 && policies.warnings[0].starts_with(warning),
+        "{:?}",
+        policies.warnings
+    );
+    let status = c
+        .cluster_status(with(&root, pb::ClusterStatusRequest {}))
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(
+        status.warnings.iter().any(|w| w.starts_with(warning)),
+        "{:?}",
+        status.warnings
+    );
+    // Removing a policy stops it; removing it twice names what is missing.
+    let remove = pb::SetPolicyRequest {
+        tenant: "alpha".into(),
+        policy: Some(pb::Policy {
+            dataset: "chat".into(),
+            ..Default::default()
+        }),
+        remove: true,
+    };
+    c.set_policy(with(&admin, remove.clone()))
+        .await
+        .expect("remove policy");
+    refused(
+        c.set_policy(with(&admin, remove)).await,
+        Code::NotFound,
+        "remove a policy twice",
+    );
+
     cluster.shutdown().await.expect("shutdown");
 }
