@@ -301,6 +301,27 @@ async fn forget_locks_roles_and_policies() {
         vec![1, 2, 4],
         "nothing went"
     );
+    wait_until(
+        "the attempt on locked data is audited",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            let root = root.clone();
+            async move {
+                let entries = audit(&mut c, &root).await;
+                entries
+                    .iter()
+                    .find(|e| {
+                        e.action == "Forget"
+                            && e.result.starts_with("refused: ")
+                            && e.result.contains("locked (compliance)")
+                    })
+                    .map(|_| ())
+                    .ok_or_else(|| "no refused Forget entry".to_string())
+            }
+        },
+    )
+    .await;
 
     // Governance: refused for admin (with or without the bypass), for
     // cluster-admin without the bypass; allowed with it.

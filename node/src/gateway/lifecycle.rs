@@ -145,14 +145,26 @@ impl Gateway {
             ));
         }
         for attempt in 1..=FORGET_ATTEMPTS {
-            let (decisions, removals) = self.plan_forget(&req, &named, &rules).await?;
+            let (decisions, removals) = match self.plan_forget(&req, &named, &rules).await {
+                Ok(plan) => plan,
+                // An attempt on locked data is recorded, as the state
+                // machine records the refusals it decides.
+                Err(locked @ GatewayError::Precondition { .. }) if !req.dry_run => {
+                    let target =
+                        format!("tenant {}: {} snapshot(s) by id", req.tenant, named.len());
+                    self.auditor
+                        .refused(actor_of(caller), "Forget", &target, &locked.to_string());
+                    return Err(locked);
+                }
+                Err(other) => return Err(other),
+            };
             if req.dry_run || removals.is_empty() {
                 return Ok(pb::ForgetReply {
                     decisions,
                     removed: 0,
                 });
             }
-            let datasets: BTreeSet<&str> = decisions
+            let touched: BTreeSet<&str> = decisions
                 .iter()
                 .filter(|d| !d.keep)
                 .filter_map(|d| d.snapshot.as_ref())
@@ -161,7 +173,7 @@ impl Gateway {
             let target = format!(
                 "tenant {} dataset {}: {} snapshot(s)",
                 req.tenant,
-                datasets.into_iter().collect::<Vec<_>>().join(","),
+                touched.into_iter().collect::<Vec<_>>().join(","),
                 removals.len()
             );
             let cmd = Command::ForgetSnapshots {
@@ -195,7 +207,8 @@ impl Gateway {
         })
     }
 
-    /// The decisions of a forget on the current state, and the ids it removes.
+    /// The decisions of a forget on the current state, and the ids it
+    /// removes. `Precondition` only when a named snapshot is locked.
     async fn plan_forget(
         &self,
         req: &pb::ForgetRequest,
