@@ -93,6 +93,9 @@ pub enum PolicyError {
 /// Applies every policy once (on any node; [`run`] calls it on the leader).
 /// Returns how many snapshots were forgotten.
 pub async fn apply_all(meta: &Meta) -> Result<u64, PolicyError> {
+    // Every committed snapshot and lock in view (a stale view would only
+    // keep more, but the plan should match what the entries apply to).
+    meta.read_barrier().await?;
     let view = meta.view()?;
     // The leader stamps its entries with its wall clock, never earlier
     // than the cluster clock: the time the removals will apply at.
