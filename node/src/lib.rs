@@ -11,6 +11,7 @@ pub mod config;
 pub mod erasure;
 pub mod gateway;
 pub mod kv;
+pub mod lifecycle;
 pub mod limits;
 pub mod liveness;
 pub mod local_cluster;

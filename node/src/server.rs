@@ -147,6 +147,12 @@ pub async fn run(
         workers_stopped.clone(),
     )));
     workers.push(tokio::spawn(repairer.run(workers_stopped.clone())));
+    // Dataset policies, applied by the leader only.
+    workers.push(tokio::spawn(crate::lifecycle::policy::run(
+        meta.clone(),
+        config.lifecycle.policy_interval,
+        workers_stopped.clone(),
+    )));
     if let Some(key) = bootstrap_key {
         workers.push(tokio::spawn(crate::auth::token::bootstrap(
             meta.clone(),

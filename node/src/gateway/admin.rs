@@ -191,6 +191,8 @@ impl Gateway {
             .collect();
         let meta_stats = self.meta.stats()?;
         let leader = self.meta.leader();
+        let view = self.meta.view()?;
+        let warnings = crate::lifecycle::warnings(&view, None, view.clock()?)?;
         Ok::<_, GatewayError>(pb::ClusterStatusReply {
             nodes,
             leader_id: leader.unwrap_or_default(),
@@ -206,7 +208,7 @@ impl Gateway {
             orphan_shards,
             orphan_bytes,
             insecure: self.config.insecure,
-            warnings: Vec::new(),
+            warnings,
         })
     }
 

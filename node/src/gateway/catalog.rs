@@ -252,7 +252,7 @@ impl Gateway {
     }
 }
 
-fn snapshot_to_wire(s: SnapshotRecord) -> pb::SnapshotRecord {
+pub(super) fn snapshot_to_wire(s: SnapshotRecord) -> pb::SnapshotRecord {
     pb::SnapshotRecord {
         id: s.id.to_vec(),
         dataset: s.dataset,
