@@ -6,5 +6,6 @@
 pub mod access;
 pub mod datagen;
 pub mod demo;
+pub mod lifecycle;
 pub mod progress;
 pub mod verify;

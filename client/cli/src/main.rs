@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use cairn_cli::lifecycle::{self as life, KeepArgs};
 use cairn_cli::{access, demo, progress};
 use cairn_client::admin;
-use cairn_client::backup::{self, BackupOptions, Progress};
+use cairn_client::backup::{self, BackupOptions, Level, Progress};
+use cairn_client::lifecycle::ForgetOptions;
 use cairn_client::path_guard::display_name;
 use cairn_client::restore::{self, RestoreOptions};
 use cairn_client::seal::KdfParams;
@@ -53,8 +55,35 @@ enum Command {
     Init,
     /// Back up files and directories, or a stream with --stdin.
     Backup(BackupArgs),
-    /// List snapshots.
+    /// List snapshots: kind, commit time (cluster time), lock (L: locked).
     Snapshots {
+        #[arg(long)]
+        dataset: Option<String>,
+    },
+    /// Remove snapshots by keep rules (restic's) and/or by id; locked ones stay.
+    Forget(ForgetArgs),
+    /// Garbage-collect now: delete or repack packs no snapshot references.
+    Prune {
+        /// Report what would be freed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Lock a snapshot against forget until a time or for a duration.
+    Lock(LockArgs),
+    /// Lift a snapshot's lock (a governance lock before expiry: cluster-admin with --bypass-governance).
+    Unlock {
+        /// Snapshot id (hex prefix, at least 8 characters) or `latest`.
+        id: String,
+        #[arg(long)]
+        bypass_governance: bool,
+    },
+    /// Dataset policies the cluster applies on its own: keep rules, max age, cold tier.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Storage: logical and stored bytes, dedup+compression ratio, packs, erasure overhead.
+    Stats {
         #[arg(long)]
         dataset: Option<String>,
     },
@@ -130,6 +159,70 @@ enum Command {
         #[arg(long)]
         scratch: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+struct ForgetArgs {
+    /// Snapshots to remove (hex prefixes of at least 8 characters).
+    ids: Vec<String>,
+    /// Only this dataset (default: every dataset, each on its own).
+    #[arg(long)]
+    dataset: Option<String>,
+    #[command(flatten)]
+    keep: KeepArgs,
+    /// Show what would be removed, remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Run `prune` afterwards (not on a dry run).
+    #[arg(long)]
+    prune: bool,
+    /// Remove governance-locked snapshots given by id (cluster-admin only).
+    #[arg(long)]
+    bypass_governance: bool,
+}
+
+#[derive(Debug, Args)]
+struct LockArgs {
+    /// Snapshot id (hex prefix, at least 8 characters) or `latest`.
+    id: String,
+    /// Until this time: RFC 3339 or a date (2027-01-31).
+    #[arg(
+        long,
+        value_name = "TIME",
+        required_unless_present = "for_",
+        conflicts_with = "for_"
+    )]
+    until: Option<String>,
+    /// For this long from now (cluster time): 30d, 3y...
+    #[arg(long = "for", id = "for_", value_name = "DUR")]
+    for_: Option<String>,
+    /// governance (a cluster-admin may lift it) or compliance (nobody can).
+    #[arg(long, default_value = "governance", value_parser = ["governance", "compliance"])]
+    mode: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Set (replace) a dataset's policy.
+    Set {
+        #[arg(long)]
+        dataset: String,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Legal ceiling: forget snapshots older than DUR unless locked.
+        #[arg(long, value_name = "DUR")]
+        max_age: Option<String>,
+        /// Move packs to the cold class after DUR.
+        #[arg(long, value_name = "DUR")]
+        cold_after: Option<String>,
+    },
+    /// Remove a dataset's policy (its snapshots stay).
+    Remove {
+        #[arg(long)]
+        dataset: String,
+    },
+    /// Show the tenant's policies and warnings about them.
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -223,7 +316,12 @@ struct BackupArgs {
     /// Name of the file the stdin data becomes.
     #[arg(long, default_value = "stdin")]
     stdin_filename: String,
-    /// Read every file again instead of trusting the parent snapshot's metadata.
+    /// full (read every file), incremental (compare with the dataset's
+    /// latest snapshot) or differential (compare with its latest full).
+    #[arg(long, default_value = "incremental", value_parser = parse_level)]
+    level: Level,
+    /// Read every file again instead of trusting the parent snapshot's
+    /// metadata (the same as --level full).
     #[arg(long)]
     force: bool,
     /// Leave out paths matching GLOB (restic's meaning: `/abs/...` matches
@@ -250,6 +348,11 @@ struct RestoreArgs {
     /// Read nothing from this region.
     #[arg(long)]
     without_region: Vec<String>,
+}
+
+fn parse_level(text: &str) -> Result<Level, String> {
+    text.parse()
+        .map_err(|e: cairn_client::ClientError| e.to_string())
 }
 
 fn main() {
@@ -404,7 +507,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = BackupOptions {
                 dataset: args.dataset.clone(),
                 tags: args.tags.clone(),
-                use_parent: !args.force,
+                level: if args.force { Level::Full } else { args.level },
                 excludes,
                 ..BackupOptions::default()
             };
@@ -432,12 +535,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for skipped in &summary.skipped {
                 eprintln!("skipped {}: {}", skipped.path, skipped.reason);
             }
+            if let Some(note) = &summary.note
+                && !cli.json
+            {
+                eprintln!("note: {note}");
+            }
             if cli.json {
                 print_json(&summary)?;
             } else {
                 println!(
-                    "snapshot {} saved: {} files, {} bytes read, {} bytes added, {:.2}s",
+                    "snapshot {} saved ({}{}): {} files, {} bytes read, {} bytes added, {:.2}s",
                     summary.snapshot_id,
+                    summary.level,
+                    summary
+                        .parent
+                        .as_deref()
+                        .map(|p| format!(" of {}", &p[..p.len().min(8)]))
+                        .unwrap_or_default(),
                     summary.files,
                     summary.bytes,
                     summary.bytes_added,
@@ -448,26 +562,88 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshots { dataset } => {
             let repo = open(&cli).await?;
             let snapshots = repo.snapshots(dataset.as_deref()).await?;
+            let now = now_ms();
             if cli.json {
-                print_json(&snapshots)?;
+                let rows = snapshots
+                    .iter()
+                    .map(snapshot_json)
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                print_json(&rows)?;
             } else {
                 println!(
-                    "{:<10} {:<20} {:<16} {:<12} {:>8} {:>14}  paths",
-                    "id", "time", "dataset", "kind", "files", "bytes"
+                    "{:<10} {:<20} {:<16} {:<12} {:<1} {:>8} {:>14}  paths",
+                    "id", "time", "dataset", "kind", "L", "files", "bytes"
                 );
                 for s in &snapshots {
                     println!(
-                        "{:<10} {:<20} {:<16} {:<12} {:>8} {:>14}  {}",
+                        "{:<10} {:<20} {:<16} {:<12} {:<1} {:>8} {:>14}  {}",
                         s.short_id(),
-                        time_text(s.time_unix_ms),
+                        time_text(s.time_ms()),
                         s.dataset,
                         s.kind,
+                        lock_marker(s, now),
                         s.files,
                         s.bytes,
                         s.info.paths.join(" ")
                     );
                 }
-                println!("{} snapshot(s)", snapshots.len());
+                println!(
+                    "{} snapshot(s); time: committed (cluster time); L: locked (G governance, C compliance)",
+                    snapshots.len()
+                );
+            }
+        }
+        Command::Forget(args) => forget(&cli, args).await?,
+        Command::Prune { dry_run } => {
+            let repo = open(&cli).await?;
+            let report = repo.prune(*dry_run).await?;
+            if cli.json {
+                print_json(&report)?;
+            } else {
+                print!("{}", life::prune_text(&report));
+            }
+        }
+        Command::Lock(args) => {
+            let until = life::lock_until(
+                args.until.as_deref(),
+                args.for_.as_deref(),
+                std::time::SystemTime::now(),
+            )?;
+            let mode = life::lock_mode(&args.mode)?;
+            let repo = open(&cli).await?;
+            let lock = repo.lock(&args.id, until, mode).await?;
+            if cli.json {
+                print_json(&serde_json::json!({"id": args.id, "mode": lock.mode,
+                    "until": access::time_or_none(lock.until_unix_ms)}))?;
+            } else {
+                println!(
+                    "snapshot {} locked ({}) until {}: forget leaves it alone until then",
+                    args.id,
+                    lock.mode,
+                    time_text(lock.until_unix_ms)
+                );
+            }
+        }
+        Command::Unlock {
+            id,
+            bypass_governance,
+        } => {
+            let repo = open(&cli).await?;
+            repo.unlock(id, *bypass_governance).await?;
+            if cli.json {
+                print_json(&serde_json::json!({"unlocked": id}))?;
+            } else {
+                println!("snapshot {id} unlocked");
+            }
+        }
+        Command::Policy { command } => policy_command(&cli, command).await?,
+        Command::Stats { dataset } => {
+            let repo = open(&cli).await?;
+            let stats = repo.stats(dataset.as_deref()).await?;
+            if cli.json {
+                print_json(&stats)?;
+            } else {
+                print!("{}", life::stats_text(&stats));
             }
         }
         Command::Ls { snapshot, dataset } => {
@@ -615,6 +791,111 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dataset,
             scratch,
         } => drill(&cli, without_region, dataset.as_deref(), scratch.clone()).await?,
+    }
+    Ok(())
+}
+
+/// A snapshot as `snapshots --json` shows it: the SDK's fields plus
+/// `committed` (cluster time, RFC 3339) and `lock`.
+fn snapshot_json(s: &cairn_client::Snapshot) -> anyhow::Result<serde_json::Value> {
+    let mut row = serde_json::to_value(s)?;
+    row["committed"] = serde_json::json!(access::time_or_none(s.committed_unix_ms));
+    row["lock"] = match &s.lock {
+        Some(l) => {
+            serde_json::json!({"mode": l.mode, "until": access::time_or_none(l.until_unix_ms)})
+        }
+        None => serde_json::Value::Null,
+    };
+    Ok(row)
+}
+
+/// `G`/`C` for a lock still holding (by this client's clock: a hint only,
+/// the cluster decides), `-` when none.
+fn lock_marker(s: &cairn_client::Snapshot, now: i64) -> &'static str {
+    match &s.lock {
+        Some(l) if l.holds_at(now) && l.mode == "compliance" => "C",
+        Some(l) if l.holds_at(now) => "G",
+        _ => "-",
+    }
+}
+
+async fn forget(cli: &Cli, args: &ForgetArgs) -> anyhow::Result<()> {
+    let options = ForgetOptions {
+        dataset: args.dataset.clone(),
+        ids: args.ids.clone(),
+        keep: args.keep.to_rules()?,
+        dry_run: args.dry_run,
+        bypass_governance: args.bypass_governance,
+    };
+    // Refuse a forget without any rule before connecting, as restic does.
+    if options.ids.is_empty() && options.keep.is_empty() {
+        return Err(cairn_client::ClientError::NoForgetPolicy.into());
+    }
+    let repo = open(cli).await?;
+    let report = repo.forget(&options).await?;
+    let pruned = if args.prune && !args.dry_run {
+        Some(repo.prune(false).await?)
+    } else {
+        None
+    };
+    if cli.json {
+        print_json(&life::forget_json(&report, args.dry_run, pruned.as_ref()))?;
+    } else {
+        print!("{}", life::forget_text(&report, args.dry_run));
+        if let Some(pruned) = &pruned {
+            print!("{}", life::prune_text(pruned));
+        } else if args.prune {
+            println!("dry run: prune not run");
+        }
+    }
+    Ok(())
+}
+
+async fn policy_command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<()> {
+    let spec = match command {
+        PolicyCommand::Set {
+            dataset,
+            keep,
+            max_age,
+            cold_after,
+        } => Some(life::policy_spec(
+            dataset,
+            keep,
+            max_age.as_deref(),
+            cold_after.as_deref(),
+        )?),
+        _ => None,
+    };
+    let repo = open(cli).await?;
+    match (command, spec) {
+        (PolicyCommand::Set { dataset, .. }, Some(spec)) => {
+            repo.set_policy(&spec).await?;
+            if cli.json {
+                print_json(&serde_json::json!({"dataset": dataset, "set": true}))?;
+            } else {
+                println!(
+                    "policy of dataset {dataset} set: {}; the leader applies it on its schedule",
+                    life::rules_text(&spec.keep)
+                );
+            }
+        }
+        (PolicyCommand::Remove { dataset }, _) => {
+            repo.remove_policy(dataset).await?;
+            if cli.json {
+                print_json(&serde_json::json!({"dataset": dataset, "removed": true}))?;
+            } else {
+                println!("policy of dataset {dataset} removed; its snapshots stay");
+            }
+        }
+        (PolicyCommand::Show, _) => {
+            let (policies, warnings) = repo.policies().await?;
+            if cli.json {
+                print_json(&life::policies_json(&policies, &warnings))?;
+            } else {
+                print!("{}", life::policies_text(&policies, &warnings));
+            }
+        }
+        (PolicyCommand::Set { .. }, None) => bail!("policy set: no policy"),
     }
     Ok(())
 }
@@ -1326,6 +1607,235 @@ async fn drill(
 mod tests {
     use super::*;
     use cairn_client::ClientError;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cairn").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn backup_takes_a_level() {
+        let Command::Backup(args) = parse(&["backup", "/srv", "--level", "differential"])
+            .expect("parses")
+            .command
+        else {
+            panic!("backup");
+        };
+        assert_eq!(args.level, Level::Differential);
+        let Command::Backup(args) = parse(&["backup", "/srv"]).expect("parses").command else {
+            panic!("backup");
+        };
+        assert_eq!(args.level, Level::Incremental);
+        let error = parse(&["backup", "/srv", "--level", "weekly"]).expect_err("refused");
+        assert!(
+            error
+                .to_string()
+                .contains("full, incremental or differential"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn forget_takes_restic_flags() {
+        let cli = parse(&[
+            "forget",
+            "--dataset",
+            "chat",
+            "--keep-last",
+            "3",
+            "--keep-hourly",
+            "1",
+            "--keep-daily",
+            "7",
+            "--keep-weekly",
+            "4",
+            "--keep-monthly",
+            "12",
+            "--keep-yearly",
+            "2",
+            "--keep-within",
+            "30d",
+            "--keep-tag",
+            "gold",
+            "--keep-tag",
+            "legal",
+            "--dry-run",
+            "--prune",
+            "--json",
+            "--bypass-governance",
+        ])
+        .expect("parses");
+        assert!(cli.json);
+        let Command::Forget(args) = cli.command else {
+            panic!("forget");
+        };
+        assert_eq!(args.dataset.as_deref(), Some("chat"));
+        let rules = args.keep.to_rules().expect("rules");
+        assert_eq!(
+            (
+                rules.last,
+                rules.hourly,
+                rules.daily,
+                rules.weekly,
+                rules.monthly,
+                rules.yearly
+            ),
+            (3, 1, 7, 4, 12, 2)
+        );
+        assert_eq!(
+            rules.within,
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(rules.tags, ["gold", "legal"]);
+        assert!(args.dry_run && args.prune && args.bypass_governance);
+        let Command::Forget(args) = parse(&["forget", "0123abcd", "89abcdef"])
+            .expect("ids")
+            .command
+        else {
+            panic!("forget");
+        };
+        assert_eq!(args.ids, ["0123abcd", "89abcdef"]);
+        assert!(args.keep.to_rules().expect("none").is_empty());
+    }
+
+    #[test]
+    fn prune_lock_unlock_policy_and_stats_parse() {
+        assert!(matches!(
+            parse(&["prune", "--dry-run", "--json"])
+                .expect("prune")
+                .command,
+            Command::Prune { dry_run: true }
+        ));
+        let Command::Lock(lock) = parse(&["lock", "0123abcd", "--for", "3y"])
+            .expect("lock")
+            .command
+        else {
+            panic!("lock");
+        };
+        assert_eq!(
+            (lock.for_.as_deref(), lock.mode.as_str()),
+            (Some("3y"), "governance")
+        );
+        let Command::Lock(lock) = parse(&[
+            "lock",
+            "0123abcd",
+            "--until",
+            "2030-01-31",
+            "--mode",
+            "compliance",
+        ])
+        .expect("lock until")
+        .command
+        else {
+            panic!("lock");
+        };
+        assert_eq!(
+            (lock.until.as_deref(), lock.mode.as_str()),
+            (Some("2030-01-31"), "compliance")
+        );
+        assert!(
+            parse(&["lock", "0123abcd"]).is_err(),
+            "needs --until or --for"
+        );
+        assert!(parse(&["lock", "0123abcd", "--until", "2030-01-31", "--for", "1d"]).is_err());
+        assert!(parse(&["lock", "0123abcd", "--for", "1d", "--mode", "legal"]).is_err());
+        assert!(matches!(
+            parse(&["unlock", "0123abcd", "--bypass-governance"])
+                .expect("unlock")
+                .command,
+            Command::Unlock {
+                bypass_governance: true,
+                ..
+            }
+        ));
+        let Command::Policy {
+            command:
+                PolicyCommand::Set {
+                    dataset,
+                    keep,
+                    max_age,
+                    cold_after,
+                },
+        } = parse(&[
+            "policy",
+            "set",
+            "--dataset",
+            "chat",
+            "--keep-daily",
+            "7",
+            "--keep-within",
+            "1y",
+            "--keep-tag",
+            "gold",
+            "--max-age",
+            "7y",
+            "--cold-after",
+            "90d",
+        ])
+        .expect("policy set")
+        .command
+        else {
+            panic!("policy set");
+        };
+        assert_eq!(dataset, "chat");
+        assert_eq!(keep.keep_daily, 7);
+        assert_eq!(
+            (max_age.as_deref(), cold_after.as_deref()),
+            (Some("7y"), Some("90d"))
+        );
+        assert!(
+            parse(&["policy", "set", "--keep-last", "1"]).is_err(),
+            "needs --dataset"
+        );
+        assert!(matches!(
+            parse(&["policy", "remove", "--dataset", "chat"])
+                .expect("remove")
+                .command,
+            Command::Policy {
+                command: PolicyCommand::Remove { .. }
+            }
+        ));
+        assert!(matches!(
+            parse(&["policy", "show", "--json"]).expect("show").command,
+            Command::Policy {
+                command: PolicyCommand::Show
+            }
+        ));
+        let Command::Stats { dataset } = parse(&["stats", "--dataset", "chat", "--json"])
+            .expect("stats")
+            .command
+        else {
+            panic!("stats");
+        };
+        assert_eq!(dataset.as_deref(), Some("chat"));
+    }
+
+    #[test]
+    fn snapshots_json_adds_committed_kind_and_lock() {
+        let snapshot = cairn_client::Snapshot {
+            id: [1; 32],
+            dataset: "chat".into(),
+            parent: None,
+            time_unix_ms: 1_000,
+            kind: "differential".into(),
+            root_tree: [2; 32],
+            info: Default::default(),
+            files: 1,
+            bytes: 2,
+            bytes_added: 3,
+            tags: Vec::new(),
+            committed_unix_ms: 1_764_000_000_000,
+            lock: Some(cairn_client::LockInfo {
+                mode: "compliance".into(),
+                until_unix_ms: 1_900_000_000_000,
+            }),
+        };
+        let row = snapshot_json(&snapshot).expect("json");
+        assert_eq!(row["committed"], "2025-11-24T16:00:00Z");
+        assert_eq!(row["kind"], "differential");
+        assert_eq!(row["lock"]["mode"], "compliance");
+        assert_eq!(lock_marker(&snapshot, 1_800_000_000_000), "C");
+        assert_eq!(lock_marker(&snapshot, 1_950_000_000_000), "-");
+    }
 
     #[test]
     fn an_io_error_is_printed_with_its_cause_once() {

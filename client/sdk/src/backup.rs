@@ -19,6 +19,19 @@
 //! snapshot) are not read at all. The snapshot is committed only after every
 //! pack is acknowledged, so an interrupted backup leaves no snapshot, and a
 //! rerun finds its uploaded chunks in the index.
+//!
+//! Levels ([`Level`]) only choose the parent the walk compares with: every
+//! snapshot's trees list every chunk, so each restores on its own.
+//!
+//! Garbage collection: every blob the snapshot references (every tree, the
+//! unchanged ones too, and every chunk of every file) is collected while
+//! the trees are stored, and stored at the end as reference-list segments
+//! ([`cairn_proto::refs`], unsealed, in a pack of their own). Every pack is
+//! uploaded in one random session, and the commit carries the segments, the
+//! session and the GC epoch read before the first index look-up. If the
+//! cluster swept blobs this backup found in the index meanwhile, it refuses
+//! the commit (`Aborted`) and the backup reruns once as a full backup,
+//! which uploads again whatever is gone.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -59,12 +72,122 @@ pub struct Progress {
     pub packs: AtomicU64,
 }
 
+/// Which earlier snapshot a backup compares with (its files with the same
+/// size, mtime and mode are not read again). Recorded as the snapshot's kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Compare with nothing: every file is read (and still deduplicated
+    /// against the index, so unchanged data is not uploaded again).
+    Full,
+    /// Compare with the dataset's latest snapshot of any kind.
+    #[default]
+    Incremental,
+    /// Compare with the dataset's latest full snapshot, so a restore chain
+    /// is never longer than full + one differential in restic terms of
+    /// change tracking (every snapshot restores on its own anyway).
+    Differential,
+}
+
+impl Level {
+    /// The snapshot kind this level records: "full", "incremental" or
+    /// "differential".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Full => "full",
+            Level::Incremental => "incremental",
+            Level::Differential => "differential",
+        }
+    }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Level {
+    type Err = ClientError;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "full" => Ok(Level::Full),
+            "incremental" | "incr" => Ok(Level::Incremental),
+            "differential" | "diff" => Ok(Level::Differential),
+            _ => Err(ClientError::BadInput {
+                what: format!(
+                    "unknown backup level {text:?}: use full, incremental or differential"
+                ),
+            }),
+        }
+    }
+}
+
+/// The parent a backup compares with and the kind it records.
+#[derive(Debug, Clone)]
+pub struct ParentChoice<'a> {
+    pub parent: Option<&'a Snapshot>,
+    /// The kind recorded (a level without its parent becomes a full).
+    pub kind: Level,
+    /// Why the kind differs from the level asked, if it does.
+    pub note: Option<String>,
+}
+
+/// Chooses the parent of a backup at `level` among `snapshots` (the
+/// dataset's, oldest first). `use_parent: false` compares with nothing.
+pub fn choose_parent<'a>(
+    level: Level,
+    use_parent: bool,
+    dataset: &str,
+    snapshots: &'a [Snapshot],
+) -> ParentChoice<'a> {
+    let mine = || snapshots.iter().filter(|s| s.dataset == dataset);
+    let level = if use_parent { level } else { Level::Full };
+    match level {
+        Level::Full => ParentChoice {
+            parent: None,
+            kind: Level::Full,
+            note: None,
+        },
+        Level::Incremental => match mine().next_back() {
+            Some(parent) => ParentChoice {
+                parent: Some(parent),
+                kind: Level::Incremental,
+                note: None,
+            },
+            None => ParentChoice {
+                parent: None,
+                kind: Level::Full,
+                note: None,
+            },
+        },
+        Level::Differential => match mine().rfind(|s| s.kind == Level::Full.as_str()) {
+            Some(parent) => ParentChoice {
+                parent: Some(parent),
+                kind: Level::Differential,
+                note: None,
+            },
+            None => ParentChoice {
+                parent: None,
+                kind: Level::Full,
+                note: Some(format!(
+                    "dataset {dataset:?} has no full snapshot to compare with yet: this backup is a full one"
+                )),
+            },
+        },
+    }
+}
+
 /// What to back up into which dataset.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
     pub dataset: String,
     pub tags: Vec<String>,
-    /// Compare against the latest snapshot of the dataset to skip unchanged files.
+    /// Which snapshot to compare with to skip unchanged files.
+    pub level: Level,
+    /// `false`: compare with no snapshot at all (the same as
+    /// [`Level::Full`], whatever `level` says).
     pub use_parent: bool,
     /// Files read in parallel.
     pub files_in_flight_max: usize,
@@ -78,6 +201,7 @@ impl Default for BackupOptions {
         Self {
             dataset: "default".into(),
             tags: Vec::new(),
+            level: Level::default(),
             use_parent: true,
             files_in_flight_max: std::thread::available_parallelism()
                 .map(|n| n.get() * 2)
@@ -160,6 +284,11 @@ pub struct BackupSummary {
     pub snapshot_id: String,
     pub dataset: String,
     pub parent: Option<String>,
+    /// The kind recorded: "full", "incremental" or "differential".
+    pub level: String,
+    /// Why the level differs from the one asked (a differential without a
+    /// full yet), or that the backup was rerun as a full one.
+    pub note: Option<String>,
     pub files: u64,
     pub bytes: u64,
     /// Bytes stored for this snapshot: new blobs, compressed and sealed.
@@ -183,6 +312,10 @@ struct Session {
     data_builder: Mutex<PackBuilder>,
     /// Trees only: a lost data pack must not take the listings with it.
     tree_builder: Mutex<PackBuilder>,
+    /// Reference-list segments only, unsealed.
+    refs_builder: Mutex<PackBuilder>,
+    /// Every blob id the snapshot references (see [`tree_refs`]).
+    refs: Mutex<HashSet<BlobId>>,
     excludes: Option<GlobSet>,
     skipped: Mutex<Vec<Skipped>>,
     packs: mpsc::Sender<Pack>,
@@ -225,6 +358,7 @@ impl Session {
         let builder = match kind {
             BlobKind::Data => &self.data_builder,
             BlobKind::Tree => &self.tree_builder,
+            BlobKind::Refs => &self.refs_builder,
         };
         let full = {
             let mut builder = builder.lock().unwrap_or_else(|p| p.into_inner());
@@ -283,6 +417,11 @@ impl Session {
         tree.validate()?;
         let encoded = tree.encode();
         let id = self.repo.key().blob_id(&encoded);
+        // Referenced whether stored now or unchanged from the parent.
+        self.refs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(tree_refs(&id, tree));
         if parent_id == Some(id) {
             return Ok(id); // unchanged directory: the parent's tree is stored
         }
@@ -306,9 +445,34 @@ impl Session {
         self.excludes.as_ref().is_some_and(|g| g.is_match(path))
     }
 
-    /// Sends whatever both builders hold.
+    /// Stores the reference list of everything stored or reused so far as
+    /// segments (deduplicated against the index like any blob, in packs of
+    /// their own) and returns their descriptions for the commit. Call after
+    /// the root tree is stored.
+    fn store_refs(&self) -> Result<Vec<cairn_proto::v1::RefSegment>> {
+        let ids: Vec<BlobId> =
+            std::mem::take(&mut *self.refs.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        let segments = cairn_proto::refs::build(ids);
+        let claimed: Vec<&cairn_proto::refs::Segment> = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            segments.iter().filter(|s| seen.insert(s.id)).collect()
+        };
+        let ids: Vec<BlobId> = claimed.iter().map(|s| s.id).collect();
+        let present = self.runtime.block_on(self.repo.find_blobs(&ids))?;
+        for (segment, known) in claimed.into_iter().zip(present) {
+            if !known {
+                // Unsealed: nodes read it without the tenant's key.
+                self.add_to_pack(segment.id, BlobKind::Refs, &segment.bytes)?;
+            }
+        }
+        Ok(segments.iter().map(|s| s.to_wire()).collect())
+    }
+
+    /// Sends whatever the builders hold.
     fn flush_packs(&self) -> Result<()> {
-        for builder in [&self.tree_builder, &self.data_builder] {
+        for builder in [&self.tree_builder, &self.data_builder, &self.refs_builder] {
             let last = std::mem::replace(
                 &mut *builder.lock().unwrap_or_else(|p| p.into_inner()),
                 PackBuilder::new(PACK_TARGET_BYTES),
@@ -319,6 +483,21 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// The blob ids the tree stored as `id` makes its snapshot reference: the
+/// tree itself, its subtrees and every chunk of every file it lists. The
+/// union over every tree of a snapshot is its reference list.
+pub fn tree_refs<'a>(id: &BlobId, tree: &'a Tree) -> impl Iterator<Item = BlobId> + 'a {
+    let own = *id;
+    std::iter::once(own).chain(tree.entries.iter().flat_map(|entry| {
+        let ids: Box<dyn Iterator<Item = BlobId> + 'a> = match &entry.kind {
+            EntryKind::File { chunks, .. } => Box::new(chunks.iter().map(|c| c.id)),
+            EntryKind::Dir { subtree } => Box::new(std::iter::once(*subtree)),
+            _ => Box::new(std::iter::empty()),
+        };
+        ids
+    }))
 }
 
 /// Hard-link group of an inode: stable across backups of the same file
@@ -382,7 +561,10 @@ pub async fn backup_paths(
         options,
         progress,
         info_paths,
+        true,
         move |session, parent, trees| {
+            // Each run (a rerun as full too) walks the same top paths.
+            let tops = tops.clone();
             Box::pin(async move {
                 let mut entries = Vec::new();
                 let permits = Arc::new(Semaphore::new(files_max));
@@ -421,13 +603,21 @@ pub async fn backup_stream(
 ) -> Result<BackupSummary> {
     check_name(filename.as_bytes())?;
     let name = filename.as_bytes().to_vec();
+    // A stream is read once: there is no rerun (see `run_backup`).
+    let mut reader = Some(reader);
     run_backup(
         repo,
         options,
         progress,
         vec![format!("<stdin> as {filename}")],
+        false,
         move |session, _parent, _trees| {
+            let reader = reader.take();
+            let name = name.clone();
             Box::pin(async move {
+                let reader = reader.ok_or_else(|| ClientError::BadInput {
+                    what: "the stream was already read and cannot be read again".into(),
+                })?;
                 let worker = session.clone();
                 let (chunks, size) = tokio::task::spawn_blocking(move || {
                     worker.chunk_reader(reader, Path::new("<stdin>"))
@@ -461,24 +651,109 @@ pub async fn backup_stream(
     .await
 }
 
+/// Runs a backup; if its commit is refused because garbage collection
+/// removed blobs it references while it ran, runs it once more as a full
+/// backup (fresh session and epoch), which uploads whatever is gone. A
+/// stream (`repeatable: false`) cannot be read twice, so it is not rerun.
 async fn run_backup<F>(
     repo: Arc<Repository>,
     options: &BackupOptions,
     progress: Arc<Progress>,
     info_paths: Vec<String>,
-    build_root: F,
+    repeatable: bool,
+    mut build_root: F,
 ) -> Result<BackupSummary>
 where
-    F: FnOnce(Arc<Session>, Option<Tree>, ParentTrees) -> BoxFuture<'static, Result<Tree>>
+    F: FnMut(Arc<Session>, Option<Tree>, ParentTrees) -> BoxFuture<'static, Result<Tree>>
+        + Send
+        + 'static,
+{
+    let first = run_once(
+        repo.clone(),
+        options,
+        progress.clone(),
+        info_paths.clone(),
+        &mut build_root,
+    )
+    .await;
+    let message = match first {
+        Err(ClientError::Server {
+            code: tonic::Code::Aborted,
+            message,
+            ..
+        }) => message,
+        other => return other,
+    };
+    if !repeatable {
+        return Err(ClientError::CollectedDuringBackup {
+            detail: format!(
+                "a stream cannot be read again for the automatic full rerun; the node said: {message}"
+            ),
+        });
+    }
+    warn!(dataset = %options.dataset, reason = %message, "commit refused: rerunning as a full backup");
+    for counter in [
+        &progress.files,
+        &progress.bytes,
+        &progress.bytes_added,
+        &progress.packs,
+    ] {
+        counter.store(0, Ordering::Relaxed);
+    }
+    let full = BackupOptions {
+        level: Level::Full,
+        ..options.clone()
+    };
+    match run_once(repo, &full, progress, info_paths, &mut build_root).await {
+        Ok(mut summary) => {
+            summary.note = Some(format!(
+                "rerun as a full backup: blobs the first attempt referenced were garbage-collected while it ran ({message})"
+            ));
+            Ok(summary)
+        }
+        Err(ClientError::Server {
+            code: tonic::Code::Aborted,
+            message,
+            ..
+        }) => Err(ClientError::CollectedDuringBackup {
+            detail: format!("again during the full rerun: {message}"),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// One backup attempt: walk, upload in one session, commit.
+async fn run_once<F>(
+    repo: Arc<Repository>,
+    options: &BackupOptions,
+    progress: Arc<Progress>,
+    info_paths: Vec<String>,
+    build_root: &mut F,
+) -> Result<BackupSummary>
+where
+    F: FnMut(Arc<Session>, Option<Tree>, ParentTrees) -> BoxFuture<'static, Result<Tree>>
         + Send
         + 'static,
 {
     let started = Instant::now();
-    let parent = if options.use_parent {
-        repo.snapshots(Some(&options.dataset)).await?.pop()
+    // Before any index look-up: whatever is found in the index from here on
+    // was there at this epoch.
+    let gc_epoch = repo.gc_epoch().await?;
+    let upload_session = crate::repo::new_session();
+    let snapshots = if options.use_parent && options.level != Level::Full {
+        repo.snapshots(Some(&options.dataset)).await?
     } else {
-        None
+        Vec::new()
     };
+    let choice = choose_parent(
+        options.level,
+        options.use_parent,
+        &options.dataset,
+        &snapshots,
+    );
+    let kind = choice.kind;
+    let note = choice.note;
+    let parent = choice.parent.cloned();
     let mut parent_trees = match &parent {
         Some(p) => repo.load_trees(&p.root_tree, &[]).await?,
         None => HashMap::new(),
@@ -495,6 +770,8 @@ where
         seen: Mutex::new(HashSet::new()),
         data_builder: Mutex::new(PackBuilder::new(PACK_TARGET_BYTES)),
         tree_builder: Mutex::new(PackBuilder::new(PACK_TARGET_BYTES)),
+        refs_builder: Mutex::new(PackBuilder::new(PACK_TARGET_BYTES)),
+        refs: Mutex::new(HashSet::new()),
         excludes,
         skipped: Mutex::new(Vec::new()),
         packs: tx,
@@ -508,7 +785,7 @@ where
             let mut uploads = tokio_stream_from(rx)
                 .map(|pack| {
                     let repo = repo.clone();
-                    async move { repo.put_pack(pack).await }
+                    async move { repo.put_pack(pack, &upload_session).await }
                 })
                 .buffer_unordered(UPLOADS_IN_FLIGHT_MAX);
             while let Some(result) = uploads.next().await {
@@ -525,10 +802,11 @@ where
         Ok(root) => {
             let worker = session.clone();
             let parent_root = parent.as_ref().map(|p| p.root_tree);
-            tokio::task::spawn_blocking(move || -> Result<BlobId> {
+            tokio::task::spawn_blocking(move || -> Result<(BlobId, Vec<_>)> {
                 let root_id = worker.store_tree(&root, parent_root)?;
+                let refs = worker.store_refs()?;
                 worker.flush_packs()?;
-                Ok(root_id)
+                Ok((root_id, refs))
             })
             .await
             .map_err(|e| ClientError::BadInput {
@@ -548,7 +826,7 @@ where
     })?;
     // An upload error explains a closed channel better than the channel does.
     uploaded?;
-    let root_id = finished?;
+    let (root_id, refs) = finished?;
 
     let mut id = [0u8; 32];
     rand::Rng::fill(&mut rand::thread_rng(), &mut id[..]);
@@ -560,12 +838,7 @@ where
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as i64,
-        kind: if parent.is_some() {
-            "incremental"
-        } else {
-            "full"
-        }
-        .into(),
+        kind: kind.as_str().into(),
         root_tree: root_id,
         info: SnapshotInfo {
             paths: info_paths,
@@ -575,12 +848,17 @@ where
         bytes: progress.bytes.load(Ordering::Relaxed),
         bytes_added: progress.bytes_added.load(Ordering::Relaxed),
         tags: options.tags.clone(),
+        committed_unix_ms: 0,
+        lock: None,
     };
-    repo.commit_snapshot(&snapshot).await?;
+    repo.commit_snapshot(&snapshot, &refs, gc_epoch, &upload_session)
+        .await?;
     Ok(BackupSummary {
         snapshot_id: snapshot.id_hex(),
         dataset: snapshot.dataset,
         parent: parent.map(|p| p.id_hex()),
+        level: kind.as_str().into(),
+        note,
         files,
         bytes: snapshot.bytes,
         bytes_added: snapshot.bytes_added,
@@ -797,6 +1075,119 @@ mod tests {
             exclude_matcher(&["a[".to_string()]),
             Err(ClientError::BadExclude { .. })
         ));
+    }
+
+    fn snap(id: u8, dataset: &str, kind: &str) -> Snapshot {
+        Snapshot {
+            id: [id; 32],
+            dataset: dataset.into(),
+            parent: None,
+            time_unix_ms: i64::from(id),
+            kind: kind.into(),
+            root_tree: [id; 32],
+            info: SnapshotInfo::default(),
+            files: 0,
+            bytes: 0,
+            bytes_added: 0,
+            tags: Vec::new(),
+            committed_unix_ms: 0,
+            lock: None,
+        }
+    }
+
+    fn parent_id(choice: &ParentChoice<'_>) -> Option<u8> {
+        choice.parent.map(|p| p.id[0])
+    }
+
+    #[test]
+    fn the_level_chooses_the_parent_and_the_kind() {
+        let history = vec![
+            snap(1, "chat", "full"),
+            snap(2, "chat", "incremental"),
+            snap(3, "other", "full"),
+            snap(4, "chat", "differential"),
+            snap(5, "other", "incremental"),
+        ];
+        let full = choose_parent(Level::Full, true, "chat", &history);
+        assert_eq!((parent_id(&full), full.kind), (None, Level::Full));
+        assert!(full.note.is_none());
+        let incr = choose_parent(Level::Incremental, true, "chat", &history);
+        assert_eq!((parent_id(&incr), incr.kind), (Some(4), Level::Incremental));
+        let diff = choose_parent(Level::Differential, true, "chat", &history);
+        assert_eq!(
+            (parent_id(&diff), diff.kind),
+            (Some(1), Level::Differential)
+        );
+        // use_parent: false compares with nothing, whatever the level.
+        let none = choose_parent(Level::Incremental, false, "chat", &history);
+        assert_eq!((parent_id(&none), none.kind), (None, Level::Full));
+        // Nothing yet: a full backup; a differential says why.
+        let first = choose_parent(Level::Incremental, true, "new", &history);
+        assert_eq!((parent_id(&first), first.kind), (None, Level::Full));
+        assert!(first.note.is_none());
+        let no_full = vec![snap(7, "logs", "incremental")];
+        let diff = choose_parent(Level::Differential, true, "logs", &no_full);
+        assert_eq!((parent_id(&diff), diff.kind), (None, Level::Full));
+        let note = diff.note.expect("a note");
+        assert!(note.contains("no full snapshot"), "{note}");
+    }
+
+    #[test]
+    fn levels_parse_and_print() {
+        for level in [Level::Full, Level::Incremental, Level::Differential] {
+            assert_eq!(level.as_str().parse::<Level>().ok(), Some(level));
+            assert_eq!(level.to_string(), level.as_str());
+        }
+        assert_eq!(Level::default(), Level::Incremental);
+        assert_eq!("DIFF".parse::<Level>().ok(), Some(Level::Differential));
+        let error = "weekly".parse::<Level>().expect_err("unknown");
+        assert!(
+            error
+                .to_string()
+                .contains("full, incremental or differential")
+        );
+    }
+
+    #[test]
+    fn a_trees_references_are_itself_its_subtrees_and_every_chunk() {
+        let file = |name: &str, chunks: &[u8]| TreeEntry {
+            name: name.as_bytes().to_vec(),
+            kind: EntryKind::File {
+                size: chunks.len() as u64,
+                chunks: chunks
+                    .iter()
+                    .map(|&c| ChunkRef {
+                        id: [c; 32],
+                        len: 1,
+                    })
+                    .collect(),
+                hardlink: None,
+            },
+            mode: 0o100644,
+            mtime_ns: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let tree = Tree {
+            entries: vec![
+                file("a", &[1, 2, 2]),
+                TreeEntry {
+                    kind: EntryKind::Dir { subtree: [9; 32] },
+                    ..file("d", &[])
+                },
+                TreeEntry {
+                    kind: EntryKind::Symlink {
+                        target: b"a".to_vec(),
+                    },
+                    ..file("l", &[])
+                },
+                file("z", &[3]),
+            ],
+        };
+        let mut refs: Vec<BlobId> = tree_refs(&[7; 32], &tree).collect();
+        refs.sort_unstable();
+        refs.dedup();
+        assert_eq!(refs, vec![[1; 32], [2; 32], [3; 32], [7; 32], [9; 32]]);
     }
 
     #[test]

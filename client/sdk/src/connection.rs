@@ -248,7 +248,26 @@ impl Cluster {
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let start = self.preferred.load(Ordering::Relaxed);
-        self.call_from(start, name, op).await
+        self.call_from(start, name, &[], op).await
+    }
+
+    /// Like [`Cluster::call`], but the codes in `answers` are returned as
+    /// answers instead of failed over: a snapshot commit answered `Aborted`
+    /// (blobs it references were collected during the backup) would be
+    /// refused the same way by every node, so cycling for the budget only
+    /// delays the rerun.
+    pub async fn call_answering<T, F, Fut>(
+        &self,
+        name: &'static str,
+        answers: &[Code],
+        op: F,
+    ) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        let start = self.preferred.load(Ordering::Relaxed);
+        self.call_from(start, name, answers, op).await
     }
 
     /// Like [`Cluster::call`], but successive calls start on different
@@ -260,10 +279,16 @@ impl Cluster {
     {
         let turn = self.next_spread.fetch_add(1, Ordering::Relaxed);
         let start = (self.preferred.load(Ordering::Relaxed) + turn) % self.spread_over.max(1);
-        self.call_from(start, name, op).await
+        self.call_from(start, name, &[], op).await
     }
 
-    async fn call_from<T, F, Fut>(&self, start: usize, name: &'static str, op: F) -> Result<T>
+    async fn call_from<T, F, Fut>(
+        &self,
+        start: usize,
+        name: &'static str,
+        answers: &[Code],
+        op: F,
+    ) -> Result<T>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
@@ -299,7 +324,7 @@ impl Cluster {
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded("no answer in time"),
             };
-            if !retryable(&status) {
+            if answers.contains(&status.code()) || !retryable(&status) {
                 return Err(self.refusal(name, addr, status));
             }
             debug!(op = name, addr = %addr, code = ?status.code(), "failing over");

@@ -89,6 +89,40 @@ pub enum ClientError {
     BadInput { what: String },
     #[error("invalid --exclude pattern {pattern:?}: {reason}")]
     BadExclude { pattern: String, reason: String },
+    /// A backup's commit was refused because garbage collection removed
+    /// blobs it references while it ran, and the automatic full rerun
+    /// (which uploads whatever is gone) hit the same or was impossible.
+    #[error(
+        "backup not committed: garbage collection removed blobs it references while it ran ({detail}); no snapshot was lost, run the backup again, ideally when no prune is running"
+    )]
+    CollectedDuringBackup { detail: String },
+    /// A lifecycle call refused for the token's role; `advice` says which
+    /// token may do it.
+    #[error("this token's role{} cannot {what}; {advice}{}", role_text(.role), unless_role(.role, .reason))]
+    LifecycleRefused {
+        what: &'static str,
+        /// The role the node named, when it did.
+        role: Option<String>,
+        advice: &'static str,
+        reason: String,
+    },
+    #[error(
+        "no policy was specified, no snapshots will be removed: give --keep-* rules or snapshot ids"
+    )]
+    NoForgetPolicy,
+}
+
+fn role_text(role: &Option<String>) -> String {
+    role.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+}
+
+/// The node's reason, when the role alone does not say it.
+fn unless_role(role: &Option<String>, reason: &str) -> String {
+    if role.is_some() {
+        String::new()
+    } else {
+        detail(reason)
+    }
 }
 
 fn detail(reason: &str) -> String {

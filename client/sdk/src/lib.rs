@@ -32,6 +32,7 @@ pub mod backup;
 pub mod chunker;
 pub mod connection;
 pub mod error;
+pub mod lifecycle;
 pub mod pack;
 pub mod path_guard;
 pub mod repo;
@@ -41,4 +42,8 @@ pub mod tree;
 
 pub use connection::{Cluster, ClusterOptions, Credentials};
 pub use error::ClientError;
+pub use lifecycle::{
+    ForgetDecision, ForgetOptions, ForgetReport, KeepRules, LockInfo, LockMode, LockUntil,
+    PolicySpec, PruneReport, Stats,
+};
 pub use repo::{CatalogWarning, KeySlot, Repository, Snapshot, SnapshotList};

@@ -41,6 +41,10 @@ pub enum BlobKind {
     Data,
     /// An encoded [`crate::tree::Tree`].
     Tree,
+    /// A reference-list segment ([`cairn_proto::refs`]): stored UNSEALED,
+    /// its bytes as-is, so nodes can read which blobs a snapshot uses
+    /// without the tenant's key. Never opened with [`MasterKey::decode_blob`].
+    Refs,
 }
 
 impl BlobKind {
@@ -48,13 +52,22 @@ impl BlobKind {
         match self {
             BlobKind::Data => 0,
             BlobKind::Tree => 1,
+            BlobKind::Refs => 2,
         }
+    }
+
+    /// Whether blobs of this kind are sealed with the tenant's key (data and
+    /// trees) or stored in the clear (reference segments, checked with
+    /// [`cairn_proto::refs::decode`] instead).
+    pub fn is_sealed(self) -> bool {
+        !matches!(self, BlobKind::Refs)
     }
 
     fn from_byte(byte: u8) -> Option<Self> {
         match byte {
             0 => Some(BlobKind::Data),
             1 => Some(BlobKind::Tree),
+            2 => Some(BlobKind::Refs),
             _ => None,
         }
     }
@@ -65,7 +78,7 @@ impl BlobKind {
 pub struct PackedBlob {
     /// The blob's id (keyed hash of its plaintext).
     pub id: BlobId,
-    /// Data or tree.
+    /// Data, tree or reference segment (see [`BlobKind::is_sealed`]).
     pub kind: BlobKind,
     /// Byte offset of the encoded blob from the start of the pack.
     pub offset: u64,
@@ -159,6 +172,18 @@ pub enum PackError {
         /// Byte found.
         kind: u8,
     },
+    /// A blob read as a reference segment is of another kind.
+    #[error("blob of kind {kind:?} is not a reference segment")]
+    NotRefs {
+        /// Kind found.
+        kind: BlobKind,
+    },
+    /// A reference segment's bytes do not check out.
+    #[error("reference segment: {reason}")]
+    Refs {
+        /// What is wrong.
+        reason: String,
+    },
     /// Entries do not tile the blob region exactly.
     #[error(
         "pack entry {index} at offset {offset} should start at {expected}; entries must be contiguous and end where the trailer starts"
@@ -174,6 +199,9 @@ pub enum PackError {
 }
 
 /// Collects encoded blobs into a pack.
+///
+/// One builder holds one kind of blob in practice (the backup keeps data,
+/// trees and reference segments apart), but the layout allows any mix.
 #[derive(Debug)]
 pub struct PackBuilder {
     target_bytes: usize,
@@ -281,7 +309,10 @@ fn trailer_aad(blob_region_len: u64) -> [u8; 16] {
 /// Rebuild a pack's blob list from its bytes and the tenant's key.
 ///
 /// Checks the magic, the version, that the trailer authenticates, and that
-/// the listed blobs tile the blob region exactly.
+/// the listed blobs tile the blob region exactly. A caller opening the
+/// blobs must skip those whose kind is not [sealed](BlobKind::is_sealed):
+/// a reference segment is plaintext and is read with
+/// [`read_refs_blob`].
 pub fn read_pack_index(key: &MasterKey, data: &[u8]) -> Result<Vec<PackedBlob>, PackError> {
     if data.len() < TAIL_LEN {
         return Err(PackError::Truncated { len: data.len() });
@@ -357,6 +388,25 @@ pub fn read_pack_index(key: &MasterKey, data: &[u8]) -> Result<Vec<PackedBlob>, 
         });
     }
     Ok(blobs)
+}
+
+/// The ids a reference-segment blob of a pack lists, checked against its
+/// id; refuses a blob of any other kind rather than misreading it.
+pub fn read_refs_blob(pack: &[u8], blob: &PackedBlob) -> Result<Vec<BlobId>, PackError> {
+    if blob.kind != BlobKind::Refs {
+        return Err(PackError::NotRefs { kind: blob.kind });
+    }
+    let bytes = usize::try_from(blob.offset)
+        .ok()
+        .zip(usize::try_from(blob.length).ok())
+        .and_then(|(start, len)| pack.get(start..start.checked_add(len)?))
+        .ok_or_else(|| PackError::Refs {
+            reason: format!(
+                "blob at {}+{} lies outside the pack",
+                blob.offset, blob.length
+            ),
+        })?;
+    cairn_proto::refs::decode(&blob.id, bytes).map_err(|e| PackError::Refs { reason: e.0 })
 }
 
 /// Copy `N` bytes at `at`; callers have checked the bounds.
@@ -475,6 +525,50 @@ mod tests {
             length: 10,
         };
         assert!(pack.blob_bytes(&far).is_none());
+    }
+
+    #[test]
+    fn a_refs_blob_round_trips_and_is_never_opened_as_sealed() {
+        let key = MasterKey::generate();
+        let ids: Vec<BlobId> = (0u8..5).map(|i| key.blob_id(&[i])).collect();
+        let segment = &cairn_proto::refs::build(ids.clone())[0];
+        let mut builder = PackBuilder::new(PACK_TARGET_BYTES);
+        builder.add(segment.id, BlobKind::Refs, &segment.bytes);
+        let plain = b"a chunk";
+        let data_id = key.blob_id(plain);
+        builder.add(
+            data_id,
+            BlobKind::Data,
+            &key.encode_blob(&data_id, plain).expect("encodes"),
+        );
+        let pack = builder.finish(&key).expect("finishes");
+        let index = read_pack_index(&key, &pack.data).expect("indexes");
+        assert_eq!(index.len(), 2);
+        assert_eq!(index[0].kind, BlobKind::Refs);
+        assert!(!index[0].kind.is_sealed());
+        assert!(index[1].kind.is_sealed() && BlobKind::Tree.is_sealed());
+        // Stored as-is: the pack holds the segment's own bytes.
+        assert_eq!(pack.blob_bytes(&index[0]), Some(&segment.bytes[..]));
+        let mut sorted = ids;
+        sorted.sort_unstable();
+        assert_eq!(
+            read_refs_blob(&pack.data, &index[0]).expect("decodes"),
+            sorted
+        );
+        // Read as a sealed blob it does not open; a sealed blob is not a segment.
+        assert!(key.decode_blob(&index[0].id, &segment.bytes).is_err());
+        assert!(matches!(
+            read_refs_blob(&pack.data, &index[1]),
+            Err(PackError::NotRefs { .. })
+        ));
+        let far = PackedBlob {
+            offset: u64::MAX - 1,
+            ..index[0]
+        };
+        assert!(matches!(
+            read_refs_blob(&pack.data, &far),
+            Err(PackError::Refs { .. })
+        ));
     }
 
     #[test]

@@ -27,6 +27,17 @@ const IDS_PER_CALL: usize = 10_000;
 /// Bytes fetched per ReadPack request.
 const READ_BYTES_PER_CALL: u64 = 32 * 1024 * 1024;
 
+/// A backup run's upload session: 16 random bytes in every pack upload and
+/// the commit.
+pub type SessionId = [u8; 16];
+
+/// A fresh random session id.
+pub fn new_session() -> SessionId {
+    let mut id = [0u8; 16];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut id[..]);
+    id
+}
+
 /// What the client seals into a snapshot record: names the nodes must not see.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SnapshotInfo {
@@ -52,6 +63,14 @@ pub struct Snapshot {
     pub bytes: u64,
     pub bytes_added: u64,
     pub tags: Vec<String>,
+    /// Cluster time the record was committed (Unix ms), which retention and
+    /// lock expiry use; 0 from a node that predates it. Set by the cluster,
+    /// so it is not covered by the record's seal (`time_unix_ms`, the
+    /// client's clock, is).
+    pub committed_unix_ms: i64,
+    /// The retention lock holding the snapshot, if any (expired or not:
+    /// compare `until_unix_ms` with cluster time).
+    pub lock: Option<crate::lifecycle::LockInfo>,
 }
 
 fn hex_id<S: serde::Serializer>(id: &BlobId, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -74,6 +93,21 @@ impl Snapshot {
     }
     pub fn short_id(&self) -> String {
         hex::encode(&self.id[..4])
+    }
+
+    /// The time to show and reason with: the cluster's commit time when the
+    /// node gave one, else the client's clock at backup.
+    pub fn time_ms(&self) -> i64 {
+        if self.committed_unix_ms > 0 {
+            self.committed_unix_ms
+        } else {
+            self.time_unix_ms
+        }
+    }
+
+    /// [`Snapshot::time_ms`] as a `SystemTime`.
+    pub fn time(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.time_ms().max(0) as u64)
     }
 }
 
@@ -312,6 +346,7 @@ fn open_snapshot(
         tags: &record.tags,
     };
     let (info_bytes, auth) = key.open_snapshot_info(&fields, &record.sealed_info)?;
+    let lock = record.lock.map(crate::lifecycle::LockInfo::from_wire);
     let info: SnapshotInfo = serde_json::from_slice(&info_bytes)
         .map_err(|e| ClientError::integrity(format!("snapshot info: {e}")))?;
     let snapshot = Snapshot {
@@ -326,6 +361,8 @@ fn open_snapshot(
         bytes: record.bytes,
         bytes_added: record.bytes_added,
         tags: record.tags,
+        committed_unix_ms: record.committed_unix_ms,
+        lock,
     };
     Ok((snapshot, auth))
 }
@@ -606,20 +643,50 @@ impl Repository {
         }
     }
 
-    /// Commits a snapshot record: after this, it exists.
-    pub(crate) async fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
+    /// Commits a snapshot record with its reference list: after this, it
+    /// exists. `gc_epoch` is [`Repository::gc_epoch`] read when the backup
+    /// started; `session` closes the backup's upload session. An `Aborted`
+    /// answer (blobs it references were collected meanwhile) is returned as
+    /// is, not failed over: the caller reruns the backup.
+    pub(crate) async fn commit_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        refs: &[pb::RefSegment],
+        gc_epoch: u64,
+        session: &SessionId,
+    ) -> Result<()> {
         let record = seal_snapshot(&self.key, &self.tenant, snapshot)?;
         self.cluster
-            .call("commit snapshot", |mut c| {
+            .call_answering("commit snapshot", &[tonic::Code::Aborted], |mut c| {
                 let request = pb::CommitSnapshotRequest {
                     tenant: self.tenant.clone(),
                     snapshot: Some(record.clone()),
-                    ..Default::default()
+                    refs: refs.to_vec(),
+                    gc_epoch,
+                    session: session.to_vec(),
                 };
                 async move { c.commit_snapshot(request).await }
             })
             .await?;
         Ok(())
+    }
+
+    /// The cluster's garbage-collection epoch now (a FindBlobs call with no
+    /// ids). A backup reads it before its first index look-up and sends it
+    /// with its commit, so the cluster can tell whether anything it found in
+    /// the index may have been swept since.
+    pub async fn gc_epoch(&self) -> Result<u64> {
+        let reply = self
+            .cluster
+            .call("find blobs", |mut c| {
+                let request = pb::FindBlobsRequest {
+                    tenant: self.tenant.clone(),
+                    ids: Vec::new(),
+                };
+                async move { c.find_blobs(request).await }
+            })
+            .await?;
+        Ok(reply.gc_epoch)
     }
 
     /// Which of `ids` the index already holds.
@@ -646,8 +713,14 @@ impl Repository {
         Ok(present)
     }
 
-    /// Uploads one pack; idempotent (a pack is named by its content).
-    pub(crate) async fn put_pack(&self, pack: Pack) -> Result<pb::PutPackReply> {
+    /// Uploads one pack in a backup session; idempotent (a pack is named by
+    /// its content). The session keeps the pack's unreferenced blobs from
+    /// garbage collection until the backup commits or goes quiet.
+    pub(crate) async fn put_pack(
+        &self,
+        pack: Pack,
+        session: &SessionId,
+    ) -> Result<pb::PutPackReply> {
         let blobs: Vec<pb::BlobEntry> = pack
             .blobs
             .iter()
@@ -665,7 +738,7 @@ impl Repository {
                     pack_id: pack.id.to_vec(),
                     data: data.clone(),
                     blobs: blobs.clone(),
-                    session: Vec::new(),
+                    session: session.to_vec(),
                 };
                 async move { c.put_pack(request).await }
             })
@@ -950,6 +1023,8 @@ mod tests {
             bytes: 300,
             bytes_added: 30,
             tags: vec!["daily".into()],
+            committed_unix_ms: 0,
+            lock: None,
         }
     }
 
