@@ -147,6 +147,12 @@ pub async fn run(
         workers_stopped.clone(),
     )));
     workers.push(tokio::spawn(repairer.run(workers_stopped.clone())));
+    // Garbage collection: the leader collects every tenant each interval.
+    workers.push(tokio::spawn(crate::gc::run(
+        gateway.clone(),
+        config.lifecycle.gc_interval,
+        workers_stopped.clone(),
+    )));
     if let Some(key) = bootstrap_key {
         workers.push(tokio::spawn(crate::auth::token::bootstrap(
             meta.clone(),

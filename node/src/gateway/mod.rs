@@ -108,6 +108,9 @@ pub enum GatewayError {
     },
     #[error("repair: {0}")]
     Repair(#[from] RepairError),
+    /// The leader's own answer to a call forwarded to it, passed on as is.
+    #[error("{}", .0.message())]
+    Forwarded(Status),
     #[error("the Raft leader (node {leader}) did not take the request: {message}; retry")]
     Leader { leader: NodeId, message: String },
     #[error("cannot place pack: {0}")]
@@ -168,6 +171,7 @@ impl GatewayError {
                 Status::unavailable(message)
             }
             GatewayError::Unrecoverable { .. } => Status::data_loss(message),
+            GatewayError::Forwarded(status) => status,
         }
     }
 }

@@ -589,7 +589,7 @@ mod tests {
                 (id(13), at(3, 30)),
             ],
         };
-        assert_eq!(run_at(&v, 777, repack.clone()), CommandResult::Ok);
+        assert_eq!(run_at(&v, 7_777, repack.clone()), CommandResult::Ok);
         assert_eq!(v.locate_blob("t", &id(10)).expect("read"), Some(at(3, 0)));
         assert_eq!(v.locate_blob("t", &id(12)).expect("read"), Some(at(3, 20)));
         assert_eq!(
@@ -604,7 +604,7 @@ mod tests {
         assert_eq!(
             v.pack_life(&id(3)).expect("read"),
             Some(PackLife {
-                created_unix_ms: 777,
+                created_unix_ms: 7_777,
                 session: None
             })
         );
