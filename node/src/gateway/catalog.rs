@@ -171,13 +171,14 @@ impl Gateway {
         req: pb::FindBlobsRequest,
     ) -> Result<pb::FindBlobsReply, GatewayError> {
         check_name(&req.tenant, "tenant")?;
-        // A stale "absent" only costs a re-upload; "present" is never
-        // stale because index entries are added only for durable packs.
-        let present = self.meta.find_blobs(&req.tenant, &ids(&req.ids)?)?;
-        Ok(pb::FindBlobsReply {
-            present,
-            gc_epoch: self.meta.view()?.gc_epoch()?,
-        })
+        // A stale "absent" only costs a re-upload. A "present" may be
+        // swept later by garbage collection: the epoch read here, *before*
+        // the look-up, makes the commit re-check it (a sweep landing
+        // between the two reads then shows as a changed epoch).
+        let view = self.meta.view()?;
+        let gc_epoch = view.gc_epoch()?;
+        let present = view.find_blobs(&req.tenant, &ids(&req.ids)?)?;
+        Ok(pb::FindBlobsReply { present, gc_epoch })
     }
 
     pub(super) async fn locate_blobs_inner(
@@ -486,4 +487,68 @@ fn snapshot_from_wire(s: pb::SnapshotRecord) -> Result<SnapshotRecord, GatewayEr
         bytes_added: s.bytes_added,
         tags: s.tags,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment(blob: u8, first: u8, last: u8, count: u32) -> pb::RefSegment {
+        pb::RefSegment {
+            blob: vec![blob; 32],
+            first: vec![first; 32],
+            last: vec![last; 32],
+            count,
+        }
+    }
+
+    #[test]
+    fn reference_lists_are_checked_for_shape_and_order() {
+        let good = vec![
+            segment(1, 1, 5, 3),
+            segment(2, 6, 6, 1),
+            segment(3, 9, 200, 100),
+        ];
+        assert_eq!(refs_from_wire(&good).expect("valid").len(), 3);
+        assert!(refs_from_wire(&[]).expect("old clients").is_empty());
+        let refused = [
+            vec![segment(1, 1, 5, 0)],
+            vec![segment(
+                1,
+                1,
+                5,
+                cairn_proto::refs::SEGMENT_IDS_MAX as u32 + 1,
+            )],
+            vec![segment(1, 5, 1, 3)],
+            vec![segment(1, 5, 5, 3)],
+            vec![segment(1, 1, 5, 1)],
+            vec![segment(1, 1, 5, 3), segment(2, 5, 9, 3)],
+            vec![segment(1, 6, 9, 3), segment(2, 1, 5, 3)],
+            vec![pb::RefSegment {
+                blob: vec![1; 31],
+                ..segment(1, 1, 5, 3)
+            }],
+        ];
+        for refs in refused {
+            assert!(refs_from_wire(&refs).is_err(), "{refs:?}");
+        }
+        let too_many: Vec<pb::RefSegment> = (0..=SEGMENTS_MAX as u32)
+            .map(|i| {
+                let mut s = segment(1, 0, 0, 1);
+                s.first[..4].copy_from_slice(&i.to_be_bytes());
+                s.last = s.first.clone();
+                s
+            })
+            .collect();
+        assert!(refs_from_wire(&too_many).is_err());
+        assert!(refs_from_wire(&too_many[..SEGMENTS_MAX]).is_ok());
+    }
+
+    #[test]
+    fn sessions_are_empty_or_sixteen_bytes() {
+        assert_eq!(session_from_wire(&[]).expect("none"), None);
+        assert_eq!(session_from_wire(&[3; 16]).expect("one"), Some([3; 16]));
+        assert!(session_from_wire(&[3; 15]).is_err());
+        assert!(session_from_wire(&[3; 32]).is_err());
+    }
 }
