@@ -323,5 +323,31 @@ async fn an_open_session_keeps_its_packs_for_the_grace_period() {
     assert_eq!((report.blobs_removed, report.packs_deleted), (0, 0));
     assert_eq!(shard_files(&cluster, &pack_d).len(), 3);
     assert_eq!(find(&mut c, &[d1]).await.0, vec![true]);
+
+    // A tenant with a snapshot committed without references (an older
+    // client) is left alone, and a run over every tenant says why.
+    let old_tree = blob_id("old tree");
+    let (mut req, _) = pack(&[(old_tree, &random(500))], &[]);
+    req.tenant = "old".into();
+    put(&mut c, req).await;
+    let mut old_commit = commit(5, old_tree, Vec::new(), 0, &[]);
+    old_commit.tenant = "old".into();
+    c.commit_snapshot(old_commit)
+        .await
+        .expect("a commit without references");
+    let report = c
+        .prune(pb::PruneRequest {
+            tenant: String::new(),
+            dry_run: false,
+        })
+        .await
+        .expect("prune every tenant")
+        .into_inner();
+    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert!(
+        report.skipped[0].starts_with("tenant old: 1 snapshot(s) without a reference list"),
+        "{report:?}"
+    );
+    assert_eq!((report.packs_in_grace, report.blobs_removed), (1, 0));
     cluster.shutdown().await.expect("shutdown");
 }
