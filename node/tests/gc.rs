@@ -298,6 +298,27 @@ async fn prune_deletes_dead_packs_repacks_half_dead_ones_and_refuses_a_stale_com
         .into_inner();
     assert_eq!(stats.snapshots, 2);
     assert_eq!(stats.datasets, vec!["d".to_string()]);
+    // The whole index: a1, a2, b1 and four segments (12 bytes + 32 per id).
+    assert_eq!(
+        (stats.blobs, stats.stored_bytes),
+        (7, 5000 + 108 + 76 + 108 + 76)
+    );
+    assert_eq!(stats.packs, 6, "A, repacked B and four segment packs");
+    // 2+1: every pack is stored as three shards of half its length.
+    assert!(stats.raw_bytes >= stats.pack_bytes * 3 / 2, "{stats:?}");
+    let of_dataset = c
+        .stats(pb::StatsRequest {
+            tenant: TENANT.into(),
+            dataset: "d".into(),
+        })
+        .await
+        .expect("stats of a dataset")
+        .into_inner();
+    // What snapshots 1 and 4 reference: a1, a2, b1 and their own segments.
+    assert_eq!(
+        (of_dataset.blobs, of_dataset.stored_bytes),
+        (5, 5000 + 108 + 76)
+    );
     cluster.shutdown().await.expect("shutdown");
 }
 

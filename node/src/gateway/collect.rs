@@ -58,10 +58,12 @@ impl Gateway {
 
     /// Space accounting of a tenant, or of one dataset's snapshots.
     ///
-    /// `blobs` and `stored_bytes` are always tenant-wide (the index is per
-    /// tenant, and blobs are shared between datasets by deduplication);
-    /// `snapshots`, `logical_bytes` and `datasets` follow the dataset
-    /// filter. Packs and their bytes count live and garbage alike.
+    /// Without a dataset, `blobs` and `stored_bytes` count the tenant's
+    /// whole index. With one, they count the distinct blobs its snapshots
+    /// reference (a mark of their reference lists; blobs shared with other
+    /// datasets count in each) — or the whole index again if one of its
+    /// snapshots has no reference list (an older client). Packs and their
+    /// bytes are always the tenant's, live and garbage alike.
     pub(super) async fn stats_inner(
         &self,
         req: pb::StatsRequest,
@@ -75,25 +77,36 @@ impl Gateway {
         let mut reply = pb::StatsReply::default();
         let dataset = (!req.dataset.is_empty()).then_some(req.dataset.as_str());
         let mut datasets = BTreeSet::new();
+        let mut lives = Vec::new();
+        let mut all_have_refs = true;
         for snapshot in view.snapshots(&req.tenant, dataset)? {
             reply.snapshots += 1;
             reply.logical_bytes = reply.logical_bytes.saturating_add(snapshot.bytes);
+            match view.snapshot_life(&req.tenant, &snapshot.id)? {
+                Some(life) => lives.push((snapshot.root_tree, life)),
+                None => all_have_refs = false,
+            }
             datasets.insert(snapshot.dataset);
         }
         reply.datasets = datasets.into_iter().collect();
-        // The index, streamed page by page.
-        let mut start: Id32 = [0; 32];
-        loop {
-            let page = view.blob_page(&req.tenant, &start, None, PAGE)?;
-            let full = page.len() == PAGE;
-            let next = page.last().and_then(|(id, _)| crate::gc::mark::next_id(id));
-            for (_, location) in &page {
-                reply.blobs += 1;
-                reply.stored_bytes += u64::from(location.length);
-            }
-            match next {
-                Some(next) if full => start = next,
-                _ => break,
+        if dataset.is_some() && all_have_refs {
+            (reply.blobs, reply.stored_bytes) =
+                crate::gc::referenced(self, &req.tenant, &lives).await?;
+        } else {
+            // The whole index, streamed page by page.
+            let mut start: Id32 = [0; 32];
+            loop {
+                let page = view.blob_page(&req.tenant, &start, None, PAGE)?;
+                let full = page.len() == PAGE;
+                let next = page.last().and_then(|(id, _)| crate::gc::mark::next_id(id));
+                for (_, location) in &page {
+                    reply.blobs += 1;
+                    reply.stored_bytes += u64::from(location.length);
+                }
+                match next {
+                    Some(next) if full => start = next,
+                    _ => break,
+                }
             }
         }
         let mut after: Option<Id32> = None;

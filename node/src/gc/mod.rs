@@ -219,8 +219,8 @@ fn protected(
     })
 }
 
-/// What the tenant's snapshots reference: their segments (sorted by first
-/// id), the segment blobs and root trees themselves.
+/// What the tenant's snapshots reference: their segments, the segment
+/// blobs and root trees themselves.
 #[derive(Default)]
 struct Marks {
     segments: Vec<RefSegment>,
@@ -232,7 +232,6 @@ impl Marks {
         self.segments.extend(life.refs.iter().copied());
         self.always_live.extend(life.refs.iter().map(|r| r.blob));
         self.always_live.extend(root);
-        self.segments.sort_by_key(|s| s.first);
     }
 }
 
@@ -485,6 +484,44 @@ async fn mark_new_snapshots(
         }
     }
     mark_partition(gw, tenant, &new_segments, partition).await
+}
+
+/// Distinct blobs that `snapshots` (root tree and life of each) reference,
+/// and their stored bytes: a mark of their reference lists, partition by
+/// partition, so memory stays bounded as in a collection.
+pub async fn referenced(
+    gw: &Gateway,
+    tenant: &str,
+    snapshots: &[(Id32, SnapshotLife)],
+) -> Result<(u64, u64), GatewayError> {
+    let mut marks = Marks::default();
+    for (root, life) in snapshots {
+        marks.add(Some(*root), life);
+    }
+    let view = gw.meta().view()?;
+    let (mut blobs, mut bytes) = (0u64, 0u64);
+    for partition in partitions(partition_count(view.stats()?.blobs)) {
+        let mut live = mark_partition(gw, tenant, &marks.segments, &partition)
+            .await
+            .map_err(|stop| match stop {
+                Stop::Skip(what) => GatewayError::Precondition { what },
+                Stop::Failed(error) => error,
+            })?;
+        live.extend(
+            marks
+                .always_live
+                .iter()
+                .filter(|id| partition.contains(id))
+                .copied(),
+        );
+        for id in live {
+            if let Some(location) = view.locate_blob(tenant, &id)? {
+                blobs += 1;
+                bytes += u64::from(location.length);
+            }
+        }
+    }
+    Ok((blobs, bytes))
 }
 
 /// Deletes every shard of `pack` (after its record is gone); failures are
