@@ -318,7 +318,13 @@ async fn collect_tenant(
                     continue;
                 }
                 match acc {
-                    // A pack stored after the pack scan: a running backup's.
+                    // A pack record and its entries are added in one batch:
+                    // an entry whose pack has no record is dangling (left
+                    // by a crash), one whose pack appeared after the pack
+                    // scan belongs to a running backup and stays.
+                    None if view.pack(&location.pack_id)?.is_none() => {
+                        candidates.push((id, location))
+                    }
                     None => {}
                     Some(acc) if acc.protected => acc.kept_blobs += 1,
                     Some(_) => candidates.push((id, location)),
