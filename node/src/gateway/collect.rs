@@ -31,8 +31,8 @@ impl Gateway {
         }
         if !self.is_leader() {
             let (leader, mut client) = self.leader_client()?;
-            // A collection pages through the whole index: allow it time.
-            let timeout = self.config.rpc_timeout * 120;
+            // A collection pages through the whole index: the long deadline.
+            let timeout = crate::limits::LONG_CALL_TIMEOUT;
             return client
                 .prune(to_leader(leader, req, timeout, credential))
                 .await

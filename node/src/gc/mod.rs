@@ -12,6 +12,12 @@
 //! committing meanwhile is the state machine's (see `meta/gc_state.rs`):
 //! a sweep carries the catalog sequence it marked at and is refused after
 //! any commit; the collector then marks the new snapshots and tries again.
+//!
+//! A run may stop anywhere (a caller's deadline, a leader change, a
+//! crash) and leave nothing unsafe: a pack whose entries were swept but
+//! which was not dropped yet has no entry left and is dropped by the next
+//! run; shards written for a repack that was not committed, or of a pack
+//! dropped but not yet deleted, are orphans the scrub removes.
 
 pub mod mark;
 pub mod repack;
@@ -536,6 +542,12 @@ async fn delete_shards(gw: &Gateway, pack: &PackRecord) -> u64 {
     let members = gw.member_views();
     let mut deleted = 0;
     for placement in &pack.shards {
+        // The same bytes uploaded again since (same id) own these files
+        // now; when in doubt, the orphan sweep decides later.
+        if !matches!(gw.meta().pack(&pack.id), Ok(None)) {
+            debug!(pack_id = %hex::encode(pack.id), "pack stored again meanwhile (or unknown); its shards stay");
+            break;
+        }
         match gw
             .shard_io()
             .delete(placement.node, &pack.id, placement.index, &members)
@@ -622,9 +634,12 @@ async fn repack_pack(
             report.shards_deleted += delete_shards(gw, old).await;
         }
         other => {
-            // Nothing applied: the new shards are unnamed; remove them.
-            debug!(pack_id = %hex::encode(old.id), result = other.audit_text(), "repack not applied");
-            delete_shards(gw, &record).await;
+            // Not applied (the old pack went meanwhile). The new shards are
+            // left to the scrub's orphan sweep rather than deleted here: a
+            // pack of the same bytes (same id) may have been committed by
+            // another collector, and its shards must not be touched.
+            debug!(pack_id = %hex::encode(old.id), new_pack = %hex::encode(record.id),
+                result = other.audit_text(), "repack not applied; its shards are left to the orphan sweep");
         }
     }
     Ok(())
