@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cairn_node::local_cluster::LocalCluster;
+use cairn_node::local_cluster::{LocalCluster, wait_until};
 use cairn_proto::transport::lazy_channel;
 use cairn_proto::v1 as pb;
 use pb::cairn_client::CairnClient;
@@ -370,5 +370,56 @@ async fn an_open_session_keeps_its_packs_for_the_grace_period() {
         "{report:?}"
     );
     assert_eq!((report.packs_in_grace, report.blobs_removed), (1, 0));
+    cluster.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_collects_on_its_own_and_audits_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = LocalCluster::start_tuned(&dir.path().join("cluster"), &[1, 1, 1], "2+1", |f| {
+        f.lifecycle.gc_grace = Duration::ZERO;
+        f.lifecycle.gc_interval = Duration::from_secs(1);
+    })
+    .await
+    .expect("cluster");
+    cluster
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready");
+    let mut c = client(&cluster.addrs()[0]);
+    // A killed backup's pack: never committed, its session long inactive.
+    let lost = blob_id("lost");
+    let (req, pack_lost) = pack(&[(lost, &random(1000))], &[4u8; 16]);
+    put(&mut c, req).await;
+    let running = &cluster;
+    wait_until(
+        "the periodic collection deletes the uncommitted pack",
+        Duration::from_secs(30),
+        || async move {
+            let left = shard_files(running, &pack_lost).len();
+            if left == 0 {
+                Ok(())
+            } else {
+                Err(format!("{left} shard file(s) left"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(find(&mut c, &[lost]).await.0, vec![false]);
+    let entries = c
+        .audit_log(pb::AuditLogRequest {
+            after_seq: 0,
+            limit: 1000,
+        })
+        .await
+        .expect("audit log")
+        .into_inner()
+        .entries;
+    let run = entries
+        .iter()
+        .find(|e| e.action == "Prune" && e.result.contains("1 packs deleted"))
+        .expect("the run is in the audit log");
+    assert_eq!(run.actor_kind, "node");
+    assert!(run.node_id > 0);
     cluster.shutdown().await.expect("shutdown");
 }
