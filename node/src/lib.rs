@@ -10,6 +10,7 @@ pub mod ca;
 pub mod config;
 pub mod erasure;
 pub mod gateway;
+pub mod gc;
 pub mod kv;
 pub mod lifecycle;
 pub mod limits;

@@ -138,21 +138,28 @@ pub async fn run(
     let (stop_workers, workers_stopped) = watch::channel(false);
     let probe_interval =
         (config.down_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
-    let mut workers = Vec::new();
-    workers.push(tokio::spawn(run_prober(
-        liveness.clone(),
-        peers,
-        meta.clone(),
-        probe_interval,
-        workers_stopped.clone(),
-    )));
-    workers.push(tokio::spawn(repairer.run(workers_stopped.clone())));
-    // Dataset policies, applied by the leader only.
-    workers.push(tokio::spawn(crate::lifecycle::policy::run(
-        meta.clone(),
-        config.lifecycle.policy_interval,
-        workers_stopped.clone(),
-    )));
+    let mut workers = vec![
+        tokio::spawn(run_prober(
+            liveness.clone(),
+            peers,
+            meta.clone(),
+            probe_interval,
+            workers_stopped.clone(),
+        )),
+        tokio::spawn(repairer.run(workers_stopped.clone())),
+        // Dataset policies, applied by the leader only.
+        tokio::spawn(crate::lifecycle::policy::run(
+            meta.clone(),
+            config.lifecycle.policy_interval,
+            workers_stopped.clone(),
+        )),
+        // Garbage collection: the leader collects every tenant each interval.
+        tokio::spawn(crate::gc::run(
+            gateway.clone(),
+            config.lifecycle.gc_interval,
+            workers_stopped.clone(),
+        )),
+    ];
     if let Some(key) = bootstrap_key {
         workers.push(tokio::spawn(crate::auth::token::bootstrap(
             meta.clone(),

@@ -70,7 +70,10 @@ async fn commit(
     let segments = refs::build(ids);
     for chunk in segments.chunks(8) {
         let bodies = chunk.iter().map(|s| (s.id, s.bytes.clone())).collect();
-        client.put_pack(pack(bodies, &session)).await.expect("refs pack");
+        client
+            .put_pack(pack(bodies, &session))
+            .await
+            .expect("refs pack");
     }
     let id = vec![name; 32];
     client
@@ -100,12 +103,9 @@ async fn prune_of_a_million_blobs() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cluster = ProcessCluster::start(dir.path(), &[2, 2, 2], "10m");
     cluster.wait_ready(Duration::from_secs(60)).await;
-    let channel = cairn_proto::transport::lazy_channel(
-        cluster.addr(1),
-        Duration::from_secs(1800),
-        None,
-    )
-    .expect("address");
+    let channel =
+        cairn_proto::transport::lazy_channel(cluster.addr(1), Duration::from_secs(1800), None)
+            .expect("address");
     let mut client = CairnClient::new(channel)
         .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES);

@@ -97,7 +97,10 @@ async fn referenced_blobs(repo: &Repository, snapshot: &str) -> BTreeSet<BlobId>
 /// Encoded bytes of these blobs as the index records them.
 async fn stored_bytes_of(repo: &Repository, ids: &BTreeSet<BlobId>) -> u64 {
     let ids: Vec<BlobId> = ids.iter().copied().collect();
-    let located = repo.locate(&ids).await.expect("every referenced blob is indexed");
+    let located = repo
+        .locate(&ids)
+        .await
+        .expect("every referenced blob is indexed");
     located.values().map(|l| u64::from(l.length)).sum()
 }
 
@@ -151,10 +154,16 @@ async fn forget_keep_last_3_and_prune_leaves_what_the_three_need_and_they_restor
         .filter(|d| d.keep)
         .map(|d| d.id.as_str())
         .collect();
-    assert_eq!(kept, ids[17..].iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        kept,
+        ids[17..].iter().map(String::as_str).collect::<Vec<_>>()
+    );
 
     let pruned = repo.prune(false).await.expect("prune");
-    assert!(pruned.packs_deleted + pruned.packs_repacked > 0, "{pruned:?}");
+    assert!(
+        pruned.packs_deleted + pruned.packs_repacked > 0,
+        "{pruned:?}"
+    );
     assert!(pruned.bytes_freed > 0, "{pruned:?}");
 
     // What the three kept snapshots need: every blob they reference.
@@ -180,7 +189,10 @@ async fn forget_keep_last_3_and_prune_leaves_what_the_three_need_and_they_restor
         after.pack_bytes,
         after.stored_bytes
     );
-    assert!(after.pack_bytes < before.pack_bytes / 2, "{before:?} -> {after:?}");
+    assert!(
+        after.pack_bytes < before.pack_bytes / 2,
+        "{before:?} -> {after:?}"
+    );
 
     for (offset, day) in (18..=20).enumerate() {
         write_day(&source, day);
@@ -203,8 +215,11 @@ async fn prune_in_a_loop_while_four_clients_back_up_never_loses_a_retained_snaps
     let shared = dir.path().join("seed");
     std::fs::create_dir_all(&shared).expect("seed dir");
     for i in 0..6 {
-        std::fs::write(shared.join(format!("shared-{i}.bin")), noise(900 + i, 150_000))
-            .expect("shared file");
+        std::fs::write(
+            shared.join(format!("shared-{i}.bin")),
+            noise(900 + i, 150_000),
+        )
+        .expect("shared file");
     }
     let seed = backup_as(&repo, &shared, "seed", Level::Full)
         .await
@@ -269,9 +284,14 @@ async fn prune_in_a_loop_while_four_clients_back_up_never_loses_a_retained_snaps
                     noise(10_000 + client * 100 + round, 120_000),
                 )
                 .expect("own file");
-                let summary = backup_as(&repo, &source, &format!("client-{client}"), Level::Incremental)
-                    .await
-                    .unwrap_or_else(|e| panic!("client {client} round {round}: {e}"));
+                let summary = backup_as(
+                    &repo,
+                    &source,
+                    &format!("client-{client}"),
+                    Level::Incremental,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("client {client} round {round}: {e}"));
                 last = Some((summary.snapshot_id, round));
             }
             (client, last.expect("four rounds"))
@@ -348,33 +368,49 @@ async fn a_killed_backup_leaves_packs_that_prune_removes_after_the_grace_period_
             backup_paths(repo, &[big], &options, progress).await
         })
     };
-    wait_until("two packs of the doomed backup", Duration::from_secs(60), || {
-        let progress = progress.clone();
-        async move {
-            let packs = progress.packs.load(std::sync::atomic::Ordering::Relaxed);
-            if packs >= 2 {
-                Ok(())
-            } else {
-                Err(format!("{packs} pack(s) acknowledged"))
+    wait_until(
+        "two packs of the doomed backup",
+        Duration::from_secs(60),
+        || {
+            let progress = progress.clone();
+            async move {
+                let packs = progress.packs.load(std::sync::atomic::Ordering::Relaxed);
+                if packs >= 2 {
+                    Ok(())
+                } else {
+                    Err(format!("{packs} pack(s) acknowledged"))
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     task.abort();
     let _ = task.await;
     // An upload the node had already taken in may still land.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let orphaned = repo.stats(None).await.expect("stats");
-    assert!(orphaned.packs > baseline.packs, "{baseline:?} -> {orphaned:?}");
+    assert!(
+        orphaned.packs > baseline.packs,
+        "{baseline:?} -> {orphaned:?}"
+    );
 
-    let early = repo.prune(false).await.expect("prune within the grace period");
+    let early = repo
+        .prune(false)
+        .await
+        .expect("prune within the grace period");
     assert_eq!(early.packs_deleted, 0, "{early:?}");
     assert!(early.packs_in_grace > 0, "{early:?}");
     assert_eq!(repo.stats(None).await.expect("stats").packs, orphaned.packs);
 
     tokio::time::sleep(grace + Duration::from_secs(2)).await;
-    let late = repo.prune(false).await.expect("prune after the grace period");
-    assert!(late.packs_deleted >= orphaned.packs - baseline.packs, "{late:?}");
+    let late = repo
+        .prune(false)
+        .await
+        .expect("prune after the grace period");
+    assert!(
+        late.packs_deleted >= orphaned.packs - baseline.packs,
+        "{late:?}"
+    );
     let after = repo.stats(None).await.expect("stats");
     assert_eq!(after.packs, baseline.packs, "{baseline:?} -> {after:?}");
     must_restore_identical(&repo, "latest", &small, dir.path(), &[]).await;
@@ -412,11 +448,19 @@ async fn locks_compliance_survives_cluster_admin_and_governance_yields_only_to_t
     }
     let (compliance, governance) = (&ids[0], &ids[1]);
     admin
-        .lock(compliance, LockUntil::For(Duration::from_secs(3600)), LockMode::Compliance)
+        .lock(
+            compliance,
+            LockUntil::For(Duration::from_secs(3600)),
+            LockMode::Compliance,
+        )
         .await
         .expect("compliance lock");
     admin
-        .lock(governance, LockUntil::For(Duration::from_secs(3600)), LockMode::Governance)
+        .lock(
+            governance,
+            LockUntil::For(Duration::from_secs(3600)),
+            LockMode::Governance,
+        )
         .await
         .expect("governance lock");
 
@@ -494,8 +538,11 @@ async fn forgotten_and_pruned_files_leave_no_shard_on_any_node() {
         std::fs::write(source.join(format!("other-{i}.bin")), noise(i, 100_000)).expect("file");
     }
     for i in 0..3 {
-        std::fs::write(source.join(format!("user-42-{i}.bin")), noise(4200 + i, 90_000))
-            .expect("canary");
+        std::fs::write(
+            source.join(format!("user-42-{i}.bin")),
+            noise(4200 + i, 90_000),
+        )
+        .expect("canary");
     }
     let first = backup_as(&repo, &source, "users", Level::Full)
         .await
@@ -511,11 +558,17 @@ async fn forgotten_and_pruned_files_leave_no_shard_on_any_node() {
         .expect("backup without them");
     let without_user = referenced_blobs(&repo, &second.snapshot_id).await;
     let only_user: Vec<BlobId> = with_user.difference(&without_user).copied().collect();
-    assert!(only_user.len() >= 3, "the user's files make blobs of their own");
+    assert!(
+        only_user.len() >= 3,
+        "the user's files make blobs of their own"
+    );
     let located = repo.locate(&only_user).await.expect("indexed before");
     let packs: BTreeMap<[u8; 32], ()> = located.values().map(|l| (l.pack_id, ())).collect();
     for pack in packs.keys() {
-        assert!(!shard_files_of(&cluster, pack).is_empty(), "shards on disk before");
+        assert!(
+            !shard_files_of(&cluster, pack).is_empty(),
+            "shards on disk before"
+        );
     }
 
     repo.forget(&ForgetOptions {
@@ -533,7 +586,10 @@ async fn forgotten_and_pruned_files_leave_no_shard_on_any_node() {
     }
     for pack in packs.keys() {
         let left = shard_files_of(&cluster, pack);
-        assert!(left.is_empty(), "shards of a pack that held the user's blobs remain: {left:?}");
+        assert!(
+            left.is_empty(),
+            "shards of a pack that held the user's blobs remain: {left:?}"
+        );
     }
     // Whatever still holds live data was rewritten without the user's blobs.
     let live: HashSet<[u8; 32]> = repo

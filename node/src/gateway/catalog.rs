@@ -8,7 +8,16 @@ use super::{Gateway, GatewayError, check_name, id32, ids, invalid};
 use crate::auth::Caller;
 use crate::auth::audit::actor_of;
 use crate::meta::state::key_slot_id;
-use crate::meta::types::{Command, CommandResult, SnapshotRecord};
+use crate::meta::types::{
+    Command, CommandResult, Id32, RefSegment, SessionId, SnapshotLife, SnapshotRecord,
+};
+
+/// Commits tried when garbage collection keeps moving the epoch.
+const COMMIT_ATTEMPTS_MAX: u32 = 5;
+/// Ids checked against the index at once when verifying references.
+const VERIFY_BATCH: usize = 8192;
+/// Most segments in one reference list (the wire caps the list too).
+const SEGMENTS_MAX: usize = 1024;
 
 /// Largest key slot accepted (a sealed master key with its KDF parameters).
 const KEY_SLOT_BYTES_MAX: usize = 64 * 1024;
@@ -162,13 +171,14 @@ impl Gateway {
         req: pb::FindBlobsRequest,
     ) -> Result<pb::FindBlobsReply, GatewayError> {
         check_name(&req.tenant, "tenant")?;
-        // A stale "absent" only costs a re-upload; "present" is never
-        // stale because index entries are added only for durable packs.
-        let present = self.meta.find_blobs(&req.tenant, &ids(&req.ids)?)?;
-        Ok(pb::FindBlobsReply {
-            present,
-            gc_epoch: self.meta.view()?.gc_epoch()?,
-        })
+        // A stale "absent" only costs a re-upload. A "present" may be
+        // swept later by garbage collection: the epoch read here, *before*
+        // the look-up, makes the commit re-check it (a sweep landing
+        // between the two reads then shows as a changed epoch).
+        let view = self.meta.view()?;
+        let gc_epoch = view.gc_epoch()?;
+        let present = view.find_blobs(&req.tenant, &ids(&req.ids)?)?;
+        Ok(pb::FindBlobsReply { present, gc_epoch })
     }
 
     pub(super) async fn locate_blobs_inner(
@@ -215,6 +225,8 @@ impl Gateway {
             req.snapshot
                 .ok_or_else(|| invalid("snapshot record missing"))?,
         )?;
+        let refs = refs_from_wire(&req.refs)?;
+        let session = session_from_wire(&req.session)?;
         let tree = hex::encode(snapshot.root_tree);
         let target = format!(
             "tenant {}, snapshot {}, dataset {}",
@@ -222,17 +234,134 @@ impl Gateway {
             hex::encode(snapshot.id),
             snapshot.dataset
         );
-        let cmd = Command::CommitSnapshot {
-            tenant: req.tenant,
-            snapshot,
-        };
-        match self
-            .write_audited(caller, "CommitSnapshot", target, cmd)
-            .await?
-        {
-            CommandResult::MissingRootTree => Err(GatewayError::MissingRootTree { tree }),
-            _ => Ok(pb::CommitSnapshotReply {}),
+        if refs.is_empty() {
+            // An older client: no reference list, so garbage collection
+            // leaves this tenant alone from now on.
+            let cmd = Command::CommitSnapshot {
+                tenant: req.tenant,
+                snapshot,
+            };
+            return match self
+                .write_audited(caller, "CommitSnapshot", target, cmd)
+                .await?
+            {
+                CommandResult::MissingRootTree => Err(GatewayError::MissingRootTree { tree }),
+                CommandResult::NeedsReferences => Err(GatewayError::Precondition {
+                    what: "this tenant's snapshots carry reference lists for garbage collection and this client sends none; upgrade the client".into(),
+                }),
+                _ => Ok(pb::CommitSnapshotReply {}),
+            };
         }
+        self.catch_up().await;
+        let view = self.meta.view()?;
+        let segment_ids: Vec<Id32> = refs.iter().map(|r| r.blob).collect();
+        if let Some(i) = view
+            .find_blobs(&req.tenant, &segment_ids)?
+            .iter()
+            .position(|present| !present)
+        {
+            return Err(invalid(format!(
+                "reference segment {} is not stored; upload it before the commit",
+                hex::encode(segment_ids[i])
+            )));
+        }
+        let mut epoch = view.gc_epoch()?;
+        if epoch != req.gc_epoch {
+            self.verify_references(&req.tenant, &refs).await?;
+        }
+        for _attempt in 0..COMMIT_ATTEMPTS_MAX {
+            let cmd = Command::CommitSnapshotWithRefs {
+                tenant: req.tenant.clone(),
+                snapshot: snapshot.clone(),
+                refs: refs.clone(),
+                expect_epoch: epoch,
+                session,
+            };
+            match self
+                .write_audited(caller, "CommitSnapshot", target.clone(), cmd)
+                .await?
+            {
+                CommandResult::MissingRootTree => {
+                    return Err(GatewayError::MissingRootTree { tree });
+                }
+                CommandResult::GcRaced => {
+                    // A sweep applied since the check: look again at what
+                    // is still indexed, under the new epoch.
+                    self.catch_up().await;
+                    epoch = self.meta.view()?.gc_epoch()?;
+                    self.verify_references(&req.tenant, &refs).await?;
+                }
+                _ => return Ok(pb::CommitSnapshotReply {}),
+            }
+        }
+        Err(GatewayError::GcRaced {
+            attempts: COMMIT_ATTEMPTS_MAX,
+        })
+    }
+
+    /// Reads every reference segment through the pack read path, checks it
+    /// against its id, and checks that every id it lists is still indexed.
+    async fn verify_references(
+        &self,
+        tenant: &str,
+        refs: &[RefSegment],
+    ) -> Result<(), GatewayError> {
+        for segment in refs {
+            let ids = self.read_segment(tenant, segment).await?;
+            for batch in ids.chunks(VERIFY_BATCH) {
+                let present = self.meta.find_blobs(tenant, batch)?;
+                let missing = present.iter().filter(|p| !**p).count() as u64;
+                if let Some(i) = present.iter().position(|p| !p) {
+                    return Err(GatewayError::ReferencesCollected {
+                        missing,
+                        example: hex::encode(batch[i]),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The ids one reference segment lists, read and checked
+    /// (`cairn_proto::refs::decode`) against its id and description.
+    pub(crate) async fn read_segment(
+        &self,
+        tenant: &str,
+        segment: &RefSegment,
+    ) -> Result<Vec<Id32>, GatewayError> {
+        let location = self
+            .meta
+            .locate_blob(tenant, &segment.blob)?
+            .ok_or_else(|| GatewayError::ReferencesCollected {
+                missing: 1,
+                example: hex::encode(segment.blob),
+            })?;
+        let bytes = self
+            .read_pack_ranges(
+                &location.pack_id,
+                &[(location.offset, u64::from(location.length))],
+            )
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let ids = cairn_proto::refs::decode(&segment.blob, &bytes).map_err(|e| {
+            GatewayError::Precondition {
+                what: format!("reference segment {}: {e}", hex::encode(segment.blob)),
+            }
+        })?;
+        if ids.len() != segment.count as usize
+            || ids.first() != Some(&segment.first)
+            || ids.last() != Some(&segment.last)
+        {
+            return Err(GatewayError::Precondition {
+                what: format!(
+                    "reference segment {} does not match its description (count, first, last)",
+                    hex::encode(segment.blob)
+                ),
+            });
+        }
+        Ok(ids)
     }
 
     pub(super) async fn list_snapshots_inner(
@@ -242,17 +371,81 @@ impl Gateway {
         check_name(&req.tenant, "tenant")?;
         self.catch_up().await;
         let dataset = (!req.dataset.is_empty()).then_some(req.dataset.as_str());
-        let snapshots = self
-            .meta
-            .snapshots(&req.tenant, dataset)?
-            .into_iter()
-            .map(snapshot_to_wire)
-            .collect();
+        let view = self.meta.view()?;
+        let mut snapshots = Vec::new();
+        let locks = view.locks(&req.tenant)?;
+        for record in view.snapshots(&req.tenant, dataset)? {
+            let life = view.snapshot_life(&req.tenant, &record.id)?;
+            let lock = locks.get(&record.id);
+            snapshots.push(snapshot_to_wire(record, life.as_ref(), lock));
+        }
         Ok(pb::ListSnapshotsReply { snapshots })
     }
 }
 
-pub(super) fn snapshot_to_wire(s: SnapshotRecord) -> pb::SnapshotRecord {
+/// A reference list from the wire: ids of 32 bytes, 1..=SEGMENT_IDS_MAX
+/// ids per segment, first <= last, segments ascending and not overlapping.
+fn refs_from_wire(refs: &[pb::RefSegment]) -> Result<Vec<RefSegment>, GatewayError> {
+    if refs.len() > SEGMENTS_MAX {
+        return Err(invalid(format!(
+            "{} reference segments, at most {SEGMENTS_MAX}",
+            refs.len()
+        )));
+    }
+    let mut out: Vec<RefSegment> = Vec::with_capacity(refs.len());
+    for (i, r) in refs.iter().enumerate() {
+        let segment = RefSegment {
+            blob: id32(&r.blob, "reference segment blob")?,
+            first: id32(&r.first, "reference segment first id")?,
+            last: id32(&r.last, "reference segment last id")?,
+            count: r.count,
+        };
+        if segment.count == 0 || segment.count as usize > cairn_proto::refs::SEGMENT_IDS_MAX {
+            return Err(invalid(format!(
+                "reference segment {i} lists {} ids, expected 1..={}",
+                segment.count,
+                cairn_proto::refs::SEGMENT_IDS_MAX
+            )));
+        }
+        if segment.first > segment.last || (segment.count == 1) != (segment.first == segment.last) {
+            return Err(invalid(format!(
+                "reference segment {i}: first and last id do not match its count"
+            )));
+        }
+        if out.last().is_some_and(|prev| prev.last >= segment.first) {
+            return Err(invalid(format!(
+                "reference segment {i} overlaps or precedes the one before it; segments must be in ascending id order"
+            )));
+        }
+        out.push(segment);
+    }
+    Ok(out)
+}
+
+/// A backup session id from the wire: empty (none) or 16 bytes.
+pub(super) fn session_from_wire(raw: &[u8]) -> Result<Option<SessionId>, GatewayError> {
+    match raw.len() {
+        0 => Ok(None),
+        16 => {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(raw);
+            Ok(Some(id))
+        }
+        n => Err(invalid(format!(
+            "session must be empty or 16 bytes, got {n}"
+        ))),
+    }
+}
+
+/// A catalog record on the wire, with what its life record adds: the
+/// commit time (cluster time; the client's time for snapshots committed
+/// before life records existed) and whether it carries references.
+pub(super) fn snapshot_to_wire(
+    s: SnapshotRecord,
+    life: Option<&SnapshotLife>,
+    lock: Option<&crate::meta::types::RetentionLock>,
+) -> pb::SnapshotRecord {
+    let committed_unix_ms = life.map_or(s.time_unix_ms, |l| l.committed_unix_ms);
     pb::SnapshotRecord {
         id: s.id.to_vec(),
         dataset: s.dataset,
@@ -265,10 +458,9 @@ pub(super) fn snapshot_to_wire(s: SnapshotRecord) -> pb::SnapshotRecord {
         bytes: s.bytes,
         bytes_added: s.bytes_added,
         tags: s.tags,
-        // Filled in by the lifecycle (commit time, lock, reference list).
-        committed_unix_ms: 0,
-        lock: None,
-        has_refs: false,
+        committed_unix_ms,
+        lock: lock.map(super::lifecycle::lock_to_wire),
+        has_refs: life.is_some_and(|l| !l.refs.is_empty()),
     }
 }
 
@@ -300,4 +492,68 @@ fn snapshot_from_wire(s: pb::SnapshotRecord) -> Result<SnapshotRecord, GatewayEr
         bytes_added: s.bytes_added,
         tags: s.tags,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment(blob: u8, first: u8, last: u8, count: u32) -> pb::RefSegment {
+        pb::RefSegment {
+            blob: vec![blob; 32],
+            first: vec![first; 32],
+            last: vec![last; 32],
+            count,
+        }
+    }
+
+    #[test]
+    fn reference_lists_are_checked_for_shape_and_order() {
+        let good = vec![
+            segment(1, 1, 5, 3),
+            segment(2, 6, 6, 1),
+            segment(3, 9, 200, 100),
+        ];
+        assert_eq!(refs_from_wire(&good).expect("valid").len(), 3);
+        assert!(refs_from_wire(&[]).expect("old clients").is_empty());
+        let refused = [
+            vec![segment(1, 1, 5, 0)],
+            vec![segment(
+                1,
+                1,
+                5,
+                cairn_proto::refs::SEGMENT_IDS_MAX as u32 + 1,
+            )],
+            vec![segment(1, 5, 1, 3)],
+            vec![segment(1, 5, 5, 3)],
+            vec![segment(1, 1, 5, 1)],
+            vec![segment(1, 1, 5, 3), segment(2, 5, 9, 3)],
+            vec![segment(1, 6, 9, 3), segment(2, 1, 5, 3)],
+            vec![pb::RefSegment {
+                blob: vec![1; 31],
+                ..segment(1, 1, 5, 3)
+            }],
+        ];
+        for refs in refused {
+            assert!(refs_from_wire(&refs).is_err(), "{refs:?}");
+        }
+        let too_many: Vec<pb::RefSegment> = (0..=SEGMENTS_MAX as u32)
+            .map(|i| {
+                let mut s = segment(1, 0, 0, 1);
+                s.first[..4].copy_from_slice(&i.to_be_bytes());
+                s.last = s.first.clone();
+                s
+            })
+            .collect();
+        assert!(refs_from_wire(&too_many).is_err());
+        assert!(refs_from_wire(&too_many[..SEGMENTS_MAX]).is_ok());
+    }
+
+    #[test]
+    fn sessions_are_empty_or_sixteen_bytes() {
+        assert_eq!(session_from_wire(&[]).expect("none"), None);
+        assert_eq!(session_from_wire(&[3; 16]).expect("one"), Some([3; 16]));
+        assert!(session_from_wire(&[3; 15]).is_err());
+        assert!(session_from_wire(&[3; 32]).is_err());
+    }
 }

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use super::{Gateway, GatewayError, id32, invalid};
 use crate::erasure::encode_pack;
-use crate::meta::types::{BlobLocation, Command, NodeId, PackRecord, ShardPlacement};
+use crate::meta::types::{BlobLocation, Command, Id32, NodeId, PackRecord, ShardPlacement};
 use crate::placement::{Candidate, ack_allowed, complete, fully_protected};
 
 /// Rounds of re-placement for shards whose node failed.
@@ -63,6 +63,7 @@ impl Gateway {
                 },
             ));
         }
+        let session = super::catalog::session_from_wire(&req.session)?;
         if self.meta.pack(&pack_id)?.is_some() {
             return Ok(pb::PutPackReply {
                 shards_written: 0,
@@ -71,16 +72,55 @@ impl Gateway {
             });
         }
 
+        let record = self.store_pack(&req.tenant, pack_id, req.data).await?;
+        let degraded = record.needs_rebalance;
+        let shards_written = record.shards.len() as u32;
+        // Leader-stamped: the pack's life records its creation in cluster time.
+        self.meta
+            .write(Command::Timed {
+                at: 0,
+                cmd: Box::new(Command::AddPackInSession {
+                    pack: record,
+                    blobs,
+                    session,
+                }),
+            })
+            .await?;
+        debug!(pack_id = %hex::encode(pack_id), shards = shards_written, degraded, "pack stored");
+        Ok(pb::PutPackReply {
+            shards_written,
+            degraded,
+            existed: false,
+        })
+    }
+
+    /// Encodes `data` (whose blake3 is `pack_id`), places its shards and
+    /// writes them in parallel, re-placing around failed nodes; returns the
+    /// record to commit once at least k+1 shards are durable. Nothing is
+    /// committed here: client uploads and repacking commit it their own
+    /// way. On failure the shards written are deleted again.
+    pub(crate) async fn store_pack(
+        &self,
+        tenant: &str,
+        pack_id: Id32,
+        data: prost::bytes::Bytes,
+    ) -> Result<PackRecord, GatewayError> {
         let _permit = self
             .pack_permits
             .acquire()
             .await
-            .expect("the pack semaphore is never closed");
+            .map_err(|_| GatewayError::Busy {
+                what: "the node is shutting down".into(),
+            })?;
         let code = self.config.code;
-        let data = req.data;
         let shards = tokio::task::spawn_blocking(move || encode_pack(code, pack_id, &data))
             .await
-            .expect("erasure encoding does not panic");
+            .map_err(|e| GatewayError::Busy {
+                what: format!(
+                    "erasure encoding of pack {} did not complete: {e}",
+                    hex::encode(pack_id)
+                ),
+            })?;
         let shard_len = shards
             .first()
             .map(|s| s.header.shard_len)
@@ -182,7 +222,7 @@ impl Gateway {
         );
         let record = PackRecord {
             id: pack_id,
-            tenant: req.tenant,
+            tenant: tenant.to_string(),
             data_shards: code.data,
             parity_shards: code.parity,
             pack_len,
@@ -190,18 +230,6 @@ impl Gateway {
             shards: placement,
             needs_rebalance: degraded,
         };
-        let shards_written = record.shards.len() as u32;
-        self.meta
-            .write(Command::AddPack {
-                pack: record,
-                blobs,
-            })
-            .await?;
-        debug!(pack_id = %hex::encode(pack_id), shards = shards_written, degraded, "pack stored");
-        Ok(pb::PutPackReply {
-            shards_written,
-            degraded,
-            existed: false,
-        })
+        Ok(record)
     }
 }

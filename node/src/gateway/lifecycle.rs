@@ -223,7 +223,10 @@ impl Gateway {
         let now = view.clock()?;
         let dataset = (!req.dataset.is_empty()).then_some(req.dataset.as_str());
         let groups = datasets(&view, &req.tenant, dataset)?;
-        let lives = view.lifecycle_lives(&req.tenant)?;
+        let lives = view
+            .snapshot_lives(&req.tenant)?
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>();
 
         let mut found = BTreeSet::new();
         for (_, candidate) in groups.values().flatten() {
@@ -492,10 +495,5 @@ fn snapshot_with_life(
     candidate: &retention::Candidate,
     life: Option<&SnapshotLife>,
 ) -> pb::SnapshotRecord {
-    let mut wire = snapshot_to_wire(record);
-    // Zero for a snapshot committed before commit times were recorded.
-    wire.committed_unix_ms = life.map_or(0, |l| l.committed_unix_ms);
-    wire.lock = candidate.lock.as_ref().map(lock_to_wire);
-    wire.has_refs = life.is_some_and(|l| !l.refs.is_empty());
-    wire
+    snapshot_to_wire(record, life, candidate.lock.as_ref())
 }

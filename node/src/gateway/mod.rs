@@ -77,6 +77,17 @@ pub enum GatewayError {
     Denied(#[from] crate::auth::permission::Denied),
     #[error("snapshot refused: its root tree {tree} is not stored; upload it first")]
     MissingRootTree { tree: String },
+    /// Blobs a snapshot references were garbage-collected while its backup
+    /// ran: the commit is refused and the client backs up again in full.
+    #[error(
+        "snapshot refused: {missing} blob(s) this snapshot references were garbage-collected during the backup (e.g. {example}); it is retried as a full backup"
+    )]
+    ReferencesCollected { missing: u64, example: String },
+    /// The commit kept losing the race against garbage collection.
+    #[error(
+        "snapshot refused: garbage collection kept sweeping while it committed ({attempts} attempts); retry the backup"
+    )]
+    GcRaced { attempts: u32 },
     #[error("metadata group: {0}")]
     Meta(#[from] MetaError),
     #[error("cannot add node: {0}")]
@@ -97,6 +108,9 @@ pub enum GatewayError {
     },
     #[error("repair: {0}")]
     Repair(#[from] RepairError),
+    /// The leader's own answer to a call forwarded to it, passed on as is.
+    #[error("{}", .0.message())]
+    Forwarded(Status),
     #[error("the Raft leader (node {leader}) did not take the request: {message}; retry")]
     Leader { leader: NodeId, message: String },
     #[error("cannot place pack: {0}")]
@@ -134,6 +148,9 @@ impl GatewayError {
             GatewayError::Unauthenticated => Status::unauthenticated(message),
             GatewayError::Denied(_) => Status::permission_denied(message),
             GatewayError::MissingRootTree { .. } => Status::failed_precondition(message),
+            GatewayError::ReferencesCollected { .. } | GatewayError::GcRaced { .. } => {
+                Status::aborted(message)
+            }
             GatewayError::AddRefused(refused) if refused.is_bad_request() => {
                 Status::invalid_argument(message)
             }
@@ -154,6 +171,7 @@ impl GatewayError {
                 Status::unavailable(message)
             }
             GatewayError::Unrecoverable { .. } => Status::data_loss(message),
+            GatewayError::Forwarded(status) => status,
         }
     }
 }
@@ -217,6 +235,8 @@ pub struct Gateway {
     /// This node's memory pools (`limits`): the server reserves request
     /// bytes in them; pack reads reserve their answer's bytes here.
     budget: crate::limits::Budget,
+    /// Serializes garbage collections (user `Prune`s and the periodic run).
+    gc_lock: tokio::sync::Mutex<()>,
 }
 
 impl Gateway {
@@ -248,6 +268,7 @@ impl Gateway {
             auditor,
             auth,
             budget: crate::limits::Budget::default(),
+            gc_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -363,6 +384,36 @@ impl Gateway {
         if let Err(error) = self.meta.read_barrier().await {
             warn!(%error, "no linearizable read possible; serving the local (possibly stale) state");
         }
+    }
+
+    /// The metadata group handle (the collector proposes through it).
+    pub(crate) fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// Shard calls (the collector deletes the shards of dropped packs).
+    pub(crate) fn shard_io(&self) -> &Arc<ShardIo> {
+        &self.io
+    }
+
+    /// The `[lifecycle]` settings.
+    pub(crate) fn lifecycle(&self) -> &crate::config::LifecycleSection {
+        &self.config.lifecycle
+    }
+
+    /// The cluster map with liveness, for shard calls.
+    pub(crate) fn member_views(&self) -> Members {
+        self.members()
+    }
+
+    /// [`Gateway::catch_up`] for the collector: a read barrier when possible.
+    pub(crate) async fn read_barrier(&self) {
+        self.catch_up().await
+    }
+
+    /// One garbage collection at a time on this node ([`crate::gc`]).
+    pub(crate) fn gc_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.gc_lock
     }
 
     pub fn repair_state(&self) -> Arc<RepairState> {

@@ -276,6 +276,38 @@ impl Gateway {
         })
     }
 
+    /// Byte ranges `(offset, length)` of a pack through the normal read
+    /// path (covering shards, checksums, reconstruction), split into reads
+    /// within the per-read limits. For the node's own work (reference
+    /// lists, repacking): no tenant scope.
+    pub(crate) async fn read_pack_ranges(
+        &self,
+        pack_id: &Id32,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<Vec<u8>>, GatewayError> {
+        let mut out = Vec::with_capacity(ranges.len());
+        let mut batch: Vec<pb::ByteRange> = Vec::new();
+        let mut bytes = 0u64;
+        for (i, &(offset, length)) in ranges.iter().enumerate() {
+            batch.push(pb::ByteRange { offset, length });
+            bytes += length;
+            let next = ranges.get(i + 1).map_or(0, |r| r.1);
+            let full = batch.len() >= cairn_proto::READ_RANGES_MAX
+                || bytes + next > READ_BYTES_MAX
+                || i + 1 == ranges.len();
+            if full {
+                let req = pb::ReadPackRequest {
+                    pack_id: pack_id.to_vec(),
+                    ranges: std::mem::take(&mut batch),
+                    ..Default::default()
+                };
+                out.extend(self.read_pack_inner(req, None).await?.ranges);
+                bytes = 0;
+            }
+        }
+        Ok(out)
+    }
+
     /// The pack's record, catching up with the leader once if this node lags.
     async fn pack_record(&self, pack_id: &Id32) -> Result<PackRecord, GatewayError> {
         if let Some(pack) = self.meta.pack(pack_id)? {

@@ -22,7 +22,7 @@ fn credential(metadata: &MetadataMap) -> Option<AsciiMetadataValue> {
 }
 
 /// A request to the leader carrying the original caller's credential.
-fn to_leader<T>(
+pub(super) fn to_leader<T>(
     leader: u64,
     message: T,
     timeout: std::time::Duration,
@@ -77,7 +77,7 @@ impl Gateway {
     }
 
     /// Audits a privileged call that ran here (membership, repair).
-    async fn audit_ran(&self, caller: &Caller, op: Op, target: &str, result: &str) {
+    pub(super) async fn audit_ran(&self, caller: &Caller, op: Op, target: &str, result: &str) {
         if let Err(error) = self.auditor.record(caller, op.name(), target, result).await {
             tracing::warn!(%error, action = op.name(), "audit entry not written");
         }

@@ -71,7 +71,10 @@ pub fn datasets(
     tenant: &str,
     dataset: Option<&str>,
 ) -> Result<BTreeMap<String, Dataset>, StateError> {
-    let lives = view.lifecycle_lives(tenant)?;
+    let lives = view
+        .snapshot_lives(tenant)?
+        .into_iter()
+        .collect::<std::collections::BTreeMap<_, _>>();
     let mut locks = view.locks(tenant)?;
     let mut grouped: BTreeMap<String, Dataset> = BTreeMap::new();
     for record in view.snapshots(tenant, dataset)? {

@@ -10,12 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::codec;
 use super::state::{
-    LOCK, POLICY, SNAPSHOT_LIFE, StateError, StateView, lock_key, policy_key, snapshot_key,
-    snapshot_life_key, tenant_prefix,
+    LOCK, POLICY, StateError, StateView, lock_key, policy_key, snapshot_key, snapshot_life_key,
+    tenant_prefix,
 };
-use super::types::{
-    Command, CommandResult, Id32, LockMode, MetaStats, Policy, RetentionLock, SnapshotLife,
-};
+use super::types::{Command, CommandResult, Id32, LockMode, MetaStats, Policy, RetentionLock};
 use crate::kv::WriteBatch;
 
 impl StateView {
@@ -64,29 +62,6 @@ impl StateView {
                 Some(
                     codec::decode("policy", &value)
                         .map(|policy| (tenant, policy))
-                        .map_err(StateError::from),
-                )
-            })
-            .collect()
-    }
-
-    /// The lifecycle records of the tenant's snapshots, by id (snapshots
-    /// committed before reference lists existed have none).
-    pub fn lifecycle_lives(
-        &self,
-        tenant: &str,
-    ) -> Result<BTreeMap<Id32, SnapshotLife>, StateError> {
-        let prefix = tenant_prefix(SNAPSHOT_LIFE, tenant);
-        self.kv()
-            .scan_prefix(&prefix)?
-            .into_iter()
-            .filter_map(|(key, value)| {
-                let id = key
-                    .get(prefix.len()..)
-                    .and_then(|b| Id32::try_from(b).ok())?;
-                Some(
-                    codec::decode("snapshot life", &value)
-                        .map(|life| (id, life))
                         .map_err(StateError::from),
                 )
             })
@@ -226,7 +201,9 @@ mod tests {
     use super::*;
     use crate::kv::MemKv;
     use crate::meta::state::{STATS_KEY, apply_command};
-    use crate::meta::types::{BlobLocation, KeepRules, PackRecord, ShardPlacement, SnapshotRecord};
+    use crate::meta::types::{
+        BlobLocation, KeepRules, PackRecord, ShardPlacement, SnapshotLife, SnapshotRecord,
+    };
 
     const T: &str = "tenant";
     const DAY: i64 = 86_400_000;
@@ -493,7 +470,7 @@ mod tests {
             codec::encode("snapshot life", &life).expect("encode"),
         );
         v.kv().apply_batch(batch).expect("batch");
-        assert_eq!(v.lifecycle_lives(T).expect("lives").len(), 1);
+        assert_eq!(v.snapshot_lives(T).expect("lives").len(), 1);
         let now = 60 * DAY;
         assert_eq!(
             run_at(&v, 10, set_lock(1, LockMode::Compliance, 100 * DAY)),
@@ -549,7 +526,7 @@ mod tests {
         );
         // Forgetting a snapshot removes its life record too.
         assert_eq!(run_at(&v, now, forget(&[3], false)), CommandResult::Ok);
-        assert!(v.lifecycle_lives(T).expect("lives").is_empty());
+        assert!(v.snapshot_lives(T).expect("lives").is_empty());
     }
 
     #[test]

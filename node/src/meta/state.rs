@@ -71,8 +71,8 @@ pub const SNAPSHOT_META_KEY: &[u8] = b"\x01meta";
 pub const SNAPSHOT_DATA_KEY: &[u8] = b"\x01data";
 
 const KEY_SLOT: u8 = b'k';
-const PACK: u8 = b'p';
-const BLOB: u8 = b'b';
+pub(super) const PACK: u8 = b'p';
+pub(super) const BLOB: u8 = b'b';
 const SNAPSHOT: u8 = b's';
 const NODE_MARK: u8 = b'n';
 const KEY_SLOT_CREATED: u8 = b'K';
@@ -347,8 +347,10 @@ impl StateView {
         self.scan("pack record", &[PACK])
     }
 
-    /// The tenant's snapshots (of one dataset, if given), oldest first
-    /// (by time, then id for equal times).
+    /// The tenant's snapshots (of one dataset, if given), oldest first:
+    /// by commit time (cluster time, from the snapshot's life record; the
+    /// client's `time_unix_ms` for snapshots committed before those
+    /// existed), then id for equal times.
     pub fn snapshots(
         &self,
         tenant: &str,
@@ -359,8 +361,15 @@ impl StateView {
         if let Some(dataset) = dataset {
             records.retain(|r| r.dataset == dataset);
         }
-        records.sort_by_key(|r| (r.time_unix_ms, r.id));
-        Ok(records)
+        let mut keyed = Vec::with_capacity(records.len());
+        for record in records {
+            let at = self
+                .snapshot_life(tenant, &record.id)?
+                .map_or(record.time_unix_ms, |life| life.committed_unix_ms);
+            keyed.push((at, record));
+        }
+        keyed.sort_by_key(|(at, r)| (*at, r.id));
+        Ok(keyed.into_iter().map(|(_, r)| r).collect())
     }
 
     /// The marks of one node (every flag cleared if it has no record).
@@ -592,29 +601,7 @@ pub(super) fn apply_at(
             stats.tenants += 1;
             Ok(CommandResult::Ok)
         }
-        Command::AddPack { pack, blobs } => {
-            if view.kv.get(&pack_key(&pack.id))?.is_some() {
-                return Ok(CommandResult::AlreadyExists);
-            }
-            batch.put(pack_key(&pack.id), codec::encode("pack record", pack)?);
-            stats.packs += 1;
-            if pack.needs_rebalance {
-                stats.packs_needing_rebalance += 1;
-            }
-            let mut seen = BTreeSet::new();
-            for (blob_id, location) in blobs {
-                let key = blob_key(&pack.tenant, blob_id);
-                // A blob already indexed (a concurrent upload of the same
-                // chunk) keeps its first location: both packs are durable, and
-                // keeping the first makes the index independent of retries.
-                if !seen.insert(*blob_id) || view.kv.get(&key)?.is_some() {
-                    continue;
-                }
-                batch.put(key, codec::encode("blob location", location)?);
-                stats.blobs += 1;
-            }
-            Ok(CommandResult::Ok)
-        }
+        Command::AddPack { pack, blobs } => add_pack(view, pack, blobs, batch, stats),
         Command::SetPlacement {
             pack_id,
             shards,
@@ -647,6 +634,16 @@ pub(super) fn apply_at(
             Ok(CommandResult::Ok)
         }
         Command::CommitSnapshot { tenant, snapshot } => {
+            // Once a tenant's snapshots carry reference lists, the collector
+            // works on it; a commit without one (an older client) carries no
+            // GC epoch either, and could reference a blob swept during its
+            // backup. Only tenants that never used reference lists take it.
+            let lives = tenant_prefix(SNAPSHOT_LIFE, tenant);
+            let mut end = lives.clone();
+            end.extend_from_slice(&[0xff; 33]);
+            if !view.kv.range(&lives, Some(&end), 1)?.is_empty() {
+                return Ok(CommandResult::NeedsReferences);
+            }
             if view
                 .kv
                 .get(&blob_key(tenant, &snapshot.root_tree))?
@@ -661,6 +658,14 @@ pub(super) fn apply_at(
                 return Ok(CommandResult::AlreadyExists);
             }
             batch.put(key, codec::encode("snapshot record", snapshot)?);
+            // Every commit moves the catalog sequence, so a collector that
+            // marked before it must look again (it then finds a snapshot
+            // without references and leaves the tenant alone).
+            let seq = view.catalog_seq()?.saturating_add(1);
+            batch.put(
+                CATALOG_SEQ_KEY.to_vec(),
+                codec::encode("catalog seq", &seq)?,
+            );
             stats.snapshots += 1;
             Ok(CommandResult::Ok)
         }
@@ -842,6 +847,38 @@ pub(super) fn apply_at(
             Ok(result)
         }
     }
+}
+
+/// `AddPack`'s effects (shared with `AddPackInSession`): the pack record and
+/// the index entries of blobs not indexed yet.
+pub(super) fn add_pack(
+    view: &StateView,
+    pack: &PackRecord,
+    blobs: &[(Id32, BlobLocation)],
+    batch: &mut WriteBatch,
+    stats: &mut MetaStats,
+) -> Result<CommandResult, StateError> {
+    if view.kv.get(&pack_key(&pack.id))?.is_some() {
+        return Ok(CommandResult::AlreadyExists);
+    }
+    batch.put(pack_key(&pack.id), codec::encode("pack record", pack)?);
+    stats.packs += 1;
+    if pack.needs_rebalance {
+        stats.packs_needing_rebalance += 1;
+    }
+    let mut seen = BTreeSet::new();
+    for (blob_id, location) in blobs {
+        let key = blob_key(&pack.tenant, blob_id);
+        // A blob already indexed (a concurrent upload of the same
+        // chunk) keeps its first location: both packs are durable, and
+        // keeping the first makes the index independent of retries.
+        if !seen.insert(*blob_id) || view.kv.get(&key)?.is_some() {
+            continue;
+        }
+        batch.put(key, codec::encode("blob location", location)?);
+        stats.blobs += 1;
+    }
+    Ok(CommandResult::Ok)
 }
 
 /// Queues `change` applied to `node`'s marks; `AlreadyExists` if it changes nothing.

@@ -513,6 +513,10 @@ pub enum CommandResult {
     UnknownSnapshot,
     /// `RemovePolicy` for a dataset without one.
     UnknownPolicy,
+    /// A `CommitSnapshot` without a reference list for a tenant whose
+    /// snapshots carry them: its dedup could not be checked against the
+    /// collector's sweeps, so it could reference a swept blob. Nothing changes.
+    NeedsReferences,
 }
 
 impl CommandResult {
@@ -534,6 +538,7 @@ impl CommandResult {
             CommandResult::Locked => "refused: retention lock",
             CommandResult::UnknownSnapshot => "failed: unknown snapshot",
             CommandResult::UnknownPolicy => "failed: no policy for this dataset",
+            CommandResult::NeedsReferences => "refused: a reference list is required",
         }
     }
 }
