@@ -105,6 +105,8 @@ impl PruneReport {
 /// One pack of the tenant as the collection sees it.
 struct PackAcc {
     record: PackRecord,
+    /// Bytes of the blobs it was stored with (live share = live / this).
+    blob_bytes: u64,
     /// A backup may still commit it: nothing of it is swept or dropped.
     protected: bool,
     live_blobs: u64,
@@ -214,6 +216,9 @@ fn protected(
         // Stored before pack lives existed: old, not protected.
         return Ok(false);
     };
+    if life.repacked {
+        return Ok(false);
+    }
     let young = |at: i64| now.saturating_sub(at) < grace_ms;
     Ok(match life.session {
         None => young(life.created_unix_ms),
@@ -290,10 +295,14 @@ async fn collect_tenant(
                 continue;
             }
             let protected = protected(&view, life.as_ref(), now, grace_ms)?;
+            // Old packs (no life) weigh against their whole length, trailer
+            // included: repacked once at the 100% threshold, then exact.
+            let blob_bytes = life.map_or(record.pack_len, |l| l.blob_bytes);
             packs.insert(
                 record.id,
                 PackAcc {
                     record,
+                    blob_bytes,
                     protected,
                     live_blobs: 0,
                     live_bytes: 0,
@@ -409,7 +418,7 @@ async fn collect_tenant(
         }
         if acc.live_blobs == 0 && acc.kept_blobs == 0 {
             drop_pack(gw, &acc.record, dry_run, report).await?;
-        } else if acc.live_bytes.saturating_mul(100) < acc.record.pack_len.saturating_mul(threshold)
+        } else if acc.live_bytes.saturating_mul(100) < acc.blob_bytes.saturating_mul(threshold)
             && to_repack.len() < REPACK_PACKS_PER_RUN
         {
             to_repack.push(acc.record.id);

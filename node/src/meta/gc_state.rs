@@ -189,6 +189,8 @@ pub(super) fn apply(
                 let life = PackLife {
                     created_unix_ms: now,
                     session: *session,
+                    blob_bytes: blobs.iter().map(|(_, l)| u64::from(l.length)).sum(),
+                    repacked: false,
                 };
                 batch.put(pack_life_key(&pack.id), codec::encode("pack life", &life)?);
             }
@@ -279,11 +281,18 @@ pub(super) fn apply(
             let Some(old_pack) = view.pack(old)? else {
                 return Ok(CommandResult::UnknownPack);
             };
+            // Repacking a pack into the same bytes would drop the very
+            // record its entries point at (and the collector its shards).
+            if new.id == *old {
+                return Ok(CommandResult::AlreadyExists);
+            }
             if view.pack(&new.id)?.is_none() {
                 batch.put(pack_key(&new.id), codec::encode("pack record", new)?);
                 let life = PackLife {
                     created_unix_ms: now,
                     session: None,
+                    blob_bytes: blobs.iter().map(|(_, l)| u64::from(l.length)).sum(),
+                    repacked: true,
                 };
                 batch.put(pack_life_key(&new.id), codec::encode("pack life", &life)?);
                 stats.packs += 1;
@@ -459,7 +468,9 @@ mod tests {
             v.pack_life(&id(1)).expect("read"),
             Some(PackLife {
                 created_unix_ms: 100,
-                session: Some(s)
+                session: Some(s),
+                blob_bytes: 20,
+                repacked: false,
             })
         );
         let open = v.session(&s).expect("read").expect("recorded");
@@ -605,7 +616,9 @@ mod tests {
             v.pack_life(&id(3)).expect("read"),
             Some(PackLife {
                 created_unix_ms: 7_777,
-                session: None
+                session: None,
+                blob_bytes: 40,
+                repacked: true,
             })
         );
         assert_eq!(run(&v, repack), CommandResult::UnknownPack);

@@ -366,6 +366,13 @@ pub struct Policy {
 pub struct PackLife {
     pub created_unix_ms: i64,
     pub session: Option<SessionId>,
+    /// Sum of the lengths of the blobs the pack was stored with: what the
+    /// collector weighs its live bytes against (the rest of a pack is its
+    /// trailer, which is never garbage).
+    pub blob_bytes: u64,
+    /// Made by the collector from blobs already indexed: no backup waits
+    /// to commit it, so the grace period never protects it.
+    pub repacked: bool,
 }
 
 /// A backup session as the metadata group sees it: open from its first
