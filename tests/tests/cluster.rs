@@ -515,13 +515,45 @@ async fn bad_catalog_records_are_skipped_by_name_and_the_rest_still_works() {
         ..new.clone()
     };
     for record in [junk, swapped_root] {
+        // A reference list naming the root tree, stored as its blob first:
+        // the tenant's snapshots carry one, so a commit must too.
+        let root: [u8; 32] = record.root_tree.as_slice().try_into().expect("32 bytes");
+        let segment = cairn_proto::refs::build(vec![root]).remove(0);
+        let put = pb::PutPackRequest {
+            tenant: TENANT.into(),
+            pack_id: blake3::hash(&segment.bytes).as_bytes().to_vec(),
+            data: segment.bytes.clone().into(),
+            blobs: vec![pb::BlobEntry {
+                id: segment.id.to_vec(),
+                offset: 0,
+                length: segment.bytes.len() as u32,
+            }],
+            session: vec![],
+        };
+        raw.call("put pack", |mut c| {
+            let put = put.clone();
+            async move { c.put_pack(put).await }
+        })
+        .await
+        .expect("reference segment stored");
         raw.call("commit snapshot", |mut c| {
             let record = record.clone();
+            let refs = vec![segment.to_wire()];
             async move {
+                let epoch = c
+                    .find_blobs(pb::FindBlobsRequest {
+                        tenant: TENANT.into(),
+                        ids: vec![],
+                    })
+                    .await?
+                    .into_inner()
+                    .gc_epoch;
                 c.commit_snapshot(pb::CommitSnapshotRequest {
                     tenant: TENANT.into(),
                     snapshot: Some(record),
-                    ..Default::default()
+                    refs,
+                    gc_epoch: epoch,
+                    session: vec![],
                 })
                 .await
             }
