@@ -157,6 +157,61 @@ pub fn render(sources: &Sources, snapshot: &MetricsSnapshot) -> Result<String, s
         "1 unless the node is declared down",
         nodes_up,
     );
+    let gc = sources.gateway.gc_stats();
+    counter(
+        &mut registry,
+        "cairn_gc_runs",
+        "Garbage collections run on this node (as leader; dry runs aside)",
+        load(&gc.runs_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_gc_errors",
+        "Garbage collections that failed",
+        load(&gc.failures_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_gc_blobs_removed",
+        "Index entries swept",
+        load(&gc.blobs_removed_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_gc_packs_deleted",
+        "Packs without a live blob deleted",
+        load(&gc.packs_deleted_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_gc_packs_repacked",
+        "Packs rewritten without their dead blobs",
+        load(&gc.packs_repacked_total),
+    );
+    counter(
+        &mut registry,
+        "cairn_gc_freed_bytes",
+        "Pack bytes (before erasure coding) freed",
+        load(&gc.bytes_freed_total),
+    );
+    gauge(
+        &mut registry,
+        "cairn_gc_last_success_timestamp_seconds",
+        "End of the last garbage collection that finished (0: none on this node)",
+        (load(&gc.last_success_unix_ms) / 1000) as i64,
+    );
+    gauge(
+        &mut registry,
+        "cairn_gc_last_duration_milliseconds",
+        "Duration of the last garbage collection",
+        load(&gc.last_duration_ms) as i64,
+    );
+    gauge(
+        &mut registry,
+        "cairn_gc_tenants_skipped",
+        "Tenants the last garbage collection could not collect",
+        load(&gc.last_skipped) as i64,
+    );
     gauge(
         &mut registry,
         "cairn_repair_queue_packs",

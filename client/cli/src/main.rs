@@ -1458,8 +1458,12 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
                 "last_pass": time_or_null(repair.last_pass_unix_ms)},
             "orphans": {"shards": reply.orphan_shards, "bytes": reply.orphan_bytes},
             "insecure": reply.insecure,
+            "warnings": reply.warnings,
             "nodes": nodes}))?;
         return Ok(());
+    }
+    for warning in &reply.warnings {
+        eprintln!("warning: {warning}");
     }
     println!(
         "leader: {}   term: {}   applied: {}   erasure: {}+{}   packs: {}",

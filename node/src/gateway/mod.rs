@@ -237,6 +237,7 @@ pub struct Gateway {
     budget: crate::limits::Budget,
     /// Serializes garbage collections (user `Prune`s and the periodic run).
     gc_lock: tokio::sync::Mutex<()>,
+    gc_stats: crate::gc::GcStats,
 }
 
 impl Gateway {
@@ -269,6 +270,7 @@ impl Gateway {
             auth,
             budget: crate::limits::Budget::default(),
             gc_lock: tokio::sync::Mutex::new(()),
+            gc_stats: crate::gc::GcStats::default(),
         }
     }
 
@@ -414,6 +416,11 @@ impl Gateway {
     /// One garbage collection at a time on this node ([`crate::gc`]).
     pub(crate) fn gc_lock(&self) -> &tokio::sync::Mutex<()> {
         &self.gc_lock
+    }
+
+    /// What this node's garbage collections did (metrics).
+    pub fn gc_stats(&self) -> &crate::gc::GcStats {
+        &self.gc_stats
     }
 
     pub fn repair_state(&self) -> Arc<RepairState> {

@@ -24,6 +24,7 @@ pub mod repack;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cairn_proto::v1 as pb;
@@ -102,6 +103,50 @@ impl PruneReport {
     }
 }
 
+/// What this node's collections did, for `/metrics` (counters since start).
+#[derive(Debug, Default)]
+pub struct GcStats {
+    pub runs_total: AtomicU64,
+    pub failures_total: AtomicU64,
+    pub blobs_removed_total: AtomicU64,
+    pub packs_deleted_total: AtomicU64,
+    pub packs_repacked_total: AtomicU64,
+    pub bytes_freed_total: AtomicU64,
+    /// End of the last collection that finished (dry runs aside), Unix ms.
+    pub last_success_unix_ms: AtomicU64,
+    pub last_duration_ms: AtomicU64,
+    /// Tenants the last collection skipped (e.g. snapshots without references).
+    pub last_skipped: AtomicU64,
+}
+
+impl GcStats {
+    fn record(&self, outcome: &Result<PruneReport, GatewayError>) {
+        let add = |counter: &AtomicU64, n: u64| counter.fetch_add(n, Ordering::Relaxed);
+        match outcome {
+            Ok(report) if report.dry_run => {}
+            Ok(report) => {
+                add(&self.runs_total, 1);
+                add(&self.blobs_removed_total, report.blobs_removed);
+                add(&self.packs_deleted_total, report.packs_deleted);
+                add(&self.packs_repacked_total, report.packs_repacked);
+                add(&self.bytes_freed_total, report.bytes_freed);
+                self.last_duration_ms
+                    .store(report.duration_ms, Ordering::Relaxed);
+                self.last_skipped
+                    .store(report.skipped.len() as u64, Ordering::Relaxed);
+                self.last_success_unix_ms.store(
+                    u64::try_from(crate::meta::wall_clock_ms()).unwrap_or(0),
+                    Ordering::Relaxed,
+                );
+            }
+            Err(_) => {
+                add(&self.runs_total, 1);
+                add(&self.failures_total, 1);
+            }
+        }
+    }
+}
+
 /// One pack of the tenant as the collection sees it.
 struct PackAcc {
     record: PackRecord,
@@ -149,6 +194,16 @@ pub async fn collect(
     dry_run: bool,
 ) -> Result<PruneReport, GatewayError> {
     let _one_at_a_time = gw.gc_lock().lock().await;
+    let outcome = collect_locked(gw, tenant, dry_run).await;
+    gw.gc_stats().record(&outcome);
+    outcome
+}
+
+async fn collect_locked(
+    gw: &Gateway,
+    tenant: Option<&str>,
+    dry_run: bool,
+) -> Result<PruneReport, GatewayError> {
     let started = Instant::now();
     let mut report = PruneReport {
         dry_run,
