@@ -96,6 +96,9 @@ impl Gateway {
             // The whole index, streamed page by page.
             let mut start: Id32 = [0; 32];
             loop {
+                // A page at a time, yielding between pages: a scan of millions of
+                // entries must not hold a runtime worker (Raft heartbeats share it).
+                tokio::task::yield_now().await;
                 let page = view.blob_page(&req.tenant, &start, None, PAGE)?;
                 let full = page.len() == PAGE;
                 let next = page.last().and_then(|(id, _)| crate::gc::mark::next_id(id));
@@ -111,6 +114,9 @@ impl Gateway {
         }
         let mut after: Option<Id32> = None;
         loop {
+            // A page at a time, yielding between pages: a scan of millions of
+            // entries must not hold a runtime worker (Raft heartbeats share it).
+            tokio::task::yield_now().await;
             let page = view.pack_page(after.as_ref(), PAGE)?;
             let full = page.len() == PAGE;
             after = page.last().map(|(p, _)| p.id);

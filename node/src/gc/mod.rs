@@ -212,7 +212,7 @@ async fn collect_locked(
     gw.read_barrier().await;
     let tenants: Vec<String> = match tenant {
         Some(t) => vec![t.to_string()],
-        None => tenants_with_packs(&gw.meta().view()?)?,
+        None => tenants_with_packs(&gw.meta().view()?).await?,
     };
     for tenant in &tenants {
         match collect_tenant(gw, tenant, dry_run, &mut report).await {
@@ -244,10 +244,13 @@ async fn collect_locked(
 }
 
 /// Every tenant that owns a pack (paged over the pack records).
-fn tenants_with_packs(view: &StateView) -> Result<Vec<String>, GatewayError> {
+async fn tenants_with_packs(view: &StateView) -> Result<Vec<String>, GatewayError> {
     let mut tenants = BTreeSet::new();
     let mut after: Option<Id32> = None;
     loop {
+        // A page at a time, yielding between pages: a scan of millions of
+        // entries must not hold a runtime worker (Raft heartbeats share it).
+        tokio::task::yield_now().await;
         let page = view.pack_page(after.as_ref(), PAGE)?;
         let Some((last, _)) = page.last() else { break };
         after = Some(last.id);
@@ -341,6 +344,9 @@ async fn collect_tenant(
     let mut packs: HashMap<Id32, PackAcc> = HashMap::new();
     let mut after: Option<Id32> = None;
     loop {
+        // A page at a time, yielding between pages: a scan of millions of
+        // entries must not hold a runtime worker (Raft heartbeats share it).
+        tokio::task::yield_now().await;
         let page = view.pack_page(after.as_ref(), PAGE)?;
         let Some((last, _)) = page.last() else { break };
         after = Some(last.id);
@@ -377,6 +383,9 @@ async fn collect_tenant(
         let mut candidates: Vec<(Id32, BlobLocation)> = Vec::new();
         let mut start = partition.lo;
         loop {
+            // A page at a time, yielding between pages: a scan of millions of
+            // entries must not hold a runtime worker (Raft heartbeats share it).
+            tokio::task::yield_now().await;
             let page = view.blob_page(tenant, &start, partition.hi.as_ref(), PAGE)?;
             let full = page.len() == PAGE;
             let next = page.last().and_then(|(id, _)| next_id(id));
@@ -488,6 +497,9 @@ async fn collect_tenant(
     let view = gw.meta().view()?;
     let mut start = [0u8; 32];
     loop {
+        // A page at a time, yielding between pages: a scan of millions of
+        // entries must not hold a runtime worker (Raft heartbeats share it).
+        tokio::task::yield_now().await;
         let page = view.blob_page(tenant, &start, None, PAGE)?;
         let full = page.len() == PAGE;
         let next = page.last().and_then(|(id, _)| next_id(id));
