@@ -164,9 +164,12 @@ pub fn forget_text(report: &ForgetReport, dry_run: bool) -> String {
                 "id", "time", "kind", "tags", "reasons"
             ));
             for d in rows {
+                // The lock, unless a reason already names it.
                 let lock = match &d.lock {
-                    Some(l) => format!(" [locked {} until {}]", l.mode, time_text(l.until_unix_ms)),
-                    None => String::new(),
+                    Some(l) if !d.reasons.iter().any(|r| r.starts_with("locked")) => {
+                        format!(" [locked {} until {}]", l.mode, time_text(l.until_unix_ms))
+                    }
+                    _ => String::new(),
                 };
                 out.push_str(&format!(
                     "{:<10} {:<20} {:<12} {:<16} {}{}\n",
@@ -315,7 +318,10 @@ pub fn policies_text(policies: &[PolicySpec], warnings: &[String]) -> String {
             time_or_none(p.applied_unix_ms).unwrap_or_else(|| "never".into())
         ));
     }
-    out.push_str(&format!("{} polic(ies)\n", policies.len()));
+    out.push_str(&match policies.len() {
+        1 => "1 policy\n".to_string(),
+        n => format!("{n} policies\n"),
+    });
     for w in warnings {
         out.push_str(&format!("warning: {w}\n"));
     }
@@ -442,7 +448,9 @@ mod tests {
         let remove = text.find("remove 1 snapshot(s):").expect("remove table");
         assert!(keep < remove, "{text}");
         assert!(text.contains("last 1, latest"), "{text}");
-        assert!(text.contains("[locked compliance until"), "{text}");
+        // The lock is named once, by its reason.
+        assert!(text.contains("locked (compliance) until"), "{text}");
+        assert!(!text.contains("[locked"), "{text}");
         assert!(
             text.contains("dry run: 1 snapshot(s) would be removed"),
             "{text}"
