@@ -46,20 +46,8 @@ impl StateView {
     /// Every life record of the tenant's snapshots, by snapshot id.
     pub fn snapshot_lives(&self, tenant: &str) -> Result<Vec<(Id32, SnapshotLife)>, StateError> {
         let prefix = tenant_prefix(SNAPSHOT_LIFE, tenant);
-        self.kv()
-            .scan_prefix(&prefix)?
-            .into_iter()
-            .filter_map(|(key, value)| {
-                let id = key
-                    .get(prefix.len()..)
-                    .and_then(|b| Id32::try_from(b).ok())?;
-                Some(
-                    codec::decode("snapshot life", &value)
-                        .map(|life| (id, life))
-                        .map_err(StateError::from),
-                )
-            })
-            .collect()
+        let pairs = self.kv().scan_prefix(&prefix)?;
+        Self::decode_by_id("snapshot life", &prefix, pairs)
     }
 
     /// A pack's life record (`None` for packs stored before they existed).
@@ -87,20 +75,10 @@ impl StateView {
             Some(end) => Some(blob_key(tenant, end)),
             None => prefix_end(&prefix),
         };
-        self.kv()
-            .range(&blob_key(tenant, start), end_key.as_deref(), limit)?
-            .into_iter()
-            .filter_map(|(key, value)| {
-                let id = key
-                    .get(prefix.len()..)
-                    .and_then(|b| Id32::try_from(b).ok())?;
-                Some(
-                    codec::decode("blob location", &value)
-                        .map(|loc| (id, loc))
-                        .map_err(StateError::from),
-                )
-            })
-            .collect()
+        let pairs = self
+            .kv()
+            .range(&blob_key(tenant, start), end_key.as_deref(), limit)?;
+        Self::decode_by_id("blob location", &prefix, pairs)
     }
 
     /// Up to `limit` pack records with ids after `after` (from the first

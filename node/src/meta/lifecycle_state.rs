@@ -26,20 +26,8 @@ impl StateView {
     /// Every lock of the tenant, by snapshot id.
     pub fn locks(&self, tenant: &str) -> Result<BTreeMap<Id32, RetentionLock>, StateError> {
         let prefix = tenant_prefix(LOCK, tenant);
-        self.kv()
-            .scan_prefix(&prefix)?
-            .into_iter()
-            .filter_map(|(key, value)| {
-                let id = key
-                    .get(prefix.len()..)
-                    .and_then(|b| Id32::try_from(b).ok())?;
-                Some(
-                    codec::decode("retention lock", &value)
-                        .map(|lock| (id, lock))
-                        .map_err(StateError::from),
-                )
-            })
-            .collect()
+        let pairs = self.kv().scan_prefix(&prefix)?;
+        Self::decode_by_id("retention lock", &prefix, pairs)
     }
 
     /// The policy of one dataset.

@@ -306,6 +306,28 @@ impl StateView {
             .collect()
     }
 
+    /// Decodes `pairs` whose keys are `prefix` + a 32-byte id into
+    /// `(id, record)`; keys of another length are skipped.
+    pub(super) fn decode_by_id<T: serde::de::DeserializeOwned, C: FromIterator<(Id32, T)>>(
+        what: &'static str,
+        prefix: &[u8],
+        pairs: Vec<KvPair>,
+    ) -> Result<C, StateError> {
+        pairs
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let id = key
+                    .get(prefix.len()..)
+                    .and_then(|b| Id32::try_from(b).ok())?;
+                Some(
+                    codec::decode(what, &value)
+                        .map(|record| (id, record))
+                        .map_err(StateError::from),
+                )
+            })
+            .collect()
+    }
+
     /// Last applied log id and membership.
     pub fn applied_state(&self) -> Result<(AppliedLogId, AppliedMembership), StateError> {
         let applied = self
