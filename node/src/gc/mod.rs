@@ -43,9 +43,10 @@ use mark::{Partition, next_id, partition_count, partitions};
 const PAGE: usize = 4096;
 /// Most ids in one `SweepBlobs` entry.
 const SWEEP_BATCH: usize = 8192;
-/// Packs repacked in one run at most (the rest wait for the next run), so
-/// the scan that finds their live blobs stays bounded.
-const REPACK_PACKS_PER_RUN: usize = 64;
+/// Packs repacked per index scan: the scan gathers their live blobs' locations,
+/// so memory stays bounded; a run scans again for the next batch until every
+/// pack below the threshold is rewritten (a prune leaves no dead blob behind).
+const REPACK_PACKS_PER_SCAN: usize = 64;
 /// Sweeps of one batch tried while backups keep committing.
 const SWEEP_ATTEMPTS_MAX: usize = 20;
 
@@ -482,18 +483,29 @@ async fn collect_tenant(
         }
         if acc.live_blobs == 0 && acc.kept_blobs == 0 {
             drop_pack(gw, &acc.record, dry_run, report).await?;
-        } else if acc.live_bytes.saturating_mul(100) < acc.blob_bytes.saturating_mul(threshold)
-            && to_repack.len() < REPACK_PACKS_PER_RUN
-        {
+        } else if acc.live_bytes.saturating_mul(100) < acc.blob_bytes.saturating_mul(threshold) {
             to_repack.push(acc.record.id);
         }
     }
-    if to_repack.is_empty() {
-        return Ok(());
-    }
     let by_id: HashMap<Id32, &PackAcc> = pack_list.iter().map(|p| (p.record.id, p)).collect();
+    for batch in to_repack.chunks(REPACK_PACKS_PER_SCAN) {
+        repack_batch(gw, tenant, batch, &by_id, dry_run, report).await?;
+    }
+    Ok(())
+}
+
+/// Repacks `batch`: one paged scan of the tenant's index finds the live
+/// blobs of those packs, then each is rewritten.
+async fn repack_batch(
+    gw: &Gateway,
+    tenant: &str,
+    batch: &[Id32],
+    by_id: &HashMap<Id32, &PackAcc>,
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> Result<(), Stop> {
     let mut live_of: HashMap<Id32, Vec<(Id32, BlobLocation)>> =
-        to_repack.iter().map(|id| (*id, Vec::new())).collect();
+        batch.iter().map(|id| (*id, Vec::new())).collect();
     let view = gw.meta().view()?;
     let mut start = [0u8; 32];
     loop {
@@ -513,8 +525,8 @@ async fn collect_tenant(
             _ => break,
         }
     }
-    for old in to_repack {
-        let (Some(acc), Some(blobs)) = (by_id.get(&old), live_of.remove(&old)) else {
+    for old in batch {
+        let (Some(acc), Some(blobs)) = (by_id.get(old), live_of.remove(old)) else {
             continue;
         };
         if let Err(error) = repack_pack(gw, &acc.record, blobs, dry_run, report).await {
