@@ -765,6 +765,8 @@ fn check_code_fits(code: Code, nodes: &BTreeMap<NodeId, NodeInfo>) -> Result<(),
             node: *id,
             region: info.region.clone(),
             up: true,
+            // Classes are announced after start: the code must fit all nodes.
+            class: crate::model::StorageClass::Hot,
         })
         .collect();
     let mut per_region: BTreeMap<&str, usize> = BTreeMap::new();

@@ -28,6 +28,67 @@ impl fmt::Display for NodeInfo {
     }
 }
 
+/// The storage tier of a node (`--storage-class`) or of a pack (where its
+/// shards should live). Persisted by variant index: only ever append.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum StorageClass {
+    /// Fast disks: new packs and everything a young snapshot references.
+    #[default]
+    Hot,
+    /// Cheap, slower disks: packs only old snapshots reference.
+    Cold,
+}
+
+impl StorageClass {
+    pub const ALL: [StorageClass; 2] = [StorageClass::Hot, StorageClass::Cold];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageClass::Hot => "hot",
+            StorageClass::Cold => "cold",
+        }
+    }
+}
+
+impl fmt::Display for StorageClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A storage class name that is neither `hot` nor `cold`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("storage class {0:?} is not one of hot, cold")]
+pub struct UnknownStorageClass(pub String);
+
+impl std::str::FromStr for StorageClass {
+    type Err = UnknownStorageClass;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "hot" => Ok(StorageClass::Hot),
+            "cold" => Ok(StorageClass::Cold),
+            _ => Err(UnknownStorageClass(text.to_string())),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StorageClassName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse()
+            .map(StorageClassName)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A storage class as the config file spells it (`"hot"`, `"cold"`); the
+/// enum itself keeps serde's variant encoding for the metadata records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StorageClassName(pub StorageClass);
+
 /// Where one shard of a pack lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardPlacement {
@@ -60,6 +121,8 @@ pub struct NodeView {
     pub voter: bool,
     /// Its shards are being moved away before it is removed.
     pub draining: bool,
+    /// Its storage tier, from the metadata group (`hot` without a record).
+    pub storage_class: StorageClass,
 }
 
 impl NodeView {
@@ -72,6 +135,7 @@ impl NodeView {
             up: true,
             voter,
             draining: false,
+            storage_class: StorageClass::Hot,
         }
     }
 

@@ -17,12 +17,19 @@
 //! - the choice is deterministic for a pack id and spreads load evenly:
 //!   nodes are ranked by rendezvous hashing of (pack id, node id), so a node
 //!   a plan does not use can come and go without changing that plan.
+//!
+//! Storage classes ([`Target`]): a hot pack goes to hot nodes whenever they
+//! can hold it healthily (one shard per node, at most `m` per region), else
+//! to every node; a cold pack goes to cold nodes whenever they can hold it
+//! with at most `m` per region (and at most `m` per node), spread as evenly
+//! as they allow, else to every node. Protection always beats class: no
+//! class rule ever accepts a plan a region loss would break.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
 use crate::erasure::{Code, ErasureError};
-use crate::model::{Id32, NodeId, ShardPlacement};
+use crate::model::{Id32, NodeId, ShardPlacement, StorageClass};
 
 /// A node that may receive shards.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +39,8 @@ pub struct Candidate {
     pub region: String,
     /// Whether the node is believed reachable now; down nodes get nothing.
     pub up: bool,
+    /// The node's storage tier.
+    pub class: StorageClass,
 }
 
 /// The nodes chosen for the shards of one pack.
@@ -88,16 +97,191 @@ fn score(pack_id: &Id32, node: NodeId) -> u64 {
 /// region is down and shards double up on the survivors (a pack is
 /// acknowledged once `k + 1` shards are durable). The region cap holds
 /// whenever `up regions * m >= k + m`.
+///
+/// A new pack is hot: only hot candidates are used when they can hold it
+/// healthily ([`Target`]).
 pub fn place(code: Code, pack_id: &Id32, candidates: &[Candidate]) -> Result<Plan, PlacementError> {
     complete(code, pack_id, candidates, &[])
 }
 
-/// Completes a placement: `keep` holds `(index, node)` assignments that stay
-/// where they are (repair keeps every good, well-placed shard); the other
-/// indices are assigned exactly as [`place`] would, counting the kept shards.
-/// Kept shards must be on up candidates; duplicate indices in `keep` are an
-/// error of the caller and only the first is used.
+/// Completes a placement of a hot pack: `keep` holds `(index, node)`
+/// assignments that stay where they are (repair keeps every good,
+/// well-placed shard); the other indices are assigned exactly as [`place`]
+/// would, counting the kept shards. Kept shards must be on up candidates of
+/// the target; duplicate indices in `keep` are an error of the caller and
+/// only the first is used.
 pub fn complete(
+    code: Code,
+    pack_id: &Id32,
+    candidates: &[Candidate],
+    keep: &[(u32, NodeId)],
+) -> Result<Plan, PlacementError> {
+    complete_class(code, StorageClass::Hot, pack_id, candidates, keep)
+}
+
+/// [`complete`] for a pack of `class`: planned over [`Target::of`] the
+/// candidates, `degraded` judged by that target's rule.
+pub fn complete_class(
+    code: Code,
+    class: StorageClass,
+    pack_id: &Id32,
+    candidates: &[Candidate],
+    keep: &[(u32, NodeId)],
+) -> Result<Plan, PlacementError> {
+    code.validate()?;
+    check_unique(candidates)?;
+    let target = Target::of(code, class, candidates);
+    let mut plan = complete_over(code, pack_id, &target.candidates, keep)?;
+    plan.degraded = target.plan_degraded(code, &plan);
+    Ok(plan)
+}
+
+fn check_unique(candidates: &[Candidate]) -> Result<(), PlacementError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for c in candidates {
+        if !seen.insert(c.node) {
+            return Err(PlacementError::DuplicateNode { node: c.node });
+        }
+    }
+    Ok(())
+}
+
+/// The nodes a pack of one class should live on, and the rule its
+/// placement is judged by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub class: StorageClass,
+    /// The nodes of the target (up and down).
+    pub candidates: Vec<Candidate>,
+    /// The class's own nodes can hold the pack; `false`: every node is the
+    /// target (protection beats class).
+    pub in_class: bool,
+}
+
+impl Target {
+    /// Hot: the hot nodes when their up ones allow a healthy plan
+    /// ([`healthy_possible`]), else every node. Cold: the cold nodes when
+    /// their up ones allow at most `m` shards per region and per node
+    /// ([`region_cap_possible`]), else every node.
+    pub fn of(code: Code, class: StorageClass, candidates: &[Candidate]) -> Self {
+        let own: Vec<Candidate> = candidates
+            .iter()
+            .filter(|c| c.class == class)
+            .cloned()
+            .collect();
+        let holds = match class {
+            StorageClass::Hot => healthy_possible(code, &own),
+            StorageClass::Cold => region_cap_possible(code, &own),
+        };
+        if holds {
+            Self {
+                class,
+                candidates: own,
+                in_class: true,
+            }
+        } else {
+            Self {
+                class,
+                candidates: candidates.to_vec(),
+                in_class: false,
+            }
+        }
+    }
+
+    pub fn contains(&self, node: NodeId) -> bool {
+        self.candidates.iter().any(|c| c.node == node)
+    }
+
+    fn region_of(&self, node: NodeId) -> Option<&str> {
+        self.candidates
+            .iter()
+            .find(|c| c.node == node)
+            .map(|c| c.region.as_str())
+    }
+
+    /// Whether the target's up nodes allow one shard per node and at most
+    /// `m` per region (otherwise shards double up, at most `m` per node).
+    pub fn one_per_node_possible(&self, code: Code) -> bool {
+        healthy_possible(code, &self.candidates)
+    }
+
+    /// Whether a placement can meet this target's rule with the nodes up now.
+    pub fn rule_possible(&self, code: Code) -> bool {
+        if self.class == StorageClass::Cold && self.in_class {
+            true
+        } else {
+            self.one_per_node_possible(code)
+        }
+    }
+
+    /// The target's rule for stored shards: every one on a target node and
+    /// [`well_placed`] among the target's members. A cold pack on cold
+    /// nodes: at most `m` per region, and one per node when the cold nodes
+    /// up allow it (else at most `m` per node).
+    pub fn well_placed(&self, code: Code, nodes: &[NodeId]) -> bool {
+        if !nodes.iter().all(|n| self.contains(*n)) {
+            return false;
+        }
+        if self.class == StorageClass::Cold && self.in_class {
+            let node_cap = if self.one_per_node_possible(code) {
+                1
+            } else {
+                code.parity
+            };
+            let mut per_node: BTreeMap<NodeId, u32> = BTreeMap::new();
+            let mut per_region: BTreeMap<Option<&str>, u32> = BTreeMap::new();
+            for n in nodes {
+                *per_node.entry(*n).or_default() += 1;
+                *per_region.entry(self.region_of(*n)).or_default() += 1;
+            }
+            per_region.values().all(|&c| c <= code.parity)
+                && per_node.values().all(|&c| c <= node_cap)
+        } else {
+            well_placed(
+                code,
+                nodes.iter().copied(),
+                |n| self.region_of(n),
+                self.candidates.len(),
+            )
+        }
+    }
+
+    /// Whether a fresh plan breaks the target's rule (it needs rebalancing).
+    /// A cold pack on cold nodes is judged by [`Target::well_placed`]; every
+    /// other plan by [`Plan::is_healthy`] over the target.
+    pub fn plan_degraded(&self, code: Code, plan: &Plan) -> bool {
+        if self.class == StorageClass::Cold && self.in_class {
+            let nodes: Vec<NodeId> = plan.shards.iter().map(|(_, n)| *n).collect();
+            let mut indices: Vec<u32> = plan.shards.iter().map(|(i, _)| *i).collect();
+            indices.sort_unstable();
+            let all_up = plan
+                .shards
+                .iter()
+                .all(|(_, n)| self.candidates.iter().any(|c| c.node == *n && c.up));
+            !(all_up
+                && indices == (0..code.total()).collect::<Vec<_>>()
+                && self.well_placed(code, &nodes))
+        } else {
+            !plan.is_healthy(code, &self.candidates)
+        }
+    }
+}
+
+/// Whether the up candidates can hold a pack with at most `m` shards per
+/// region and per node: at least [`min_distinct_nodes`] of them, in at least
+/// `ceil((k + m) / m)` regions. The cold tier's rule: fewer, bigger nodes,
+/// each holding up to `m` shards of a pack, and a region loss still loses
+/// at most `m`.
+pub fn region_cap_possible(code: Code, candidates: &[Candidate]) -> bool {
+    let up: Vec<&Candidate> = candidates.iter().filter(|c| c.up).collect();
+    let regions: std::collections::BTreeSet<&str> = up.iter().map(|c| c.region.as_str()).collect();
+    code.validate().is_ok()
+        && up.len() >= min_distinct_nodes(code) as usize
+        && regions.len() as u64 * u64::from(code.parity) >= u64::from(code.total())
+}
+
+/// The water-filling planner over exactly `candidates` (no class choice).
+fn complete_over(
     code: Code,
     pack_id: &Id32,
     candidates: &[Candidate],
@@ -410,6 +594,7 @@ mod tests {
                     node: id,
                     region: region.to_string(),
                     up: *up,
+                    class: StorageClass::Hot,
                 });
                 id += 1;
             }
@@ -622,6 +807,7 @@ mod tests {
                             node: id,
                             region: format!("r{r}"),
                             up: *up,
+                            class: StorageClass::Hot,
                         });
                         id += 7;
                     }
@@ -716,6 +902,161 @@ mod tests {
             let gone = unused[pick.index(unused.len())].node;
             let fewer: Vec<Candidate> = nodes.iter().filter(|c| c.node != gone).cloned().collect();
             prop_assert_eq!(place(code, &pid(p), &fewer).ok(), Some(plan));
+        }
+    }
+
+    /// Three regions of (2 hot, 1 cold), region-major ids: 1 2 hot, 3 cold in r1...
+    fn tiered(cold_up: bool) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        for r in 0..3u64 {
+            for i in 0..3u64 {
+                let cold = i == 2;
+                out.push(Candidate {
+                    node: r * 3 + i + 1,
+                    region: format!("r{}", r + 1),
+                    up: !cold || cold_up || r != 0,
+                    class: if cold {
+                        StorageClass::Cold
+                    } else {
+                        StorageClass::Hot
+                    },
+                });
+            }
+        }
+        out
+    }
+
+    fn class_of(nodes: &[Candidate], node: NodeId) -> StorageClass {
+        nodes
+            .iter()
+            .find(|c| c.node == node)
+            .map(|c| c.class)
+            .expect("known node")
+    }
+
+    #[test]
+    fn new_packs_prefer_hot_nodes_and_cold_packs_go_to_cold_nodes_two_per_region() {
+        let code = Code::default();
+        let nodes = tiered(true);
+        for p in 0..50 {
+            let hot = place(code, &pid(p), &nodes).expect("placeable");
+            assert!(!hot.degraded);
+            assert!(
+                hot.shards
+                    .iter()
+                    .all(|(_, n)| class_of(&nodes, *n) == StorageClass::Hot)
+            );
+            let cold =
+                complete_class(code, StorageClass::Cold, &pid(p), &nodes, &[]).expect("placeable");
+            assert!(
+                !cold.degraded,
+                "2 shards on each of 3 cold nodes is healthy"
+            );
+            assert!(
+                cold.shards
+                    .iter()
+                    .all(|(_, n)| class_of(&nodes, *n) == StorageClass::Cold)
+            );
+            assert!(region_counts(&cold, &nodes).values().all(|&n| n == 2));
+            assert!(node_counts(&cold).values().all(|&n| n == 2));
+        }
+    }
+
+    #[test]
+    fn a_cold_tier_that_cannot_hold_the_region_cap_falls_back_to_every_node() {
+        let code = Code::default();
+        // r1's cold node is down: two cold nodes in two regions hold at most 4.
+        let nodes = tiered(false);
+        let target = Target::of(code, StorageClass::Cold, &nodes);
+        assert!(!target.in_class);
+        assert_eq!(target.candidates.len(), nodes.len());
+        let plan =
+            complete_class(code, StorageClass::Cold, &pid(1), &nodes, &[]).expect("placeable");
+        must_be_valid(code, &plan, &nodes);
+        assert!(
+            !plan.degraded,
+            "protection first: a healthy plan over every node"
+        );
+        // Hot nodes down below a healthy plan: new packs use every node.
+        let mut few_hot = tiered(true);
+        for c in few_hot
+            .iter_mut()
+            .filter(|c| c.region == "r1" && c.class == StorageClass::Hot)
+        {
+            c.up = false;
+        }
+        let plan = place(code, &pid(2), &few_hot).expect("placeable");
+        assert!(
+            plan.shards
+                .iter()
+                .any(|(_, n)| class_of(&few_hot, *n) == StorageClass::Cold)
+        );
+        assert!(region_counts(&plan, &few_hot).values().all(|&n| n <= 2));
+    }
+
+    /// Random topologies with a random class per node.
+    fn arb_classed() -> impl Strategy<Value = Vec<Candidate>> {
+        prop::collection::vec(
+            prop::collection::vec((any::<bool>(), any::<bool>()), 1..=5),
+            1..=6,
+        )
+        .prop_map(|regions| {
+            let mut out = Vec::new();
+            let mut id = 100;
+            for (r, nodes) in regions.iter().enumerate() {
+                for (up, cold) in nodes {
+                    out.push(Candidate {
+                        node: id,
+                        region: format!("r{r}"),
+                        up: *up,
+                        class: if *cold {
+                            StorageClass::Cold
+                        } else {
+                            StorageClass::Hot
+                        },
+                    });
+                    id += 7;
+                }
+            }
+            out
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the classes: a pack stays in its class exactly when the
+        /// class can hold it (hot: healthily; cold: ≤ m per region and per
+        /// node), and a plan of either class never breaks the region cap
+        /// when the whole cluster could keep it.
+        #[test]
+        fn class_plans_stay_in_class_only_when_protection_allows(
+            code in arb_code(),
+            nodes in arb_classed(),
+            p in any::<u64>(),
+            cold in any::<bool>(),
+        ) {
+            let class = if cold { StorageClass::Cold } else { StorageClass::Hot };
+            let own: Vec<Candidate> = nodes.iter().filter(|c| c.class == class).cloned().collect();
+            let target = Target::of(code, class, &nodes);
+            let holds = if cold { region_cap_possible(code, &own) } else { healthy_possible(code, &own) };
+            prop_assert_eq!(target.in_class, holds);
+            let plan = match complete_class(code, class, &pid(p), &nodes, &[]) {
+                Ok(plan) => plan,
+                Err(PlacementError::TooFewNodes { .. }) => {
+                    prop_assert!(!holds);
+                    return Ok(());
+                }
+                Err(e) => return Err(TestCaseError::fail(e.to_string())),
+            };
+            must_be_valid(code, &plan, &nodes);
+            if holds {
+                prop_assert!(plan.shards.iter().all(|(_, n)| class_of(&nodes, *n) == class));
+                prop_assert!(region_counts(&plan, &nodes).values().all(|&n| n <= code.parity));
+                prop_assert!(!plan.degraded, "in-class plans meet the class rule: {:?}", plan);
+            } else if healthy_possible(code, &nodes) {
+                prop_assert!(!plan.degraded);
+            }
         }
     }
 }

@@ -144,6 +144,7 @@ impl Gateway {
                         || (!failed_nodes.contains(id)
                             && self.io.presumed_up(*id)
                             && !self.repairer.is_draining(*id)),
+                    class: view.storage_class,
                 })
                 .collect();
             // Shards already durable stay where they are; only the rest is placed.

@@ -48,6 +48,7 @@ pub mod service;
 mod settings;
 pub mod state;
 pub mod state_machine;
+mod tier_state;
 pub mod types;
 pub mod voters;
 mod write;
@@ -186,9 +187,16 @@ impl Meta {
         let metrics = metrics.borrow();
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        // Storage classes live beside the membership (tiering); unreadable
+        // records read as hot, the class every node starts in.
+        let classes = self.node_classes().unwrap_or_default();
         membership
             .nodes()
-            .map(|(id, info)| (*id, NodeView::member(*id, info, voters.contains(id))))
+            .map(|(id, info)| {
+                let mut view = NodeView::member(*id, info, voters.contains(id));
+                view.storage_class = classes.get(id).copied().unwrap_or_default();
+                (*id, view)
+            })
             .collect()
     }
 

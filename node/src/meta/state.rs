@@ -30,10 +30,12 @@
 //! 'y' T dataset         -> Policy
 //! 'c' pack:32           -> PackLife                     (creation time and session)
 //! 'w' session:16        -> SessionRecord
+//! 'N' node:u64-BE       -> StorageClass                 (absent = hot)
+//! 'T' pack:32           -> StorageClass                 (absent = hot; removed with the pack)
 //! ```
 //! Lifecycle records (from `S` on) are applied by `gc_state.rs` (packs,
 //! sessions, references, sweeps) and `lifecycle_state.rs` (forget, locks,
-//! policies).
+//! policies); storage classes by `tier_state.rs`.
 //! The `'n'` records came after the first release; older states simply have
 //! none, which reads as "no marks", so the layout marker did not change.
 //! Invariants: an entry's effects, `applied` and `stats` are written in one
@@ -835,9 +837,17 @@ pub(super) fn apply_at(
         }
         Command::AddPackInSession { .. }
         | Command::CommitSnapshotWithRefs { .. }
-        | Command::SweepBlobs { .. }
-        | Command::DropPack { .. }
-        | Command::Repack { .. } => super::gc_state::apply(view, cmd, now, batch, stats),
+        | Command::SweepBlobs { .. } => super::gc_state::apply(view, cmd, now, batch, stats),
+        Command::DropPack { id } | Command::Repack { old: id, .. } => {
+            let result = super::gc_state::apply(view, cmd, now, batch, stats)?;
+            if result == CommandResult::Ok {
+                super::tier_state::forget_pack(id, batch);
+            }
+            Ok(result)
+        }
+        Command::SetStorageClass { .. } | Command::SetPackClass { .. } => {
+            super::tier_state::apply(view, cmd, now, batch, stats)
+        }
         Command::ForgetSnapshots { .. }
         | Command::SetLock { .. }
         | Command::RemoveLock { .. }

@@ -7,7 +7,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub use crate::auth::Role;
-pub use crate::model::{Id32, NodeId, NodeInfo, ShardPlacement};
+pub use crate::model::{Id32, NodeId, NodeInfo, ShardPlacement, StorageClass};
 
 openraft::declare_raft_types!(
     /// openraft type configuration of the Cairn metadata group.
@@ -230,6 +230,23 @@ pub enum Command {
         old: Id32,
         new: PackRecord,
         blobs: Vec<(Id32, BlobLocation)>,
+    },
+    /// Records `node`'s storage class (`--storage-class`), proposed by the
+    /// node itself at start. Kept beside the membership, never in
+    /// `NodeInfo` (which travels in openraft's membership). `hot` removes
+    /// the record (no record reads as hot). `AlreadyExists` if unchanged.
+    SetStorageClass { node: NodeId, class: StorageClass },
+    /// Tiering's compare-and-set: applied only if the pack's placement still
+    /// equals `expected` (else [`CommandResult::PlacementChanged`], nothing
+    /// changes); then sets the placement like `SetPlacementIf` and the
+    /// pack's class in the same entry, so a pack's class always names the
+    /// tier its placement was planned for. `hot` removes the class record.
+    SetPackClass {
+        pack: Id32,
+        class: StorageClass,
+        expected: Vec<ShardPlacement>,
+        shards: Vec<ShardPlacement>,
+        needs_rebalance: bool,
     },
 }
 

@@ -5,13 +5,19 @@
 //! the grace period); outputs are counts and a plan. No I/O here: the worker
 //! in `repair::mod` executes plans, and property tests below check that a
 //! plan never makes protection worse and always keeps good shards in place.
+//!
+//! A pack is judged against the nodes of its storage class
+//! ([`crate::placement::Target`]): a cold pack with two shards on each of
+//! three cold nodes is `Full`, and the same pack back on hot nodes is
+//! `Misplaced` while the cold nodes can hold it. When its class cannot hold
+//! it (a cold node lost), every node is the target: protection beats class.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::erasure::Code;
 use crate::meta::types::PackRecord;
-use crate::model::{Id32, NodeId, ShardPlacement};
-use crate::placement::{Candidate, PlacementError, complete, healthy_possible};
+use crate::model::{Id32, NodeId, ShardPlacement, StorageClass};
+use crate::placement::{Candidate, PlacementError, Target};
 
 /// What the repair worker knows of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +25,21 @@ pub struct NodeState {
     pub region: String,
     /// Unreachable for longer than the grace period.
     pub down: bool,
+    /// Its storage tier.
+    pub class: StorageClass,
+}
+
+/// The repair worker's view of the nodes as placement candidates.
+pub fn candidates(nodes: &BTreeMap<NodeId, NodeState>) -> Vec<Candidate> {
+    nodes
+        .iter()
+        .map(|(id, n)| Candidate {
+            node: *id,
+            region: n.region.clone(),
+            up: !n.down,
+            class: n.class,
+        })
+        .collect()
 }
 
 /// How well one pack is protected.
@@ -95,9 +116,10 @@ pub fn good_shards(
         .collect()
 }
 
-/// Classifies a pack from its good shards.
+/// Classifies a pack of storage class `class` from its good shards.
 pub fn assess(
     pack: &PackRecord,
+    class: StorageClass,
     good: &[ShardPlacement],
     nodes: &BTreeMap<NodeId, NodeState>,
 ) -> Health {
@@ -115,21 +137,13 @@ pub fn assess(
             missing: total - count,
         };
     }
-    if well_placed(code, good, nodes) {
+    let target = Target::of(code, class, &candidates(nodes));
+    let on: Vec<NodeId> = good.iter().map(|s| s.node).collect();
+    if target.well_placed(code, &on) {
         Health::Full
     } else {
         Health::Misplaced
     }
-}
-
-/// [`crate::placement::well_placed`] over the repair worker's view of the nodes.
-fn well_placed(code: Code, shards: &[ShardPlacement], nodes: &BTreeMap<NodeId, NodeState>) -> bool {
-    crate::placement::well_placed(
-        code,
-        shards.iter().map(|s| s.node),
-        |n| nodes.get(&n).map(|s| s.region.as_str()),
-        nodes.len(),
-    )
 }
 
 /// What to do for one pack.
@@ -147,25 +161,24 @@ pub struct RepairPlan {
 
 /// Plans the repair of one pack, or `None` when it needs nothing (or
 /// nothing can be done until nodes come back).
+///
+/// The plan targets the nodes of `class` ([`Target::of`]); a move between
+/// classes is the same plan: "every good shard outside the target is
+/// misplaced".
 pub fn plan_repair(
     pack: &PackRecord,
+    class: StorageClass,
     good: &[ShardPlacement],
     nodes: &BTreeMap<NodeId, NodeState>,
 ) -> Result<Option<RepairPlan>, PlacementError> {
     let code = code_of(pack);
-    let health = assess(pack, good, nodes);
+    let health = assess(pack, class, good, nodes);
     if matches!(health, Health::Full | Health::Unrecoverable) {
         return Ok(None);
     }
-    let candidates: Vec<Candidate> = nodes
-        .iter()
-        .map(|(id, n)| Candidate {
-            node: *id,
-            region: n.region.clone(),
-            up: !n.down,
-        })
-        .collect();
-    let ideal = healthy_possible(code, &candidates);
+    let all = candidates(nodes);
+    let target = Target::of(code, class, &all);
+    let ideal = target.rule_possible(code);
     if health == Health::Misplaced && !ideal {
         // Every shard is good; moving them now would not make the pack safer.
         return Ok(None);
@@ -174,8 +187,12 @@ pub fn plan_repair(
     let mut keep = Vec::new();
     let mut on_node: BTreeMap<NodeId, u32> = BTreeMap::new();
     let mut in_region: BTreeMap<&str, u32> = BTreeMap::new();
-    let node_cap = if ideal { 1 } else { code.parity };
-    for shard in good {
+    let node_cap = if target.one_per_node_possible(code) {
+        1
+    } else {
+        code.parity
+    };
+    for shard in good.iter().filter(|s| target.contains(s.node)) {
         let region = nodes
             .get(&shard.node)
             .map(|n| n.region.as_str())
@@ -188,7 +205,7 @@ pub fn plan_repair(
             *in_region.entry(region).or_default() += 1;
         }
     }
-    let plan = complete(code, &pack.id, &candidates, &keep)?;
+    let plan = crate::placement::complete_class(code, class, &pack.id, &all, &keep)?;
     let kept: BTreeSet<(u32, NodeId)> = keep.iter().copied().collect();
     let writes: Vec<(u32, NodeId)> = plan
         .shards
@@ -218,6 +235,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const HOT: StorageClass = StorageClass::Hot;
+
     fn topology(spec: &[(&str, usize, bool)]) -> BTreeMap<NodeId, NodeState> {
         let mut nodes = BTreeMap::new();
         let mut id = 0;
@@ -229,6 +248,7 @@ mod tests {
                     NodeState {
                         region: region.to_string(),
                         down: !up,
+                        class: StorageClass::Hot,
                     },
                 );
             }
@@ -276,8 +296,13 @@ mod tests {
         let p = pack(&[(0, 1), (1, 2), (2, 4), (3, 5), (4, 6), (5, 7)]);
         nodes.get_mut(&2).expect("node 2").down = true;
         let good = good_shards(&p, &nodes, &BTreeSet::new());
-        assert_eq!(assess(&p, &good, &nodes), Health::Degraded { missing: 1 });
-        let plan = plan_repair(&p, &good, &nodes).expect("plan").expect("work");
+        assert_eq!(
+            assess(&p, HOT, &good, &nodes),
+            Health::Degraded { missing: 1 }
+        );
+        let plan = plan_repair(&p, HOT, &good, &nodes)
+            .expect("plan")
+            .expect("work");
         assert_eq!(
             plan.writes,
             vec![(1, 3)],
@@ -286,7 +311,7 @@ mod tests {
         assert!(plan.deletes.is_empty());
         let after = apply(&p, &plan);
         let good = good_shards(&after, &nodes, &BTreeSet::new());
-        assert_eq!(assess(&after, &good, &nodes), Health::Full);
+        assert_eq!(assess(&after, HOT, &good, &nodes), Health::Full);
     }
 
     #[test]
@@ -298,20 +323,22 @@ mod tests {
         }
         let good = good_shards(&p, &nodes, &BTreeSet::new());
         assert_eq!(
-            assess(&p, &good, &nodes),
+            assess(&p, HOT, &good, &nodes),
             Health::AtRisk,
             "k good shards, no margin"
         );
-        let plan = plan_repair(&p, &good, &nodes).expect("plan").expect("work");
+        let plan = plan_repair(&p, HOT, &good, &nodes)
+            .expect("plan")
+            .expect("work");
         assert_eq!(plan.writes.len(), 2);
         assert!(plan.still_degraded);
         let during = apply(&p, &plan);
         let good = good_shards(&during, &nodes, &BTreeSet::new());
         // k+m shards again: one more node loss is survivable.
         assert_eq!(good.len(), 6);
-        assert_eq!(assess(&during, &good, &nodes), Health::Misplaced);
+        assert_eq!(assess(&during, HOT, &good, &nodes), Health::Misplaced);
         assert_eq!(
-            plan_repair(&during, &good, &nodes).expect("plan"),
+            plan_repair(&during, HOT, &good, &nodes).expect("plan"),
             None,
             "no churn while r3 is down"
         );
@@ -320,14 +347,14 @@ mod tests {
             nodes.get_mut(&id).expect("node").down = false;
         }
         let good = good_shards(&during, &nodes, &BTreeSet::new());
-        let plan = plan_repair(&during, &good, &nodes)
+        let plan = plan_repair(&during, HOT, &good, &nodes)
             .expect("plan")
             .expect("rebalance");
         assert!(!plan.still_degraded);
         assert_eq!(plan.deletes.len(), 2, "the doubled-up copies go");
         let after = apply(&during, &plan);
         let good = good_shards(&after, &nodes, &BTreeSet::new());
-        assert_eq!(assess(&after, &good, &nodes), Health::Full);
+        assert_eq!(assess(&after, HOT, &good, &nodes), Health::Full);
     }
 
     #[test]
@@ -336,8 +363,13 @@ mod tests {
         let p = pack(&[(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]);
         let bad: BTreeSet<_> = [(p.id, 3, 4)].into_iter().collect();
         let good = good_shards(&p, &nodes, &bad);
-        assert_eq!(assess(&p, &good, &nodes), Health::Degraded { missing: 1 });
-        let plan = plan_repair(&p, &good, &nodes).expect("plan").expect("work");
+        assert_eq!(
+            assess(&p, HOT, &good, &nodes),
+            Health::Degraded { missing: 1 }
+        );
+        let plan = plan_repair(&p, HOT, &good, &nodes)
+            .expect("plan")
+            .expect("work");
         assert_eq!(
             plan.writes,
             vec![(3, 4)],
@@ -350,8 +382,95 @@ mod tests {
         let nodes = topology(&[("r1", 2, true), ("r2", 2, false), ("r3", 2, false)]);
         let p = pack(&[(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]);
         let good = good_shards(&p, &nodes, &BTreeSet::new());
-        assert_eq!(assess(&p, &good, &nodes), Health::Unrecoverable);
-        assert_eq!(plan_repair(&p, &good, &nodes).expect("plan"), None);
+        assert_eq!(assess(&p, HOT, &good, &nodes), Health::Unrecoverable);
+        assert_eq!(plan_repair(&p, HOT, &good, &nodes).expect("plan"), None);
+    }
+
+    /// Three regions of (2 hot, 1 cold): ids 1 2 hot, 3 cold (r1); 4 5, 6; 7 8, 9.
+    fn tiered() -> BTreeMap<NodeId, NodeState> {
+        let mut nodes = topology(&[("r1", 3, true), ("r2", 3, true), ("r3", 3, true)]);
+        for id in [3, 6, 9] {
+            nodes.get_mut(&id).expect("node").class = StorageClass::Cold;
+        }
+        nodes
+    }
+
+    const COLD: StorageClass = StorageClass::Cold;
+    const ON_COLD: [(u32, NodeId); 6] = [(0, 3), (1, 6), (2, 9), (3, 3), (4, 6), (5, 9)];
+    const ON_HOT: [(u32, NodeId); 6] = [(0, 1), (1, 4), (2, 7), (3, 2), (4, 5), (5, 8)];
+
+    #[test]
+    fn health_is_judged_against_the_nodes_of_the_pack_class() {
+        let nodes = tiered();
+        let cold = pack(&ON_COLD);
+        let good = good_shards(&cold, &nodes, &BTreeSet::new());
+        assert_eq!(assess(&cold, COLD, &good, &nodes), Health::Full);
+        assert_eq!(plan_repair(&cold, COLD, &good, &nodes).expect("plan"), None);
+        // The same shards judged as a hot pack are misplaced.
+        assert_eq!(assess(&cold, HOT, &good, &nodes), Health::Misplaced);
+        let hot = pack(&ON_HOT);
+        let good = good_shards(&hot, &nodes, &BTreeSet::new());
+        assert_eq!(assess(&hot, HOT, &good, &nodes), Health::Full);
+        assert_eq!(assess(&hot, COLD, &good, &nodes), Health::Misplaced);
+    }
+
+    #[test]
+    fn a_move_to_cold_is_a_repair_plan_onto_cold_nodes_only() {
+        let nodes = tiered();
+        let hot = pack(&ON_HOT);
+        let good = good_shards(&hot, &nodes, &BTreeSet::new());
+        let plan = plan_repair(&hot, COLD, &good, &nodes)
+            .expect("plan")
+            .expect("a move");
+        assert_eq!(plan.writes.len(), 6);
+        assert_eq!(
+            plan.deletes.len(),
+            6,
+            "every hot shard goes after the commit"
+        );
+        assert!(!plan.still_degraded);
+        assert!(plan.writes.iter().all(|(_, n)| [3, 6, 9].contains(n)));
+        let after = apply(&hot, &plan);
+        let good = good_shards(&after, &nodes, &BTreeSet::new());
+        assert_eq!(assess(&after, COLD, &good, &nodes), Health::Full);
+        // And back: a promoted pack returns to hot nodes, one per node.
+        let back = plan_repair(&after, HOT, &good, &nodes)
+            .expect("plan")
+            .expect("a move back");
+        assert!(back.writes.iter().all(|(_, n)| ![3, 6, 9].contains(n)));
+        assert!(!back.still_degraded);
+    }
+
+    #[test]
+    fn a_lost_cold_node_is_rebuilt_on_every_node_then_moved_back_to_cold() {
+        let mut nodes = tiered();
+        nodes.get_mut(&3).expect("node 3").down = true;
+        let cold = pack(&ON_COLD);
+        let good = good_shards(&cold, &nodes, &BTreeSet::new());
+        assert_eq!(assess(&cold, COLD, &good, &nodes), Health::AtRisk);
+        let plan = plan_repair(&cold, COLD, &good, &nodes)
+            .expect("plan")
+            .expect("work");
+        assert!(
+            !plan.still_degraded,
+            "protection first: healthy over every node"
+        );
+        assert!(plan.writes.iter().all(|(_, n)| *n != 3));
+        let during = apply(&cold, &plan);
+        let good = good_shards(&during, &nodes, &BTreeSet::new());
+        assert_eq!(good.len(), 6);
+        assert_eq!(assess(&during, COLD, &good, &nodes), Health::Full);
+        // The cold node returns: the pack goes back to the cold tier.
+        nodes.get_mut(&3).expect("node 3").down = false;
+        let good = good_shards(&during, &nodes, &BTreeSet::new());
+        assert_eq!(assess(&during, COLD, &good, &nodes), Health::Misplaced);
+        let back = plan_repair(&during, COLD, &good, &nodes)
+            .expect("plan")
+            .expect("back to cold");
+        let after = apply(&during, &back);
+        let good = good_shards(&after, &nodes, &BTreeSet::new());
+        assert_eq!(assess(&after, COLD, &good, &nodes), Health::Full);
+        assert!(after.shards.iter().all(|s| [3, 6, 9].contains(&s.node)));
     }
 
     proptest! {
@@ -368,7 +487,7 @@ mod tests {
             for (r, (count, ups)) in regions.iter().enumerate() {
                 for up in ups.iter().take(*count) {
                     id += 1;
-                    nodes.insert(id, NodeState { region: format!("r{r}"), down: !up });
+                    nodes.insert(id, NodeState { region: format!("r{r}"), down: !up, class: StorageClass::Hot });
                 }
             }
             let ids: Vec<NodeId> = nodes.keys().copied().collect();
@@ -380,7 +499,7 @@ mod tests {
             let p = pack(&placement);
             let good = good_shards(&p, &nodes, &BTreeSet::new());
             let before = good.len();
-            match plan_repair(&p, &good, &nodes) {
+            match plan_repair(&p, HOT, &good, &nodes) {
                 Ok(Some(plan)) => {
                     for (_, node) in &plan.writes {
                         prop_assert!(!nodes[node].down, "write to a down node");
@@ -389,10 +508,8 @@ mod tests {
                     let good_after = good_shards(&after, &nodes, &BTreeSet::new());
                     prop_assert!(good_after.len() >= before);
                     prop_assert_eq!(good_after.len(), 6);
-                    let candidates: Vec<Candidate> = nodes.iter().map(|(id, n)| Candidate {
-                        node: *id, region: n.region.clone(), up: !n.down }).collect();
-                    if healthy_possible(Code::default(), &candidates) {
-                        prop_assert_eq!(assess(&after, &good_after, &nodes), Health::Full);
+                    if crate::placement::healthy_possible(Code::default(), &candidates(&nodes)) {
+                        prop_assert_eq!(assess(&after, HOT, &good_after, &nodes), Health::Full);
                     }
                 }
                 Ok(None) => {}

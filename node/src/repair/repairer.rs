@@ -27,7 +27,7 @@ use crate::erasure::{Code, EncodedShard, reconstruct_shards};
 use crate::liveness::Liveness;
 use crate::meta::types::{Command, CommandResult, PackRecord};
 use crate::meta::{Meta, MetaError};
-use crate::model::{Id32, NodeId, ShardPlacement};
+use crate::model::{Id32, NodeId, ShardPlacement, StorageClass};
 use crate::shard_io::{Members, ShardIo, ShardIoError, verify_shard};
 
 /// Passes a drain runs at most before giving up.
@@ -131,6 +131,7 @@ impl Repairer {
                     NodeState {
                         region: view.region.clone(),
                         down: self.liveness.is_down(*id) || self.is_draining(*id),
+                        class: view.storage_class,
                     },
                 )
             })
@@ -166,10 +167,12 @@ impl Repairer {
         let members = self.meta.node_views();
         let nodes = self.node_states(&members);
         let bad = self.state.bad_shards();
+        let classes = self.meta.pack_classes()?;
         let mut counts = ProtectionCounts::default();
         for pack in self.meta.packs()? {
             let good = good_shards(&pack, &nodes, &bad);
-            let health = assess(&pack, &good, &nodes);
+            let class = classes.get(&pack.id).copied().unwrap_or_default();
+            let health = assess(&pack, class, &good, &nodes);
             counts.add(
                 health,
                 pack.data_shards + pack.parity_shards,
@@ -203,10 +206,22 @@ impl Repairer {
         let members = self.meta.node_views();
         let nodes = self.node_states(&members);
         let bad = self.state.bad_shards();
+        // A pack is repaired within its class: a cold pack is never moved
+        // back to hot nodes while the cold ones can hold it.
+        let classes = match self.meta.pack_classes() {
+            Ok(classes) => classes,
+            Err(e) => {
+                warn!(error = %e, "repair pass cannot read the pack classes; retrying next pass");
+                outcome.errors += 1;
+                self.state.errors_total.fetch_add(1, Ordering::Relaxed);
+                return outcome;
+            }
+        };
         let mut work: Vec<(u8, PackRecord, RepairPlan)> = Vec::new();
         for pack in packs {
             let good = good_shards(&pack, &nodes, &bad);
-            let urgency = match assess(&pack, &good, &nodes) {
+            let class = classes.get(&pack.id).copied().unwrap_or_default();
+            let urgency = match assess(&pack, class, &good, &nodes) {
                 Health::Unrecoverable => {
                     warn!(pack_id = %hex::encode(pack.id), good = good.len(),
                         "pack has fewer than k good shards; it stays listed until its nodes return");
@@ -217,7 +232,7 @@ impl Repairer {
                 Health::Misplaced => 2,
                 Health::Full => continue,
             };
-            match plan_repair(&pack, &good, &nodes) {
+            match plan_repair(&pack, class, &good, &nodes) {
                 Ok(Some(plan)) => work.push((urgency, pack, plan)),
                 Ok(None) => {}
                 Err(e) => {
@@ -232,7 +247,10 @@ impl Repairer {
         self.state.queue.store(outcome.queued, Ordering::Relaxed);
         let mut limiter = RateLimiter::new(rate_bytes_per_s);
         for (_, pack, plan) in work {
-            match self.repair_pack(&pack, &plan, &members, &mut limiter).await {
+            match self
+                .repair_pack(&pack, &plan, None, &members, &mut limiter)
+                .await
+            {
                 Ok(()) => {
                     outcome.repaired += 1;
                     self.state
@@ -266,16 +284,19 @@ impl Repairer {
 
     /// Rebuilds the planned shards of one pack, commits (compare-and-set),
     /// then deletes surplus; on any failure deletes what it wrote.
+    /// `new_class`: commit the placement together with the pack's new
+    /// storage class (a tiering move) instead of the placement alone.
     async fn repair_pack(
         &self,
         pack: &PackRecord,
         plan: &RepairPlan,
+        new_class: Option<StorageClass>,
         members: &Members,
         limiter: &mut RateLimiter,
     ) -> Result<(), RepairError> {
         let mut written: BTreeMap<u32, ShardPlacement> = BTreeMap::new();
         let result = self
-            .rebuild_and_commit(pack, plan, members, limiter, &mut written)
+            .rebuild_and_commit(pack, plan, new_class, members, limiter, &mut written)
             .await;
         if result.is_err() && !written.is_empty() {
             self.clean_up_lost(pack, &written, members).await;
@@ -287,6 +308,7 @@ impl Repairer {
         &self,
         pack: &PackRecord,
         plan: &RepairPlan,
+        new_class: Option<StorageClass>,
         members: &Members,
         limiter: &mut RateLimiter,
         written: &mut BTreeMap<u32, ShardPlacement>,
@@ -411,16 +433,22 @@ impl Repairer {
         }
         // The state machine applies this only over the placement the plan
         // was made from: the one check that cannot race.
-        match self
-            .meta
-            .write(Command::SetPlacementIf {
+        let commit = match new_class {
+            None => Command::SetPlacementIf {
                 pack_id: pack.id,
                 expected: pack.shards.clone(),
                 shards,
                 needs_rebalance: plan.still_degraded,
-            })
-            .await?
-        {
+            },
+            Some(class) => Command::SetPackClass {
+                pack: pack.id,
+                class,
+                expected: pack.shards.clone(),
+                shards,
+                needs_rebalance: plan.still_degraded,
+            },
+        };
+        match self.meta.write(commit).await? {
             CommandResult::PlacementChanged => return Err(RepairError::PlacementChanged),
             CommandResult::UnknownPack => return Err(RepairError::PackVanished),
             _ => {}
@@ -482,6 +510,64 @@ impl Repairer {
                 }
             }
         }
+    }
+
+    /// Moves one pack to the nodes of `class` (tiering): the same rebuild as
+    /// a repair — read k verified shards, reconstruct, write the target's
+    /// shards, commit placement and class with one compare-and-set, then
+    /// delete the old shards; a lost compare-and-set deletes what it wrote.
+    /// Holds the pass lock for this one pack, so moves and repair passes
+    /// never interleave and neither starves the other. Returns the shard
+    /// bytes written, or `None` when the pack needs no move (its class
+    /// cannot hold it, or it is already there).
+    pub async fn move_pack(
+        &self,
+        pack_id: &Id32,
+        class: StorageClass,
+        limiter: &mut RateLimiter,
+    ) -> Result<Option<u64>, RepairError> {
+        let _one_at_a_time = self.pass_lock.lock().await;
+        let Some(pack) = self.meta.pack(pack_id)? else {
+            return Err(RepairError::PackVanished);
+        };
+        let members = self.meta.node_views();
+        let nodes = self.node_states(&members);
+        let good = good_shards(&pack, &nodes, &self.state.bad_shards());
+        let code = Code {
+            data: pack.data_shards,
+            parity: pack.parity_shards,
+        };
+        if !crate::placement::Target::of(code, class, &super::plan::candidates(&nodes)).in_class {
+            return Ok(None);
+        }
+        let plan = match plan_repair(&pack, class, &good, &nodes) {
+            Ok(Some(plan)) => plan,
+            // Already placed for the class: only the record is missing.
+            Ok(None) if self.meta.pack_class(pack_id)? != class => RepairPlan {
+                writes: Vec::new(),
+                placement_after: good.iter().map(|s| (s.index, s.node)).collect(),
+                deletes: Vec::new(),
+                still_degraded: pack.needs_rebalance,
+            },
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                return Err(RepairError::Rebuild {
+                    reason: e.to_string(),
+                });
+            }
+        };
+        if assess(&pack, class, &good, &nodes) == Health::Unrecoverable {
+            return Ok(None);
+        }
+        let before = self.state.bytes_written_total.load(Ordering::Relaxed);
+        self.repair_pack(&pack, &plan, Some(class), &members, limiter)
+            .await?;
+        Ok(Some(
+            self.state
+                .bytes_written_total
+                .load(Ordering::Relaxed)
+                .saturating_sub(before),
+        ))
     }
 
     /// Moves a node's shards away (if `drain`), then removes it from the
