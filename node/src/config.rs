@@ -22,7 +22,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::erasure::Code;
 use crate::gateway::GatewayConfig;
-use crate::model::{NodeId, NodeInfo};
+use crate::model::{NodeId, NodeInfo, StorageClass};
 use crate::placement::{Candidate, place};
 
 /// Prefix of the environment variables that configure a node.
@@ -54,7 +54,7 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     #[error(
-        "environment variable {var} is not a node setting: use {ENV_PREFIX}ID, _REGION, _LISTEN, _DATA_DIR, _INITIAL_CLUSTER, _ERASURE, _DOWN_AFTER, _METRICS_LISTEN, _INSECURE, _BOOTSTRAP_TOKEN_FILE or {ENV_PREFIX}<SECTION>_<KEY> with a section of raft, gateway, repair, scrub, tls, lifecycle"
+        "environment variable {var} is not a node setting: use {ENV_PREFIX}ID, _REGION, _LISTEN, _DATA_DIR, _INITIAL_CLUSTER, _ERASURE, _DOWN_AFTER, _METRICS_LISTEN, _INSECURE, _BOOTSTRAP_TOKEN_FILE, _STORAGE_CLASS or {ENV_PREFIX}<SECTION>_<KEY> with a section of raft, gateway, repair, scrub, tls, lifecycle, tiering"
     )]
     EnvUnknown { var: String },
     #[error("environment variable {var}={value:?}: expected a whole number")]
@@ -272,10 +272,44 @@ impl Default for LifecycleSection {
     }
 }
 
+/// `[tiering]`: the leader's mover of packs between storage classes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TieringSection {
+    /// Pause between two mover passes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Shard bytes the mover writes per second at most (0 = unlimited);
+    /// `"64MiB"` or bytes. Client traffic keeps priority.
+    #[serde(deserialize_with = "size")]
+    pub rate_bytes_per_s: u64,
+    /// Packs moved per pass at most; the rest waits for the next pass.
+    pub packs_per_pass: usize,
+}
+
+impl Default for TieringSection {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+            rate_bytes_per_s: 64 * 1024 * 1024,
+            packs_per_pass: 256,
+        }
+    }
+}
+
 /// The sections an environment variable `CAIRN_NODE_<SECTION>_<KEY>` may set.
-const SECTIONS: [&str; 6] = ["raft", "gateway", "repair", "scrub", "tls", "lifecycle"];
+const SECTIONS: [&str; 7] = [
+    "raft",
+    "gateway",
+    "repair",
+    "scrub",
+    "tls",
+    "lifecycle",
+    "tiering",
+];
 /// Top-level keys and their variables (`CAIRN_NODE_ID` is `node_id`).
-const TOP_LEVEL: [(&str, &str); 10] = [
+const TOP_LEVEL: [(&str, &str); 11] = [
+    ("STORAGE_CLASS", "storage_class"),
     ("ID", "node_id"),
     ("REGION", "region"),
     ("LISTEN", "listen"),
@@ -289,7 +323,12 @@ const TOP_LEVEL: [(&str, &str); 10] = [
 ];
 /// Keys whose values are whole numbers (every other value is a string:
 /// durations, sizes, addresses and names parse from text).
-const NUMBER_KEYS: [&str; 3] = ["node_id", "snapshot_every_logs", "packs_in_flight_max"];
+const NUMBER_KEYS: [&str; 4] = [
+    "node_id",
+    "snapshot_every_logs",
+    "packs_in_flight_max",
+    "packs_per_pass",
+];
 /// Keys whose values are `true` or `false`.
 const BOOL_KEYS: [&str; 1] = ["insecure"];
 
@@ -311,12 +350,15 @@ pub struct NodeFile {
     /// At cluster initialization, the token in this file becomes the first
     /// `cluster-admin` token.
     pub bootstrap_token_file: Option<PathBuf>,
+    /// `hot` (default) or `cold`: which packs this node's disks hold.
+    pub storage_class: Option<StorageClass>,
     pub tls: TlsSection,
     pub raft: RaftSection,
     pub gateway: GatewaySection,
     pub repair: RepairSection,
     pub scrub: ScrubSection,
     pub lifecycle: LifecycleSection,
+    pub tiering: TieringSection,
 }
 
 /// `[tls]`: the cluster CA and this node's certificate and key (PEM files).
@@ -486,6 +528,11 @@ pub struct NodeArgs {
     /// cluster-admin token. [env: CAIRN_NODE_BOOTSTRAP_TOKEN_FILE]
     #[arg(long, value_name = "FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
+    /// Storage tier of this node's disks: hot (new and recent packs) or
+    /// cold (packs only old snapshots reference) [default: hot].
+    /// [env: CAIRN_NODE_STORAGE_CLASS]
+    #[arg(long, value_name = "hot|cold")]
+    pub storage_class: Option<StorageClass>,
     /// TOML configuration file; the environment and flags override it.
     #[arg(long, env = ENV_CONFIG)]
     pub config: Option<PathBuf>,
@@ -511,6 +558,7 @@ impl NodeArgs {
         set(self.tls_cert, &mut file.tls.cert);
         set(self.tls_key, &mut file.tls.key);
         set(self.bootstrap_token_file, &mut file.bootstrap_token_file);
+        set(self.storage_class, &mut file.storage_class);
         if self.insecure {
             file.insecure = true;
         }
@@ -546,6 +594,9 @@ pub struct NodeConfig {
     pub repair: RepairSection,
     pub scrub: ScrubSection,
     pub lifecycle: LifecycleSection,
+    /// This node's storage tier (announced to the metadata group at start).
+    pub storage_class: StorageClass,
+    pub tiering: TieringSection,
 }
 
 fn missing(name: &'static str, flag: &'static str, env: &'static str) -> ConfigError {
@@ -607,6 +658,13 @@ fn check_sections(file: &NodeFile) -> Result<(), ConfigError> {
     }
     if let Some(down_after) = file.down_after {
         positive("down_after", down_after)?;
+    }
+    positive("tiering.interval", file.tiering.interval)?;
+    if file.tiering.packs_per_pass == 0 {
+        return Err(ConfigError::Invalid {
+            key: "tiering.packs_per_pass",
+            reason: "must be at least 1".into(),
+        });
     }
     Ok(())
 }
@@ -695,6 +753,8 @@ impl NodeConfig {
             repair: file.repair,
             lifecycle: file.lifecycle,
             scrub: file.scrub,
+            storage_class: file.storage_class.unwrap_or_default(),
+            tiering: file.tiering,
         })
     }
 
@@ -895,6 +955,53 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("/srv/c"));
         assert_eq!(config.down_after, Duration::from_secs(60));
         assert_eq!(config.scrub.interval, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn storage_class_and_tiering_layer_like_every_setting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_file(
+            dir.path(),
+            &format!(
+                "node_id = 1\nregion = \"r1\"\nlisten = \"127.0.0.1:7101\"\ndata_dir = \"/srv/a\"\ninitial_cluster = \"{CLUSTER}\"\ninsecure = true\nstorage_class = \"cold\"\n\n[tiering]\ninterval = \"5m\"\nrate_bytes_per_s = \"16MiB\"\n"
+            ),
+        );
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["cairn-node", "--config", path.to_str().expect("utf-8 path")];
+            argv.extend_from_slice(extra);
+            <NodeArgs as clap::Parser>::try_parse_from(argv).expect("flags parse")
+        };
+        let config = args(&[]).load(env(&[])).expect("file");
+        assert_eq!(config.storage_class, StorageClass::Cold);
+        assert_eq!(config.tiering.interval, Duration::from_secs(300));
+        assert_eq!(config.tiering.rate_bytes_per_s, 16 << 20);
+        assert_eq!(
+            config.tiering.packs_per_pass,
+            TieringSection::default().packs_per_pass
+        );
+        let vars = env(&[
+            ("CAIRN_NODE_STORAGE_CLASS", "hot"),
+            ("CAIRN_NODE_TIERING_PACKS_PER_PASS", "9"),
+        ]);
+        let config = args(&[]).load(vars.clone()).expect("environment");
+        assert_eq!(config.storage_class, StorageClass::Hot);
+        assert_eq!(config.tiering.packs_per_pass, 9);
+        let config = args(&["--storage-class", "cold"])
+            .load(vars)
+            .expect("flags");
+        assert_eq!(config.storage_class, StorageClass::Cold);
+        // Defaults: hot.
+        let defaults = NodeConfig::from_file(file(CLUSTER, "4+2")).expect("defaults");
+        assert_eq!(defaults.storage_class, StorageClass::Hot);
+        // A misspelt class is one clear error, from the flag and the environment.
+        let err =
+            <NodeArgs as clap::Parser>::try_parse_from(["cairn-node", "--storage-class", "warm"])
+                .expect_err("warm is no class");
+        assert!(err.to_string().contains("not one of hot, cold"), "{err}");
+        let err = args(&[])
+            .load(env(&[("CAIRN_NODE_STORAGE_CLASS", "warm")]))
+            .expect_err("warm is no class");
+        assert!(err.to_string().contains("warm"), "{err}");
     }
 
     #[test]

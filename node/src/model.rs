@@ -29,10 +29,12 @@ impl fmt::Display for NodeInfo {
 }
 
 /// The storage tier of a node (`--storage-class`) or of a pack (where its
-/// shards should live). Persisted by variant index: only ever append.
+/// shards should live). postcard encodes the variant index (only ever
+/// append); the config file spells the lowercase names.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
+#[serde(rename_all = "lowercase")]
 pub enum StorageClass {
     /// Fast disks: new packs and everything a young snapshot references.
     #[default]
@@ -74,20 +76,6 @@ impl std::str::FromStr for StorageClass {
         }
     }
 }
-
-impl<'de> serde::Deserialize<'de> for StorageClassName {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse()
-            .map(StorageClassName)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-/// A storage class as the config file spells it (`"hot"`, `"cold"`); the
-/// enum itself keeps serde's variant encoding for the metadata records.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StorageClassName(pub StorageClass);
 
 /// Where one shard of a pack lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
