@@ -27,4 +27,5 @@ pub mod scrub;
 pub mod server;
 pub mod shard_io;
 pub mod shard_store;
+pub mod tiering;
 pub mod tls;

@@ -366,6 +366,7 @@ pub fn render(sources: &Sources, snapshot: &MetricsSnapshot) -> Result<String, s
         "Probes in the round in flight",
         load(&prober.queue) as i64,
     );
+    crate::tiering::register_metrics(&mut registry, &sources.gateway, snapshot);
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)

@@ -159,6 +159,18 @@ pub async fn run(
             config.lifecycle.gc_interval,
             workers_stopped.clone(),
         )),
+        // Tiering: this node's class into the map; the leader moves packs.
+        tokio::spawn(crate::tiering::announce_class(
+            meta.clone(),
+            config.node_id,
+            config.storage_class,
+            workers_stopped.clone(),
+        )),
+        tokio::spawn(crate::tiering::run(
+            gateway.clone(),
+            config.tiering.clone(),
+            workers_stopped.clone(),
+        )),
     ];
     if let Some(key) = bootstrap_key {
         workers.push(tokio::spawn(crate::auth::token::bootstrap(
@@ -210,7 +222,8 @@ pub async fn run(
         )));
     }
 
-    info!(node_id = config.node_id, region = %config.region, addr = %config.listen, "node serving");
+    info!(node_id = config.node_id, region = %config.region, storage_class = %config.storage_class,
+        addr = %config.listen, "node serving");
     let peer_auth = match &tls {
         Some(_) => crate::tls::PeerAuthLayer::new(Arc::new(meta.clone())),
         None => crate::tls::PeerAuthLayer::disabled(),

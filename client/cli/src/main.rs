@@ -1432,7 +1432,7 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
             .iter()
             .map(|n| {
                 serde_json::json!({"node_id": n.node_id, "region": n.region, "addr": n.addr,
-                "up": n.up, "voter": n.voter, "shards": n.shards, "bytes": n.bytes,
+                "storage_class": n.storage_class, "up": n.up, "voter": n.voter, "shards": n.shards, "bytes": n.bytes,
                 "last_seen": time_or_null(n.last_seen_unix_ms),
                 "scrub": n.scrub.as_ref().map(|s| serde_json::json!({"rounds_total": s.rounds_total,
                     "last_success": time_or_null(s.last_success_unix_ms), "errors_total": s.errors_total,
@@ -1459,6 +1459,10 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
             "orphans": {"shards": reply.orphan_shards, "bytes": reply.orphan_bytes},
             "insecure": reply.insecure,
             "warnings": reply.warnings,
+            "by_class": reply.by_class.iter().map(|c| serde_json::json!({
+                "storage_class": c.storage_class, "nodes": c.nodes, "shards": c.shards,
+                "bytes": c.bytes, "packs": c.packs})).collect::<Vec<_>>(),
+            "tiering": {"queue": reply.tiering_queue_packs},
             "nodes": nodes}))?;
         return Ok(());
     }
@@ -1500,15 +1504,32 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
         "orphans: {} shard file(s), {} bytes no index entry names (deleted by scrub after the grace period)",
         reply.orphan_shards, reply.orphan_bytes
     );
+    for c in &reply.by_class {
+        println!(
+            "class {:<4}: {} node(s), {} pack(s), {} shard(s), {} bytes",
+            c.storage_class, c.nodes, c.packs, c.shards, c.bytes
+        );
+    }
+    if reply.tiering_queue_packs > 0 {
+        println!(
+            "tiering: {} pack(s) waiting to move between classes",
+            reply.tiering_queue_packs
+        );
+    }
     println!(
-        "{:>5}  {:<8} {:<22} {:<5} {:<8} {:>8} {:>14}  down since",
-        "node", "region", "address", "state", "role", "shards", "bytes"
+        "{:>5}  {:<8} {:<5} {:<22} {:<5} {:<8} {:>8} {:>14}  down since",
+        "node", "region", "class", "address", "state", "role", "shards", "bytes"
     );
     for n in &reply.nodes {
         println!(
-            "{:>5}  {:<8} {:<22} {:<5} {:<8} {:>8} {:>14}  {}",
+            "{:>5}  {:<8} {:<5} {:<22} {:<5} {:<8} {:>8} {:>14}  {}",
             n.node_id,
             n.region,
+            if n.storage_class.is_empty() {
+                "hot"
+            } else {
+                n.storage_class.as_str()
+            },
             n.addr,
             if n.up { "up" } else { "DOWN" },
             if reply.has_leader && n.node_id == reply.leader_id {

@@ -13,7 +13,7 @@ use crate::auth::{Caller, Role};
 use crate::meta::membership::{AddPlan, check_add};
 use crate::meta::types::{Command, CommandResult, TokenRecord};
 use crate::meta::types::{NodeId, NodeInfo};
-use crate::model::NodeView;
+use crate::model::{NodeView, StorageClass};
 use crate::peers::addressed;
 use crate::repair::RepairState;
 use std::collections::BTreeMap;
@@ -168,6 +168,7 @@ impl Gateway {
             .fold((0, 0), |(n, b), s| {
                 (n + s.orphan_shards, b + s.orphan_bytes)
             });
+        let by_class = self.class_usage(&views, &stats)?;
         let nodes = views
             .into_iter()
             .zip(stats)
@@ -176,6 +177,7 @@ impl Gateway {
                     self.liveness.saw(view.id);
                 }
                 pb::NodeStatus {
+                    storage_class: view.storage_class.to_string(),
                     node_id: view.id,
                     up: stats.is_some(),
                     voter: view.voter,
@@ -209,7 +211,50 @@ impl Gateway {
             orphan_bytes,
             insecure: self.config.insecure,
             warnings,
+            by_class,
+            tiering_queue_packs: self
+                .tiering()
+                .queue_packs
+                .load(std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// Nodes, shards, bytes and packs per storage class, hot first.
+    fn class_usage(
+        &self,
+        views: &[NodeView],
+        stats: &[Option<pb::ShardStatsReply>],
+    ) -> Result<Vec<pb::ClassUsage>, GatewayError> {
+        let pack_classes = self.meta.pack_classes()?;
+        let packs_total = self.meta.stats()?.packs;
+        let cold_packs = pack_classes
+            .values()
+            .filter(|c| **c == StorageClass::Cold)
+            .count() as u64;
+        Ok(StorageClass::ALL
+            .iter()
+            .map(|class| {
+                let mut usage = pb::ClassUsage {
+                    storage_class: class.to_string(),
+                    packs: match class {
+                        StorageClass::Hot => packs_total.saturating_sub(cold_packs),
+                        StorageClass::Cold => cold_packs,
+                    },
+                    ..Default::default()
+                };
+                for (view, stats) in views.iter().zip(stats) {
+                    if view.storage_class != *class {
+                        continue;
+                    }
+                    usage.nodes += 1;
+                    if let Some(stats) = stats {
+                        usage.shards += stats.shards;
+                        usage.bytes += stats.bytes;
+                    }
+                }
+                usage
+            })
+            .collect())
     }
 
     pub(super) async fn add_node_inner(

@@ -238,6 +238,8 @@ pub struct Gateway {
     /// Serializes garbage collections (user `Prune`s and the periodic run).
     gc_lock: tokio::sync::Mutex<()>,
     gc_stats: crate::gc::GcStats,
+    /// Tiering's counters: the mover's and shard read latencies by class.
+    tiering: Arc<crate::tiering::TierStats>,
 }
 
 impl Gateway {
@@ -271,6 +273,7 @@ impl Gateway {
             budget: crate::limits::Budget::default(),
             gc_lock: tokio::sync::Mutex::new(()),
             gc_stats: crate::gc::GcStats::default(),
+            tiering: Arc::default(),
         }
     }
 
@@ -421,6 +424,11 @@ impl Gateway {
     /// What this node's garbage collections did (metrics).
     pub fn gc_stats(&self) -> &crate::gc::GcStats {
         &self.gc_stats
+    }
+
+    /// Tiering's counters on this node (mover, shard reads by class).
+    pub fn tiering(&self) -> &Arc<crate::tiering::TierStats> {
+        &self.tiering
     }
 
     pub fn repair_state(&self) -> Arc<RepairState> {

@@ -356,14 +356,21 @@ impl Gateway {
         placement: &ShardPlacement,
         members: &Members,
     ) -> ShardResult {
-        let file = self
+        let started = std::time::Instant::now();
+        let fetched = self
             .io
             .get(placement.node, &pack.id, placement.index, members)
-            .await
-            .map_err(|e| ShardFailure {
-                shard_fault: e.kind().is_shard_fault(),
-                reason: e.to_string(),
-            })?;
+            .await;
+        // Labelled by the tier of the node read: a cold read shows in metrics.
+        let class = members
+            .get(&placement.node)
+            .map(|view| view.storage_class)
+            .unwrap_or_default();
+        self.tiering().observe_shard_read(class, started.elapsed());
+        let file = fetched.map_err(|e| ShardFailure {
+            shard_fault: e.kind().is_shard_fault(),
+            reason: e.to_string(),
+        })?;
         verify_shard(pack, placement, &file).map_err(|reason| ShardFailure {
             reason,
             shard_fault: true,
