@@ -348,6 +348,12 @@ impl LocalCluster {
             .collect()
     }
 
+    /// The metadata handle of running node `id` (its local state: pack
+    /// records, classes), for tests that check placements from the index.
+    pub fn meta(&self, id: NodeId) -> Option<crate::meta::Meta> {
+        self.running.get(&id).and_then(NodeHandle::meta)
+    }
+
     pub fn is_running(&self, id: NodeId) -> bool {
         self.running.contains_key(&id)
     }

@@ -57,6 +57,19 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_publishing(config, listener, shutdown, None).await
+}
+
+/// Where an in-process node publishes its metadata handle (tests read pack
+/// records and classes through it); emptied when the node stops.
+type MetaSlot = Arc<std::sync::Mutex<Option<Meta>>>;
+
+async fn run_publishing(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    publish: Option<MetaSlot>,
+) -> Result<(), ServerError> {
     // Checked before anything is opened: a node with a certificate its
     // peers would refuse must not start at all.
     let tls = if config.security.insecure {
@@ -92,6 +105,9 @@ pub async fn run(
         dial.clone(),
     )
     .await?;
+    if let Some(slot) = &publish {
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(meta.clone());
+    }
     let peers = Arc::new(
         Peers::new(
             Duration::from_secs(2),
@@ -250,6 +266,9 @@ pub async fn run(
         let _ = worker.await;
     }
     drop(gateway);
+    if let Some(slot) = &publish {
+        slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
     let stopped = meta.shutdown().await;
     info!(node_id = config.node_id, "node stopped");
     served?;
@@ -263,6 +282,7 @@ pub struct NodeHandle {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServerError>>,
+    meta: MetaSlot,
 }
 
 impl NodeHandle {
@@ -271,15 +291,28 @@ impl NodeHandle {
         let addr = listener.local_addr()?;
         let node_id = config.node_id;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(config, listener, async {
-            let _ = stopped.await;
-        }));
+        let meta = MetaSlot::default();
+        let task = tokio::spawn(run_publishing(
+            config,
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            Some(meta.clone()),
+        ));
         Ok(Self {
             node_id,
             addr,
             stop: Some(stop),
             task,
+            meta,
         })
+    }
+
+    /// The node's metadata handle while it runs (local reads: pack records,
+    /// storage classes); `None` before it opened its store and once stopped.
+    pub fn meta(&self) -> Option<Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Stops the node and waits until its files are released.

@@ -244,7 +244,12 @@ impl PolicySpec {
             dataset: self.dataset.clone(),
             keep: Some(self.keep.to_wire()),
             max_age_ms: self.max_age.map(duration_ms).unwrap_or_default(),
-            cold_after_ms: self.cold_after.map(duration_ms).unwrap_or_default(),
+            // On the wire 0 means "never"; `--cold-after 0s` means "as soon
+            // as committed", sent as the smallest age that is not 0.
+            cold_after_ms: self
+                .cold_after
+                .map(|d| duration_ms(d).max(1))
+                .unwrap_or_default(),
             updated_unix_ms: 0,
             applied_unix_ms: 0,
         }

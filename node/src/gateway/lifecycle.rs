@@ -445,9 +445,11 @@ impl Gateway {
             };
         }
         let keep = rules_from_wire(policy.keep)?;
-        if keep.is_empty() && policy.max_age_ms == 0 {
+        // A tiering-only policy (cold-after alone) keeps every snapshot and
+        // only moves the old ones' packs to the cold tier.
+        if keep.is_empty() && policy.max_age_ms == 0 && policy.cold_after_ms == 0 {
             return Err(invalid(
-                "a policy needs at least one keep rule or a max-age: without either it would keep everything",
+                "a policy needs at least one keep rule, a max-age or a cold-after: without any it would do nothing",
             ));
         }
         let target = format!(
