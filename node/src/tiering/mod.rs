@@ -79,21 +79,6 @@ impl TierStats {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// How many shard fetches from nodes of `class` were recorded (tests).
-    pub fn shard_reads_of(&self, class: StorageClass) -> u64 {
-        let mut text = String::new();
-        let mut registry = Registry::default();
-        registry.register("r", "", self.shard_reads.clone());
-        if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
-            return 0;
-        }
-        let needle = format!("r_count{{storage_class=\"{class}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&needle))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
     fn mark_success(&self) {
         self.last_success_unix_ms.store(
             u64::try_from(crate::meta::wall_clock_ms()).unwrap_or(0),
@@ -240,5 +225,40 @@ pub async fn run(
                 warn!(%error, "tiering pass failed; retrying next pass");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The text a scrape shows for the read histogram.
+    fn scraped(stats: &TierStats) -> String {
+        let mut registry = Registry::default();
+        registry.register(
+            "cairn_shard_read_duration_seconds",
+            "",
+            stats.shard_reads.clone(),
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        text
+    }
+
+    #[test]
+    fn a_cold_read_shows_by_its_label() {
+        let stats = TierStats::default();
+        stats.observe_shard_read(StorageClass::Hot, Duration::from_millis(2));
+        stats.observe_shard_read(StorageClass::Cold, Duration::from_millis(300));
+        stats.observe_shard_read(StorageClass::Cold, Duration::from_millis(500));
+        let text = scraped(&stats);
+        assert!(
+            text.contains("cairn_shard_read_duration_seconds_count{storage_class=\"cold\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cairn_shard_read_duration_seconds_count{storage_class=\"hot\"} 1"),
+            "{text}"
+        );
     }
 }
