@@ -255,6 +255,13 @@ async fn old_snapshots_move_to_cold_nodes_and_everything_still_restores() {
     );
     must_be_cold(&cluster, &old).await;
 
+    // Every moved shard verifies, and no cold pack counts as at risk.
+    let check = repo.check_packs(true).await.expect("check --read-data");
+    assert!(
+        check.problems.is_empty() && check.misplaced.is_empty() && check.unrecoverable.is_empty(),
+        "check after the move: {check:?}"
+    );
+
     // Status reports bytes per class.
     let status = cluster.status().await.expect("status");
     let cold = status
