@@ -153,6 +153,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "both")]
         mode: demo::BenchModes,
     },
+    /// Run scheduled jobs (backups at levels, dumps, forget, prune, check, drills) from a TOML file.
+    Agent(AgentArgs),
     /// Failover drill: restore the latest snapshots without one region and verify them.
     Drill {
         #[arg(long)]
@@ -164,6 +166,31 @@ enum Command {
         #[arg(long)]
         scratch: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// The agent's TOML file (cluster, state_dir, [[job]] tables).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Run every job that is due now, then exit (non-zero if one failed).
+    #[arg(long)]
+    once: bool,
+    /// Serve Prometheus metrics on ADDR (GET /metrics); overrides metrics_listen.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// Write the metrics to FILE (atomically, node_exporter textfile format) after each run.
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
+    /// For tests and drills: with --once, the scheduler's clock starts at TIME (RFC 3339).
+    #[arg(long, value_name = "TIME", hide = true, value_parser = parse_now)]
+    now: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn parse_now(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{e}: give an RFC 3339 time such as 2026-03-02T00:00:00Z"))
 }
 
 #[derive(Debug, Args)]
@@ -805,6 +832,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = demo::bench(*size_mb, data.clone(), *mode, cli.json).await?;
             if cli.json {
                 print_json(&report)?;
+            }
+        }
+        Command::Agent(args) => {
+            let ok = cairn_cli::agent::run(cairn_cli::agent::Options {
+                config: args.config.clone(),
+                once: args.once,
+                now: args.now,
+                metrics_listen: args.metrics_listen.clone(),
+                metrics_file: args.metrics_file.clone(),
+            })
+            .await?;
+            if !ok {
+                eprintln!("error: agent: at least one job failed (see its log line above)");
+                std::process::exit(1);
             }
         }
         Command::Drill {
@@ -1666,6 +1707,47 @@ mod tests {
                 .contains("full, incremental or differential"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn check_takes_a_data_subset_that_conflicts_with_read_data() {
+        let Command::Check {
+            read_data_subset, ..
+        } = parse(&["check", "--read-data-subset", "3/30"])
+            .expect("parses")
+            .command
+        else {
+            panic!("check");
+        };
+        assert_eq!(read_data_subset, Some(DataSubset { index: 3, count: 30 }));
+        for bad in ["0/30", "31/30", "3", "a/b", "1/0"] {
+            let error = parse(&["check", "--read-data-subset", bad]).expect_err(bad);
+            assert!(error.to_string().contains("data subset"), "{bad}: {error}");
+        }
+        assert!(parse(&["check", "--read-data", "--read-data-subset", "1/2"]).is_err());
+    }
+
+    #[test]
+    fn agent_takes_a_config_once_and_a_hidden_clock() {
+        let Command::Agent(args) = parse(&[
+            "agent",
+            "--config",
+            "/etc/cairn/agent.toml",
+            "--once",
+            "--now",
+            "2026-03-02T00:00:00Z",
+            "--metrics-file",
+            "/tmp/m.prom",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("agent");
+        };
+        assert!(args.once);
+        assert_eq!(args.now.map(|t| t.timestamp()), Some(1_772_409_600));
+        assert!(parse(&["agent", "--config", "a.toml", "--now", "monday"]).is_err());
+        assert!(parse(&["agent"]).is_err(), "needs --config");
     }
 
     #[test]
