@@ -1719,7 +1719,13 @@ mod tests {
         else {
             panic!("check");
         };
-        assert_eq!(read_data_subset, Some(DataSubset { index: 3, count: 30 }));
+        assert_eq!(
+            read_data_subset,
+            Some(DataSubset {
+                index: 3,
+                count: 30
+            })
+        );
         for bad in ["0/30", "31/30", "3", "a/b", "1/0"] {
             let error = parse(&["check", "--read-data-subset", bad]).expect_err(bad);
             assert!(error.to_string().contains("data subset"), "{bad}: {error}");

@@ -210,7 +210,10 @@ impl Config {
         let mut jobs = Vec::new();
         for job in file.jobs {
             if !names.insert(job.name.clone()) {
-                bail!("job {:?}: two jobs have this name; names must be unique", job.name);
+                bail!(
+                    "job {:?}: two jobs have this name; names must be unique",
+                    job.name
+                );
             }
             let name = job.name.clone();
             jobs.push(validate(job, &file.time_zone).with_context(|| format!("job {name:?}"))?);
@@ -360,7 +363,9 @@ fn validate(job: JobFile, default_zone: &str) -> anyhow::Result<Job> {
                 tags: job.keep_tags.clone(),
             };
             if keep.is_empty() {
-                bail!("keep_*: a forget job needs at least one keep rule (it would forget everything)");
+                bail!(
+                    "keep_*: a forget job needs at least one keep rule (it would forget everything)"
+                );
             }
             Work::Forget {
                 dataset: dataset()?,
@@ -374,18 +379,20 @@ fn validate(job: JobFile, default_zone: &str) -> anyhow::Result<Job> {
                 (Some(_), Some(true)) => {
                     bail!("read_data and read_data_subset: give one or the other")
                 }
-                (Some(text), _) => match text.trim().strip_prefix("auto/") {
-                    Some(count) => {
-                        let count: u32 = count.trim().parse().ok().filter(|c| *c > 0).ok_or_else(
+                (Some(text), _) => {
+                    match text.trim().strip_prefix("auto/") {
+                        Some(count) => {
+                            let count: u32 = count.trim().parse().ok().filter(|c| *c > 0).ok_or_else(
                             || anyhow::anyhow!("read_data_subset {text:?}: auto/M needs M >= 1 (e.g. auto/30)"),
                         )?;
-                        CheckRead::Rotating { count }
+                            CheckRead::Rotating { count }
+                        }
+                        None => CheckRead::Fixed(
+                            text.parse()
+                                .map_err(|e| anyhow::anyhow!("read_data_subset: {e}"))?,
+                        ),
                     }
-                    None => CheckRead::Fixed(
-                        text.parse()
-                            .map_err(|e| anyhow::anyhow!("read_data_subset: {e}"))?,
-                    ),
-                },
+                }
                 (None, Some(true)) => CheckRead::All,
                 (None, _) => CheckRead::None,
             };
@@ -399,9 +406,9 @@ fn validate(job: JobFile, default_zone: &str) -> anyhow::Result<Job> {
                 .ok_or_else(|| anyhow::anyhow!("scratch_dir: a drill job needs one"))?,
             rto_target: duration(
                 "rto_target",
-                job.rto_target
-                    .as_deref()
-                    .ok_or_else(|| anyhow::anyhow!("rto_target: a drill job needs one (e.g. \"1h\")"))?,
+                job.rto_target.as_deref().ok_or_else(|| {
+                    anyhow::anyhow!("rto_target: a drill job needs one (e.g. \"1h\")")
+                })?,
             )?,
         },
         other => bail!("kind {other:?}: use backup, forget, prune, check or drill"),
@@ -513,12 +520,27 @@ rto_target = "1h"
         for (body, words) in [
             ("kind = \"backup\"\ndataset = \"d\"", "paths or command"),
             ("kind = \"backup\"\npaths = [\"/a\"]", "dataset"),
-            ("kind = \"backup\"\ndataset = \"d\"\npaths = [\"/a\"]\nlevel = \"weekly\"", "level"),
-            ("kind = \"backup\"\ndataset = \"d\"\npaths = [\"/a\"]\nkeep_last = 2", "keep_*"),
-            ("kind = \"forget\"\ndataset = \"d\"", "at least one keep rule"),
-            ("kind = \"check\"\nread_data_subset = \"31/30\"", "read_data_subset"),
+            (
+                "kind = \"backup\"\ndataset = \"d\"\npaths = [\"/a\"]\nlevel = \"weekly\"",
+                "level",
+            ),
+            (
+                "kind = \"backup\"\ndataset = \"d\"\npaths = [\"/a\"]\nkeep_last = 2",
+                "keep_*",
+            ),
+            (
+                "kind = \"forget\"\ndataset = \"d\"",
+                "at least one keep rule",
+            ),
+            (
+                "kind = \"check\"\nread_data_subset = \"31/30\"",
+                "read_data_subset",
+            ),
             ("kind = \"check\"\nread_data_subset = \"auto/0\"", "auto/M"),
-            ("kind = \"drill\"\ndataset = \"d\"\nscratch_dir = \"/t\"", "rto_target"),
+            (
+                "kind = \"drill\"\ndataset = \"d\"\nscratch_dir = \"/t\"",
+                "rto_target",
+            ),
             ("kind = \"restore\"", "kind \"restore\""),
             ("kind = \"prune\"\nretries = 99", "retries"),
             ("kind = \"prune\"\nsurprise = 1", "surprise"),
@@ -529,11 +551,22 @@ rto_target = "1h"
                 assert!(text.contains("job \"j\""), "{body}: {text}");
             }
         }
-        let bad_schedule = error("[[job]]\nname = \"j\"\nschedule = \"61 * * * *\"\nkind = \"prune\"\n");
-        assert!(bad_schedule.contains("job \"j\"") && bad_schedule.contains("schedule"), "{bad_schedule}");
-        let bad_zone = error("[[job]]\nname = \"j\"\nschedule = \"0 * * * *\"\ntime_zone = \"Mars/Olympus\"\nkind = \"prune\"\n");
-        assert!(bad_zone.contains("time_zone") && bad_zone.contains("Mars/Olympus"), "{bad_zone}");
-        let twice = error("[[job]]\nname = \"j\"\nschedule = \"0 * * * *\"\nkind = \"prune\"\n[[job]]\nname = \"j\"\nschedule = \"0 * * * *\"\nkind = \"prune\"\n");
+        let bad_schedule =
+            error("[[job]]\nname = \"j\"\nschedule = \"61 * * * *\"\nkind = \"prune\"\n");
+        assert!(
+            bad_schedule.contains("job \"j\"") && bad_schedule.contains("schedule"),
+            "{bad_schedule}"
+        );
+        let bad_zone = error(
+            "[[job]]\nname = \"j\"\nschedule = \"0 * * * *\"\ntime_zone = \"Mars/Olympus\"\nkind = \"prune\"\n",
+        );
+        assert!(
+            bad_zone.contains("time_zone") && bad_zone.contains("Mars/Olympus"),
+            "{bad_zone}"
+        );
+        let twice = error(
+            "[[job]]\nname = \"j\"\nschedule = \"0 * * * *\"\nkind = \"prune\"\n[[job]]\nname = \"j\"\nschedule = \"0 * * * *\"\nkind = \"prune\"\n",
+        );
         assert!(twice.contains("unique"), "{twice}");
         let path = error("[[job]]\nname = \"../x\"\nschedule = \"0 * * * *\"\nkind = \"prune\"\n");
         assert!(path.contains("name:"), "{path}");

@@ -141,11 +141,7 @@ pub async fn run_once(
                     bypass_governance: false,
                 })
                 .await?;
-            let mut detail = format!(
-                "{} kept, {} removed",
-                report.kept().count(),
-                report.removed
-            );
+            let mut detail = format!("{} kept, {} removed", report.kept().count(), report.removed);
             if *prune {
                 let pruned = repo.prune(false).await?;
                 detail.push_str(&format!(
@@ -328,7 +324,9 @@ fn count_files(root: &Path) -> anyhow::Result<(u64, u64)> {
     let mut bytes = 0u64;
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+        {
             let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
             let meta = entry
                 .metadata()
@@ -460,7 +458,10 @@ mod tests {
         let error = out.read_to_end(&mut text).expect_err("exit 3");
         assert_eq!(text, b"data");
         let message = error.to_string();
-        assert!(message.contains("exit status: 3") && message.contains("oops"), "{message}");
+        assert!(
+            message.contains("exit status: 3") && message.contains("oops"),
+            "{message}"
+        );
         let mut ok = CommandOutput::spawn("printf fine").expect("spawn");
         let mut text = Vec::new();
         ok.read_to_end(&mut text).expect("exit 0");

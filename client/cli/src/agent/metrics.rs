@@ -144,7 +144,11 @@ pub fn render(
             .set(state.consecutive_failures as f64);
         running_gauge
             .get_or_create(&labels)
-            .set(if running_now.contains(&job.name) { 1.0 } else { 0.0 });
+            .set(if running_now.contains(&job.name) {
+                1.0
+            } else {
+                0.0
+            });
         if let Work::Backup { .. } = job.work {
             bytes_added
                 .get_or_create(&labels)
@@ -171,7 +175,10 @@ pub fn render(
 /// Writes the metrics to `path` atomically (temporary file, rename), as
 /// node_exporter's textfile collector wants.
 pub fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("cannot write metrics next to {}", path.display()))?;
     std::io::Write::write_all(&mut tmp, text.as_bytes())

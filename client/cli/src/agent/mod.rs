@@ -178,8 +178,8 @@ fn plan(due: Vec<(Job, DateTime<Utc>)>) -> Vec<Planned> {
         match scheme.get(&dataset) {
             Some(&at) => {
                 let current = &mut planned[at];
-                let stronger = level_of(&current.job)
-                    .is_none_or(|held| strength(level) > strength(held));
+                let stronger =
+                    level_of(&current.job).is_none_or(|held| strength(level) > strength(held));
                 if stronger {
                     let weaker = std::mem::replace(&mut current.job, job);
                     let weaker_fire = std::mem::replace(&mut current.fire, fire);
@@ -239,7 +239,9 @@ impl Agent {
                 _ = terminate.recv() => break,
             }
         }
-        tracing::info!("agent stopping: runs in flight are abandoned and run again at the next start");
+        tracing::info!(
+            "agent stopping: runs in flight are abandoned and run again at the next start"
+        );
         tasks.abort_all();
         Ok(())
     }
@@ -305,11 +307,17 @@ impl Agent {
     fn record_skip(&self, job: &Job, fire: DateTime<Utc>, why: &str) {
         let recorded = self.states.update(&job.name, |s| {
             s.runs_skipped += 1;
-            s.last_handled_unix = Some(s.last_handled_unix.unwrap_or(i64::MIN).max(fire.timestamp()));
+            s.last_handled_unix = Some(
+                s.last_handled_unix
+                    .unwrap_or(i64::MIN)
+                    .max(fire.timestamp()),
+            );
         });
-        log_line(serde_json::json!({"ts": self.clock.now().to_rfc3339(), "job": job.name,
+        log_line(
+            serde_json::json!({"ts": self.clock.now().to_rfc3339(), "job": job.name,
             "kind": job.kind(), "outcome": "skipped", "fire_time": fire.to_rfc3339(),
-            "reason": why, "error": recorded.err().map(|e| format!("{e:#}"))}));
+            "reason": why, "error": recorded.err().map(|e| format!("{e:#}"))}),
+        );
     }
 
     /// Runs one planned job (with retries) and records it and the jobs it
@@ -389,9 +397,11 @@ impl Agent {
                 .retry_backoff
                 .saturating_mul(1 << (attempt - 1).min(16))
                 .min(RETRY_BACKOFF_MAX);
-            log_line(serde_json::json!({"ts": self.clock.now().to_rfc3339(), "job": job.name,
+            log_line(
+                serde_json::json!({"ts": self.clock.now().to_rfc3339(), "job": job.name,
                 "kind": job.kind(), "outcome": "retry", "attempt": attempt,
-                "retry_in_s": backoff.as_secs_f64(), "error": format!("{error:#}")}));
+                "retry_in_s": backoff.as_secs_f64(), "error": format!("{error:#}")}),
+            );
             tokio::time::sleep(backoff).await;
         };
         let duration = started.elapsed().as_secs_f64();
@@ -399,8 +409,12 @@ impl Agent {
         let error = result.err().map(|e| format!("{e:#}"));
         let success = error.is_none();
         let record = |state: &mut JobState, fire: DateTime<Utc>, ran: bool| {
-            state.last_handled_unix =
-                Some(state.last_handled_unix.unwrap_or(i64::MIN).max(fire.timestamp()));
+            state.last_handled_unix = Some(
+                state
+                    .last_handled_unix
+                    .unwrap_or(i64::MIN)
+                    .max(fire.timestamp()),
+            );
             state.last_run_unix = Some(end);
             state.last_duration_s = duration;
             if success {
@@ -424,8 +438,12 @@ impl Agent {
                 }
                 // A rotating check moves on once a slice was read, found
                 // problems or not (a retry of a dead connection does not).
-                if let (Work::Check { read: CheckRead::Rotating { count } }, Some(slice)) =
-                    (&job.work, output.slice)
+                if let (
+                    Work::Check {
+                        read: CheckRead::Rotating { count },
+                    },
+                    Some(slice),
+                ) = (&job.work, output.slice)
                     && (success || output.detail.is_some())
                 {
                     state.check_slice_next = slice.index % count + 1;
@@ -433,7 +451,8 @@ impl Agent {
             }
         };
         let saved = self.states.update(&job.name, |s| record(s, fire, true));
-        log_line(serde_json::json!({"ts": self.clock.now().to_rfc3339(), "job": job.name,
+        log_line(
+            serde_json::json!({"ts": self.clock.now().to_rfc3339(), "job": job.name,
             "kind": job.kind(), "dataset": job.dataset(),
             "outcome": if success { "success" } else { "failure" }, "attempt": attempt,
             "fire_time": fire.to_rfc3339(), "duration_s": duration,
@@ -441,16 +460,19 @@ impl Agent {
             "bytes_added": output.bytes_added, "rto_s": output.rto_s,
             "slice": output.slice.map(|s| s.to_string()), "detail": output.detail,
             "error": error,
-            "state_error": saved.err().map(|e| format!("{e:#}"))}));
+            "state_error": saved.err().map(|e| format!("{e:#}"))}),
+        );
         for (weaker, weaker_fire) in satisfies {
             let saved = self
                 .states
                 .update(&weaker.name, |s| record(s, *weaker_fire, false));
-            log_line(serde_json::json!({"ts": self.clock.now().to_rfc3339(), "job": weaker.name,
+            log_line(
+                serde_json::json!({"ts": self.clock.now().to_rfc3339(), "job": weaker.name,
                 "kind": weaker.kind(), "dataset": weaker.dataset(), "outcome": "satisfied",
                 "by": job.name, "by_outcome": if success { "success" } else { "failure" },
                 "fire_time": weaker_fire.to_rfc3339(), "snapshot": output.snapshot,
-                "state_error": saved.err().map(|e| format!("{e:#}"))}));
+                "state_error": saved.err().map(|e| format!("{e:#}"))}),
+            );
         }
         drop(lock);
         success

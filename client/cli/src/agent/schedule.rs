@@ -34,7 +34,9 @@ impl Schedule {
             anyhow!("schedule {expression:?}: {e} (five fields: minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\")")
         })?;
         let zone: Tz = zone.trim().parse().map_err(|_| {
-            anyhow!("time_zone {zone:?}: not an IANA time zone name (e.g. \"Europe/Berlin\", \"UTC\")")
+            anyhow!(
+                "time_zone {zone:?}: not an IANA time zone name (e.g. \"Europe/Berlin\", \"UTC\")"
+            )
         })?;
         let schedule = Schedule { cron, zone };
         // An expression that never fires (31 February) is a typo.
@@ -130,7 +132,10 @@ mod tests {
             Some(at("2026-03-02T00:00:00Z"))
         );
         let monthly = Schedule::new("0 0 1 * *", "UTC").expect("monthly");
-        assert_eq!(monthly.due(None, at("2026-03-01T00:00:00Z")), Some(at("2026-03-01T00:00:00Z")));
+        assert_eq!(
+            monthly.due(None, at("2026-03-01T00:00:00Z")),
+            Some(at("2026-03-01T00:00:00Z"))
+        );
         // A day-of-month job whose period is a month is due within it.
         assert!(monthly.due(None, at("2026-03-20T00:00:00Z")).is_some());
         let yearly = Schedule::new("0 0 1 1 *", "UTC").expect("yearly");

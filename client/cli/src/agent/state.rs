@@ -169,6 +169,9 @@ mod tests {
         let states = StateDir::open(dir.path()).expect("open");
         std::fs::write(dir.path().join("j.json"), b"{not json").expect("write");
         let error = format!("{:#}", states.load("j").expect_err("damaged"));
-        assert!(error.contains("j.json") && error.contains("damaged"), "{error}");
+        assert!(
+            error.contains("j.json") && error.contains("damaged"),
+            "{error}"
+        );
     }
 }
