@@ -515,6 +515,13 @@ rto_target = "1h"
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let example = include_str!("../../../../deploy/systemd/agent.toml.example");
+        let config = Config::parse(example).expect("agent.toml.example parses");
+        assert_eq!(config.jobs.len(), 7);
+    }
+
+    #[test]
     fn errors_name_the_job_and_the_field() {
         let job = |body: &str| format!("[[job]]\nname = \"j\"\nschedule = \"0 * * * *\"\n{body}\n");
         for (body, words) in [
