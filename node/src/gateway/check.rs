@@ -96,7 +96,10 @@ mod tests {
             })
         );
         for (index, count) in [(0, 30), (31, 30), (2, 0)] {
-            assert!(Slice::from_request(index, count).is_err(), "{index}/{count}");
+            assert!(
+                Slice::from_request(index, count).is_err(),
+                "{index}/{count}"
+            );
         }
     }
 }

@@ -429,10 +429,11 @@ impl Read for CommandOutput {
             return Ok(0);
         }
         let n = self.stdout.read(buf)?;
-        if n == 0 && !buf.is_empty() {
-            if let Some(error) = self.exit_error() {
-                return Err(error);
-            }
+        if n == 0
+            && !buf.is_empty()
+            && let Some(error) = self.exit_error()
+        {
+            return Err(error);
         }
         Ok(n)
     }
