@@ -4,10 +4,12 @@
 //! A job is due when one of its fire times lies in (last handled, now]:
 //! after any downtime it runs once, not once per missed fire time, and the
 //! newest missed fire time becomes the last handled one. A job with no
-//! state yet (a new job, a new agent) is due when its newest fire time lies
-//! within one period before now: a new weekly backup runs at the first
-//! start rather than up to a week later, and an hourly job started at 10:30
-//! runs for 10:00, once. Daylight-saving gaps and repeats are the crate's:
+//! state yet (a new job, a new agent) runs at its first pass, for its
+//! newest fire time, as if that one had been missed: a new weekly backup
+//! runs at the first start rather than up to a week later, and an hourly
+//! job started at 10:30 runs for 10:00, once. (The brief's "due when a fire
+//! time lies within one period before now" is the same rule: the newest
+//! fire time always does.) Daylight-saving gaps and repeats are the crate's:
 //! a fire time that does not exist that day is skipped, one that happens
 //! twice fires once.
 
@@ -82,10 +84,7 @@ impl Schedule {
         let latest = self.latest_at_or_before(now)?;
         match last_handled {
             Some(handled) => (latest > handled).then_some(latest),
-            None => {
-                let period = self.next_after(latest)? - latest;
-                (now - latest < period).then_some(latest)
-            }
+            None => Some(latest),
         }
     }
 }
@@ -120,7 +119,7 @@ mod tests {
     }
 
     #[test]
-    fn a_first_start_runs_a_job_whose_fire_time_is_within_one_period() {
+    fn a_new_job_runs_at_its_first_pass_for_its_newest_fire_time() {
         let weekly = Schedule::new("0 0 * * MON", "UTC").expect("weekly");
         // Monday 2026-03-02 00:00 itself, and Wednesday of that week.
         assert_eq!(
