@@ -456,6 +456,7 @@ async fn tokens_roles_tenants_key_slots_and_the_audit_chain() {
             pb::CheckPacksRequest {
                 read_data: true,
                 tenant: String::new(),
+                ..Default::default()
             },
         ))
         .await,

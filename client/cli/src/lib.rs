@@ -4,6 +4,7 @@
 //! (`cairn-client`) knows nothing of terminals or in-process clusters.
 
 pub mod access;
+pub mod agent;
 pub mod datagen;
 pub mod demo;
 pub mod lifecycle;

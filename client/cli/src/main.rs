@@ -11,6 +11,7 @@ use cairn_client::admin;
 use cairn_client::backup::{self, BackupOptions, Level, Progress};
 use cairn_client::lifecycle::ForgetOptions;
 use cairn_client::path_guard::display_name;
+use cairn_client::repo::{DataRead, DataSubset};
 use cairn_client::restore::{self, RestoreOptions};
 use cairn_client::seal::KdfParams;
 use cairn_client::tree::EntryKind;
@@ -106,6 +107,10 @@ enum Command {
     Check {
         #[arg(long)]
         read_data: bool,
+        /// Read and verify only slice N of M of the packs (1 <= N <= M): M runs with
+        /// N = 1..M read every pack once (a month of daily checks reads everything).
+        #[arg(long, value_name = "N/M", conflicts_with = "read_data", value_parser = parse_subset)]
+        read_data_subset: Option<DataSubset>,
         /// If the check finds problems, run a repair pass on the leader now (rebuild the shards
         /// this check found bad, rebalance), then check again and report that verified result.
         #[arg(long)]
@@ -148,6 +153,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "both")]
         mode: demo::BenchModes,
     },
+    /// Run scheduled jobs (backups at levels, dumps, forget, prune, check, drills) from a TOML file.
+    Agent(AgentArgs),
     /// Failover drill: restore the latest snapshots without one region and verify them.
     Drill {
         #[arg(long)]
@@ -159,6 +166,31 @@ enum Command {
         #[arg(long)]
         scratch: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// The agent's TOML file (cluster, state_dir, [[job]] tables).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Run every job that is due now, then exit (non-zero if one failed).
+    #[arg(long)]
+    once: bool,
+    /// Serve Prometheus metrics on ADDR (GET /metrics); overrides metrics_listen.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// Write the metrics to FILE (atomically, node_exporter textfile format) after each run.
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
+    /// For tests and drills: with --once, the scheduler's clock starts at TIME (RFC 3339).
+    #[arg(long, value_name = "TIME", hide = true, value_parser = parse_now)]
+    now: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn parse_now(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{e}: give an RFC 3339 time such as 2026-03-02T00:00:00Z"))
 }
 
 #[derive(Debug, Args)]
@@ -348,6 +380,11 @@ struct RestoreArgs {
     /// Read nothing from this region.
     #[arg(long)]
     without_region: Vec<String>,
+}
+
+fn parse_subset(text: &str) -> Result<DataSubset, String> {
+    text.parse()
+        .map_err(|e: cairn_client::ClientError| e.to_string())
 }
 
 fn parse_level(text: &str) -> Result<Level, String> {
@@ -770,7 +807,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             restore::failures_to_error(&summary)?;
         }
-        Command::Check { read_data, repair } => check(&cli, *read_data, *repair).await?,
+        Command::Check {
+            read_data,
+            read_data_subset,
+            repair,
+        } => {
+            let read = match (read_data_subset, read_data) {
+                (Some(subset), _) => DataRead::Subset(*subset),
+                (None, true) => DataRead::All,
+                (None, false) => DataRead::None,
+            };
+            check(&cli, read, *repair).await?
+        }
         Command::Token { command } => token_command(&cli, command).await?,
         Command::Key { command } => key_command(&cli, command).await?,
         Command::Audit { command } => audit_command(&cli, command).await?,
@@ -784,6 +832,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = demo::bench(*size_mb, data.clone(), *mode, cli.json).await?;
             if cli.json {
                 print_json(&report)?;
+            }
+        }
+        Command::Agent(args) => {
+            let ok = cairn_cli::agent::run(cairn_cli::agent::Options {
+                config: args.config.clone(),
+                once: args.once,
+                now: args.now,
+                metrics_listen: args.metrics_listen.clone(),
+                metrics_file: args.metrics_file.clone(),
+            })
+            .await?;
+            if !ok {
+                eprintln!("error: agent: at least one job failed (see its log line above)");
+                std::process::exit(1);
             }
         }
         Command::Drill {
@@ -1219,12 +1281,13 @@ async fn cluster_command(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<
     }
 }
 
-async fn check(cli: &Cli, read_data: bool, repair: bool) -> anyhow::Result<()> {
+async fn check(cli: &Cli, read: DataRead, repair: bool) -> anyhow::Result<()> {
+    let read_data = read != DataRead::None;
     let repo = open(cli).await?;
     // The check reports every bad shard it finds to the leader's repair
     // queue; with --repair, a pass then repairs what it found and a second
     // check verifies the result, which is what is printed and exited on.
-    let first = check_once(&repo, read_data).await?;
+    let first = check_once(&repo, read).await?;
     let mut repaired = None;
     let result = if repair && !first.problems.is_empty() {
         let reply = repo.repair_now().await?;
@@ -1238,13 +1301,14 @@ async fn check(cli: &Cli, read_data: bool, repair: bool) -> anyhow::Result<()> {
             );
         }
         repaired = Some(reply);
-        check_once(&repo, read_data).await?
+        check_once(&repo, read).await?
     } else {
         first
     };
     let CheckOutcome {
         snapshots,
         packs_checked,
+        packs_read,
         shards_checked,
         problems,
         misplaced,
@@ -1255,6 +1319,8 @@ async fn check(cli: &Cli, read_data: bool, repair: bool) -> anyhow::Result<()> {
         print_json(&serde_json::json!({
             "ok": ok, "snapshots_checked": snapshots, "packs_checked": packs_checked,
             "shards_checked": shards_checked, "read_data": read_data, "problems": problems,
+            "read_data_subset": match read { DataRead::Subset(s) => Some(s.to_string()), _ => None },
+            "packs_read": packs_read,
             "misplaced_packs": misplaced, "affected_files": affected,
             "verified_after_repair": repaired.is_some(),
             "repair": repaired.map(|r| serde_json::json!({"queued": r.queued, "packs_repaired": r.packs_repaired, "errors": r.errors, "lost": r.lost}))}))?;
@@ -1263,7 +1329,9 @@ async fn check(cli: &Cli, read_data: bool, repair: bool) -> anyhow::Result<()> {
             "checked {} snapshot(s), {} pack(s){}",
             snapshots,
             packs_checked,
-            if read_data {
+            if let DataRead::Subset(subset) = read {
+                format!(", slice {subset}: {shards_checked} shard(s) of {packs_read} pack(s) read")
+            } else if read_data {
                 format!(", {shards_checked} shard(s) read")
             } else {
                 String::new()
@@ -1306,6 +1374,8 @@ async fn check(cli: &Cli, read_data: bool, repair: bool) -> anyhow::Result<()> {
 struct CheckOutcome {
     snapshots: usize,
     packs_checked: u64,
+    /// Packs whose shards were read (all of them, or the slice's).
+    packs_read: u64,
     shards_checked: u64,
     /// Every problem, misplaced packs included (each is a problem too).
     problems: Vec<serde_json::Value>,
@@ -1357,10 +1427,10 @@ fn files_in_packs(
 
 async fn check_once(
     repo: &cairn_client::Repository,
-    read_data: bool,
+    read: DataRead,
 ) -> anyhow::Result<CheckOutcome> {
     let mut problems: Vec<serde_json::Value> = Vec::new();
-    let reply = repo.check_packs(read_data).await?;
+    let reply = repo.check_packs_reading(read).await?;
     // Packs with fewer than k good shards: the files they hold are named below.
     let unrecoverable: std::collections::HashSet<[u8; 32]> = reply
         .unrecoverable
@@ -1410,6 +1480,7 @@ async fn check_once(
         affected,
         snapshots: snapshots.len(),
         packs_checked: reply.packs_checked,
+        packs_read: reply.packs_read,
         shards_checked: reply.shards_checked,
         problems,
         misplaced,
@@ -1657,6 +1728,53 @@ mod tests {
                 .contains("full, incremental or differential"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn check_takes_a_data_subset_that_conflicts_with_read_data() {
+        let Command::Check {
+            read_data_subset, ..
+        } = parse(&["check", "--read-data-subset", "3/30"])
+            .expect("parses")
+            .command
+        else {
+            panic!("check");
+        };
+        assert_eq!(
+            read_data_subset,
+            Some(DataSubset {
+                index: 3,
+                count: 30
+            })
+        );
+        for bad in ["0/30", "31/30", "3", "a/b", "1/0"] {
+            let error = parse(&["check", "--read-data-subset", bad]).expect_err(bad);
+            assert!(error.to_string().contains("data subset"), "{bad}: {error}");
+        }
+        assert!(parse(&["check", "--read-data", "--read-data-subset", "1/2"]).is_err());
+    }
+
+    #[test]
+    fn agent_takes_a_config_once_and_a_hidden_clock() {
+        let Command::Agent(args) = parse(&[
+            "agent",
+            "--config",
+            "/etc/cairn/agent.toml",
+            "--once",
+            "--now",
+            "2026-03-02T00:00:00Z",
+            "--metrics-file",
+            "/tmp/m.prom",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("agent");
+        };
+        assert!(args.once);
+        assert_eq!(args.now.map(|t| t.timestamp()), Some(1_772_409_600));
+        assert!(parse(&["agent", "--config", "a.toml", "--now", "monday"]).is_err());
+        assert!(parse(&["agent"]).is_err(), "needs --config");
     }
 
     #[test]

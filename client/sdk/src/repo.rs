@@ -46,6 +46,53 @@ pub struct SnapshotInfo {
     pub hostname: String,
 }
 
+/// Which shards a check reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataRead {
+    /// None: the index of every pack is checked, no shard is read.
+    None,
+    /// Every shard of every pack.
+    All,
+    /// The shards of the packs in one slice (see [`DataSubset`]).
+    Subset(DataSubset),
+}
+
+/// Slice `index` (1-based) of `count`: the packs a node assigns to it by
+/// their id, so `count` checks with `index` = 1..=`count` read every pack
+/// once (a month of daily `1/30`, `2/30`... checks reads everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DataSubset {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl std::str::FromStr for DataSubset {
+    type Err = ClientError;
+
+    /// `N/M` with 1 <= N <= M.
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = |why: &str| ClientError::BadInput {
+            what: format!("invalid data subset {text:?}: {why} (e.g. 3/30)"),
+        };
+        let (n, m) = text
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| bad("give it as N/M"))?;
+        let index: u32 = n.trim().parse().map_err(|_| bad("N is not a number"))?;
+        let count: u32 = m.trim().parse().map_err(|_| bad("M is not a number"))?;
+        if count == 0 || index == 0 || index > count {
+            return Err(bad("N must lie in 1..=M"));
+        }
+        Ok(DataSubset { index, count })
+    }
+}
+
+impl std::fmt::Display for DataSubset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
 /// A snapshot of the catalog, opened with the tenant key.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
@@ -834,11 +881,28 @@ impl Repository {
     /// Asks the cluster to verify every pack of this tenant (and with
     /// `read_data`, to read and checksum every shard).
     pub async fn check_packs(&self, read_data: bool) -> Result<pb::CheckPacksReply> {
+        let read = if read_data {
+            DataRead::All
+        } else {
+            DataRead::None
+        };
+        self.check_packs_reading(read).await
+    }
+
+    /// Verifies every pack of this tenant, reading the shards `read` says:
+    /// none, all, or one slice of the packs (`check --read-data-subset`).
+    pub async fn check_packs_reading(&self, read: DataRead) -> Result<pb::CheckPacksReply> {
+        let (subset_index, subset_count) = match read {
+            DataRead::Subset(s) => (s.index, s.count),
+            DataRead::None | DataRead::All => (0, 0),
+        };
         self.cluster
             .call("check packs", |mut c| {
                 let request = pb::CheckPacksRequest {
-                    read_data,
+                    read_data: read != DataRead::None,
                     tenant: self.tenant.clone(),
+                    subset_index,
+                    subset_count,
                 };
                 async move { c.check_packs(request).await }
             })

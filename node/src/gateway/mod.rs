@@ -10,6 +10,7 @@
 
 mod admin;
 mod catalog;
+mod check;
 mod collect;
 mod ingest;
 mod lifecycle;

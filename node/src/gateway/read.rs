@@ -381,9 +381,14 @@ impl Gateway {
         &self,
         req: pb::CheckPacksRequest,
     ) -> Result<pb::CheckPacksReply, GatewayError> {
+        let slice = super::check::Slice::from_request(req.subset_index, req.subset_count)?;
         self.catch_up().await;
         let members = self.members();
-        let mut reply = pb::CheckPacksReply::default();
+        let mut reply = pb::CheckPacksReply {
+            subset_index: req.subset_index,
+            subset_count: req.subset_count,
+            ..Default::default()
+        };
         let mut faults = Vec::new();
         for pack in self.meta.packs()? {
             if !req.tenant.is_empty() && pack.tenant != req.tenant {
@@ -414,7 +419,8 @@ impl Gateway {
                 reply.misplaced.push(pack.id.to_vec());
             }
             let mut good = 0usize;
-            if req.read_data {
+            if req.read_data && slice.is_none_or(|s| s.holds(&pack.id)) {
+                reply.packs_read += 1;
                 let results = join_all(
                     pack.shards
                         .iter()
