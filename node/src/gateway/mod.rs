@@ -214,6 +214,14 @@ pub struct MetricsSnapshot {
     pub nodes: Vec<crate::model::NodeView>,
 }
 
+/// Bytes through this gateway's client calls (metrics): pack bytes
+/// acknowledged by `PutPack` and range bytes answered by `ReadPack`.
+#[derive(Debug, Default)]
+pub struct TrafficStats {
+    pub ingest_bytes_total: std::sync::atomic::AtomicU64,
+    pub read_bytes_total: std::sync::atomic::AtomicU64,
+}
+
 /// The gateway: shared by every request on this node.
 pub struct Gateway {
     node_id: NodeId,
@@ -238,6 +246,7 @@ pub struct Gateway {
     /// Serializes garbage collections (user `Prune`s and the periodic run).
     gc_lock: tokio::sync::Mutex<()>,
     gc_stats: crate::gc::GcStats,
+    traffic: TrafficStats,
 }
 
 impl Gateway {
@@ -271,6 +280,7 @@ impl Gateway {
             budget: crate::limits::Budget::default(),
             gc_lock: tokio::sync::Mutex::new(()),
             gc_stats: crate::gc::GcStats::default(),
+            traffic: TrafficStats::default(),
         }
     }
 
@@ -421,6 +431,11 @@ impl Gateway {
     /// What this node's garbage collections did (metrics).
     pub fn gc_stats(&self) -> &crate::gc::GcStats {
         &self.gc_stats
+    }
+
+    /// Bytes through this gateway (metrics).
+    pub fn traffic(&self) -> &TrafficStats {
+        &self.traffic
     }
 
     pub fn repair_state(&self) -> Arc<RepairState> {
