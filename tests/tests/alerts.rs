@@ -69,7 +69,10 @@ fn unit_test_files() -> Vec<PathBuf> {
         .filter(|p| p.to_string_lossy().ends_with(".test.yml"))
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no *.test.yml under deploy/prometheus/tests");
+    assert!(
+        !files.is_empty(),
+        "no *.test.yml under deploy/prometheus/tests"
+    );
     files
 }
 
@@ -115,7 +118,10 @@ fn alert_rules() -> BTreeMap<String, serde_yaml_ng::Value> {
 #[test]
 fn promtool_accepts_the_rules_and_every_alert_fires_in_its_unit_tests() {
     let rules = rules_file();
-    let checked = must_run("promtool", &["check".as_ref(), "rules".as_ref(), rules.as_os_str()]);
+    let checked = must_run(
+        "promtool",
+        &["check".as_ref(), "rules".as_ref(), rules.as_os_str()],
+    );
     assert!(checked.contains("SUCCESS"), "{checked}");
     let tests = unit_test_files();
     let mut args: Vec<&std::ffi::OsStr> = vec!["test".as_ref(), "rules".as_ref()];
@@ -131,6 +137,37 @@ fn promtool_accepts_the_rules_and_every_alert_fires_in_its_unit_tests() {
             "--syntax-only".as_ref(),
             config.as_os_str(),
         ],
+    );
+
+    // The dashboard's queries are valid PromQL: promtool parses them as
+    // recording rules of a scratch file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard(), &mut exprs);
+    assert!(!exprs.is_empty(), "the dashboard has no queries");
+    let records: Vec<serde_yaml_ng::Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, expr)| {
+            let mut rule = serde_yaml_ng::Mapping::new();
+            rule.insert("record".into(), format!("dashboard:query_{i}").into());
+            rule.insert("expr".into(), expr.as_str().into());
+            rule.into()
+        })
+        .collect();
+    let mut group = serde_yaml_ng::Mapping::new();
+    group.insert("name".into(), "dashboard".into());
+    group.insert("rules".into(), records.into());
+    let mut file = serde_yaml_ng::Mapping::new();
+    file.insert(
+        "groups".into(),
+        vec![serde_yaml_ng::Value::from(group)].into(),
+    );
+    let scratch = dir.path().join("dashboard-queries.yml");
+    std::fs::write(&scratch, serde_yaml_ng::to_string(&file).expect("yaml")).expect("write");
+    must_run(
+        "promtool",
+        &["check".as_ref(), "rules".as_ref(), scratch.as_os_str()],
     );
 
     // What the pager needs on every alert.
@@ -187,6 +224,12 @@ fn promtool_accepts_the_rules_and_every_alert_fires_in_its_unit_tests() {
     assert!(names.len() >= 15, "{names:?}");
 }
 
+fn dashboard() -> serde_json::Value {
+    let path = deploy_dir().join("grafana").join("cairn-dashboard.json");
+    let text = std::fs::read_to_string(&path).expect("dashboard");
+    serde_json::from_str(&text).expect("the dashboard is JSON")
+}
+
 /// GET over plain HTTP (blocking, on a blocking thread); `Err` carries the reason.
 async fn http_get(url: String, token: Option<String>) -> Result<String, String> {
     tokio::task::spawn_blocking(move || {
@@ -236,7 +279,10 @@ impl Prometheus {
         let log_file = std::fs::File::create(&log).expect("log");
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -274,7 +320,10 @@ impl Prometheus {
             .filter(|a| a["labels"]["alertname"] == alertname)
             .map(|a| {
                 (
-                    a["labels"]["instance"].as_str().unwrap_or_default().to_string(),
+                    a["labels"]["instance"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
                     a["state"].as_str().unwrap_or_default().to_string(),
                 )
             })
@@ -325,7 +374,10 @@ async fn a_killed_node_raises_node_down_pending_then_firing_in_a_real_prometheus
             let data = prometheus
                 .api("/api/v1/query?query=sum(up%7Bjob%3D%22cairn-node%22%7D)")
                 .await?;
-            let up = data["result"][0]["value"][1].as_str().unwrap_or("0").to_string();
+            let up = data["result"][0]["value"][1]
+                .as_str()
+                .unwrap_or("0")
+                .to_string();
             if up == "3" {
                 Ok(())
             } else {
@@ -495,9 +547,7 @@ fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_and_the_rules_query_only_metrics_that_exist() {
     init_logging();
-    let path = deploy_dir().join("grafana").join("cairn-dashboard.json");
-    let text = std::fs::read_to_string(&path).expect("dashboard");
-    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let dashboard = dashboard();
     assert!(dashboard["title"].is_string(), "dashboard title");
     let panels = dashboard["panels"].as_array().expect("panels");
     let mut ids = BTreeSet::new();
@@ -570,7 +620,10 @@ async fn the_dashboard_and_the_rules_query_only_metrics_that_exist() {
         "cairn_rpc_errors_total",
         "cairn_region_nodes_up",
     ] {
-        assert!(exported.contains(name), "the node exports no {name}:\n{page}");
+        assert!(
+            exported.contains(name),
+            "the node exports no {name}:\n{page}"
+        );
     }
     assert!(
         page.contains("cairn_tls_certificate_expiry_timestamp_seconds{certificate=\"ca\"}"),
@@ -586,7 +639,13 @@ async fn the_dashboard_and_the_rules_query_only_metrics_that_exist() {
         );
     }
     let unknown: Vec<_> = dashboard_names.difference(&exported).collect();
-    assert!(unknown.is_empty(), "the dashboard queries {unknown:?}, which nothing exports");
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries {unknown:?}, which nothing exports"
+    );
     let unknown: Vec<_> = rule_names.difference(&exported).collect();
-    assert!(unknown.is_empty(), "the rules query {unknown:?}, which nothing exports");
+    assert!(
+        unknown.is_empty(),
+        "the rules query {unknown:?}, which nothing exports"
+    );
 }
