@@ -649,3 +649,125 @@ async fn the_dashboard_and_the_rules_query_only_metrics_that_exist() {
         "the rules query {unknown:?}, which nothing exports"
     );
 }
+
+/// The sum of a metric's samples whose line starts with `prefix` (name and
+/// labels), over several pages.
+fn sum_samples(pages: &[String], prefix: &str) -> f64 {
+    pages
+        .iter()
+        .flat_map(|page| page.lines())
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_bytes_rpc_latency_and_errors_are_counted_on_a_real_cluster() {
+    use cairn_proto::v1 as pb;
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let metrics_ports = ports.clone();
+    let cluster = cairn_node::local_cluster::LocalCluster::start_tuned(
+        &dir.path().join("cluster"),
+        &[1, 1, 1],
+        "1+2",
+        move |node| {
+            // Also called on a template without an id.
+            if let Some(id) = node.node_id {
+                node.metrics_listen = Some(([127, 0, 0, 1], metrics_ports[id as usize - 1]).into());
+            }
+        },
+    )
+    .await
+    .expect("cluster");
+    cluster
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready");
+    let scrape_all = || async {
+        let mut pages = Vec::new();
+        for port in &ports {
+            pages.push(http_get(format!("http://127.0.0.1:{port}/metrics"), None).await?);
+        }
+        Ok::<_, String>(pages)
+    };
+    let before = scrape_all().await.expect("scrape");
+    assert_eq!(
+        sum_samples(&before, "cairn_gateway_ingest_bytes_total"),
+        0.0
+    );
+
+    let repo = cairn_tests::must_init(&cluster).await;
+    let source = dir.path().join("source");
+    cairn_cli::datagen::generate(&source, 2, 7).expect("data");
+    let summary = cairn_tests::must_backup(&repo, &source, "chat").await;
+    cairn_tests::must_restore_identical(&repo, "latest", &source, dir.path(), &[]).await;
+    // One refused PutPack on node 1: its id is not the hash of its bytes.
+    let node1 = cairn_client::Cluster::new(&cluster.addrs()[..1]).expect("address");
+    let refused = node1
+        .call("put pack", |mut c| async move {
+            c.put_pack(pb::PutPackRequest {
+                tenant: cairn_tests::TENANT.into(),
+                pack_id: vec![7; 32],
+                data: vec![1, 2, 3].into(),
+                blobs: vec![],
+                session: vec![],
+            })
+            .await
+        })
+        .await;
+    assert!(
+        refused.is_err(),
+        "a pack whose id is not its hash is refused"
+    );
+
+    let pages = scrape_all().await.expect("scrape");
+    let ingested = sum_samples(&pages, "cairn_gateway_ingest_bytes_total");
+    let read = sum_samples(&pages, "cairn_gateway_read_bytes_total");
+    println!(
+        "backup added {} bytes; gateways counted {ingested} ingested, {read} read",
+        summary.bytes_added
+    );
+    assert!(ingested > 0.0, "no ingest bytes counted");
+    assert!(read > 0.0, "no read bytes counted");
+    assert!(
+        sum_samples(
+            &pages,
+            "cairn_rpc_duration_seconds_count{method=\"PutPack\"}"
+        ) >= 1.0,
+        "PutPack calls not timed"
+    );
+    assert!(
+        sum_samples(
+            &pages,
+            "cairn_rpc_duration_seconds_count{method=\"ReadPack\"}"
+        ) >= 1.0,
+        "ReadPack calls not timed"
+    );
+    assert_eq!(
+        sum_samples(
+            &pages[..1],
+            "cairn_rpc_errors_total{method=\"PutPack\",code=\"invalid_argument\"}"
+        ),
+        1.0,
+        "{}",
+        pages[0]
+    );
+    let capacity = sum_samples(&pages[..1], "cairn_disk_capacity_bytes ");
+    let available = sum_samples(&pages[..1], "cairn_disk_available_bytes ");
+    assert!(capacity > 0.0 && available > 0.0 && available <= capacity);
+    assert!(
+        sum_samples(&pages[..1], "cairn_audit_entries ") >= 1.0,
+        "{}",
+        pages[0]
+    );
+    assert_eq!(sum_samples(&pages[..1], "cairn_audit_chain_valid "), 1.0);
+    assert_eq!(
+        sum_samples(&pages[..1], "cairn_region_nodes_up{region=\"r2\"}"),
+        1.0
+    );
+    // Insecure nodes have no certificate to report.
+    assert!(!pages[0].contains("cairn_tls_certificate_expiry_timestamp_seconds{"));
+    cluster.shutdown().await.expect("shutdown");
+}
