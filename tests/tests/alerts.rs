@@ -476,7 +476,7 @@ async fn a_killed_node_raises_node_down_pending_then_firing_in_a_real_prometheus
     );
     println!(
         "figure: node {victim} killed (SIGKILL) -> {NODE_DOWN} pending after {:.1} s, firing after {:.1} s \
-         (scrape and evaluation every 1 s, `for` 30 s)",
+         (scrape and evaluation every 1 s, `for` 1 m)",
         pending_after.as_secs_f64(),
         firing_after.as_secs_f64()
     );
