@@ -23,6 +23,7 @@ pub mod model;
 pub mod peers;
 pub mod placement;
 pub mod repair;
+pub mod rpc_metrics;
 pub mod scrub;
 pub mod server;
 pub mod shard_io;

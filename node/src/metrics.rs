@@ -24,7 +24,9 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::audit::{ChainStatus, ChainWatch};
 use crate::gateway::{Gateway, MetricsSnapshot};
+use crate::rpc_metrics::RpcStats;
 use crate::scrub::ScrubStats;
 
 /// Oldest snapshot of the node's state a scrape may be answered from.
@@ -36,6 +38,49 @@ pub struct Sources {
     pub gateway: Arc<Gateway>,
     pub scrub: Arc<ScrubStats>,
     pub liveness: Arc<crate::liveness::Liveness>,
+    /// The data directory, whose filesystem's space is reported.
+    pub data_dir: std::path::PathBuf,
+    /// End dates of the node certificate and the CA (`None`: `--insecure`).
+    pub tls_expiry: Option<crate::tls::CertExpiry>,
+    /// This node's incremental check of its copy of the audit chain.
+    pub audit: Arc<ChainWatch>,
+    /// Per-method latency and errors, filled by the server's layer.
+    pub rpc: RpcStats,
+}
+
+/// Values read on a blocking thread at each scrape (a filesystem call and
+/// a store read); `None` where the read failed (the metric is left out,
+/// which the alert rules treat as "absent", never as healthy zero).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Probes {
+    /// Capacity and space available to the node, in bytes.
+    pub disk: Option<(u64, u64)>,
+    pub audit: Option<ChainStatus>,
+}
+
+impl Probes {
+    /// Reads the disk space of the data directory and advances the audit
+    /// chain check.
+    pub fn read(sources: &Sources) -> Self {
+        let disk = match rustix::fs::statvfs(&sources.data_dir) {
+            Ok(fs) => Some((
+                fs.f_blocks.saturating_mul(fs.f_frsize),
+                fs.f_bavail.saturating_mul(fs.f_frsize),
+            )),
+            Err(error) => {
+                tracing::warn!(%error, path = %sources.data_dir.display(), "cannot read the data directory's disk space; leaving the disk metrics out of this scrape");
+                None
+            }
+        };
+        let audit = match sources.audit.check(sources.gateway.meta()) {
+            Ok(status) => Some(status),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the audit log; leaving the audit metrics out of this scrape");
+                None
+            }
+        };
+        Self { disk, audit }
+    }
 }
 
 /// A snapshot and when it was taken.
@@ -96,8 +141,105 @@ fn load(value: &AtomicU64) -> u64 {
     value.load(Ordering::Relaxed)
 }
 
-/// Renders the metrics text from `snapshot` and the live counters.
-pub fn render(sources: &Sources, snapshot: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
+/// Space, certificates, the audit chain, gateway bytes, RPCs and the
+/// per-region view the dashboard and the alert rules read.
+fn render_health(
+    registry: &mut Registry,
+    sources: &Sources,
+    snapshot: &MetricsSnapshot,
+    probes: &Probes,
+) {
+    if let Some((capacity, available)) = probes.disk {
+        gauge(
+            registry,
+            "cairn_disk_capacity_bytes",
+            "Size of the filesystem holding the data directory",
+            capacity as i64,
+        );
+        gauge(
+            registry,
+            "cairn_disk_available_bytes",
+            "Bytes of that filesystem available to the node",
+            available as i64,
+        );
+    }
+    if let Some(expiry) = sources.tls_expiry {
+        let family = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        for (certificate, not_after) in [
+            ("node", expiry.node_not_after_unix),
+            ("ca", expiry.ca_not_after_unix),
+        ] {
+            family
+                .get_or_create(&vec![("certificate", certificate)])
+                .set(not_after);
+        }
+        registry.register(
+            "cairn_tls_certificate_expiry_timestamp_seconds",
+            "End of validity of this node's certificate and of the cluster CA (Unix seconds)",
+            family,
+        );
+    }
+    if let Some(audit) = probes.audit {
+        gauge(
+            registry,
+            "cairn_audit_chain_valid",
+            "1 while this node's copy of the audit chain verifies, 0 once a break is found",
+            i64::from(audit.valid),
+        );
+        gauge(
+            registry,
+            "cairn_audit_entries",
+            "Entries in the audit log (seq of the newest)",
+            audit.entries as i64,
+        );
+    }
+    let traffic = sources.gateway.traffic();
+    counter(
+        registry,
+        "cairn_gateway_ingest_bytes",
+        "Pack bytes acknowledged by PutPack on this gateway",
+        load(&traffic.ingest_bytes_total),
+    );
+    counter(
+        registry,
+        "cairn_gateway_read_bytes",
+        "Pack range bytes answered by ReadPack on this gateway",
+        load(&traffic.read_bytes_total),
+    );
+    sources.rpc.register(registry);
+    // Nodes per region from this node's view: one series per region, so the
+    // dashboard shows a region going dark without a series per node.
+    let mut regions: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
+    for view in &snapshot.nodes {
+        let entry = regions.entry(view.region.as_str()).or_default();
+        entry.0 += 1;
+        entry.1 += i64::from(view.up);
+    }
+    let nodes = Family::<Vec<(String, String)>, Gauge>::default();
+    let nodes_up = Family::<Vec<(String, String)>, Gauge>::default();
+    for (region, (all, up)) in regions {
+        let labels = vec![("region".to_string(), region.to_string())];
+        nodes.get_or_create(&labels).set(all);
+        nodes_up.get_or_create(&labels).set(up);
+    }
+    registry.register(
+        "cairn_region_nodes",
+        "Member nodes per region (this node's view)",
+        nodes,
+    );
+    registry.register(
+        "cairn_region_nodes_up",
+        "Member nodes per region not declared down (this node's view)",
+        nodes_up,
+    );
+}
+
+/// Renders the metrics text from `snapshot`, the probes and the live counters.
+pub fn render(
+    sources: &Sources,
+    snapshot: &MetricsSnapshot,
+    probes: &Probes,
+) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
     let repair = sources.gateway.repair_state();
     gauge(
@@ -367,6 +509,7 @@ pub fn render(sources: &Sources, snapshot: &MetricsSnapshot) -> Result<String, s
         load(&prober.queue) as i64,
     );
     crate::tiering::register_metrics(&mut registry, &sources.gateway, snapshot);
+    render_health(&mut registry, sources, snapshot, probes);
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)
@@ -414,7 +557,11 @@ pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: watch:
                 let snapshot = cache
                     .get(SNAPSHOT_MAX_AGE, move || gateway.metrics_snapshot())
                     .await;
-                match snapshot.map(|snapshot| render(&sources, &snapshot)) {
+                let probed = sources.clone();
+                let probes = tokio::task::spawn_blocking(move || Probes::read(&probed))
+                    .await
+                    .unwrap_or_default();
+                match snapshot.map(|snapshot| render(&sources, &snapshot, &probes)) {
                     Some(Ok(text)) => (
                         StatusCode::OK,
                         [(

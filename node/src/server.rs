@@ -195,6 +195,8 @@ async fn run_publishing(
             workers_stopped.clone(),
         )));
     }
+    // Filled by the server's layer below, read by the metrics page.
+    let rpc_stats = crate::rpc_metrics::RpcStats::default();
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr)
             .await
@@ -205,6 +207,10 @@ async fn run_publishing(
                 gateway: gateway.clone(),
                 scrub: scrub_stats.clone(),
                 liveness: liveness.clone(),
+                data_dir: config.data_dir.clone(),
+                tls_expiry: tls.as_ref().and_then(crate::tls::NodeTls::expiry),
+                audit: Arc::new(crate::auth::audit::ChainWatch::default()),
+                rpc: rpc_stats.clone(),
             },
             workers_stopped.clone(),
         )));
@@ -249,6 +255,7 @@ async fn run_publishing(
         builder = builder.tls_config(tls.server_config())?;
     }
     let served = builder
+        .layer(crate::rpc_metrics::RpcMetricsLayer::new(rpc_stats))
         .layer(peer_auth)
         .add_routes(crate::limits::routes(
             meta.raft_service(),

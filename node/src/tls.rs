@@ -241,6 +241,29 @@ impl NodeTls {
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
     }
+
+    /// When the node certificate and the CA stop being valid, in Unix
+    /// seconds, for the expiry alert (both were parsed at [`NodeTls::load`],
+    /// so `None` only if a file changed its nature since).
+    pub fn expiry(&self) -> Option<CertExpiry> {
+        Some(CertExpiry {
+            node_not_after_unix: not_after_unix(&self.cert_pem)?,
+            ca_not_after_unix: not_after_unix(&self.ca_pem)?,
+        })
+    }
+}
+
+/// End of validity of this node's TLS material (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertExpiry {
+    pub node_not_after_unix: i64,
+    pub ca_not_after_unix: i64,
+}
+
+fn not_after_unix(pem: &str) -> Option<i64> {
+    let der = pem_der(pem.as_bytes(), "certificate").ok()?;
+    let (_, cert) = X509Certificate::from_der(&der).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// Who may use the node-to-node services; the metadata group answers.
@@ -474,5 +497,25 @@ mod tests {
         let err = NodeTls::from_pems(7, ca.cert_pem, expired.cert_pem, expired.key_pem)
             .expect_err("expired");
         assert!(matches!(err, TlsError::Expired), "{err}");
+    }
+
+    #[test]
+    fn expiry_reads_both_certificates_end_dates() {
+        let ca = init(10).expect("ca");
+        let mut spec = NodeCertSpec::new(7, "r1", &["127.0.0.1"]);
+        spec.days = 3;
+        let seven = issue(&ca, &spec).expect("cert");
+        let tls = NodeTls::from_pems(7, ca.cert_pem, seven.cert_pem, seven.key_pem).expect("tls");
+        let expiry = tls.expiry().expect("expiry");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let day = 86_400;
+        assert!(
+            (expiry.node_not_after_unix - (now + 3 * day)).abs() < day,
+            "{expiry:?}"
+        );
+        assert!(
+            (expiry.ca_not_after_unix - (now + 10 * day)).abs() < day,
+            "{expiry:?}"
+        );
     }
 }

@@ -60,7 +60,9 @@ fn workspace_binary(package: &str, name: &str) -> PathBuf {
 /// A port no other test of this process was given, below the kernel's
 /// ephemeral range (32768+) so outgoing connections never hold it when a
 /// killed node binds it again.
-fn free_port() -> u16 {
+/// A loopback port no other caller of this function in the process got
+/// and nothing listens on now.
+pub fn free_port() -> u16 {
     use std::sync::Mutex;
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
@@ -92,6 +94,8 @@ fn free_port() -> u16 {
 struct NodeProcess {
     region: String,
     addr: String,
+    /// Its `--metrics-listen` address (every process node serves /metrics).
+    metrics_addr: String,
     child: Option<Child>,
     /// TLS files when they differ from the cluster's own (a stranger's node).
     tls: Option<NodeTlsFiles>,
@@ -223,6 +227,7 @@ impl ProcessCluster {
                     NodeProcess {
                         region: format!("r{}", r + 1),
                         addr: format!("127.0.0.1:{}", free_port()),
+                        metrics_addr: format!("127.0.0.1:{}", free_port()),
                         child: None,
                         tls: None,
                         initial: None,
@@ -300,6 +305,7 @@ impl ProcessCluster {
             NodeProcess {
                 region: region.to_string(),
                 addr,
+                metrics_addr: format!("127.0.0.1:{}", free_port()),
                 child: None,
                 tls,
                 initial: Some(initial),
@@ -315,6 +321,11 @@ impl ProcessCluster {
 
     pub fn addr(&self, id: u64) -> &str {
         &self.nodes[&id].addr
+    }
+
+    /// Where node `id` serves `GET /metrics`.
+    pub fn metrics_addr(&self, id: u64) -> &str {
+        &self.nodes[&id].metrics_addr
     }
 
     pub fn ids(&self) -> Vec<u64> {
@@ -338,6 +349,7 @@ impl ProcessCluster {
         command
             .args(["--node-id", &id.to_string(), "--region", &node.region])
             .args(["--listen", &node.addr, "--initial-cluster", initial])
+            .args(["--metrics-listen", &node.metrics_addr])
             .arg("--data-dir")
             .arg(&data)
             .args([

@@ -215,6 +215,14 @@ pub struct MetricsSnapshot {
     pub nodes: Vec<crate::model::NodeView>,
 }
 
+/// Bytes through this gateway's client calls (metrics): pack bytes
+/// acknowledged by `PutPack` and range bytes answered by `ReadPack`.
+#[derive(Debug, Default)]
+pub struct TrafficStats {
+    pub ingest_bytes_total: std::sync::atomic::AtomicU64,
+    pub read_bytes_total: std::sync::atomic::AtomicU64,
+}
+
 /// The gateway: shared by every request on this node.
 pub struct Gateway {
     node_id: NodeId,
@@ -241,6 +249,7 @@ pub struct Gateway {
     gc_stats: crate::gc::GcStats,
     /// Tiering's counters: the mover's and shard read latencies by class.
     tiering: Arc<crate::tiering::TierStats>,
+    traffic: TrafficStats,
 }
 
 impl Gateway {
@@ -275,6 +284,7 @@ impl Gateway {
             gc_lock: tokio::sync::Mutex::new(()),
             gc_stats: crate::gc::GcStats::default(),
             tiering: Arc::default(),
+            traffic: TrafficStats::default(),
         }
     }
 
@@ -430,6 +440,11 @@ impl Gateway {
     /// Tiering's counters on this node (mover, shard reads by class).
     pub fn tiering(&self) -> &Arc<crate::tiering::TierStats> {
         &self.tiering
+    }
+
+    /// Bytes through this gateway (metrics).
+    pub fn traffic(&self) -> &TrafficStats {
+        &self.traffic
     }
 
     pub fn repair_state(&self) -> Arc<RepairState> {

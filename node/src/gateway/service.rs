@@ -151,7 +151,14 @@ impl Cairn for Gateway {
             tenant,
             ..request.into_inner()
         };
-        self.answer(self.put_pack_inner(req).await)
+        let bytes = req.data.len() as u64;
+        let outcome = self.put_pack_inner(req).await;
+        if outcome.is_ok() {
+            self.traffic()
+                .ingest_bytes_total
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.answer(outcome)
     }
 
     async fn read_pack(
@@ -161,6 +168,12 @@ impl Cairn for Gateway {
         let (caller, tenant) = self.admit(&request, Op::ReadPack, "")?;
         let scope = (!tenant.is_empty()).then_some(tenant.as_str());
         let outcome = self.read_pack_inner(request.into_inner(), scope).await;
+        if let Ok(reply) = &outcome {
+            let bytes: usize = reply.ranges.iter().map(Vec::len).sum();
+            self.traffic()
+                .read_bytes_total
+                .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         self.answer_for(&caller, Op::ReadPack, outcome)
     }
 
