@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 
 use cairn_node::local_cluster::wait_until;
 use cairn_tests::init_logging;
-use cairn_tests::process::{ProcessCluster, ProcessOptions, free_port};
+use cairn_tests::process::{ProcessCluster, ProcessOptions, cli_binary, free_port};
 
 const DOWN_AFTER: &str = "3s";
 /// The alert the live test watches.
 const NODE_DOWN: &str = "CairnNodeDown";
 
-/// The agent's metric names (common contract of this issue: `cairn agent`
-/// exports them; no agent runs in these tests).
+/// The agent's metric names, the contract its alerts and dashboard panels
+/// rely on; a real `cairn agent --once` run must export every one.
 const AGENT_METRICS: &[&str] = &[
     "cairn_agent_job_last_success_timestamp_seconds",
     "cairn_agent_job_last_run_timestamp_seconds",
@@ -36,19 +36,6 @@ const AGENT_METRICS: &[&str] = &[
     "cairn_agent_job_bytes_added_total",
     "cairn_agent_drill_rto_seconds",
     "cairn_agent_drill_rto_target_seconds",
-];
-
-/// Node metrics of the tiering part of this issue (same contract). They are
-/// accepted from this list until that part's renderer is merged; after the
-/// merge the scrape shows them too and this list can go.
-const TIERING_METRICS: &[&str] = &[
-    "cairn_node_info",
-    "cairn_shard_read_duration_seconds",
-    "cairn_tiering_moved_packs_total",
-    "cairn_tiering_moved_bytes_total",
-    "cairn_tiering_queue_packs",
-    "cairn_tiering_last_success_timestamp_seconds",
-    "cairn_tiering_errors_total",
 ];
 
 fn deploy_dir() -> PathBuf {
@@ -629,15 +616,15 @@ async fn the_dashboard_and_the_rules_query_only_metrics_that_exist() {
         page.contains("cairn_tls_certificate_expiry_timestamp_seconds{certificate=\"ca\"}"),
         "{page}"
     );
-    exported.extend(AGENT_METRICS.iter().map(|s| s.to_string()));
-    for name in TIERING_METRICS {
-        exported.insert(name.to_string());
-        exported.extend(
-            ["_bucket", "_count", "_sum"]
-                .iter()
-                .map(|s| format!("{name}{s}")),
+    let agent_page = run_agent_once(&cluster, dir.path());
+    let agent_names = exported_names(&agent_page);
+    for name in AGENT_METRICS {
+        assert!(
+            agent_names.contains(*name),
+            "the agent exports no {name}:\n{agent_page}"
         );
     }
+    exported.extend(agent_names);
     let unknown: Vec<_> = dashboard_names.difference(&exported).collect();
     assert!(
         unknown.is_empty(),
@@ -770,4 +757,118 @@ async fn gateway_bytes_rpc_latency_and_errors_are_counted_on_a_real_cluster() {
     // Insecure nodes have no certificate to report.
     assert!(!pages[0].contains("cairn_tls_certificate_expiry_timestamp_seconds{"));
     cluster.shutdown().await.expect("shutdown");
+}
+
+/// `cairn` with the cluster's addresses, CA and `token_file`, as tenant
+/// `alerts`; panics with its stderr unless it succeeds.
+fn cairn(cluster: &ProcessCluster, token_file: &Path, args: &[&str]) -> String {
+    let tls = cluster.tls().expect("secure cluster");
+    let output = Command::new(cli_binary())
+        .args([
+            "--cluster",
+            &cluster.addrs().join(","),
+            "--tenant",
+            "alerts",
+        ])
+        .arg("--ca-file")
+        .arg(tls.dir.join("ca.pem"))
+        .arg("--token-file")
+        .arg(token_file)
+        .args(args)
+        .env("CAIRN_PASSWORD", "alerts passphrase")
+        .stdin(Stdio::null())
+        .output()
+        .expect("cairn runs");
+    assert!(
+        output.status.success(),
+        "cairn {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A real agent over TLS with a `backup` token (a backup job) and the admin
+/// token (a drill), run once: the metrics file it writes.
+fn run_agent_once(cluster: &ProcessCluster, dir: &Path) -> String {
+    let tls = cluster.tls().expect("secure cluster");
+    let admin = tls.dir.join("bootstrap-token");
+    cairn(cluster, &admin, &["init"]);
+    let created: serde_json::Value = serde_json::from_str(&cairn(
+        cluster,
+        &admin,
+        &[
+            "token", "create", "--role", "backup", "--tenant", "alerts", "--json",
+        ],
+    ))
+    .expect("token create --json");
+    let root = dir.join("agent");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).expect("agent dirs");
+    std::fs::write(data.join("room-42.log"), "hello\n".repeat(1000)).expect("data");
+    let backup_token = root.join("backup-token");
+    std::fs::write(&backup_token, created["token"].as_str().expect("token")).expect("token");
+    std::fs::write(root.join("password"), "alerts passphrase").expect("password");
+    let addrs: Vec<String> = cluster.addrs().iter().map(|a| format!("{a:?}")).collect();
+    let config = format!(
+        r#"state_dir = {state:?}
+time_zone = "UTC"
+[cluster]
+addresses = [{addrs}]
+ca_file = {ca:?}
+token_file = {backup_token:?}
+password_file = {password:?}
+tenant = "alerts"
+
+[[job]]
+name = "rooms-hourly"
+kind = "backup"
+schedule = "0 * * * *"
+dataset = "rooms"
+level = "incremental"
+paths = [{data:?}]
+
+[[job]]
+name = "rooms-drill"
+kind = "drill"
+schedule = "0 3 * * 0"
+token_file = {admin:?}
+dataset = "rooms"
+scratch_dir = {scratch:?}
+rto_target = "1h"
+"#,
+        state = root.join("state"),
+        addrs = addrs.join(", "),
+        ca = tls.dir.join("ca.pem"),
+        password = root.join("password"),
+        scratch = root.join("scratch"),
+    );
+    std::fs::write(root.join("agent.toml"), config).expect("agent config");
+    let metrics = root.join("agent.prom");
+    let output = Command::new(cli_binary())
+        .arg("agent")
+        .arg("--config")
+        .arg(root.join("agent.toml"))
+        .arg("--once")
+        .arg("--metrics-file")
+        .arg(&metrics)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cairn agent runs");
+    assert!(
+        output.status.success(),
+        "cairn agent --once: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let page = std::fs::read_to_string(&metrics).expect("the agent wrote its metrics file");
+    for job in ["rooms-hourly", "rooms-drill"] {
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with("cairn_agent_job_runs_total")
+                    && l.contains(&format!("job=\"{job}\""))
+                    && l.contains("outcome=\"success\"")
+                    && l.ends_with(" 1")),
+            "job {job} did not succeed once over TLS:\n{page}"
+        );
+    }
+    page
 }

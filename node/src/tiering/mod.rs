@@ -55,7 +55,7 @@ pub struct TierStats {
 
 impl Default for TierStats {
     fn default() -> Self {
-        Self {
+        let stats = Self {
             moved_packs_total: AtomicU64::new(0),
             moved_bytes_total: AtomicU64::new(0),
             queue_packs: AtomicU64::new(0),
@@ -67,7 +67,15 @@ impl Default for TierStats {
             shard_reads: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 16))
             }),
+        };
+        // Both classes exist from the start (zero counts), so a dashboard's
+        // quantile query has a series before the first cold read.
+        for class in [StorageClass::Hot, StorageClass::Cold] {
+            stats
+                .shard_reads
+                .get_or_create(&vec![("storage_class".to_string(), class.to_string())]);
         }
+        stats
     }
 }
 
