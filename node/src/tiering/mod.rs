@@ -71,7 +71,7 @@ impl Default for TierStats {
         // Both classes exist from the start (zero counts), so a dashboard's
         // quantile query has a series before the first cold read.
         for class in [StorageClass::Hot, StorageClass::Cold] {
-            stats
+            let _created = stats
                 .shard_reads
                 .get_or_create(&vec![("storage_class".to_string(), class.to_string())]);
         }
