@@ -19,6 +19,12 @@ pub struct Partition {
 }
 
 impl Partition {
+    /// The whole id space.
+    pub const WHOLE: Partition = Partition {
+        lo: [0; 32],
+        hi: None,
+    };
+
     pub fn contains(&self, id: &Id32) -> bool {
         *id >= self.lo && self.hi.is_none_or(|hi| *id < hi)
     }

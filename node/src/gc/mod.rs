@@ -21,6 +21,7 @@
 
 pub mod mark;
 pub mod repack;
+pub mod scan;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -34,13 +35,10 @@ use tracing::{debug, info, warn};
 use crate::gateway::{Gateway, GatewayError};
 use crate::meta::state::StateView;
 use crate::meta::types::{
-    Actor, BlobLocation, Command, CommandResult, Id32, PackLife, PackRecord, RefSegment,
-    SnapshotLife,
+    Actor, BlobLocation, Command, CommandResult, Id32, PackRecord, RefSegment, SnapshotLife,
 };
-use mark::{Partition, next_id, partition_count, partitions};
-
-/// Index entries read per page.
-const PAGE: usize = 4096;
+use mark::{Partition, partition_count, partitions};
+use scan::{Marks, for_each_entry, for_each_pack, may_still_commit};
 /// Most ids in one `SweepBlobs` entry.
 const SWEEP_BATCH: usize = 8192;
 /// Packs repacked per index scan: the scan gathers their live blobs' locations,
@@ -247,82 +245,22 @@ async fn collect_locked(
 /// Every tenant that owns a pack (paged over the pack records).
 async fn tenants_with_packs(view: &StateView) -> Result<Vec<String>, GatewayError> {
     let mut tenants = BTreeSet::new();
-    let mut after: Option<Id32> = None;
-    loop {
-        // A page at a time, yielding between pages: a scan of millions of
-        // entries must not hold a runtime worker (Raft heartbeats share it).
-        tokio::task::yield_now().await;
-        let page = view.pack_page(after.as_ref(), PAGE)?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.id);
-        let full = page.len() == PAGE;
-        tenants.extend(page.into_iter().map(|(p, _)| p.tenant));
-        if !full {
-            break;
-        }
-    }
+    for_each_pack(view, |pack, _| {
+        tenants.insert(pack.tenant);
+        Ok::<_, GatewayError>(())
+    })
+    .await?;
     Ok(tenants.into_iter().collect())
 }
 
-/// Whether a pack may still be committed by a running backup at `now`.
-fn protected(
-    view: &StateView,
-    life: Option<&PackLife>,
-    now: i64,
-    grace_ms: i64,
-) -> Result<bool, GatewayError> {
-    let Some(life) = life else {
-        // Stored before pack lives existed: old, not protected.
-        return Ok(false);
-    };
-    if life.repacked {
-        return Ok(false);
-    }
-    let young = |at: i64| now.saturating_sub(at) < grace_ms;
-    Ok(match life.session {
-        None => young(life.created_unix_ms),
-        Some(session) => match view.session(&session)? {
-            Some(record) if record.closed => false,
-            Some(record) => young(record.active_unix_ms),
-            None => young(life.created_unix_ms),
-        },
-    })
-}
-
-/// What the tenant's snapshots reference: their segments, the segment
-/// blobs and root trees themselves.
-#[derive(Default)]
-struct Marks {
-    segments: Vec<RefSegment>,
-    always_live: HashSet<Id32>,
-}
-
-impl Marks {
-    fn add(&mut self, root: Option<Id32>, life: &SnapshotLife) {
-        self.segments.extend(life.refs.iter().copied());
-        self.always_live.extend(life.refs.iter().map(|r| r.blob));
-        self.always_live.extend(root);
-    }
-}
-
-/// The tenant's snapshots with their lives; a snapshot without a life
+/// The marks of all the tenant's snapshots; a snapshot without a life
 /// (committed by an older client) makes the tenant uncollectable.
 fn tenant_marks(view: &StateView, tenant: &str) -> Result<Marks, Stop> {
-    let lives: HashMap<Id32, SnapshotLife> = view.snapshot_lives(tenant)?.into_iter().collect();
-    let mut marks = Marks::default();
-    let mut without = 0usize;
-    for snapshot in view.snapshots(tenant, None)? {
-        match lives.get(&snapshot.id) {
-            Some(life) => marks.add(Some(snapshot.root_tree), life),
-            None => without += 1,
-        }
-    }
-    if without > 0 {
-        return Err(Stop::Skip(format!(
+    Marks::of_tenant(view, tenant, |_, _| true)?.map_err(|without| {
+        Stop::Skip(format!(
             "{without} snapshot(s) without a reference list (committed by an older client); forget them, or back up again with a current client and forget them, before this tenant's space can be collected"
-        )));
-    }
-    Ok(marks)
+        ))
+    })
 }
 
 async fn collect_tenant(
@@ -343,81 +281,56 @@ async fn collect_tenant(
 
     // The tenant's packs, with their protection.
     let mut packs: HashMap<Id32, PackAcc> = HashMap::new();
-    let mut after: Option<Id32> = None;
-    loop {
-        // A page at a time, yielding between pages: a scan of millions of
-        // entries must not hold a runtime worker (Raft heartbeats share it).
-        tokio::task::yield_now().await;
-        let page = view.pack_page(after.as_ref(), PAGE)?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.id);
-        let full = page.len() == PAGE;
-        for (record, life) in page {
-            if record.tenant != tenant {
-                continue;
-            }
-            let protected = protected(&view, life.as_ref(), now, grace_ms)?;
-            // Old packs (no life) weigh against their whole length, trailer
-            // included: repacked once at the 100% threshold, then exact.
-            let blob_bytes = life.map_or(record.pack_len, |l| l.blob_bytes);
-            packs.insert(
-                record.id,
-                PackAcc {
-                    record,
-                    blob_bytes,
-                    protected,
-                    live_blobs: 0,
-                    live_bytes: 0,
-                    kept_blobs: 0,
-                },
-            );
+    for_each_pack(&view, |record, life| {
+        if record.tenant != tenant {
+            return Ok(());
         }
-        if !full {
-            break;
-        }
-    }
+        let protected = may_still_commit(&view, life.as_ref(), now, grace_ms)?;
+        // Old packs (no life) weigh against their whole length, trailer
+        // included: repacked once at the 100% threshold, then exact.
+        let blob_bytes = life.map_or(record.pack_len, |l| l.blob_bytes);
+        packs.insert(
+            record.id,
+            PackAcc {
+                record,
+                blob_bytes,
+                protected,
+                live_blobs: 0,
+                live_bytes: 0,
+                kept_blobs: 0,
+            },
+        );
+        Ok::<_, Stop>(())
+    })
+    .await?;
 
     let entries = view.stats()?.blobs;
     for partition in partitions(partition_count(entries)) {
         let mut live = mark_partition(gw, tenant, &marks.segments, &partition).await?;
-        // Scan the partition's index entries page by page.
         let mut candidates: Vec<(Id32, BlobLocation)> = Vec::new();
-        let mut start = partition.lo;
-        loop {
-            // A page at a time, yielding between pages: a scan of millions of
-            // entries must not hold a runtime worker (Raft heartbeats share it).
-            tokio::task::yield_now().await;
-            let page = view.blob_page(tenant, &start, partition.hi.as_ref(), PAGE)?;
-            let full = page.len() == PAGE;
-            let next = page.last().and_then(|(id, _)| next_id(id));
-            for (id, location) in page {
-                let acc = packs.get_mut(&location.pack_id);
-                if live.contains(&id) || marks.always_live.contains(&id) {
-                    report.blobs_live += 1;
-                    if let Some(acc) = acc {
-                        acc.live_blobs += 1;
-                        acc.live_bytes += u64::from(location.length);
-                    }
-                    continue;
+        for_each_entry(&view, tenant, &partition, |id, location| {
+            let acc = packs.get_mut(&location.pack_id);
+            if live.contains(&id) || marks.always_live.contains(&id) {
+                report.blobs_live += 1;
+                if let Some(acc) = acc {
+                    acc.live_blobs += 1;
+                    acc.live_bytes += u64::from(location.length);
                 }
-                match acc {
-                    // A pack record and its entries are added in one batch:
-                    // an entry whose pack has no record is dangling (left
-                    // by a crash), one whose pack appeared after the pack
-                    // scan belongs to a running backup and stays.
-                    None if view.pack(&location.pack_id)?.is_none() => {
-                        candidates.push((id, location))
-                    }
-                    None => {}
-                    Some(acc) if acc.protected => acc.kept_blobs += 1,
-                    Some(_) => candidates.push((id, location)),
-                }
+                return Ok(());
             }
-            match next {
-                Some(next) if full => start = next,
-                _ => break,
+            match acc {
+                // A pack record and its entries are added in one batch: an
+                // entry whose pack has no record is dangling (left by a
+                // crash), one whose pack appeared after the pack scan
+                // belongs to a running backup and stays.
+                None if view.pack(&location.pack_id)?.is_none() => candidates.push((id, location)),
+                None => {}
+                Some(acc) if acc.protected => acc.kept_blobs += 1,
+                Some(_) => candidates.push((id, location)),
             }
-        }
+            Ok::<_, Stop>(())
+        })
+        .await?;
         if dry_run {
             report.blobs_removed += candidates.len() as u64;
             continue;
@@ -507,24 +420,13 @@ async fn repack_batch(
     let mut live_of: HashMap<Id32, Vec<(Id32, BlobLocation)>> =
         batch.iter().map(|id| (*id, Vec::new())).collect();
     let view = gw.meta().view()?;
-    let mut start = [0u8; 32];
-    loop {
-        // A page at a time, yielding between pages: a scan of millions of
-        // entries must not hold a runtime worker (Raft heartbeats share it).
-        tokio::task::yield_now().await;
-        let page = view.blob_page(tenant, &start, None, PAGE)?;
-        let full = page.len() == PAGE;
-        let next = page.last().and_then(|(id, _)| next_id(id));
-        for (id, location) in page {
-            if let Some(list) = live_of.get_mut(&location.pack_id) {
-                list.push((id, location));
-            }
+    for_each_entry(&view, tenant, &Partition::WHOLE, |id, location| {
+        if let Some(list) = live_of.get_mut(&location.pack_id) {
+            list.push((id, location));
         }
-        match next {
-            Some(next) if full => start = next,
-            _ => break,
-        }
-    }
+        Ok::<_, Stop>(())
+    })
+    .await?;
     for old in batch {
         let (Some(acc), Some(blobs)) = (by_id.get(old), live_of.remove(old)) else {
             continue;
@@ -536,26 +438,18 @@ async fn repack_batch(
     Ok(())
 }
 
-/// The ids in `partition` that the tenant's snapshots reference.
+/// The ids in `partition` that `segments` list. A segment that cannot be
+/// read leaves the mark incomplete: stop the tenant rather than sweep what
+/// it may reference.
 async fn mark_partition(
     gw: &Gateway,
     tenant: &str,
     segments: &[RefSegment],
     partition: &Partition,
 ) -> Result<HashSet<Id32>, Stop> {
-    let mut live = HashSet::new();
-    for segment in segments.iter().filter(|s| partition.overlaps(s)) {
-        // A segment that cannot be read leaves the mark incomplete: stop
-        // the tenant rather than sweep what it may reference.
-        let ids = gw.read_segment(tenant, segment).await.map_err(|error| {
-            Stop::Skip(format!(
-                "reference segment {} unreadable ({error}); nothing swept",
-                hex::encode(segment.blob)
-            ))
-        })?;
-        live.extend(ids.into_iter().filter(|id| partition.contains(id)));
-    }
-    Ok(live)
+    scan::mark_partition(gw, tenant, segments, partition)
+        .await
+        .map_err(|unreadable| Stop::Skip(format!("{unreadable}; nothing swept")))
 }
 
 /// Marks the snapshots committed after catalog sequence `seq`: adds them

@@ -18,14 +18,14 @@ use tracing::{debug, info, warn};
 
 use crate::config::TieringSection;
 use crate::gateway::{Gateway, GatewayError};
-use crate::gc::mark::{Partition, next_id, partition_count, partitions};
+use crate::gc::mark::{partition_count, partitions};
+use crate::gc::scan::{
+    Marks, UnreadableSegment, for_each_entry, for_each_pack, mark_partition, may_still_commit,
+};
 use crate::meta::state::StateView;
-use crate::meta::types::{Id32, PackLife, RefSegment, SnapshotLife};
+use crate::meta::types::Id32;
 use crate::model::StorageClass;
 use crate::repair::{RateLimiter, RepairError};
-
-/// Index entries and pack records read per page.
-const PAGE: usize = 4096;
 
 /// What one pass found and did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,13 +48,6 @@ struct PackAcc {
     settled: bool,
 }
 
-/// What a tenant's young snapshots reference.
-#[derive(Default)]
-struct HotMarks {
-    segments: Vec<RefSegment>,
-    always: HashSet<Id32>,
-}
-
 /// Why a tenant's classes could not be decided this pass.
 #[derive(Debug, thiserror::Error)]
 enum Skip {
@@ -62,10 +55,8 @@ enum Skip {
         "{0} snapshot(s) without a reference list (committed by an older client): nothing of this tenant moves until they are forgotten"
     )]
     NoReferences(usize),
-    #[error(
-        "reference segment {segment} unreadable ({error}); nothing of this tenant moves this pass"
-    )]
-    Segment { segment: String, error: String },
+    #[error("{0}; nothing of this tenant moves this pass")]
+    Segment(#[from] UnreadableSegment),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
 }
@@ -181,29 +172,6 @@ pub async fn pass(gw: &Gateway, config: &TieringSection) -> Result<PassOutcome, 
     Ok(outcome)
 }
 
-/// Whether a pack's backup is over: committed, made by the collector, or
-/// stored before pack lives existed. An open session younger than the
-/// grace period may still commit, so its packs stay where they are.
-fn settled(
-    view: &StateView,
-    life: Option<&PackLife>,
-    now: i64,
-    grace_ms: i64,
-) -> Result<bool, Skip> {
-    let Some(life) = life else { return Ok(true) };
-    if life.repacked {
-        return Ok(true);
-    }
-    let old = |at: i64| now.saturating_sub(at) >= grace_ms;
-    Ok(match life.session {
-        Some(session) => match view.session(&session)? {
-            Some(record) => record.closed || old(record.active_unix_ms),
-            None => old(life.created_unix_ms),
-        },
-        None => old(life.created_unix_ms),
-    })
-}
-
 /// The class every pack of `tenant` belongs in (packs that stay as they
 /// are, e.g. of a running backup, are left out).
 async fn wanted_classes(
@@ -214,71 +182,44 @@ async fn wanted_classes(
     now: i64,
     grace_ms: i64,
 ) -> Result<Vec<(Id32, StorageClass)>, Skip> {
-    let lives: HashMap<Id32, SnapshotLife> = view.snapshot_lives(tenant)?.into_iter().collect();
-    let mut marks = HotMarks::default();
-    let mut without = 0usize;
-    for snapshot in view.snapshots(tenant, None)? {
-        let Some(life) = lives.get(&snapshot.id) else {
-            without += 1;
-            continue;
-        };
+    // Hot: what the young snapshots (and those of datasets without a
+    // cold-after) reference.
+    let marks = Marks::of_tenant(view, tenant, |snapshot, life| {
         let after = cold_after.get(&snapshot.dataset).copied().unwrap_or(0);
         let age = u64::try_from(now.saturating_sub(life.committed_unix_ms)).unwrap_or(0);
-        if after == 0 || age < after {
-            marks.segments.extend(life.refs.iter().copied());
-            marks.always.extend(life.refs.iter().map(|r| r.blob));
-            marks.always.insert(snapshot.root_tree);
-        }
-    }
-    if without > 0 {
-        return Err(Skip::NoReferences(without));
-    }
+        after == 0 || age < after
+    })?
+    .map_err(Skip::NoReferences)?;
 
     let mut packs: HashMap<Id32, PackAcc> = HashMap::new();
-    let mut after: Option<Id32> = None;
-    loop {
-        // A page at a time, yielding between pages (Raft shares the runtime).
-        tokio::task::yield_now().await;
-        let page = view.pack_page(after.as_ref(), PAGE)?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.id);
-        let full = page.len() == PAGE;
-        for (record, life) in page {
-            if record.tenant == tenant {
-                let settled = settled(view, life.as_ref(), now, grace_ms)?;
-                packs.insert(
-                    record.id,
-                    PackAcc {
-                        settled,
-                        ..PackAcc::default()
-                    },
-                );
-            }
+    for_each_pack(view, |record, life| {
+        if record.tenant == tenant {
+            // A pack a running backup may still commit stays where it is.
+            let settled = !may_still_commit(view, life.as_ref(), now, grace_ms)?;
+            packs.insert(
+                record.id,
+                PackAcc {
+                    settled,
+                    ..PackAcc::default()
+                },
+            );
         }
-        if !full {
-            break;
-        }
-    }
+        Ok::<_, Skip>(())
+    })
+    .await?;
 
     for partition in partitions(partition_count(view.stats()?.blobs)) {
-        let hot = mark_partition(gw, tenant, &marks, &partition).await?;
-        let mut start = partition.lo;
-        loop {
-            tokio::task::yield_now().await;
-            let page = view.blob_page(tenant, &start, partition.hi.as_ref(), PAGE)?;
-            let full = page.len() == PAGE;
-            let next = page.last().and_then(|(id, _)| next_id(id));
-            for (id, location) in page {
-                if let Some(acc) = packs.get_mut(&location.pack_id) {
-                    acc.indexed += 1;
-                    acc.hot |= hot.contains(&id);
-                }
+        // An unreadable segment leaves the mark incomplete: moving on it
+        // could send a young snapshot's blobs to the cold tier.
+        let hot = mark_partition(gw, tenant, &marks.segments, &partition).await?;
+        for_each_entry(view, tenant, &partition, |id, location| {
+            if let Some(acc) = packs.get_mut(&location.pack_id) {
+                acc.indexed += 1;
+                acc.hot |= hot.contains(&id) || marks.always_live.contains(&id);
             }
-            match next {
-                Some(next) if full => start = next,
-                _ => break,
-            }
-        }
+            Ok::<_, Skip>(())
+        })
+        .await?;
     }
     Ok(packs
         .into_iter()
@@ -292,33 +233,4 @@ async fn wanted_classes(
             }
         })
         .collect())
-}
-
-/// The hot ids of `partition`: those the young snapshots' segments list,
-/// plus their root trees and segment blobs.
-async fn mark_partition(
-    gw: &Gateway,
-    tenant: &str,
-    marks: &HotMarks,
-    partition: &Partition,
-) -> Result<HashSet<Id32>, Skip> {
-    let mut hot: HashSet<Id32> = marks
-        .always
-        .iter()
-        .filter(|id| partition.contains(id))
-        .copied()
-        .collect();
-    for segment in marks.segments.iter().filter(|s| partition.overlaps(s)) {
-        // An unreadable segment leaves the mark incomplete: moving on it
-        // could send a young snapshot's blobs to the cold tier.
-        let ids = gw
-            .read_segment(tenant, segment)
-            .await
-            .map_err(|error| Skip::Segment {
-                segment: hex::encode(segment.blob),
-                error: error.to_string(),
-            })?;
-        hot.extend(ids.into_iter().filter(|id| partition.contains(id)));
-    }
-    Ok(hot)
 }
