@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod check;
 pub mod datagen;
 pub mod demo;
 pub mod lifecycle;

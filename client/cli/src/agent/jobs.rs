@@ -15,7 +15,6 @@ use cairn_client::backup::{self, BackupOptions, Progress};
 use cairn_client::lifecycle::ForgetOptions;
 use cairn_client::repo::{DataRead, DataSubset};
 use cairn_client::restore::{self, RestoreOptions};
-use cairn_client::tree::EntryKind;
 use cairn_client::{Cluster, Repository};
 use zeroize::Zeroizing;
 
@@ -198,59 +197,31 @@ async fn check(
     if let DataRead::Subset(subset) = read {
         output.slice = Some(subset);
     }
-    let reply = repo.check_packs_reading(read).await?;
-    let mut problems: Vec<String> = reply
+    let outcome = crate::check::check_once(repo, read).await?;
+    let problems: Vec<String> = outcome
         .problems
         .iter()
-        .map(|p| {
-            format!(
-                "pack {} shard {} on node {}: {}",
-                hex::encode(&p.pack_id),
-                p.shard_index,
-                p.node_id,
-                p.fault
-            )
+        .map(|p| match p.get("fault").and_then(|f| f.as_str()) {
+            Some(fault) => {
+                let what = ["pack", "snapshot"]
+                    .iter()
+                    .find_map(|k| {
+                        p.get(*k)
+                            .and_then(|v| v.as_str())
+                            .map(|v| format!("{k} {v}"))
+                    })
+                    .unwrap_or_default();
+                format!("{what}: {fault}")
+            }
+            None => p.to_string(),
         })
         .collect();
-    problems.extend(
-        reply
-            .unrecoverable
-            .iter()
-            .map(|p| format!("pack {} unrecoverable", hex::encode(p))),
-    );
-    problems.extend(
-        reply
-            .misplaced
-            .iter()
-            .map(|p| format!("pack {} misplaced (awaiting rebalance)", hex::encode(p))),
-    );
-    let snapshots = repo.snapshots(None).await?;
-    for snapshot in &snapshots {
-        match restore::walk(repo, snapshot, &[]).await {
-            Ok(items) => {
-                let ids: Vec<_> = items
-                    .iter()
-                    .flat_map(|i| match &i.entry.kind {
-                        EntryKind::File { chunks, .. } => chunks.iter().map(|c| c.id).collect(),
-                        _ => Vec::new(),
-                    })
-                    .collect();
-                if let Err(e) = repo.locate(&ids).await {
-                    problems.push(format!("snapshot {}: {e}", snapshot.short_id()));
-                }
-            }
-            Err(e) => problems.push(format!(
-                "snapshot {}: directory trees unreadable: {e}",
-                snapshot.short_id()
-            )),
-        }
-    }
     output.detail = Some(format!(
         "{} snapshots, {} packs checked, {} read, {} shards read, {} problems",
-        snapshots.len(),
-        reply.packs_checked,
-        reply.packs_read,
-        reply.shards_checked,
+        outcome.snapshots,
+        outcome.packs_checked,
+        outcome.packs_read,
+        outcome.shards_checked,
         problems.len()
     ));
     if !problems.is_empty() {
