@@ -11,13 +11,17 @@
 # node certificates made by `cairn-node ca` under $DIR/tls, and $DIR/tls/
 # bootstrap-token becomes the first cluster-admin token; the `start` output
 # says what to export for the CLI (CAIRN_CA, CAIRN_TOKEN). CAIRN_INSECURE=1
-# runs plaintext without authentication instead.
+# runs plaintext without authentication instead. CAIRN_COLD_NODES=1 at `start`
+# adds one `--storage-class cold` node per region (ids 7-9, ports 7103, 7203,
+# 7303) for hot/cold tiering; later commands on the same $DIR remember it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DIR=${CAIRN_LOCAL_DIR:-${TMPDIR:-/tmp}/cairn-local}
 [ "${1:-}" = start ] && [ -n "${2:-}" ] && DIR=$2
 BIN=target/release/cairn-node
 NODES=(1=r1@127.0.0.1:7101 2=r1@127.0.0.1:7102 3=r2@127.0.0.1:7201 4=r2@127.0.0.1:7202 5=r3@127.0.0.1:7301 6=r3@127.0.0.1:7302)
+COLD=(7=r1@127.0.0.1:7103 8=r2@127.0.0.1:7203 9=r3@127.0.0.1:7303)
+if [ "${CAIRN_COLD_NODES:-0}" = 1 ] || [ -f "$DIR/cold-nodes" ]; then NODES+=("${COLD[@]}"); fi
 CLUSTER=$(IFS=,; echo "${NODES[*]}")
 
 # The CA and token, once per $DIR (existing files are kept).
@@ -46,6 +50,7 @@ start_node() { # id=region@addr
   fi
   if [ -n "${CAIRN_NODE_CONFIG:-}" ]; then extra+=(--config "$CAIRN_NODE_CONFIG"); fi
   if [ -n "${CAIRN_DOWN_AFTER:-}" ]; then extra+=(--down-after "$CAIRN_DOWN_AFTER"); fi
+  if [[ " ${COLD[*]} " == *" $spec "* ]]; then extra+=(--storage-class cold); fi
   if [ -n "${CAIRN_METRICS_BASE:-}" ]; then extra+=(--metrics-listen "127.0.0.1:$((CAIRN_METRICS_BASE + id))"); fi
   "$BIN" --node-id "$id" --region "$region" --listen "$addr" --data-dir "$DIR/node-$id" \
     --initial-cluster "$CLUSTER" --erasure 4+2 "${extra[@]}" >>"$DIR/node-$id.log" 2>&1 &
@@ -58,6 +63,7 @@ case "${1:-}" in
   start)
     [ "${CAIRN_BUILD:-1}" = 0 ] || cargo build --release --bin cairn-node --bin cairn
     mkdir -p "$DIR"
+    if [ "${CAIRN_COLD_NODES:-0}" = 1 ]; then touch "$DIR/cold-nodes"; fi
     [ "${CAIRN_INSECURE:-0}" = 1 ] || make_tls
     for spec in "${NODES[@]}"; do start_node "$spec"; done
     echo "export CAIRN_CLUSTER=127.0.0.1:7101,127.0.0.1:7201,127.0.0.1:7301"
