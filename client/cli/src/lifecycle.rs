@@ -63,12 +63,17 @@ impl KeepArgs {
 
 /// A duration flag: `30d`, `12h`, `3y`, `1y 6months` (humantime).
 pub fn parse_duration(flag: &str, text: &str) -> anyhow::Result<Duration> {
-    let d = humantime::parse_duration(text.trim())
-        .map_err(|e| anyhow::anyhow!("invalid {flag} {text:?}: {e} (e.g. 12h, 30d, 3y)"))?;
+    let d = parse_duration_or_zero(flag, text)?;
     if d.is_zero() {
         bail!("invalid {flag} {text:?}: must be longer than zero");
     }
     Ok(d)
+}
+
+/// A duration flag where zero means "at once" (`--cold-after 0s`).
+pub fn parse_duration_or_zero(flag: &str, text: &str) -> anyhow::Result<Duration> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| anyhow::anyhow!("invalid {flag} {text:?}: {e} (e.g. 12h, 30d, 3y)"))
 }
 
 /// `lock --until`: an RFC 3339 time or a date (midnight UTC), which must be
@@ -356,7 +361,7 @@ pub fn policy_spec(
             .map(|d| parse_duration("--max-age", d))
             .transpose()?,
         cold_after: cold_after
-            .map(|d| parse_duration("--cold-after", d))
+            .map(|d| parse_duration_or_zero("--cold-after", d))
             .transpose()?,
         updated_unix_ms: 0,
         applied_unix_ms: 0,

@@ -244,7 +244,8 @@ enum PolicyCommand {
         /// Legal ceiling: forget snapshots older than DUR unless locked.
         #[arg(long, value_name = "DUR")]
         max_age: Option<String>,
-        /// Move packs to the cold class after DUR.
+        /// Move packs that only snapshots older than DUR reference to the
+        /// cold storage class (0s: as soon as a snapshot commits).
         #[arg(long, value_name = "DUR")]
         cold_after: Option<String>,
     },

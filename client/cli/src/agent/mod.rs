@@ -295,6 +295,10 @@ impl Agent {
             }
         });
         let results = join_all(runs).await;
+        if !results.is_empty() {
+            // Idle until the next fire time without a backup's peak resident.
+            cairn_node::malloc::release_free_memory();
+        }
         ok && results.into_iter().all(|r| r)
     }
 
