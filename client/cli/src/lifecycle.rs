@@ -391,6 +391,16 @@ pub fn lock_mode(text: &str) -> anyhow::Result<cairn_client::LockMode> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn cold_after_may_be_zero_but_max_age_may_not() {
+        let keep = KeepArgs::default();
+        let spec = policy_spec("chat", &keep, None, Some("0s")).expect("0s tiers at once");
+        assert_eq!(spec.cold_after, Some(Duration::ZERO));
+        let error = policy_spec("chat", &keep, Some("0s"), None).expect_err("max-age 0s");
+        assert!(error.to_string().contains("longer than zero"), "{error}");
+        assert!(policy_spec("chat", &keep, None, Some("soon")).is_err());
+    }
+
     fn decision(id: u8, dataset: &str, keep: bool, reasons: &[&str]) -> ForgetDecision {
         ForgetDecision {
             id: hex::encode([id; 32]),
