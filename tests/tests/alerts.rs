@@ -860,6 +860,19 @@ rto_target = "1h"
         String::from_utf8_lossy(&output.stderr)
     );
     let page = std::fs::read_to_string(&metrics).expect("the agent wrote its metrics file");
+    // node_exporter's textfile collector parses the classic text format:
+    // promtool's linter reads the same parser.
+    let lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&metrics).expect("metrics file"))
+        .output()
+        .expect("promtool runs (apt-get install prometheus)");
+    assert!(
+        lint.status.success(),
+        "promtool check metrics rejects the agent's file: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
     for job in ["rooms-hourly", "rooms-drill"] {
         assert!(
             page.lines()

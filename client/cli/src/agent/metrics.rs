@@ -172,9 +172,42 @@ pub fn render(
     Ok(text)
 }
 
-/// Writes the metrics to `path` atomically (temporary file, rename), as
-/// node_exporter's textfile collector wants.
+/// OpenMetrics text (what the encoder writes and the endpoint serves) as
+/// the classic Prometheus text format node_exporter's textfile collector
+/// parses: a counter family is named after its `_total` samples, and the
+/// `# EOF` and `# UNIT` lines go.
+pub fn classic_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// Writes the metrics to `path` atomically (temporary file, rename), in the
+/// classic text format node_exporter's textfile collector reads.
 pub fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    let text = classic_text(text);
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -239,5 +272,19 @@ pub async fn serve(
         .await
     {
         tracing::warn!(%error, "agent metrics endpoint stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::classic_text;
+
+    #[test]
+    fn counters_are_named_after_their_samples_and_eof_goes() {
+        let open = "# HELP cairn_agent_job_runs Runs.\n# TYPE cairn_agent_job_runs counter\ncairn_agent_job_runs_total{job=\"a\"} 2\n# HELP cairn_agent_job_running Running.\n# TYPE cairn_agent_job_running gauge\ncairn_agent_job_running{job=\"a\"} 0\n# EOF\n";
+        assert_eq!(
+            classic_text(open),
+            "# HELP cairn_agent_job_runs_total Runs.\n# TYPE cairn_agent_job_runs_total counter\ncairn_agent_job_runs_total{job=\"a\"} 2\n# HELP cairn_agent_job_running Running.\n# TYPE cairn_agent_job_running gauge\ncairn_agent_job_running{job=\"a\"} 0\n"
+        );
     }
 }
