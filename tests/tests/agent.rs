@@ -391,6 +391,130 @@ retries = 0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_long_running_agent_never_overlaps_a_job_serves_metrics_and_stops_on_sigterm() {
+    let _serial = SERIAL.lock().await;
+    let (dir, cluster) = start().await;
+    let agent = AgentDir::new(&dir.path().join("agent"), &cluster);
+    let spans = dir.path().join("spans");
+    // Fires every second; each run takes 3 s, so most fire times arrive
+    // while the previous run still goes.
+    agent.write_jobs(&format!(
+        r#"
+[[job]]
+name = "every-second"
+schedule = "* * * * * *"
+kind = "backup"
+dataset = "busy"
+command = "echo start $(date +%s.%N) >> {spans}; sleep 3; echo end $(date +%s.%N) >> {spans}; printf dump"
+retries = 0
+"#,
+        spans = spans.display()
+    ));
+    let listen = format!("127.0.0.1:{}", cairn_tests::process::free_port());
+    let mut child = Command::new(cli_binary())
+        .arg("agent")
+        .arg("--config")
+        .arg(agent.config())
+        .args(["--metrics-listen", &listen])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the agent starts");
+    let url = format!("http://{listen}/metrics");
+    let page = wait_until(
+        "two finished runs and a skipped fire time on the agent's /metrics",
+        Duration::from_secs(60),
+        || {
+            let url = url.clone();
+            async move {
+                let page = tokio::task::spawn_blocking(move || {
+                    ureq::get(&url)
+                        .call()
+                        .map_err(|e| format!("GET {url}: {e}"))?
+                        .body_mut()
+                        .read_to_string()
+                        .map_err(|e| format!("GET {url}: {e}"))
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                let runs = |outcome: &str| {
+                    metric(
+                        &page,
+                        &format!(
+                            "cairn_agent_job_runs_total{{job=\"every-second\",kind=\"backup\",outcome=\"{outcome}\"}}"
+                        ),
+                    )
+                    .unwrap_or(0.0)
+                };
+                if runs("success") >= 2.0 && runs("skipped") >= 1.0 {
+                    Ok(page)
+                } else {
+                    Err(format!("not yet:\n{page}"))
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        page.contains("cairn_agent_job_interval_seconds{job=\"every-second\",kind=\"backup\"} 1"),
+        "{page}"
+    );
+    // SIGTERM: the agent stops promptly and cleanly.
+    let pid = child.id().to_string();
+    let stopped = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs")
+            .success()
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        let _ = child.stdout.take();
+        child.wait_with_output()
+    })
+    .await
+    .expect("join")
+    .expect("the agent exits");
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "exit after SIGTERM: {log}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "SIGTERM took {:?}",
+        stopped.elapsed()
+    );
+    // Never two runs at once: every run ends before the next one starts.
+    let text = std::fs::read_to_string(&spans).expect("the command ran");
+    let mut open = false;
+    let mut finished = 0;
+    for line in text.lines() {
+        match line.split(' ').next() {
+            Some("start") => {
+                assert!(!open, "a run started while another was running:\n{text}");
+                open = true;
+            }
+            Some("end") => {
+                assert!(open, "{text}");
+                open = false;
+                finished += 1;
+            }
+            _ => panic!("unexpected line {line:?}"),
+        }
+    }
+    // Each finished run committed exactly one snapshot (the one cut short
+    // by SIGTERM, if any, committed none).
+    let successes = lines_of(&log, "every-second")
+        .iter()
+        .filter(|l| l["outcome"] == "success")
+        .count();
+    assert!(successes >= 2, "{log}");
+    assert!(finished >= successes, "{text}\n{log}");
+    assert_eq!(agent.snapshots("busy").await.len(), successes, "{log}");
+    cluster.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_downtime_a_job_catches_up_once() {
     let _serial = SERIAL.lock().await;
     let (dir, cluster) = start().await;

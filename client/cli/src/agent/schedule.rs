@@ -13,12 +13,11 @@
 //! a fire time that does not exist that day is skipped, one that happens
 //! twice fires once.
 
-use std::str::FromStr;
-
 use anyhow::anyhow;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
+use croner::parser::{CronParser, Seconds};
 
 /// A cron expression in a time zone.
 #[derive(Debug, Clone)]
@@ -28,13 +27,17 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// `expression`: five fields (minute hour day-of-month month day-of-week)
-    /// or an alias such as `@daily`; `zone`: an IANA name ("Europe/Berlin",
-    /// "UTC").
+    /// `expression`: five fields (minute hour day-of-month month day-of-week),
+    /// six with seconds first, or an alias such as `@daily`; `zone`: an IANA
+    /// name ("Europe/Berlin", "UTC").
     pub fn new(expression: &str, zone: &str) -> anyhow::Result<Schedule> {
-        let cron = Cron::from_str(expression.trim()).map_err(|e| {
-            anyhow!("schedule {expression:?}: {e} (five fields: minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\")")
-        })?;
+        let cron = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .build()
+            .parse(expression.trim())
+            .map_err(|e| {
+                anyhow!("schedule {expression:?}: {e} (five fields: minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\"; or six with seconds first)")
+            })?;
         let zone: Tz = zone.trim().parse().map_err(|_| {
             anyhow!(
                 "time_zone {zone:?}: not an IANA time zone name (e.g. \"Europe/Berlin\", \"UTC\")"
