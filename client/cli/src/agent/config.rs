@@ -34,12 +34,20 @@ struct File {
     metrics_listen: Option<String>,
     #[serde(default = "utc")]
     time_zone: String,
+    /// Jobs that run at the same time (different datasets); 1 by default,
+    /// so the agent's memory is one job's, not the sum of several.
+    #[serde(default = "one")]
+    max_concurrent_jobs: usize,
     #[serde(default, rename = "job")]
     jobs: Vec<JobFile>,
 }
 
 fn utc() -> String {
     "UTC".into()
+}
+
+fn one() -> usize {
+    1
 }
 
 /// How to reach the cluster and unlock the tenant's key.
@@ -105,6 +113,8 @@ pub struct Config {
     pub cluster: ClusterFile,
     pub state_dir: PathBuf,
     pub metrics_listen: Option<String>,
+    /// Jobs that may run at the same time (at least 1).
+    pub max_concurrent_jobs: usize,
     pub jobs: Vec<Job>,
 }
 
@@ -221,10 +231,14 @@ impl Config {
         if jobs.is_empty() {
             bail!("no [[job]] tables: nothing to schedule");
         }
+        if file.max_concurrent_jobs == 0 {
+            bail!("max_concurrent_jobs: must be at least 1");
+        }
         Ok(Config {
             cluster: file.cluster,
             state_dir: file.state_dir,
             metrics_listen: file.metrics_listen,
+            max_concurrent_jobs: file.max_concurrent_jobs,
             jobs,
         })
     }
@@ -441,6 +455,17 @@ password_file = "/etc/cairn/password"
 
     fn error(jobs: &str) -> String {
         format!("{:#}", parse(jobs).expect_err("refused"))
+    }
+
+    #[test]
+    fn one_job_at_a_time_unless_told_otherwise() {
+        let job = "[[job]]\nname = \"p\"\nschedule = \"@daily\"\nkind = \"prune\"\n";
+        assert_eq!(parse(job).expect("parses").max_concurrent_jobs, 1);
+        let two = Config::parse(&format!("max_concurrent_jobs = 2\n{HEAD}{job}")).expect("two");
+        assert_eq!(two.max_concurrent_jobs, 2);
+        let zero = Config::parse(&format!("max_concurrent_jobs = 0\n{HEAD}{job}"))
+            .expect_err("zero is refused");
+        assert!(zero.to_string().contains("at least 1"), "{zero}");
     }
 
     #[test]

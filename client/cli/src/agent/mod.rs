@@ -89,6 +89,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         states,
         running: Running::default(),
         datasets: Default::default(),
+        slots: tokio::sync::Semaphore::new(config.max_concurrent_jobs),
         metrics_file: options.metrics_file.clone(),
     });
     if options.once {
@@ -137,6 +138,10 @@ struct Agent {
     running: Running,
     /// One lock per dataset: its jobs run one at a time.
     datasets: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// `max_concurrent_jobs` permits, taken after the dataset lock: jobs
+    /// beyond it wait their turn (they are in flight, so a fire time
+    /// arriving meanwhile is skipped, never queued twice).
+    slots: tokio::sync::Semaphore,
     metrics_file: Option<PathBuf>,
 }
 
@@ -374,6 +379,9 @@ impl Agent {
         let _dataset = match &dataset_lock {
             Some(lock) => Some(lock.lock().await),
             None => None,
+        };
+        let Ok(_slot) = self.slots.acquire().await else {
+            return false;
         };
         let check_slice = self
             .states
