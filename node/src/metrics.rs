@@ -125,13 +125,15 @@ impl SnapshotCache {
     }
 }
 
-fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+/// Registers a counter with `value` (read from a subsystem's atomic).
+pub(crate) fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     let metric: Counter = Counter::default();
     metric.inc_by(value);
     registry.register(name, help, metric);
 }
 
-fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+/// Registers a gauge with `value`.
+pub(crate) fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     let metric: Gauge = Gauge::default();
     metric.set(value);
     registry.register(name, help, metric);

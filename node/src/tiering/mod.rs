@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -122,15 +121,14 @@ pub fn register_metrics(registry: &mut Registry, gateway: &Gateway, snapshot: &M
         "Gateway shard fetches by the storage class of the node read (a cold read shows by its label)",
         stats.shard_reads.clone(),
     );
-    let counter = |registry: &mut Registry, name: &str, help: &str, value: u64| {
-        let metric: Counter = Counter::default();
-        metric.inc_by(value);
-        registry.register(name, help, metric);
-    };
+    use crate::metrics::{counter, gauge};
     let gauge = |registry: &mut Registry, name: &str, help: &str, value: u64| {
-        let metric: Gauge = Gauge::default();
-        metric.set(i64::try_from(value).unwrap_or(i64::MAX));
-        registry.register(name, help, metric);
+        gauge(
+            registry,
+            name,
+            help,
+            i64::try_from(value).unwrap_or(i64::MAX),
+        );
     };
     counter(
         registry,
