@@ -28,8 +28,18 @@ pub fn init_logging() {
 
 /// 3 regions × 2 nodes, 4+2, ready to serve.
 pub async fn must_start_cluster(dir: &Path) -> LocalCluster {
+    must_start_tuned(dir, &[2, 2, 2], |_| {}).await
+}
+
+/// `per_region[i]` nodes in region `r{i+1}`, 4+2, every node's settings
+/// adjusted by `tune`, ready to serve.
+pub async fn must_start_tuned(
+    dir: &Path,
+    per_region: &[usize],
+    tune: impl Fn(&mut cairn_node::config::NodeFile),
+) -> LocalCluster {
     init_logging();
-    let cluster = LocalCluster::start(dir, &[2, 2, 2], "4+2")
+    let cluster = LocalCluster::start_tuned(dir, per_region, "4+2", tune)
         .await
         .expect("cluster starts");
     cluster

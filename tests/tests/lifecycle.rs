@@ -28,15 +28,7 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 }
 
 async fn start(dir: &Path, tune: impl Fn(&mut cairn_node::config::NodeFile)) -> LocalCluster {
-    init_logging();
-    let cluster = LocalCluster::start_tuned(dir, &[2, 2, 2], "4+2", tune)
-        .await
-        .expect("cluster starts");
-    cluster
-        .wait_ready(Duration::from_secs(30))
-        .await
-        .expect("cluster becomes ready");
-    cluster
+    must_start_tuned(dir, &[2, 2, 2], tune).await
 }
 
 async fn backup_as(

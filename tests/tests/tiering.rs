@@ -15,7 +15,7 @@ use cairn_node::local_cluster::{LocalCluster, wait_until};
 use cairn_node::meta::Meta;
 use cairn_node::meta::types::PackRecord;
 use cairn_node::model::{NodeId, StorageClass};
-use cairn_tests::{files_under, init_logging, must_backup, must_init, must_restore_identical};
+use cairn_tests::{files_under, must_backup, must_init, must_restore_identical, must_start_tuned};
 
 /// Region-major ids: the third node of each region is cold.
 const COLD: [NodeId; 3] = [3, 6, 9];
@@ -34,14 +34,7 @@ fn tune(file: &mut NodeFile) {
 }
 
 async fn must_start_tiered(dir: &Path) -> LocalCluster {
-    init_logging();
-    let cluster = LocalCluster::start_tuned(dir, &[3, 3, 3], "4+2", tune)
-        .await
-        .expect("cluster starts");
-    cluster
-        .wait_ready(Duration::from_secs(30))
-        .await
-        .expect("cluster becomes ready");
+    let cluster = must_start_tuned(dir, &[3, 3, 3], tune).await;
     // Every node announces its class; placement needs them all.
     wait_until(
         "every node's storage class in the map",
