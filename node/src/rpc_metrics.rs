@@ -62,6 +62,8 @@ pub const METHODS: &[&str] = &[
     "SetPolicy",
     "GetPolicies",
     "Stats",
+    "AppendStream",
+    "ListSegments",
 ];
 
 /// Histogram buckets (seconds): a millisecond Raft call up to a long repair.

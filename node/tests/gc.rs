@@ -91,6 +91,7 @@ fn commit(
         refs,
         gc_epoch,
         session: session.to_vec(),
+        retire_segments: vec![],
     }
 }
 

@@ -554,6 +554,7 @@ async fn bad_catalog_records_are_skipped_by_name_and_the_rest_still_works() {
                     refs,
                     gc_epoch: epoch,
                     session: vec![],
+                    retire_segments: vec![],
                 })
                 .await
             }

@@ -91,6 +91,7 @@ async fn commit(
             refs: segments.iter().map(refs::Segment::to_wire).collect(),
             gc_epoch: epoch,
             session: session.to_vec(),
+            retire_segments: vec![],
         })
         .await
         .expect("commit");

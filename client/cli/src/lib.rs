@@ -10,4 +10,5 @@ pub mod datagen;
 pub mod demo;
 pub mod lifecycle;
 pub mod progress;
+pub mod stream;
 pub mod verify;

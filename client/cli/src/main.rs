@@ -153,6 +153,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "both")]
         mode: demo::BenchModes,
     },
+    /// Live chat records: append from stdin, export a room as of a time, compact.
+    Stream {
+        #[command(subcommand)]
+        command: cairn_cli::stream::StreamCommand,
+    },
     /// Run scheduled jobs (backups at levels, dumps, forget, prune, check, drills) from a TOML file.
     Agent(AgentArgs),
     /// Failover drill: restore the latest snapshots without one region and verify them.
@@ -675,6 +680,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Policy { command } => policy_command(&cli, command).await?,
+        Command::Stream { command } => {
+            cairn_cli::stream::run(open(&cli).await?, command, cli.json).await?
+        }
         Command::Stats { dataset } => {
             let repo = open(&cli).await?;
             let stats = repo.stats(dataset.as_deref()).await?;

@@ -38,6 +38,7 @@ pub mod path_guard;
 pub mod repo;
 pub mod restore;
 pub mod seal;
+pub mod stream;
 pub mod tree;
 
 pub use connection::{Cluster, ClusterOptions, Credentials};

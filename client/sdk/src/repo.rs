@@ -711,6 +711,7 @@ impl Repository {
                     refs: refs.to_vec(),
                     gc_epoch,
                     session: session.to_vec(),
+                    retire_segments: Vec::new(),
                 };
                 async move { c.commit_snapshot(request).await }
             })

@@ -75,6 +75,7 @@ const TAG_LEN: usize = 16;
 pub const SEAL_OVERHEAD: usize = SEAL_HEADER_LEN + SALT_LEN + TAG_LEN;
 const SUBKEY_CONTEXT: &str = "cairn 2025 seal subkey v1";
 const CHUNKER_SEED_CONTEXT: &str = "cairn 2025 chunker seed v1";
+const ROOM_KEY_CONTEXT: &str = "cairn 2026 stream room key v1";
 
 /// Magic and version of a snapshot record's sealed part (format v2; v1 was
 /// a bare sealed record bound to the snapshot id only). See
@@ -369,6 +370,20 @@ impl MasterKey {
         let mut seed = [0u8; 8];
         seed.copy_from_slice(&derived[..8]);
         u64::from_le_bytes(seed)
+    }
+
+    /// The key a stream's room is indexed by on nodes
+    /// ([`crate::stream::record::room_key`]): a keyed hash of the dataset and
+    /// the room name, with a key derived from the id key.
+    pub fn room_key(&self, dataset: &[u8], room: &[u8]) -> [u8; 32] {
+        let key = Zeroizing::new(blake3::derive_key(ROOM_KEY_CONTEXT, &self.id_key));
+        let mut hasher = blake3::Hasher::new_keyed(&key);
+        hasher.update(&(dataset.len() as u64).to_le_bytes());
+        hasher.update(dataset);
+        hasher.update(room);
+        let out = *hasher.finalize().as_bytes();
+        hasher.zeroize();
+        out
     }
 
     fn subkey(&self, salt: &[u8]) -> LessSafeKey {

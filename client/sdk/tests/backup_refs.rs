@@ -220,6 +220,20 @@ impl Cairn for FakeNode {
     async fn stats(&self, _: Request<pb::StatsRequest>) -> Reply<pb::StatsReply> {
         unimplemented()
     }
+    type AppendStreamStream =
+        futures::stream::BoxStream<'static, Result<pb::AppendStreamReply, tonic::Status>>;
+    async fn append_stream(
+        &self,
+        _: Request<tonic::Streaming<pb::AppendStreamRequest>>,
+    ) -> Reply<Self::AppendStreamStream> {
+        unimplemented()
+    }
+    async fn list_segments(
+        &self,
+        _: Request<pb::ListSegmentsRequest>,
+    ) -> Reply<pb::ListSegmentsReply> {
+        unimplemented()
+    }
     async fn check_packs(&self, _: Request<pb::CheckPacksRequest>) -> Reply<pb::CheckPacksReply> {
         unimplemented()
     }

@@ -174,6 +174,20 @@ impl Cairn for Shared {
     async fn stats(&self, _: Request<pb::StatsRequest>) -> Reply<pb::StatsReply> {
         unimplemented()
     }
+    type AppendStreamStream =
+        futures::stream::BoxStream<'static, Result<pb::AppendStreamReply, Status>>;
+    async fn append_stream(
+        &self,
+        _: Request<tonic::Streaming<pb::AppendStreamRequest>>,
+    ) -> Reply<Self::AppendStreamStream> {
+        unimplemented()
+    }
+    async fn list_segments(
+        &self,
+        _: Request<pb::ListSegmentsRequest>,
+    ) -> Reply<pb::ListSegmentsReply> {
+        unimplemented()
+    }
     async fn who_am_i(&self, r: Request<pb::WhoAmIRequest>) -> Reply<pb::WhoAmIReply> {
         self.check(&r)?;
         Ok(Response::new(pb::WhoAmIReply {

@@ -55,6 +55,8 @@ pub enum Op {
     SetPolicy,
     GetPolicies,
     Stats,
+    AppendStream,
+    ListSegments,
 }
 
 impl Op {
@@ -90,6 +92,8 @@ impl Op {
             Op::SetPolicy => "SetPolicy",
             Op::GetPolicies => "GetPolicies",
             Op::Stats => "Stats",
+            Op::AppendStream => "AppendStream",
+            Op::ListSegments => "ListSegments",
         }
     }
 
@@ -126,6 +130,8 @@ impl Op {
             "SetPolicy" => Op::SetPolicy,
             "GetPolicies" => Op::GetPolicies,
             "Stats" => Op::Stats,
+            "AppendStream" => Op::AppendStream,
+            "ListSegments" => Op::ListSegments,
             _ => return None,
         })
     }
@@ -169,6 +175,8 @@ pub fn role_allows(role: Role, op: Op) -> bool {
                 | SetPolicy
                 | GetPolicies
                 | Stats
+                | AppendStream
+                | ListSegments
         ),
         // Append-only: never deletes, never changes keys or tokens.
         Role::Backup => matches!(
@@ -181,10 +189,12 @@ pub fn role_allows(role: Role, op: Op) -> bool {
                 | ListSnapshots
                 | GetKeySlots
                 | WhoAmI
+                | AppendStream
+                | ListSegments
         ),
         Role::Restore => matches!(
             op,
-            GetKeySlots | LocateBlobs | ReadPack | ListSnapshots | WhoAmI
+            GetKeySlots | LocateBlobs | ReadPack | ListSnapshots | WhoAmI | ListSegments
         ),
         Role::Monitor => matches!(
             op,

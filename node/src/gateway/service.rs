@@ -481,4 +481,21 @@ impl Cairn for Gateway {
         };
         self.answer(self.stats_inner(req).await)
     }
+
+    type AppendStreamStream =
+        futures::stream::BoxStream<'static, Result<pb::AppendStreamReply, Status>>;
+
+    async fn append_stream(
+        &self,
+        _request: Request<tonic::Streaming<pb::AppendStreamRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        Err(Status::unimplemented("AppendStream is being built"))
+    }
+
+    async fn list_segments(
+        &self,
+        _request: Request<pb::ListSegmentsRequest>,
+    ) -> Result<Response<pb::ListSegmentsReply>, Status> {
+        Err(Status::unimplemented("ListSegments is being built"))
+    }
 }
