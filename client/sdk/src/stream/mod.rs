@@ -15,3 +15,4 @@ pub mod record;
 pub mod writer;
 
 pub use record::{Record, StoredRecord};
+pub use writer::{Durable, RecordStream, StreamOptions, WriterStats};
