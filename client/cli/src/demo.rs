@@ -70,7 +70,8 @@ async fn start_cluster(dir: &Path) -> anyhow::Result<LocalCluster> {
     start_cluster_with(dir, Transport::Tls).await
 }
 
-async fn start_cluster_with(dir: &Path, transport: Transport) -> anyhow::Result<LocalCluster> {
+/// The embedded cluster of demo and bench, ready to serve.
+pub async fn start_cluster_with(dir: &Path, transport: Transport) -> anyhow::Result<LocalCluster> {
     let base = dir.join("cluster");
     let cluster = match transport {
         Transport::Tls => LocalCluster::start_secure(&base, &TOPOLOGY, "4+2", |_| {}).await,

@@ -152,6 +152,8 @@ enum Command {
         /// Transports to measure, one pass each on identical data.
         #[arg(long, value_enum, default_value = "both")]
         mode: demo::BenchModes,
+        #[command(subcommand)]
+        what: Option<BenchWhat>,
     },
     /// Live chat records: append from stdin, export a room as of a time, compact.
     Stream {
@@ -509,6 +511,13 @@ async fn open(cli: &Cli) -> anyhow::Result<Arc<Repository>> {
     }))
 }
 
+/// What `cairn bench` measures besides backup and restore.
+#[derive(Debug, Subcommand)]
+enum BenchWhat {
+    /// Live records: sustained records/s and acknowledgement latency.
+    Stream(cairn_cli::stream::bench::StreamBenchArgs),
+}
+
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -834,9 +843,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster { command } => cluster_command(&cli, command).await?,
         Command::Demo { size_mb } => demo::demo(*size_mb).await?,
         Command::Bench {
+            what: Some(BenchWhat::Stream(args)),
+            ..
+        } => {
+            let report = cairn_cli::stream::bench::run(args, cli.json).await?;
+            if cli.json {
+                print_json(&report)?;
+            }
+        }
+        Command::Bench {
             size_mb,
             data,
             mode,
+            what: None,
         } => {
             let report = demo::bench(*size_mb, data.clone(), *mode, cli.json).await?;
             if cli.json {

@@ -3,6 +3,7 @@
 //! of a point in time; `compact` folds live segments into a snapshot.
 
 pub mod append;
+pub mod bench;
 pub mod compact;
 pub mod export;
 
