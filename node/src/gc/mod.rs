@@ -304,6 +304,8 @@ async fn collect_tenant(
     })
     .await?;
 
+    marks.add_stream_segments(&view, tenant)?;
+
     let entries = view.stats()?.blobs;
     for partition in partitions(partition_count(entries)) {
         let mut live = mark_partition(gw, tenant, &marks.segments, &partition).await?;

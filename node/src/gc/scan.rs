@@ -78,6 +78,20 @@ impl Marks {
         self.always_live.extend(root);
     }
 
+    /// Adds the blobs of the tenant's live stream segments: roots like
+    /// snapshots' trees. The collector calls it after its pack scan, so a
+    /// segment committed before that scan is marked and one committed
+    /// after it lives in a pack the scan never judged (and `SweepBlobs`
+    /// keeps a live segment's blob in any case).
+    pub fn add_stream_segments(
+        &mut self,
+        view: &StateView,
+        tenant: &str,
+    ) -> Result<(), StateError> {
+        self.always_live.extend(view.segment_blobs(tenant)?);
+        Ok(())
+    }
+
     /// The tenant's snapshots that `keep` selects. A snapshot without a
     /// life (committed by an older client, so without a reference list)
     /// leaves the marks incomplete: `Err` counts them.

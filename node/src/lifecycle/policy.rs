@@ -72,6 +72,47 @@ pub fn plan(view: &StateView, now: i64) -> Result<Vec<PolicyAction>, StateError>
     Ok(actions)
 }
 
+/// The cut-off (cluster time) of the dataset's `max-age` if some of its
+/// stream segments were committed before it, else `None`.
+fn segments_older_than_max_age(
+    view: &StateView,
+    action: &PolicyAction,
+    now: i64,
+) -> Result<Option<i64>, StateError> {
+    let Some(policy) = view
+        .all_policies()?
+        .into_iter()
+        .find(|(t, p)| *t == action.tenant && p.dataset == action.dataset)
+        .map(|(_, p)| p)
+    else {
+        return Ok(None);
+    };
+    if policy.max_age_ms == 0 {
+        return Ok(None);
+    }
+    let before = now.saturating_sub(i64::try_from(policy.max_age_ms).unwrap_or(i64::MAX));
+    let mut after = None;
+    loop {
+        let page = view.segment_page(
+            &action.tenant,
+            &action.dataset,
+            None,
+            after.as_ref(),
+            SEGMENT_PAGE,
+        )?;
+        if page.iter().any(|(_, r)| r.committed_unix_ms < before) {
+            return Ok(Some(before));
+        }
+        if page.len() < SEGMENT_PAGE {
+            return Ok(None);
+        }
+        after = page.last().map(|(id, _)| *id);
+    }
+}
+
+/// Segments read at a time while looking for expired ones.
+const SEGMENT_PAGE: usize = 4096;
+
 /// The audit actor of this node's own actions.
 fn node_actor(node: NodeId) -> Actor {
     Actor {
@@ -114,6 +155,25 @@ pub async fn apply_all(meta: &Meta) -> Result<u64, PolicyError> {
             tenant: action.tenant.clone(),
             dataset: action.dataset.clone(),
         };
+        // `max-age` covers stream segments too, by their commit time.
+        if let Some(before) = segments_older_than_max_age(&view, &action, now)? {
+            let drop = Command::DropSegments {
+                tenant: action.tenant.clone(),
+                dataset: action.dataset.clone(),
+                committed_before_ms: before,
+            };
+            let audited_drop = Command::Audited {
+                at: 0,
+                actor: actor.clone(),
+                action: "ApplyPolicy".into(),
+                target: format!(
+                    "tenant {} dataset {}: stream segments over max-age dropped",
+                    action.tenant, action.dataset
+                ),
+                cmd: Box::new(drop),
+            };
+            meta.write(audited_drop).await?;
+        }
         if action.remove.is_empty() {
             meta.write(audited(applied)).await?;
             continue;

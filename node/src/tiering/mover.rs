@@ -184,12 +184,14 @@ async fn wanted_classes(
 ) -> Result<Vec<(Id32, StorageClass)>, Skip> {
     // Hot: what the young snapshots (and those of datasets without a
     // cold-after) reference.
-    let marks = Marks::of_tenant(view, tenant, |snapshot, life| {
+    let mut marks = Marks::of_tenant(view, tenant, |snapshot, life| {
         let after = cold_after.get(&snapshot.dataset).copied().unwrap_or(0);
         let age = u64::try_from(now.saturating_sub(life.committed_unix_ms)).unwrap_or(0);
         after == 0 || age < after
     })?
     .map_err(Skip::NoReferences)?;
+    // Live stream segments are read by every export until compacted: hot.
+    marks.add_stream_segments(view, tenant)?;
 
     let mut packs: HashMap<Id32, PackAcc> = HashMap::new();
     for_each_pack(view, |record, life| {
