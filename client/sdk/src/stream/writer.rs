@@ -22,7 +22,7 @@
 //! It does not parse input (see [`Record::parse`]) and holds no room name
 //! beyond the sealing of a batch: nodes get room keys and sealed blobs.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +51,8 @@ pub const MAX_DELAY_LIMIT: Duration = Duration::from_secs(1);
 /// How long the oldest batch in flight may go unanswered before the call is
 /// given up and reopened (on another node when this one is stuck).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Rooms (segments) in one batch, at most: what a node accepts.
+pub const ROOMS_PER_BATCH_MAX: usize = 4096;
 /// Writer ids: 1 to this many bytes of `[A-Za-z0-9._-]`.
 const WRITER_ID_MAX: usize = 64;
 /// The operation named in errors.
@@ -812,13 +814,19 @@ impl Task {
     fn cut(&mut self) -> Batch {
         let mut records = Vec::new();
         let mut bytes = 0usize;
+        let mut rooms: HashSet<String> = HashSet::new();
         while let Some(front) = self.unsent.front() {
             let len = front.record.line.len();
+            let new_room = !rooms.contains(&front.record.room);
             if !records.is_empty()
                 && (records.len() >= self.options.max_batch_records
-                    || bytes + len > self.options.max_batch_bytes)
+                    || bytes + len > self.options.max_batch_bytes
+                    || (new_room && rooms.len() >= ROOMS_PER_BATCH_MAX))
             {
                 break;
+            }
+            if new_room {
+                rooms.insert(front.record.room.clone());
             }
             bytes += len;
             if let Some(p) = self.unsent.pop_front() {
