@@ -195,3 +195,88 @@ async fn a_stopped_cluster_makes_send_wait_instead_of_buffering() {
     assert_eq!(stats.records, 5_001, "{stats:?}");
     assert_eq!(must_count_segment_records(&repo).await, 5_001);
 }
+
+/// Runs `cairn stream append ARGS` on `input` against `cluster`; (exit code,
+/// stdout lines, stderr).
+fn cli_append(
+    cluster: &cairn_node::local_cluster::LocalCluster,
+    input: &std::path::Path,
+    dataset: &str,
+) -> (i32, Vec<String>, String) {
+    let output = std::process::Command::new(cairn_tests::process::cli_binary())
+        .args(["stream", "append", "--dataset", dataset, "--input"])
+        .arg(input)
+        .env("CAIRN_CLUSTER", cluster.addrs().join(","))
+        .env("CAIRN_TENANT", TENANT)
+        .env(
+            "CAIRN_PASSWORD",
+            std::str::from_utf8(PASSWORD).expect("ascii"),
+        )
+        .output()
+        .expect("cairn runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Every stdout line is `{"acked": N}` with N never going down; the last N.
+fn must_read_acks(lines: &[String]) -> u64 {
+    let mut last = 0;
+    for line in lines {
+        let n: u64 = line
+            .strip_prefix("{\"acked\": ")
+            .and_then(|rest| rest.strip_suffix('}'))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("stdout line {line:?} is not an ack"));
+        assert!(n >= last, "acks went down: {lines:?}");
+        last = n;
+    }
+    assert!(!lines.is_empty(), "a final ack line is always printed");
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cli_append_acks_every_record_and_stops_at_a_bad_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = must_start_cluster(&dir.path().join("cluster")).await;
+    let _repo = must_init(&cluster).await;
+
+    let good = dir.path().join("good.jsonl");
+    let mut text = String::new();
+    for seq in 1..=3000u64 {
+        text.push_str(&String::from_utf8(record(seq, 5, "hi").line).expect("utf-8"));
+        text.push('\n');
+        if seq == 10 {
+            text.push('\n'); // skipped, not counted
+        }
+    }
+    std::fs::write(&good, text).expect("input");
+    let (code, stdout, stderr) = cli_append(&cluster, &good, "cli-good");
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(must_read_acks(&stdout), 3000, "{stdout:?}");
+
+    let bad = dir.path().join("bad.jsonl");
+    let mut text = String::new();
+    for seq in 1..=100u64 {
+        text.push_str(&String::from_utf8(record(seq, 5, "hi").line).expect("utf-8"));
+        text.push('\n');
+    }
+    text.push_str("not json\n");
+    text.push_str(&String::from_utf8(record(102, 5, "after").line).expect("utf-8"));
+    text.push('\n');
+    std::fs::write(&bad, text).expect("input");
+    let (code, stdout, stderr) = cli_append(&cluster, &bad, "cli-bad");
+    assert_ne!(code, 0, "a bad line fails the command");
+    assert!(stderr.contains("line 101:"), "{stderr}");
+    assert_eq!(
+        must_read_acks(&stdout),
+        100,
+        "the records before the bad line are durable and acked"
+    );
+    cluster.shutdown().await.expect("shutdown");
+}
