@@ -280,3 +280,52 @@ async fn cli_append_acks_every_record_and_stops_at_a_bad_line() {
     );
     cluster.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_continues_through_another_region_when_its_region_dies() {
+    cairn_tests::init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ProcessCluster::start(dir.path(), &[2, 2, 2], "3s");
+    cluster.wait_ready(Duration::from_secs(60)).await;
+    // Region r1's nodes (1 and 2) come first: the writer's call goes there.
+    let client = Cluster::new(&cluster.addrs())
+        .expect("addresses")
+        .with_failover_budget(Duration::from_secs(60));
+    let repo = Arc::new(
+        Repository::init(client, TENANT, PASSWORD, KdfParams::fast_for_tests())
+            .await
+            .expect("init"),
+    );
+    let stream = RecordStream::open(repo.clone(), StreamOptions::new(DATASET, "failover"))
+        .await
+        .expect("opens");
+    let mut durables = Vec::new();
+    for seq in 1..=20_000u64 {
+        durables.push(
+            stream
+                .send(record(seq, 20, "before"))
+                .await
+                .expect("queued"),
+        );
+    }
+    must_all_be_durable(durables).await;
+
+    for id in [1, 2] {
+        cluster.kill(id);
+    }
+    let started = std::time::Instant::now();
+    let mut durables = Vec::new();
+    for seq in 20_001..=40_000u64 {
+        durables.push(stream.send(record(seq, 20, "after")).await.expect("queued"));
+    }
+    must_all_be_durable(durables).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "the writer took {took:?} to continue through another region"
+    );
+    let stats = stream.close().await.expect("closes");
+    assert!(stats.reconnects >= 1, "{stats:?}");
+    assert_eq!(stats.records + stats.duplicates, 40_000, "{stats:?}");
+    assert_eq!(must_count_segment_records(&repo).await, 40_000);
+}
