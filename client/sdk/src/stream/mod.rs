@@ -14,4 +14,6 @@ pub mod export;
 pub mod record;
 pub mod writer;
 
+pub use compact::{CompactOptions, CompactSummary, compact};
+pub use export::{ExportQuery, ExportSummary, export};
 pub use record::{Record, StoredRecord};
