@@ -742,7 +742,7 @@ where
         options,
         progress,
         info_paths,
-        ParentMode::Fixed(parent),
+        ParentMode::Fixed(parent.map(Box::new)),
         &mut build_root,
     )
     .await
@@ -849,7 +849,7 @@ enum ParentMode {
     /// This one (a compaction's listed snapshot), recorded with the
     /// options' level as kind; its trees are not loaded (the caller has
     /// what it needs).
-    Fixed(Option<Snapshot>),
+    Fixed(Option<Box<Snapshot>>),
 }
 
 /// One backup attempt: walk, upload in one session, commit.
@@ -886,7 +886,7 @@ where
             );
             (choice.kind, choice.note, choice.parent.cloned(), true)
         }
-        ParentMode::Fixed(parent) => (options.level, None, parent, false),
+        ParentMode::Fixed(parent) => (options.level, None, parent.map(|p| *p), false),
     };
     let mut parent_trees = match &parent {
         Some(p) if load_parent => repo.load_trees(&p.root_tree, &[]).await?,
