@@ -36,6 +36,9 @@ use crate::error::{ClientError, Result};
 pub const FAILOVER_BUDGET: Duration = Duration::from_secs(30);
 /// Deadline of one attempt (a pack upload of 16 MiB included).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline of opening a long-lived call ([`Cluster::open_call`]): connect,
+/// send the opening message, read its answer.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait out "quorum lost" answers before reporting it instead
 /// of cycling for the whole budget. A node says "quorum lost" only once it
 /// sees a majority of voters unreachable (not during a mere election), so
@@ -248,7 +251,36 @@ impl Cluster {
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let start = self.preferred.load(Ordering::Relaxed);
-        self.call_from(start, name, &[], op).await
+        self.call_from(start, name, &[], ATTEMPT_TIMEOUT, op).await
+    }
+
+    /// Opens a long-lived call (a bidirectional stream) with the failover of
+    /// [`Cluster::call`], starting `skip` nodes after the preferred one (1
+    /// after the call on the preferred node broke). `open` returns once the
+    /// call is established (its first answer read): the attempt deadline,
+    /// [`OPEN_TIMEOUT`], covers only that, never the call's whole life,
+    /// which a unary deadline would cut short.
+    pub(crate) async fn open_call<T, F, Fut>(
+        &self,
+        name: &'static str,
+        skip: usize,
+        open: F,
+    ) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Status>>,
+    {
+        let start = (self.preferred.load(Ordering::Relaxed) + skip) % self.endpoints.len();
+        self.call_from(start, name, &[], OPEN_TIMEOUT, |client| {
+            let opening = open(client);
+            async move { opening.await.map(Response::new) }
+        })
+        .await
+    }
+
+    /// How long an operation may keep failing over before it errors.
+    pub(crate) fn failover_budget(&self) -> Duration {
+        self.budget
     }
 
     /// Like [`Cluster::call`], but the codes in `answers` are returned as
@@ -267,7 +299,8 @@ impl Cluster {
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let start = self.preferred.load(Ordering::Relaxed);
-        self.call_from(start, name, answers, op).await
+        self.call_from(start, name, answers, ATTEMPT_TIMEOUT, op)
+            .await
     }
 
     /// Like [`Cluster::call`], but successive calls start on different
@@ -279,7 +312,7 @@ impl Cluster {
     {
         let turn = self.next_spread.fetch_add(1, Ordering::Relaxed);
         let start = (self.preferred.load(Ordering::Relaxed) + turn) % self.spread_over.max(1);
-        self.call_from(start, name, &[], op).await
+        self.call_from(start, name, &[], ATTEMPT_TIMEOUT, op).await
     }
 
     async fn call_from<T, F, Fut>(
@@ -287,6 +320,7 @@ impl Cluster {
         start: usize,
         name: &'static str,
         answers: &[Code],
+        attempt_timeout: Duration,
         op: F,
     ) -> Result<T>
     where
@@ -313,7 +347,7 @@ impl Cluster {
             let client = CairnClient::with_interceptor(channel.clone(), self.credentials.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            let result = tokio::time::timeout(ATTEMPT_TIMEOUT, op(client)).await;
+            let result = tokio::time::timeout(attempt_timeout, op(client)).await;
             let status = match result {
                 Ok(Ok(response)) => {
                     if index != start {
@@ -399,7 +433,7 @@ impl Cluster {
 
     /// A real answer (not "try another node") as the error a user acts on:
     /// a refused token or role gets its own sentence, whatever the node said.
-    fn refusal(&self, op: &'static str, addr: &str, status: Status) -> ClientError {
+    pub(crate) fn refusal(&self, op: &'static str, addr: &str, status: Status) -> ClientError {
         match status.code() {
             Code::Unauthenticated if !self.has_token() => ClientError::TokenRequired,
             Code::Unauthenticated => ClientError::TokenRefused,
@@ -489,7 +523,7 @@ fn speaks_tls_only(status: &Status) -> bool {
 }
 
 /// The node did not serve this call, another one may.
-fn retryable(status: &Status) -> bool {
+pub(crate) fn retryable(status: &Status) -> bool {
     if speaks_tls_only(status) {
         return true;
     }

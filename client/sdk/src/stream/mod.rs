@@ -17,3 +17,4 @@ pub mod writer;
 pub use compact::{CompactOptions, CompactSummary, compact};
 pub use export::{ExportQuery, ExportSummary, export};
 pub use record::{Record, StoredRecord};
+pub use writer::{Durable, RecordStream, StreamOptions, WriterStats};
