@@ -311,6 +311,15 @@ const ROUTES: &[(&str, MethodLimits, PoolKind)] = &[
         },
         PoolKind::Control,
     ),
+    (
+        // A compaction's commit names up to 100,000 retired segments.
+        "/cairn.v1.Cairn/CommitSnapshot",
+        MethodLimits {
+            request: 2 * CONTROL_MESSAGE_BYTES,
+            ..CONTROL
+        },
+        PoolKind::Control,
+    ),
     ("/cairn.v1.Cairn/Repair", LONG, PoolKind::Control),
     ("/cairn.v1.Cairn/CheckPacks", LONG, PoolKind::Control),
     ("/cairn.v1.Cairn/AddNode", LONG, PoolKind::Control),
@@ -373,7 +382,25 @@ const LISTS: &[(&str, &[u64], &str, usize)] = &[
         cairn_proto::FAULTS_PER_REPORT_MAX,
     ),
     ("/cairn.v1.Cairn/CommitSnapshot", &[2, 11], "tags", TAGS_MAX),
+    (
+        "/cairn.v1.Cairn/CommitSnapshot",
+        &[6],
+        "retired segments",
+        crate::gateway::IDS_PER_REQUEST_MAX,
+    ),
 ];
+
+/// `AppendStream`: a long-lived bidirectional call, so neither one message
+/// read up front nor a call deadline applies. Each message is bounded by
+/// the decoder (a full pack), each batch reserves its bytes in the gateway
+/// pool before it is stored, and a call holds at most one batch at a time;
+/// open calls are bounded by the streams per connection.
+const APPEND_STREAM_PATH: &str = "/cairn.v1.Cairn/AppendStream";
+const APPEND_STREAM_LIMITS: MethodLimits = MethodLimits {
+    request: PUT_PACK_MESSAGE_BYTES,
+    reply: CONTROL_MESSAGE_BYTES,
+    ..CONTROL
+};
 
 /// Walks the top-level fields of a protobuf message: `(field number,
 /// payload of a length-delimited field)`. Refuses what prost would refuse
@@ -534,6 +561,13 @@ pub fn routes(
             )
         };
     }
+    router = router.route_service(
+        APPEND_STREAM_PATH,
+        AuthService::new(
+            streaming(limited_cairn(&cairn, APPEND_STREAM_LIMITS)),
+            auth.clone(),
+        ),
+    );
     let control = pool(PoolKind::Control);
     router = mount(
         router,
@@ -582,6 +616,20 @@ fn limited_cairn(svc: &CairnServer<Gateway>, limits: MethodLimits) -> CairnServe
     svc.clone()
         .max_decoding_message_size(limits.request)
         .max_encoding_message_size(limits.reply)
+}
+
+/// A streaming method: the call goes to `svc` as it arrives (its decoder
+/// bounds each message), without a deadline on the whole call.
+fn streaming(svc: CairnServer<Gateway>) -> axum::routing::MethodRouter {
+    any(move |request: Request| {
+        let mut svc = svc.clone();
+        async move {
+            match svc.call(request).await {
+                Ok(response) => response.map(Body::new).into_response(),
+                Err(never) => match never {},
+            }
+        }
+    })
 }
 
 /// Mounts `svc` on `path` behind the size check, the pool and the deadline.

@@ -511,6 +511,7 @@ pub fn render(
         load(&prober.queue) as i64,
     );
     crate::tiering::register_metrics(&mut registry, &sources.gateway, snapshot);
+    crate::gateway::stream::register_metrics(&mut registry, &sources.gateway);
     render_health(&mut registry, sources, snapshot, probes);
     let mut text = String::new();
     encode(&mut text, &registry)?;

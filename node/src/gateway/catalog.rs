@@ -234,18 +234,33 @@ impl Gateway {
             hex::encode(snapshot.id),
             snapshot.dataset
         );
+        let retire = super::stream::retire_ids(&req.retire_segments)?;
+        // Retired segments leave in the same entry as the commit.
+        let retiring = |cmd: Command| {
+            if retire.is_empty() {
+                cmd
+            } else {
+                Command::RetiringSegments {
+                    tenant: req.tenant.clone(),
+                    dataset: snapshot.dataset.clone(),
+                    segments: retire.clone(),
+                    cmd: Box::new(cmd),
+                }
+            }
+        };
         if refs.is_empty() {
             // An older client: no reference list, so garbage collection
             // leaves this tenant alone from now on.
-            let cmd = Command::CommitSnapshot {
-                tenant: req.tenant,
-                snapshot,
-            };
+            let cmd = retiring(Command::CommitSnapshot {
+                tenant: req.tenant.clone(),
+                snapshot: snapshot.clone(),
+            });
             return match self
                 .write_audited(caller, "CommitSnapshot", target, cmd)
                 .await?
             {
                 CommandResult::MissingRootTree => Err(GatewayError::MissingRootTree { tree }),
+                CommandResult::SegmentsChanged => Err(segments_changed()),
                 CommandResult::NeedsReferences => Err(GatewayError::Precondition {
                     what: "this tenant's snapshots carry reference lists for garbage collection and this client sends none; upgrade the client".into(),
                 }),
@@ -270,13 +285,13 @@ impl Gateway {
             self.verify_references(&req.tenant, &refs).await?;
         }
         for _attempt in 0..COMMIT_ATTEMPTS_MAX {
-            let cmd = Command::CommitSnapshotWithRefs {
+            let cmd = retiring(Command::CommitSnapshotWithRefs {
                 tenant: req.tenant.clone(),
                 snapshot: snapshot.clone(),
                 refs: refs.clone(),
                 expect_epoch: epoch,
                 session,
-            };
+            });
             match self
                 .write_audited(caller, "CommitSnapshot", target.clone(), cmd)
                 .await?
@@ -284,6 +299,7 @@ impl Gateway {
                 CommandResult::MissingRootTree => {
                     return Err(GatewayError::MissingRootTree { tree });
                 }
+                CommandResult::SegmentsChanged => return Err(segments_changed()),
                 CommandResult::GcRaced => {
                     // A sweep applied since the check: look again at what
                     // is still indexed, under the new epoch.
@@ -380,6 +396,15 @@ impl Gateway {
             snapshots.push(snapshot_to_wire(record, life.as_ref(), lock));
         }
         Ok(pb::ListSnapshotsReply { snapshots })
+    }
+}
+
+/// A compaction lost the race to another one (or to a max-age drop).
+fn segments_changed() -> GatewayError {
+    GatewayError::Precondition {
+        what:
+            "stream segments changed since they were listed (another compaction ran); compact again"
+                .into(),
     }
 }
 

@@ -16,6 +16,7 @@ mod ingest;
 mod lifecycle;
 mod read;
 mod service;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -250,6 +251,11 @@ pub struct Gateway {
     /// Tiering's counters: the mover's and shard read latencies by class.
     tiering: Arc<crate::tiering::TierStats>,
     traffic: TrafficStats,
+    /// Live record streams' counters (metrics).
+    streams: stream::StreamStats,
+    /// This gateway as its server shares it: `AppendStream`'s reply stream
+    /// outlives the call's borrow of it.
+    shared: std::sync::OnceLock<std::sync::Weak<Gateway>>,
 }
 
 impl Gateway {
@@ -285,6 +291,8 @@ impl Gateway {
             gc_stats: crate::gc::GcStats::default(),
             tiering: Arc::default(),
             traffic: TrafficStats::default(),
+            streams: stream::StreamStats::default(),
+            shared: std::sync::OnceLock::new(),
         }
     }
 
@@ -313,6 +321,7 @@ impl Gateway {
     /// [`Gateway::authenticator`], with that method's message limits (set
     /// there, the one place every bound lives).
     pub fn server(self: &Arc<Self>) -> CairnServer<Self> {
+        let _first = self.shared.set(Arc::downgrade(self));
         CairnServer::from_arc(self.clone())
     }
 
@@ -440,6 +449,11 @@ impl Gateway {
     /// Tiering's counters on this node (mover, shard reads by class).
     pub fn tiering(&self) -> &Arc<crate::tiering::TierStats> {
         &self.tiering
+    }
+
+    /// Live record streams' counters (metrics).
+    pub fn streams(&self) -> &stream::StreamStats {
+        &self.streams
     }
 
     /// Bytes through this gateway (metrics).

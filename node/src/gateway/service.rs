@@ -10,6 +10,7 @@ use cairn_proto::v1::cairn_server::Cairn;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::{Request, Response, Status};
 
+use super::stream::{OpenStream, WriterGuard};
 use super::{Gateway, GatewayError};
 use crate::auth::Caller;
 use crate::auth::audit::actor_of;
@@ -487,15 +488,92 @@ impl Cairn for Gateway {
 
     async fn append_stream(
         &self,
-        _request: Request<tonic::Streaming<pb::AppendStreamRequest>>,
+        request: Request<tonic::Streaming<pb::AppendStreamRequest>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
-        Err(Status::unimplemented("AppendStream is being built"))
+        use pb::append_stream_request::Msg;
+        // The caller comes from the headers, before the stream is read.
+        let caller = Caller::of(&request)?;
+        let mut inbound = request.into_inner();
+        let open = match inbound.message().await?.and_then(|m| m.msg) {
+            Some(Msg::Open(open)) => open,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first AppendStream message must be `open` (tenant, dataset, writer)",
+                ));
+            }
+        };
+        let op = Op::AppendStream;
+        let target = if open.tenant.is_empty() {
+            String::new()
+        } else {
+            format!("tenant {}", open.tenant)
+        };
+        let tenant = authorize(&caller, op, &open.tenant)
+            .map_err(|denied| self.refuse(&caller, op, &target, denied))?;
+        let (stream, opened) = self
+            .open_stream(tenant, open)
+            .await
+            .map_err(|e| self.status(e))?;
+        let gateway = self
+            .shared
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| Status::unavailable("the node is shutting down; retry elsewhere"))?;
+        let state = AppendState {
+            writer: WriterGuard::new(gateway),
+            inbound,
+            stream,
+            opened: Some(opened),
+            done: false,
+        };
+        let replies = futures::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            if let Some(opened) = st.opened.take() {
+                return Some((Ok(opened), st));
+            }
+            let answer = match st.inbound.message().await {
+                Ok(None) => return None,
+                Err(status) => Err(status),
+                Ok(Some(pb::AppendStreamRequest {
+                    msg: Some(Msg::Batch(batch)),
+                })) => {
+                    let gw = st.writer.gateway();
+                    gw.append_batch(&st.stream, batch)
+                        .await
+                        .map_err(|e| gw.status(e))
+                }
+                Ok(Some(_)) => Err(Status::invalid_argument(
+                    "after `open`, an AppendStream call carries only batches",
+                )),
+            };
+            // An error ends the call: the writer reopens and resends from
+            // the committed sequence it is told.
+            st.done = answer.is_err();
+            Some((answer, st))
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn list_segments(
         &self,
-        _request: Request<pb::ListSegmentsRequest>,
+        request: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<pb::ListSegmentsReply>, Status> {
-        Err(Status::unimplemented("ListSegments is being built"))
+        let (_, tenant) = self.admit(&request, Op::ListSegments, &request.get_ref().tenant)?;
+        let req = pb::ListSegmentsRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.list_segments_inner(req).await)
     }
+}
+
+/// One `AppendStream` call's state between its messages.
+struct AppendState {
+    writer: WriterGuard,
+    inbound: tonic::Streaming<pb::AppendStreamRequest>,
+    stream: OpenStream,
+    opened: Option<pb::AppendStreamReply>,
+    done: bool,
 }

@@ -232,6 +232,12 @@ pub(super) fn apply(
                 if !seen.insert(*id) || view.kv().get(&key)?.is_none() {
                     continue;
                 }
+                // A live stream segment's blob is a root whatever the
+                // collector marked: the segment may have been committed
+                // after its mark (streams do not move the catalog sequence).
+                if view.blob_in_live_segment(tenant, id)? {
+                    continue;
+                }
                 batch.delete(key);
                 removed += 1;
             }

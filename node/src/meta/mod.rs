@@ -48,6 +48,7 @@ pub mod service;
 mod settings;
 pub mod state;
 pub mod state_machine;
+mod stream_state;
 mod tier_state;
 pub mod types;
 pub mod voters;

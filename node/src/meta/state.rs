@@ -32,10 +32,16 @@
 //! 'w' session:16        -> SessionRecord
 //! 'N' node:u64-BE       -> StorageClass                 (absent = hot)
 //! 'T' pack:32           -> StorageClass                 (absent = hot; removed with the pack)
+//! 'g' T D room:32 n:u64-BE -> SegmentRecord             (D = dataset, length-prefixed like T)
+//! 'r' T blob:32 D room:32 n:u64-BE -> ()                (the live segments holding a blob)
+//! 'W' T D writer        -> u64                          (the writer's committed sequence)
+//! 'G' T D               -> StreamDatasetRecord          (segment counter, generation)
+//! 00 "stream_segments"  -> u64                          (live segments, all tenants)
 //! ```
 //! Lifecycle records (from `S` on) are applied by `gc_state.rs` (packs,
 //! sessions, references, sweeps) and `lifecycle_state.rs` (forget, locks,
-//! policies); storage classes by `tier_state.rs`.
+//! policies); storage classes by `tier_state.rs`; live record streams by
+//! `stream_state.rs`.
 //! The `'n'` records came after the first release; older states simply have
 //! none, which reads as "no marks", so the layout marker did not change.
 //! Invariants: an entry's effects, `applied` and `stats` are written in one
@@ -848,6 +854,9 @@ pub(super) fn apply_at(
         Command::SetStorageClass { .. } | Command::SetPackClass { .. } => {
             super::tier_state::apply(view, cmd, now, batch, stats)
         }
+        Command::AppendStream { .. }
+        | Command::RetiringSegments { .. }
+        | Command::DropSegments { .. } => super::stream_state::apply(view, cmd, now, batch, stats),
         Command::ForgetSnapshots { .. }
         | Command::SetLock { .. }
         | Command::RemoveLock { .. }

@@ -248,6 +248,110 @@ pub enum Command {
         shards: Vec<ShardPlacement>,
         needs_rebalance: bool,
     },
+    /// One batch of a live record stream (wrap in [`Command::Timed`]: the
+    /// segments record cluster time). Deduplicated by sequence against the
+    /// writer's `committed_seq`: `last_seq <= committed` is
+    /// [`CommandResult::StreamDuplicate`], `first_seq <= committed <
+    /// last_seq` [`CommandResult::StreamOverlap`] (nothing changes either
+    /// way); else the pack and its blob index are added as `AddPack` does (a
+    /// pack already present is fine), the segments are numbered from the
+    /// dataset's counter, and `committed_seq` becomes `last_seq`, all in one
+    /// batch.
+    AppendStream {
+        tenant: String,
+        dataset: String,
+        writer: String,
+        first_seq: u64,
+        last_seq: u64,
+        pack: PackRecord,
+        blobs: Vec<(Id32, BlobLocation)>,
+        segments: Vec<StreamSegment>,
+    },
+    /// `cmd` (a snapshot commit) that also retires stream segments of
+    /// `dataset`: every one must still exist, else
+    /// [`CommandResult::SegmentsChanged`] and nothing changes; they are
+    /// removed (and the dataset's generation bumped) only if `cmd` returns
+    /// `Ok`, in the same batch. So snapshot + remaining segments is always
+    /// the whole stream, never a record twice.
+    RetiringSegments {
+        tenant: String,
+        dataset: String,
+        segments: Vec<SegmentId>,
+        cmd: Box<Command>,
+    },
+    /// Removes the dataset's segments committed before cluster time
+    /// `committed_before_ms` (policy `max-age`); bumps the generation if any
+    /// went.
+    DropSegments {
+        tenant: String,
+        dataset: String,
+        committed_before_ms: i64,
+    },
+}
+
+/// One room's records of a stream batch, as the writer describes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSegment {
+    /// Keyed hash of the room name: nodes never see room names.
+    pub room: Id32,
+    /// The sealed blob (in the batch's pack) holding the records.
+    pub blob: Id32,
+    pub first_ts_ms: i64,
+    pub last_ts_ms: i64,
+    pub records: u32,
+}
+
+/// A segment's key within its dataset: room, then the number given at
+/// commit (so a room's segments list in commit order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SegmentId {
+    pub room: Id32,
+    pub number: u64,
+}
+
+impl SegmentId {
+    /// Length of the wire form: room (32) then number (u64 big-endian).
+    pub const WIRE_LEN: usize = 40;
+
+    /// The opaque id clients see (`SegmentInfo.id`, `retire_segments`).
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::WIRE_LEN);
+        out.extend_from_slice(&self.room);
+        out.extend_from_slice(&self.number.to_be_bytes());
+        out
+    }
+
+    /// Parses [`SegmentId::to_wire`]'s form.
+    pub fn from_wire(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != Self::WIRE_LEN {
+            return None;
+        }
+        let room = Id32::try_from(&bytes[..32]).ok()?;
+        let number = u64::from_be_bytes(<[u8; 8]>::try_from(&bytes[32..]).ok()?);
+        Some(SegmentId { room, number })
+    }
+}
+
+/// A committed stream segment as the metadata group keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    pub blob: Id32,
+    pub first_ts_ms: i64,
+    pub last_ts_ms: i64,
+    pub records: u32,
+    pub writer: String,
+    /// Cluster time of the batch's commit: `max-age`'s clock.
+    pub committed_unix_ms: i64,
+}
+
+/// Per-dataset stream counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamDatasetRecord {
+    /// Number the next segment gets.
+    pub next_segment: u64,
+    /// Bumped whenever segments are retired or dropped: a listing that
+    /// sees it change between pages raced a compaction and starts again.
+    pub generation: u64,
 }
 
 impl Command {
@@ -541,6 +645,15 @@ pub enum CommandResult {
     /// snapshots carry them: its dedup could not be checked against the
     /// collector's sweeps, so it could reference a swept blob. Nothing changes.
     NeedsReferences,
+    /// `AppendStream` whose records were all committed already (a re-send).
+    /// Nothing changes.
+    StreamDuplicate,
+    /// `AppendStream` that starts at or below the writer's committed
+    /// sequence and ends above it. Nothing changes.
+    StreamOverlap,
+    /// `RetiringSegments` naming a segment that is gone (another compaction
+    /// or a max-age drop ran). Nothing changes.
+    SegmentsChanged,
 }
 
 impl CommandResult {
@@ -563,6 +676,9 @@ impl CommandResult {
             CommandResult::UnknownSnapshot => "failed: unknown snapshot",
             CommandResult::UnknownPolicy => "failed: no policy for this dataset",
             CommandResult::NeedsReferences => "refused: a reference list is required",
+            CommandResult::StreamDuplicate => "failed: stream batch already committed",
+            CommandResult::StreamOverlap => "failed: stream batch overlaps committed records",
+            CommandResult::SegmentsChanged => "failed: stream segments changed",
         }
     }
 }
