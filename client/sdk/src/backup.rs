@@ -194,6 +194,10 @@ pub struct BackupOptions {
     /// Patterns of paths not to back up (restic's `--exclude`; see the
     /// module doc and [`read_exclude_file`]).
     pub excludes: Vec<String>,
+    /// Stream compaction only: ids of live segments (from
+    /// [`Repository::list_segments`]) whose records this snapshot holds,
+    /// retired in the same commit. Empty for every other backup.
+    pub retire_segments: Vec<Vec<u8>>,
 }
 
 impl Default for BackupOptions {
@@ -207,6 +211,7 @@ impl Default for BackupOptions {
                 .map(|n| n.get() * 2)
                 .unwrap_or(4),
             excludes: Vec::new(),
+            retire_segments: Vec::new(),
         }
     }
 }
@@ -651,6 +656,110 @@ pub async fn backup_stream(
     .await
 }
 
+/// What a tree-building closure of [`backup_tree`] stores through: the
+/// backup's own chunker, deduplication, packs and reference list. Its
+/// methods block (they look blobs up in the index): call them from the
+/// closure, which runs on a blocking thread.
+pub struct TreeWriter {
+    session: Arc<Session>,
+}
+
+impl TreeWriter {
+    /// Stores one file's content (chunked with the tenant's chunker, new
+    /// chunks sealed and packed) and returns its tree entry kind.
+    pub fn file(&self, data: &[u8]) -> Result<EntryKind> {
+        let (chunks, size) = self
+            .session
+            .chunk_reader(data, Path::new("<in-memory file>"))?;
+        self.session.files.fetch_add(1, Ordering::Relaxed);
+        self.session.progress.files.fetch_add(1, Ordering::Relaxed);
+        Ok(EntryKind::File {
+            size,
+            chunks,
+            hardlink: None,
+        })
+    }
+
+    /// Counts a file carried over unchanged from the parent (its entry is
+    /// reused as is: nothing is read or uploaded; the tree that lists it
+    /// references its chunks).
+    pub fn reuse_file(&self, size: u64) {
+        self.session.files.fetch_add(1, Ordering::Relaxed);
+        self.session.progress.files.fetch_add(1, Ordering::Relaxed);
+        self.session
+            .progress
+            .bytes
+            .fetch_add(size, Ordering::Relaxed);
+    }
+
+    /// Validates and stores a directory's tree and returns its id; `previous`
+    /// is the id of the same directory in the parent snapshot, if any (an
+    /// identical tree is then not uploaded again). Every tree of the
+    /// snapshot except the root must go through here, unchanged ones too,
+    /// so the snapshot's reference list is complete.
+    pub fn tree(&self, tree: &Tree, previous: Option<BlobId>) -> Result<BlobId> {
+        self.session.store_tree(tree, previous)
+    }
+}
+
+/// Backs up a tree built in memory by `build` (stream compaction: per-room
+/// day files) into a new snapshot of `options.dataset`, recorded with
+/// `parent` and `options.level` as its kind, through the same upload,
+/// reference-list and commit path as every backup (`options.retire_segments`
+/// go into the commit). `build` returns the root tree; it is not rerun, so a
+/// commit refused because garbage collection swept blobs meanwhile is an
+/// error ([`ClientError::CollectedDuringBackup`]): build and back up again.
+pub async fn backup_tree<F>(
+    repo: Arc<Repository>,
+    options: &BackupOptions,
+    parent: Option<Snapshot>,
+    info_paths: Vec<String>,
+    progress: Arc<Progress>,
+    build: F,
+) -> Result<BackupSummary>
+where
+    F: FnOnce(&TreeWriter) -> Result<Tree> + Send + 'static,
+{
+    let mut build = Some(build);
+    let mut build_root =
+        move |session: Arc<Session>, _parent: Option<Tree>, _trees: ParentTrees| {
+            let build = build.take();
+            let fut: BoxFuture<'static, Result<Tree>> = Box::pin(async move {
+                let build = build.ok_or_else(|| ClientError::BadInput {
+                    what: "an in-memory tree is built once and cannot be rebuilt".into(),
+                })?;
+                let writer = TreeWriter { session };
+                tokio::task::spawn_blocking(move || build(&writer))
+                    .await
+                    .map_err(|e| ClientError::BadInput {
+                        what: format!("tree builder task: {e}"),
+                    })?
+            });
+            fut
+        };
+    match run_once(
+        repo,
+        options,
+        progress,
+        info_paths,
+        ParentMode::Fixed(parent.map(Box::new)),
+        &mut build_root,
+    )
+    .await
+    {
+        Err(ClientError::Server {
+            code: tonic::Code::Aborted,
+            message,
+            ..
+        }) => Err(ClientError::CollectedDuringBackup {
+            detail: format!(
+                "the in-memory tree is not rebuilt automatically; the node said: {message}"
+            ),
+        }),
+        other => other,
+    }
+}
+
 /// Runs a backup; if its commit is refused because garbage collection
 /// removed blobs it references while it ran, runs it once more as a full
 /// backup (fresh session and epoch), which uploads whatever is gone. A
@@ -673,6 +782,7 @@ where
         options,
         progress.clone(),
         info_paths.clone(),
+        ParentMode::ByLevel,
         &mut build_root,
     )
     .await;
@@ -704,7 +814,16 @@ where
         level: Level::Full,
         ..options.clone()
     };
-    match run_once(repo, &full, progress, info_paths, &mut build_root).await {
+    match run_once(
+        repo,
+        &full,
+        progress,
+        info_paths,
+        ParentMode::ByLevel,
+        &mut build_root,
+    )
+    .await
+    {
         Ok(mut summary) => {
             summary.note = Some(format!(
                 "rerun as a full backup: blobs the first attempt referenced were garbage-collected while it ran ({message})"
@@ -722,12 +841,24 @@ where
     }
 }
 
+/// How a backup attempt finds the parent it records.
+enum ParentMode {
+    /// [`choose_parent`] by the options' level; its trees are loaded so the
+    /// walk can skip unchanged files.
+    ByLevel,
+    /// This one (a compaction's listed snapshot), recorded with the
+    /// options' level as kind; its trees are not loaded (the caller has
+    /// what it needs).
+    Fixed(Option<Box<Snapshot>>),
+}
+
 /// One backup attempt: walk, upload in one session, commit.
 async fn run_once<F>(
     repo: Arc<Repository>,
     options: &BackupOptions,
     progress: Arc<Progress>,
     info_paths: Vec<String>,
+    parent_mode: ParentMode,
     build_root: &mut F,
 ) -> Result<BackupSummary>
 where
@@ -740,23 +871,26 @@ where
     // was there at this epoch.
     let gc_epoch = repo.gc_epoch().await?;
     let upload_session = crate::repo::new_session();
-    let snapshots = if options.use_parent && options.level != Level::Full {
-        repo.snapshots(Some(&options.dataset)).await?
-    } else {
-        Vec::new()
+    let (kind, note, parent, load_parent) = match parent_mode {
+        ParentMode::ByLevel => {
+            let snapshots = if options.use_parent && options.level != Level::Full {
+                repo.snapshots(Some(&options.dataset)).await?
+            } else {
+                Vec::new()
+            };
+            let choice = choose_parent(
+                options.level,
+                options.use_parent,
+                &options.dataset,
+                &snapshots,
+            );
+            (choice.kind, choice.note, choice.parent.cloned(), true)
+        }
+        ParentMode::Fixed(parent) => (options.level, None, parent.map(|p| *p), false),
     };
-    let choice = choose_parent(
-        options.level,
-        options.use_parent,
-        &options.dataset,
-        &snapshots,
-    );
-    let kind = choice.kind;
-    let note = choice.note;
-    let parent = choice.parent.cloned();
     let mut parent_trees = match &parent {
-        Some(p) => repo.load_trees(&p.root_tree, &[]).await?,
-        None => HashMap::new(),
+        Some(p) if load_parent => repo.load_trees(&p.root_tree, &[]).await?,
+        _ => HashMap::new(),
     };
     let parent_tree = parent
         .as_ref()
@@ -851,8 +985,14 @@ where
         committed_unix_ms: 0,
         lock: None,
     };
-    repo.commit_snapshot(&snapshot, &refs, gc_epoch, &upload_session)
-        .await?;
+    repo.commit_snapshot(
+        &snapshot,
+        &refs,
+        gc_epoch,
+        &upload_session,
+        &options.retire_segments,
+    )
+    .await?;
     Ok(BackupSummary {
         snapshot_id: snapshot.id_hex(),
         dataset: snapshot.dataset,

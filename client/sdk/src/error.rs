@@ -110,6 +110,14 @@ pub enum ClientError {
         "no policy was specified, no snapshots will be removed: give --keep-* rules or snapshot ids"
     )]
     NoForgetPolicy,
+    /// A stream's segment listing kept changing under compactions.
+    #[error(
+        "the live segments of dataset {dataset:?} changed during each of {attempts} listings (compactions or retention running); try again"
+    )]
+    StreamListingUnstable { dataset: String, attempts: usize },
+    /// A compaction's commit found some of its segments already retired.
+    #[error("another compaction retired these segments first; run compact again ({detail})")]
+    CompactionRaced { detail: String },
 }
 
 fn role_text(role: &Option<String>) -> String {

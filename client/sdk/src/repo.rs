@@ -695,12 +695,18 @@ impl Repository {
     /// started; `session` closes the backup's upload session. An `Aborted`
     /// answer (blobs it references were collected meanwhile) is returned as
     /// is, not failed over: the caller reruns the backup.
+    ///
+    /// `retire_segments` (stream compaction) names live segments whose
+    /// records the snapshot now holds: they are removed in the same commit,
+    /// or, if any is gone already, nothing is committed and the node answers
+    /// `FailedPrecondition`, returned as is.
     pub(crate) async fn commit_snapshot(
         &self,
         snapshot: &Snapshot,
         refs: &[pb::RefSegment],
         gc_epoch: u64,
         session: &SessionId,
+        retire_segments: &[Vec<u8>],
     ) -> Result<()> {
         let record = seal_snapshot(&self.key, &self.tenant, snapshot)?;
         self.cluster
@@ -711,12 +717,41 @@ impl Repository {
                     refs: refs.to_vec(),
                     gc_epoch,
                     session: session.to_vec(),
-                    retire_segments: Vec::new(),
+                    retire_segments: retire_segments.to_vec(),
                 };
                 async move { c.commit_snapshot(request).await }
             })
             .await?;
         Ok(())
+    }
+
+    /// One page of a stream dataset's live segments (`room`: a room key
+    /// from [`crate::stream::record::room_key`], `None` = every room) whose
+    /// time span meets `[from_ts_ms, to_ts_ms]`. `page` is the previous
+    /// reply's `next_page` (empty: the first page). Linearizable: the node
+    /// answers after a read barrier. A whole listing must be checked for a
+    /// concurrent compaction (see [`crate::stream::export`]).
+    pub async fn list_segments(
+        &self,
+        dataset: &str,
+        room: Option<&[u8; 32]>,
+        from_ts_ms: i64,
+        to_ts_ms: i64,
+        page: &[u8],
+    ) -> Result<pb::ListSegmentsReply> {
+        self.cluster
+            .call("list segments", |mut c| {
+                let request = pb::ListSegmentsRequest {
+                    tenant: self.tenant.clone(),
+                    dataset: dataset.to_string(),
+                    room: room.map(|r| r.to_vec()).unwrap_or_default(),
+                    from_ts_ms,
+                    to_ts_ms,
+                    page: page.to_vec(),
+                };
+                async move { c.list_segments(request).await }
+            })
+            .await
     }
 
     /// The cluster's garbage-collection epoch now (a FindBlobs call with no

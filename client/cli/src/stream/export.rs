@@ -1,11 +1,54 @@
-//! `cairn stream export` (being written).
+//! `cairn stream export`: a room's records (or every room's) with `ts` in
+//! `[--from, --at]`, in order, as the exact JSON lines appended, on stdout.
+//! The output is already JSON; `--json` adds the summary as one JSON object
+//! on stderr. A closed pipe (`| head`) ends the export quietly.
 
+use std::io::Write;
 use std::sync::Arc;
 
-use cairn_client::Repository;
+use cairn_client::stream::export::{ExportQuery, export};
+use cairn_client::stream::record::parse_time;
+use cairn_client::{ClientError, Repository};
 
 use super::ExportArgs;
 
-pub async fn run(_repo: Arc<Repository>, _args: &ExportArgs, _json: bool) -> anyhow::Result<()> {
-    anyhow::bail!("cairn stream export is not built yet")
+pub async fn run(repo: Arc<Repository>, args: &ExportArgs, json: bool) -> anyhow::Result<()> {
+    let query = ExportQuery {
+        dataset: args.dataset.clone(),
+        room: if args.all_rooms {
+            None
+        } else {
+            args.room.clone()
+        },
+        from_ms: args.from.as_deref().map(parse_time).transpose()?,
+        at_ms: args.at.as_deref().map(parse_time).transpose()?,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
+    let result = export(&repo, &query, |record| {
+        out.write_all(&record.line)
+            .and_then(|()| out.write_all(b"\n"))
+            .map_err(stdout_error)
+    })
+    .await;
+    let result = result.and_then(|summary| out.flush().map_err(stdout_error).map(|()| summary));
+    match result {
+        Ok(summary) => {
+            if json {
+                eprintln!("{}", serde_json::to_string(&summary)?);
+            }
+            Ok(())
+        }
+        Err(ClientError::Io { error, .. }) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn stdout_error(error: std::io::Error) -> ClientError {
+    ClientError::Io {
+        path: "<stdout>".into(),
+        error,
+    }
 }

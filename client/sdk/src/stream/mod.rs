@@ -14,5 +14,7 @@ pub mod export;
 pub mod record;
 pub mod writer;
 
+pub use compact::{CompactOptions, CompactSummary, compact};
+pub use export::{ExportQuery, ExportSummary, export};
 pub use record::{Record, StoredRecord};
 pub use writer::{Durable, RecordStream, StreamOptions, WriterStats};
