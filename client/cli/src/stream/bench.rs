@@ -5,7 +5,9 @@
 //! as backpressure lets it) of about `--record-bytes` each, rooms taken in
 //! turn, times spread over one UTC day. A record's latency runs from the
 //! `send()` call to its durable acknowledgement; durables resolve in send
-//! order, so one collector per writer awaits them in order.
+//! order, so one collector per writer awaits them in order. Then one room's
+//! day is exported from the live segments, everything is compacted, and the
+//! same day is exported again from the snapshot.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cairn_client::Repository;
 use cairn_client::seal::KdfParams;
+use cairn_client::stream::compact::{CompactOptions, compact};
+use cairn_client::stream::export::{ExportQuery, ExportSummary, export};
+use cairn_client::stream::record::DAY_MS;
 use cairn_client::stream::{Durable, Record, RecordStream, StreamOptions, WriterStats};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -61,8 +66,15 @@ pub struct StreamBenchReport {
     pub ack_max_ms: f64,
     pub batches: u64,
     pub reconnects: u64,
-    /// Export of one room's day: not measured until the export lands.
-    pub export_room_day_s: Option<f64>,
+    /// Export of one room's day from the live segments.
+    pub export_room_day_s: f64,
+    pub export_room_day_records: u64,
+    /// Segments that export read.
+    pub export_segments: u64,
+    /// Compacting every live segment into a snapshot.
+    pub compact_s: f64,
+    /// The same export once compacted (one day file).
+    pub export_compacted_s: f64,
     pub peak_rss_bytes: Option<u64>,
     pub note: &'static str,
 }
@@ -135,10 +147,38 @@ pub async fn run(args: &StreamBenchArgs, json: bool) -> anyhow::Result<StreamBen
         ack_max_ms: pick(1.0),
         batches: stats.batches,
         reconnects: stats.reconnects,
-        export_room_day_s: None,
-        peak_rss_bytes: demo::peak_rss(),
-        note: "client and all six nodes share this process; export of one room's day is not measured yet",
+        export_room_day_s: 0.0,
+        export_room_day_records: 0,
+        export_segments: 0,
+        compact_s: 0.0,
+        export_compacted_s: 0.0,
+        peak_rss_bytes: None,
+        note: "client and all six nodes share this process; peak RSS covers them all",
     };
+    let mut report = report;
+    let (took, exported) = export_room_day(&repo).await?;
+    report.export_room_day_s = took;
+    report.export_room_day_records = exported.records;
+    report.export_segments = exported.segments;
+    let compacting = Instant::now();
+    let compacted = compact(
+        repo.clone(),
+        &CompactOptions {
+            dataset: DATASET.into(),
+            before_ms: None,
+        },
+    )
+    .await?;
+    report.compact_s = compacting.elapsed().as_secs_f64();
+    let (took, again) = export_room_day(&repo).await?;
+    anyhow::ensure!(
+        again.records == exported.records,
+        "the compacted export has {} records, the live one {}",
+        again.records,
+        exported.records
+    );
+    report.export_compacted_s = took;
+    report.peak_rss_bytes = demo::peak_rss();
     if !json {
         println!(
             "  sustained    {:>9.0} records/s over {:.1}s ({} batches, {} reconnects)",
@@ -148,11 +188,39 @@ pub async fn run(args: &StreamBenchArgs, json: bool) -> anyhow::Result<StreamBen
             "  ack latency  p50 {:.0} ms   p99 {:.0} ms   max {:.0} ms",
             report.ack_p50_ms, report.ack_p99_ms, report.ack_max_ms
         );
-        println!("  export       (one room's day: not measured yet)");
+        println!(
+            "  export       {:.3}s  one room's day, {} records from {} live segments",
+            report.export_room_day_s, report.export_room_day_records, report.export_segments
+        );
+        println!(
+            "  compact      {:.2}s  {} segments into one snapshot",
+            report.compact_s, compacted.segments
+        );
+        println!(
+            "  export       {:.3}s  the same day once compacted",
+            report.export_compacted_s
+        );
     }
     drop(repo);
     cluster.shutdown().await?;
     Ok(report)
+}
+
+/// Exports room 0's day, counting records; (seconds, summary).
+async fn export_room_day(repo: &Repository) -> anyhow::Result<(f64, ExportSummary)> {
+    let query = ExportQuery {
+        dataset: DATASET.into(),
+        room: Some(room_name(0)),
+        from_ms: Some(DAY_START_MS),
+        at_ms: Some(DAY_START_MS + DAY_MS - 1),
+    };
+    let started = Instant::now();
+    let summary = export(repo, &query, |_| Ok(())).await?;
+    Ok((started.elapsed().as_secs_f64(), summary))
+}
+
+fn room_name(room: u64) -> String {
+    format!("room-{room:04}")
 }
 
 /// One writer's share: sends at its pace, returns each record's ack latency (µs).
@@ -177,7 +245,7 @@ async fn one_writer(
     let per_s = args.rate as f64 / args.writers as f64;
     let started = Instant::now();
     let padding = "x".repeat(args.record_bytes.saturating_sub(90));
-    let day_step = cairn_client::stream::record::DAY_MS / (args.records as i64).max(1);
+    let day_step = DAY_MS / (args.records as i64).max(1);
     let mut sent = 0u64;
     while sent < share {
         if per_s > 0.0 {
@@ -191,7 +259,8 @@ async fn one_writer(
         let room = n % args.rooms;
         let ts = DAY_START_MS + n as i64 * day_step;
         let line = format!(
-            r#"{{"room":"room-{room:04}","user":"user-{}","ts":{ts},"text":"{padding}"}}"#,
+            r#"{{"room":"{}","user":"user-{}","ts":{ts},"text":"{padding}"}}"#,
+            room_name(room),
             n % 997
         );
         let record = Record::parse(line.as_bytes(), sent + 1)?;
