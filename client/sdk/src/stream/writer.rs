@@ -276,7 +276,15 @@ pub(crate) enum Admit {
 impl SeqGate {
     /// Checks `seq` against the previous one and the committed seq; on
     /// success the record counts as sent.
+    #[cfg(test)]
     pub(crate) fn admit(&mut self, seq: u64, committed: u64) -> Result<Admit> {
+        let admit = self.check(seq, committed)?;
+        self.sent(seq);
+        Ok(admit)
+    }
+
+    /// Checks `seq` against the previous one and the committed seq.
+    pub(crate) fn check(&self, seq: u64, committed: u64) -> Result<Admit> {
         if let Some(last) = self.last
             && seq <= last
         {
@@ -286,12 +294,16 @@ impl SeqGate {
                 ),
             });
         }
-        self.last = Some(seq);
         Ok(if seq <= committed {
             Admit::Duplicate
         } else {
             Admit::Queue
         })
+    }
+
+    /// The record was queued (or resolved): later ones must be above it.
+    pub(crate) fn sent(&mut self, seq: u64) {
+        self.last = Some(seq);
     }
 }
 
@@ -352,8 +364,12 @@ impl RecordStream {
         }
         let mut gate = self.gate.lock().await;
         let committed = self.shared.committed.load(Ordering::Acquire);
-        match gate.admit(record.seq, committed)? {
+        let seq = record.seq;
+        // The gate moves only once the record is queued: a send() dropped
+        // while it waits for buffer space leaves no trace.
+        match gate.check(seq, committed)? {
             Admit::Duplicate => {
+                gate.sent(seq);
                 self.shared.duplicates.fetch_add(1, Ordering::Relaxed);
                 return Ok(Durable::ready(Ok(())));
             }
@@ -375,6 +391,7 @@ impl RecordStream {
         if self.input.send(Input::Record(pending)).is_err() {
             return Err(self.shared.failure().unwrap_or_else(stopped));
         }
+        gate.sent(seq);
         drop(gate);
         Ok(Durable {
             state: DurableState::Waiting(rx),
