@@ -482,6 +482,32 @@ impl Batch {
     }
 }
 
+/// How many of `records` ((bytes, room), in order) the next batch takes:
+/// at least one, then up to the record, byte and room limits.
+fn batch_len<'a>(
+    records: impl Iterator<Item = (usize, &'a str)>,
+    max_records: usize,
+    max_bytes: usize,
+) -> usize {
+    let mut taken = 0usize;
+    let mut bytes = 0usize;
+    let mut rooms: HashSet<&str> = HashSet::new();
+    for (len, room) in records {
+        let new_room = !rooms.contains(room);
+        if taken > 0
+            && (taken >= max_records
+                || bytes + len > max_bytes
+                || (new_room && rooms.len() >= ROOMS_PER_BATCH_MAX))
+        {
+            break;
+        }
+        rooms.insert(room);
+        bytes += len;
+        taken += 1;
+    }
+    taken
+}
+
 /// Splits records (in seq order) into those at or below `committed`,
 /// durable already, and the rest, to send again.
 fn split_committed<T>(
@@ -829,27 +855,15 @@ impl Task {
 
     /// Cuts one batch off the front of `unsent`, within the size limits.
     fn cut(&mut self) -> Batch {
-        let mut records = Vec::new();
-        let mut bytes = 0usize;
-        let mut rooms: HashSet<String> = HashSet::new();
-        while let Some(front) = self.unsent.front() {
-            let len = front.record.line.len();
-            let new_room = !rooms.contains(&front.record.room);
-            if !records.is_empty()
-                && (records.len() >= self.options.max_batch_records
-                    || bytes + len > self.options.max_batch_bytes
-                    || (new_room && rooms.len() >= ROOMS_PER_BATCH_MAX))
-            {
-                break;
-            }
-            if new_room {
-                rooms.insert(front.record.room.clone());
-            }
-            bytes += len;
-            if let Some(p) = self.unsent.pop_front() {
-                records.push(p);
-            }
-        }
+        let take = batch_len(
+            self.unsent
+                .iter()
+                .map(|p| (p.record.line.len(), p.record.room.as_str())),
+            self.options.max_batch_records,
+            self.options.max_batch_bytes,
+        );
+        let records: Vec<Pending> = self.unsent.drain(..take).collect();
+        let bytes: usize = records.iter().map(|p| p.record.line.len()).sum();
         self.unsent_bytes -= bytes;
         Batch {
             records,
@@ -1197,6 +1211,27 @@ mod tests {
         for room in [b"\"a\"", b"\"b\"", b"\"c\""] {
             assert!(!batch.data.windows(3).any(|w| w == room));
         }
+    }
+
+    #[test]
+    fn batches_are_cut_at_the_record_byte_and_room_limits() {
+        let same = |n: usize, len: usize| vec![(len, "r"); n];
+        assert_eq!(batch_len(same(10, 100).into_iter(), 4, 1 << 20), 4);
+        assert_eq!(batch_len(same(10, 100).into_iter(), 100, 350), 3);
+        assert_eq!(batch_len(same(3, 100).into_iter(), 100, 1 << 20), 3);
+        // One record over the byte limit still goes, alone.
+        assert_eq!(batch_len(same(3, 500).into_iter(), 100, 100), 1);
+        assert_eq!(batch_len(std::iter::empty(), 100, 100), 0);
+        // Rooms: a new room past the limit ends the batch, a known one does not.
+        let names: Vec<String> = (0..ROOMS_PER_BATCH_MAX + 5)
+            .map(|i| format!("r{i}"))
+            .collect();
+        let mut input: Vec<(usize, &str)> = names.iter().map(|n| (10, n.as_str())).collect();
+        input.insert(ROOMS_PER_BATCH_MAX, (10, "r0"));
+        assert_eq!(
+            batch_len(input.into_iter(), usize::MAX, usize::MAX),
+            ROOMS_PER_BATCH_MAX + 1
+        );
     }
 
     #[test]
