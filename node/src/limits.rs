@@ -1001,6 +1001,34 @@ mod tests {
     }
 
     #[test]
+    fn stream_batches_are_counted_on_the_wire_before_decoding() {
+        use cairn_proto::v1 as pb;
+        use prost::Message;
+        let batch = |blobs: usize, segments: usize| pb::AppendStreamRequest {
+            msg: Some(pb::append_stream_request::Msg::Batch(pb::StreamBatch {
+                blobs: vec![pb::BlobEntry::default(); blobs],
+                segments: vec![pb::StreamSegment::default(); segments],
+                ..Default::default()
+            })),
+        };
+        let path = APPEND_STREAM_PATH;
+        check_lists(path, &batch(1000, 100).encode_to_vec()).expect("within the caps");
+        let refused = check_lists(
+            path,
+            &batch(cairn_proto::BLOBS_PER_PACK_MAX + 1, 1).encode_to_vec(),
+        )
+        .expect_err("blobs");
+        assert!(refused.message().contains("blobs"), "{refused:?}");
+        let refused = check_lists(
+            path,
+            &batch(1, crate::gateway::stream::SEGMENTS_PER_BATCH_MAX + 1).encode_to_vec(),
+        )
+        .expect_err("segments");
+        assert!(refused.message().contains("segments"), "{refused:?}");
+        assert_eq!(limits_of(path).request, PUT_PACK_MESSAGE_BYTES);
+    }
+
+    #[test]
     fn lists_are_counted_on_the_wire_before_decoding() {
         use prost::Message;
         // 100,001 empty ids: 200 KB on the wire, refused by count.
