@@ -383,6 +383,18 @@ const LISTS: &[(&str, &[u64], &str, usize)] = &[
     ),
     ("/cairn.v1.Cairn/CommitSnapshot", &[2, 11], "tags", TAGS_MAX),
     (
+        "/cairn.v1.Cairn/AppendStream",
+        &[2, 5],
+        "blobs",
+        cairn_proto::BLOBS_PER_PACK_MAX,
+    ),
+    (
+        "/cairn.v1.Cairn/AppendStream",
+        &[2, 6],
+        "segments",
+        crate::gateway::stream::SEGMENTS_PER_BATCH_MAX,
+    ),
+    (
         "/cairn.v1.Cairn/CommitSnapshot",
         &[6],
         "retired segments",
@@ -504,6 +516,9 @@ pub fn check_lists(path: &str, message: &[u8]) -> Result<(), Status> {
 
 /// The limits a path is served with.
 pub fn limits_of(path: &str) -> MethodLimits {
+    if path == APPEND_STREAM_PATH {
+        return APPEND_STREAM_LIMITS;
+    }
     ROUTES
         .iter()
         .find(|(p, _, _)| *p == path)
@@ -618,18 +633,103 @@ fn limited_cairn(svc: &CairnServer<Gateway>, limits: MethodLimits) -> CairnServe
         .max_encoding_message_size(limits.reply)
 }
 
-/// A streaming method: the call goes to `svc` as it arrives (its decoder
-/// bounds each message), without a deadline on the whole call.
+/// A streaming method: the call goes to `svc` as it arrives, without a
+/// deadline on the whole call; each message is checked by [`CheckedFrames`]
+/// before the decoder sees it.
 fn streaming(svc: CairnServer<Gateway>) -> axum::routing::MethodRouter {
     any(move |request: Request| {
         let mut svc = svc.clone();
         async move {
+            let path = request.uri().path().to_string();
+            let request = request.map(|body| {
+                Body::new(CheckedFrames {
+                    inner: body,
+                    path,
+                    limit: APPEND_STREAM_LIMITS.request,
+                    buf: Vec::new(),
+                })
+            });
             match svc.call(request).await {
                 Ok(response) => response.map(Body::new).into_response(),
                 Err(never) => match never {},
             }
         }
     })
+}
+
+/// A streaming request body passed on one whole gRPC message at a time,
+/// each refused from its prefix when over `limit` or compressed, and its
+/// lists counted on the wire ([`check_lists`]) before prost decodes it, as
+/// [`read_message`] does for unary calls.
+struct CheckedFrames {
+    inner: Body,
+    path: String,
+    limit: usize,
+    buf: Vec<u8>,
+}
+
+impl http_body::Body for CheckedFrames {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if this.buf.len() >= 5 {
+                let path = &this.path;
+                match this.buf[0] {
+                    0 => {}
+                    1 => {
+                        return Poll::Ready(Some(Err(Status::invalid_argument(format!(
+                            "{path}: compressed messages are not accepted"
+                        )))));
+                    }
+                    flag => {
+                        return Poll::Ready(Some(Err(Status::invalid_argument(format!(
+                            "{path}: invalid gRPC message flag {flag}"
+                        )))));
+                    }
+                }
+                let len = u32::from_be_bytes([this.buf[1], this.buf[2], this.buf[3], this.buf[4]])
+                    as usize;
+                if len > this.limit {
+                    return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                        "{path}: message of {len} bytes is over this method's limit of {} bytes",
+                        this.limit
+                    )))));
+                }
+                if this.buf.len() >= 5 + len {
+                    let rest = this.buf.split_off(5 + len);
+                    let message = std::mem::replace(&mut this.buf, rest);
+                    if let Err(status) = check_lists(path, &message[5..]) {
+                        return Poll::Ready(Some(Err(status)));
+                    }
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(message)))));
+                }
+            }
+            match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.buf.extend_from_slice(&data);
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => {
+                    return Poll::Ready(Some(Err(Status::cancelled("request body interrupted"))));
+                }
+                // A cut message is passed on: the decoder reports it.
+                Poll::Ready(None) if this.buf.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) => {
+                    let rest = std::mem::take(&mut this.buf);
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(rest)))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
 
 /// Mounts `svc` on `path` behind the size check, the pool and the deadline.
@@ -898,6 +998,34 @@ mod tests {
             limits_of("/cairn.v1.Cairn/FindBlobs").request,
             CONTROL_MESSAGE_BYTES
         );
+    }
+
+    #[test]
+    fn stream_batches_are_counted_on_the_wire_before_decoding() {
+        use cairn_proto::v1 as pb;
+        use prost::Message;
+        let batch = |blobs: usize, segments: usize| pb::AppendStreamRequest {
+            msg: Some(pb::append_stream_request::Msg::Batch(pb::StreamBatch {
+                blobs: vec![pb::BlobEntry::default(); blobs],
+                segments: vec![pb::StreamSegment::default(); segments],
+                ..Default::default()
+            })),
+        };
+        let path = APPEND_STREAM_PATH;
+        check_lists(path, &batch(1000, 100).encode_to_vec()).expect("within the caps");
+        let refused = check_lists(
+            path,
+            &batch(cairn_proto::BLOBS_PER_PACK_MAX + 1, 1).encode_to_vec(),
+        )
+        .expect_err("blobs");
+        assert!(refused.message().contains("blobs"), "{refused:?}");
+        let refused = check_lists(
+            path,
+            &batch(1, crate::gateway::stream::SEGMENTS_PER_BATCH_MAX + 1).encode_to_vec(),
+        )
+        .expect_err("segments");
+        assert!(refused.message().contains("segments"), "{refused:?}");
+        assert_eq!(limits_of(path).request, PUT_PACK_MESSAGE_BYTES);
     }
 
     #[test]

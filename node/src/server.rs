@@ -264,9 +264,14 @@ async fn run_publishing(
             gateway.budget(),
             gateway.authenticator(),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            let _ = stop_workers.send(true);
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+            let gateway = gateway.clone();
+            async move {
+                shutdown.await;
+                let _ = stop_workers.send(true);
+                // Long-lived calls end now, so the drain can finish.
+                gateway.close_streams();
+            }
         })
         .await;
     for worker in workers {

@@ -256,6 +256,10 @@ pub struct Gateway {
     /// This gateway as its server shares it: `AppendStream`'s reply stream
     /// outlives the call's borrow of it.
     shared: std::sync::OnceLock<std::sync::Weak<Gateway>>,
+    /// Flipped when the node starts shutting down: open `AppendStream`
+    /// calls end (the writer reconnects elsewhere) instead of holding the
+    /// server's drain open forever.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Gateway {
@@ -293,6 +297,7 @@ impl Gateway {
             traffic: TrafficStats::default(),
             streams: stream::StreamStats::default(),
             shared: std::sync::OnceLock::new(),
+            closing: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -449,6 +454,16 @@ impl Gateway {
     /// Tiering's counters on this node (mover, shard reads by class).
     pub fn tiering(&self) -> &Arc<crate::tiering::TierStats> {
         &self.tiering
+    }
+
+    /// Ends every open `AppendStream` call (the node is shutting down).
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Flips when the node starts shutting down.
+    pub(crate) fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     /// Live record streams' counters (metrics).

@@ -494,7 +494,12 @@ impl Cairn for Gateway {
         // The caller comes from the headers, before the stream is read.
         let caller = Caller::of(&request)?;
         let mut inbound = request.into_inner();
-        let open = match inbound.message().await?.and_then(|m| m.msg) {
+        let open = match inbound
+            .message()
+            .await
+            .map_err(inbound_error)?
+            .and_then(|m| m.msg)
+        {
             Some(Msg::Open(open)) => open,
             _ => {
                 return Err(Status::invalid_argument(
@@ -520,6 +525,7 @@ impl Cairn for Gateway {
             .and_then(std::sync::Weak::upgrade)
             .ok_or_else(|| Status::unavailable("the node is shutting down; retry elsewhere"))?;
         let state = AppendState {
+            closing: gateway.closing(),
             writer: WriterGuard::new(gateway),
             inbound,
             stream,
@@ -533,9 +539,20 @@ impl Cairn for Gateway {
             if let Some(opened) = st.opened.take() {
                 return Some((Ok(opened), st));
             }
-            let answer = match st.inbound.message().await {
+            let next = tokio::select! {
+                next = st.inbound.message() => Some(next),
+                _ = st.closing.wait_for(|closing| *closing) => None,
+            };
+            let Some(next) = next else {
+                st.done = true;
+                let closing = Status::unavailable(
+                    "this node is shutting down; reconnect to another node and resend from the committed sequence",
+                );
+                return Some((Err(closing), st));
+            };
+            let answer = match next {
                 Ok(None) => return None,
-                Err(status) => Err(status),
+                Err(status) => Err(inbound_error(status)),
                 Ok(Some(pb::AppendStreamRequest {
                     msg: Some(Msg::Batch(batch)),
                 })) => {
@@ -569,8 +586,22 @@ impl Cairn for Gateway {
     }
 }
 
+/// An error reading a call's own request stream is the caller's (bad
+/// framing, a cut message), never the node's: `InvalidArgument` where the
+/// transport says `Internal` or `Unknown`.
+fn inbound_error(status: Status) -> Status {
+    match status.code() {
+        tonic::Code::Internal | tonic::Code::Unknown => Status::invalid_argument(format!(
+            "malformed AppendStream request stream: {}",
+            status.message()
+        )),
+        _ => status,
+    }
+}
+
 /// One `AppendStream` call's state between its messages.
 struct AppendState {
+    closing: tokio::sync::watch::Receiver<bool>,
     writer: WriterGuard,
     inbound: tonic::Streaming<pb::AppendStreamRequest>,
     stream: OpenStream,

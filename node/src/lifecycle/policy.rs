@@ -11,6 +11,9 @@
 //! time, so a lock set after the plan still holds (the entry is refused as
 //! `Locked` and the policy is tried again next interval).
 //!
+//! `max-age` also drops the dataset's live stream segments committed
+//! before it (`DropSegments`, audited as part of the policy).
+//!
 //! Forgetting frees no space by itself: the next garbage collection
 //! (another periodic task of the leader) sweeps the blobs no remaining
 //! snapshot references. `cold_after` is stored but not acted on yet
