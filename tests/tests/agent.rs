@@ -574,6 +574,65 @@ async fn a_forget_job_applies_its_policy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_compact_job_folds_live_records_into_a_snapshot() {
+    use cairn_client::stream::{ExportQuery, Record, RecordStream, StreamOptions, export};
+    let _serial = SERIAL.lock().await;
+    let (dir, cluster) = start().await;
+    let repo = must_open(&cluster).await;
+    let writer = RecordStream::open(repo.clone(), StreamOptions::new("live", "w1"))
+        .await
+        .expect("open writer");
+    let mut lines = Vec::new();
+    for i in 0..500u64 {
+        let line = format!(
+            r#"{{"room":"r{}","user":"u","ts":{},"text":"t{i}"}}"#,
+            i % 3,
+            1_795_903_200_000 + i as i64 * 1_000
+        );
+        writer
+            .send(Record::parse(line.as_bytes(), i + 1).expect("record"))
+            .await
+            .expect("send");
+        lines.push(line);
+    }
+    writer.close().await.expect("close");
+    let export_all = || async {
+        let mut out = Vec::new();
+        let query = ExportQuery {
+            dataset: "live".into(),
+            room: None,
+            from_ms: None,
+            at_ms: None,
+        };
+        export(&repo, &query, |r| {
+            out.push(String::from_utf8_lossy(&r.line).into_owned());
+            Ok(())
+        })
+        .await
+        .expect("export");
+        out
+    };
+    let before = export_all().await;
+    assert_eq!(before.len(), lines.len());
+
+    let agent = AgentDir::new(&dir.path().join("agent"), &cluster);
+    agent.write_jobs(
+        "[[job]]\nname = \"compact-live\"\nschedule = \"0 * * * *\"\nkind = \"compact\"\ndataset = \"live\"\nretries = 0\n",
+    );
+    let (code, log) = agent.once("2026-03-02T03:00:00Z").await;
+    assert_eq!(code, 0, "{log}");
+    let snapshots = agent.snapshots("live").await;
+    assert_eq!(snapshots.len(), 1, "one compaction snapshot: {log}");
+    let listed = repo
+        .list_segments("live", None, i64::MIN, i64::MAX, &[])
+        .await
+        .expect("list segments");
+    assert!(listed.segments.is_empty(), "every segment retired");
+    assert_eq!(export_all().await, before, "the export does not change");
+    cluster.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drill_records_its_rto_and_fails_over_its_target() {
     let _serial = SERIAL.lock().await;
     let (dir, cluster) = start().await;

@@ -138,6 +138,7 @@ impl Job {
             Work::Prune => "prune",
             Work::Check { .. } => "check",
             Work::Drill { .. } => "drill",
+            Work::Compact { .. } => "compact",
         }
     }
 
@@ -147,7 +148,8 @@ impl Job {
         match &self.work {
             Work::Backup { dataset, .. }
             | Work::Forget { dataset, .. }
-            | Work::Drill { dataset, .. } => Some(dataset),
+            | Work::Drill { dataset, .. }
+            | Work::Compact { dataset } => Some(dataset),
             Work::Prune | Work::Check { .. } => None,
         }
     }
@@ -199,6 +201,10 @@ pub enum Work {
         dataset: String,
         scratch_dir: PathBuf,
         rto_target: Duration,
+    },
+    /// A live stream's segments folded into a snapshot (`cairn stream compact`).
+    Compact {
+        dataset: String,
     },
 }
 
@@ -285,7 +291,11 @@ fn validate(job: JobFile, default_zone: &str) -> anyhow::Result<Job> {
         }
         Ok(())
     };
-    given(job.dataset.is_some(), "dataset", "backup|forget|drill")?;
+    given(
+        job.dataset.is_some(),
+        "dataset",
+        "backup|forget|drill|compact",
+    )?;
     given(job.level.is_some(), "level", "backup")?;
     given(!job.paths.is_empty(), "paths", "backup")?;
     given(!job.exclude.is_empty(), "exclude", "backup")?;
@@ -425,7 +435,10 @@ fn validate(job: JobFile, default_zone: &str) -> anyhow::Result<Job> {
                 })?,
             )?,
         },
-        other => bail!("kind {other:?}: use backup, forget, prune, check or drill"),
+        "compact" => Work::Compact {
+            dataset: dataset()?,
+        },
+        other => bail!("kind {other:?}: use backup, forget, prune, check, drill or compact"),
     };
     Ok(Job {
         name: job.name,
@@ -543,7 +556,13 @@ rto_target = "1h"
     fn the_shipped_example_is_valid() {
         let example = include_str!("../../../../deploy/systemd/agent.toml.example");
         let config = Config::parse(example).expect("agent.toml.example parses");
-        assert_eq!(config.jobs.len(), 7);
+        assert_eq!(config.jobs.len(), 8);
+        assert!(
+            config
+                .jobs
+                .iter()
+                .any(|j| matches!(&j.work, Work::Compact { dataset } if dataset == "chat-live"))
+        );
     }
 
     #[test]
@@ -552,6 +571,11 @@ rto_target = "1h"
         for (body, words) in [
             ("kind = \"backup\"\ndataset = \"d\"", "paths or command"),
             ("kind = \"backup\"\npaths = [\"/a\"]", "dataset"),
+            ("kind = \"compact\"", "dataset"),
+            (
+                "kind = \"compact\"\ndataset = \"d\"\nkeep_last = 1",
+                "keep_*",
+            ),
             (
                 "kind = \"backup\"\ndataset = \"d\"\npaths = [\"/a\"]\nlevel = \"weekly\"",
                 "level",

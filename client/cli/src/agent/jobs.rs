@@ -1,6 +1,6 @@
 //! One attempt of a job's work, through the SDK in-process (the same code
-//! as `cairn backup`, `forget`, `prune`, `check` and `restore`; the agent
-//! never shells out to `cairn`). What an attempt did comes back as a
+//! as `cairn backup`, `forget`, `prune`, `check`, `restore` and `stream
+//! compact`; the agent never shells out to `cairn`). What an attempt did comes back as a
 //! [`RunOutput`] even when it failed, so a drill over its target still
 //! records the time it measured.
 
@@ -15,6 +15,7 @@ use cairn_client::backup::{self, BackupOptions, Progress};
 use cairn_client::lifecycle::ForgetOptions;
 use cairn_client::repo::{DataRead, DataSubset};
 use cairn_client::restore::{self, RestoreOptions};
+use cairn_client::stream::compact::{self, CompactOptions};
 use cairn_client::{Cluster, Repository};
 use zeroize::Zeroizing;
 
@@ -158,6 +159,18 @@ pub async fn run_once(
             ));
         }
         Work::Check { read } => check(&repo, *read, check_slice, output).await?,
+        Work::Compact { dataset } => {
+            let options = CompactOptions {
+                dataset: dataset.clone(),
+                before_ms: None,
+            };
+            let summary = compact::compact(repo, &options).await?;
+            output.snapshot = summary.snapshot_id.clone();
+            output.detail = Some(format!(
+                "{} segments ({} records, {} rooms) into {} day files",
+                summary.segments, summary.records, summary.rooms, summary.day_files
+            ));
+        }
         Work::Drill {
             dataset,
             scratch_dir,
