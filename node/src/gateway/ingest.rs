@@ -19,50 +19,63 @@ use crate::placement::{Candidate, ack_allowed, complete, fully_protected};
 /// Rounds of re-placement for shards whose node failed.
 const PLACEMENT_ROUNDS_MAX: usize = 3;
 
+/// A client's pack checked before any work is done on it: sizes first, then
+/// its id against the blake3 of its bytes, then every blob entry inside it.
+/// Returns the id and the blob index to commit with it (`PutPack` and each
+/// `AppendStream` batch).
+pub(super) fn check_pack(
+    pack_id: &[u8],
+    data: &[u8],
+    entries: &[pb::BlobEntry],
+) -> Result<(Id32, Vec<(Id32, BlobLocation)>), GatewayError> {
+    let pack_id = id32(pack_id, "pack id")?;
+    if data.is_empty() {
+        return Err(invalid("empty pack"));
+    }
+    if data.len() > cairn_proto::PACK_BYTES_MAX {
+        return Err(invalid(format!(
+            "pack of {} bytes, at most {}",
+            data.len(),
+            cairn_proto::PACK_BYTES_MAX
+        )));
+    }
+    // The blob list becomes one Raft entry: capped so that no entry exceeds
+    // what a follower accepts in one append.
+    if entries.len() > cairn_proto::BLOBS_PER_PACK_MAX {
+        return Err(invalid(format!(
+            "{} blobs in one pack, at most {}",
+            entries.len(),
+            cairn_proto::BLOBS_PER_PACK_MAX
+        )));
+    }
+    if *blake3::hash(data).as_bytes() != pack_id {
+        return Err(invalid("pack id is not the blake3 hash of the pack bytes"));
+    }
+    let mut blobs = Vec::with_capacity(entries.len());
+    for blob in entries {
+        let end = blob.offset.checked_add(u64::from(blob.length));
+        if blob.length == 0 || end.is_none_or(|end| end > data.len() as u64) {
+            return Err(invalid("blob entry outside the pack"));
+        }
+        blobs.push((
+            id32(&blob.id, "blob id")?,
+            BlobLocation {
+                pack_id,
+                offset: blob.offset,
+                length: blob.length,
+            },
+        ));
+    }
+    Ok((pack_id, blobs))
+}
+
 impl Gateway {
     pub(super) async fn put_pack_inner(
         &self,
         req: pb::PutPackRequest,
     ) -> Result<pb::PutPackReply, GatewayError> {
         super::check_name(&req.tenant, "tenant")?;
-        let pack_id = id32(&req.pack_id, "pack id")?;
-        if req.data.is_empty() {
-            return Err(invalid("empty pack"));
-        }
-        if *blake3::hash(&req.data).as_bytes() != pack_id {
-            return Err(invalid("pack id is not the blake3 hash of the pack bytes"));
-        }
-        // The blob list becomes one Raft entry (`AddPack`): capped so that
-        // no entry exceeds what a follower accepts in one append.
-        if req.blobs.len() > cairn_proto::BLOBS_PER_PACK_MAX {
-            return Err(invalid(format!(
-                "{} blobs in one pack, at most {}",
-                req.blobs.len(),
-                cairn_proto::BLOBS_PER_PACK_MAX
-            )));
-        }
-        if req.data.len() > cairn_proto::PACK_BYTES_MAX {
-            return Err(invalid(format!(
-                "pack of {} bytes, at most {}",
-                req.data.len(),
-                cairn_proto::PACK_BYTES_MAX
-            )));
-        }
-        let mut blobs = Vec::with_capacity(req.blobs.len());
-        for blob in &req.blobs {
-            let end = blob.offset.checked_add(u64::from(blob.length));
-            if blob.length == 0 || end.is_none_or(|end| end > req.data.len() as u64) {
-                return Err(invalid("blob entry outside the pack"));
-            }
-            blobs.push((
-                id32(&blob.id, "blob id")?,
-                BlobLocation {
-                    pack_id,
-                    offset: blob.offset,
-                    length: blob.length,
-                },
-            ));
-        }
+        let (pack_id, blobs) = check_pack(&req.pack_id, &req.data, &req.blobs)?;
         let session = super::catalog::session_from_wire(&req.session)?;
         if self.meta.pack(&pack_id)?.is_some() {
             return Ok(pb::PutPackReply {

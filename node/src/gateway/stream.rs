@@ -197,54 +197,20 @@ fn check_batch(batch: pb::StreamBatch) -> Result<CheckedBatch, GatewayError> {
     if batch.first_seq > batch.last_seq {
         return Err(invalid("batch first_seq is after its last_seq"));
     }
-    let pack_id = id32(&batch.pack_id, "pack id")?;
-    if batch.data.is_empty() {
-        return Err(invalid("empty pack"));
-    }
-    if batch.data.len() > cairn_proto::PACK_BYTES_MAX {
-        return Err(invalid(format!(
-            "pack of {} bytes, at most {}; send smaller batches",
-            batch.data.len(),
-            cairn_proto::PACK_BYTES_MAX
-        )));
-    }
-    if batch.blobs.len() > cairn_proto::BLOBS_PER_PACK_MAX {
-        return Err(invalid(format!(
-            "{} blobs in one pack, at most {}",
-            batch.blobs.len(),
-            cairn_proto::BLOBS_PER_PACK_MAX
-        )));
-    }
     if batch.segments.is_empty() || batch.segments.len() > SEGMENTS_PER_BATCH_MAX {
         return Err(invalid(format!(
             "{} segments in one batch, expected 1..={SEGMENTS_PER_BATCH_MAX}",
             batch.segments.len()
         )));
     }
-    if *blake3::hash(&batch.data).as_bytes() != pack_id {
-        return Err(invalid("pack id is not the blake3 hash of the pack bytes"));
-    }
-    let mut blobs = Vec::with_capacity(batch.blobs.len());
-    for blob in &batch.blobs {
-        let end = blob.offset.checked_add(u64::from(blob.length));
-        if blob.length == 0 || end.is_none_or(|end| end > batch.data.len() as u64) {
-            return Err(invalid("blob entry outside the pack"));
-        }
-        blobs.push((
-            id32(&blob.id, "blob id")?,
-            BlobLocation {
-                pack_id,
-                offset: blob.offset,
-                length: blob.length,
-            },
-        ));
-    }
+    let (pack_id, blobs) = super::ingest::check_pack(&batch.pack_id, &batch.data, &batch.blobs)?;
+    let in_pack: std::collections::HashSet<&Id32> = blobs.iter().map(|(id, _)| id).collect();
     let mut segments = Vec::with_capacity(batch.segments.len());
     let mut records = 0u64;
     for segment in &batch.segments {
         let room = id32(&segment.room, "segment room")?;
         let blob = id32(&segment.blob, "segment blob")?;
-        if !blobs.iter().any(|(id, _)| *id == blob) {
+        if !in_pack.contains(&blob) {
             return Err(invalid(format!(
                 "segment blob {} is not one of the pack's blobs",
                 hex::encode(blob)

@@ -184,38 +184,14 @@ pub(super) fn apply(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::kv::MemKv;
-    use crate::meta::state::{STATS_KEY, apply_command};
+    use crate::meta::state::testing::{run_at, view};
     use crate::meta::types::{
         BlobLocation, KeepRules, PackRecord, ShardPlacement, SnapshotLife, SnapshotRecord,
     };
 
     const T: &str = "tenant";
     const DAY: i64 = 86_400_000;
-
-    fn view() -> StateView {
-        StateView::open(Arc::new(MemKv::new())).expect("open")
-    }
-
-    /// Applies `cmd` at cluster time `at`, the way the state machine does.
-    fn run_at(view: &StateView, at: i64, cmd: Command) -> CommandResult {
-        let cmd = Command::Timed {
-            at,
-            cmd: Box::new(cmd),
-        };
-        let mut stats = view.stats().expect("stats");
-        let mut batch = WriteBatch::new();
-        let result = apply_command(view, &cmd, &mut batch, &mut stats).expect("apply");
-        batch.put(
-            STATS_KEY.to_vec(),
-            codec::encode("stats", &stats).expect("encode"),
-        );
-        view.kv().apply_batch(batch).expect("batch");
-        result
-    }
 
     fn id(n: u8) -> Id32 {
         [n; 32]

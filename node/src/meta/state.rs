@@ -945,18 +945,19 @@ fn update_mark(
     Ok(CommandResult::Ok)
 }
 
+/// What the state modules' tests share: a fresh in-memory state, and a
+/// command applied the way the state machine applies it.
 #[cfg(test)]
-mod tests {
+pub(super) mod testing {
     use super::*;
     use crate::kv::MemKv;
-    use crate::meta::types::ShardPlacement;
 
-    fn view() -> StateView {
+    pub fn view() -> StateView {
         StateView::open(Arc::new(MemKv::new())).expect("open")
     }
 
     /// Applies `cmd` the way the state machine does: one batch with the stats.
-    fn run(view: &StateView, cmd: Command) -> CommandResult {
+    pub fn run(view: &StateView, cmd: Command) -> CommandResult {
         let mut stats = view.stats().expect("stats");
         let mut batch = WriteBatch::new();
         let result = apply_command(view, &cmd, &mut batch, &mut stats).expect("apply");
@@ -967,6 +968,25 @@ mod tests {
         view.kv().apply_batch(batch).expect("batch");
         result
     }
+
+    /// [`run`] with `cmd` stamped at cluster time `at`, as the leader stamps it.
+    pub fn run_at(view: &StateView, at: i64, cmd: Command) -> CommandResult {
+        run(
+            view,
+            Command::Timed {
+                at,
+                cmd: Box::new(cmd),
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{run, view};
+    use super::*;
+    use crate::kv::MemKv;
+    use crate::meta::types::ShardPlacement;
 
     fn id(n: u8) -> Id32 {
         [n; 32]

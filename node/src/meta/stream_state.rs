@@ -388,34 +388,11 @@ pub(super) fn apply(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::kv::MemKv;
-    use crate::meta::state::{STATS_KEY, apply_command};
+    use crate::meta::state::testing::{run_at, view};
     use crate::meta::types::{
         PackRecord, RefSegment, ShardPlacement, SnapshotRecord, StreamSegment,
     };
-
-    fn view() -> StateView {
-        StateView::open(Arc::new(MemKv::new())).expect("open")
-    }
-
-    fn run_at(view: &StateView, at: i64, cmd: Command) -> CommandResult {
-        let mut stats = view.stats().expect("stats");
-        let mut batch = WriteBatch::new();
-        let timed = Command::Timed {
-            at,
-            cmd: Box::new(cmd),
-        };
-        let result = apply_command(view, &timed, &mut batch, &mut stats).expect("apply");
-        batch.put(
-            STATS_KEY.to_vec(),
-            codec::encode("stats", &stats).expect("encode"),
-        );
-        view.kv().apply_batch(batch).expect("batch");
-        result
-    }
 
     fn id(n: u8) -> Id32 {
         [n; 32]
