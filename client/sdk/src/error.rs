@@ -85,7 +85,7 @@ pub enum ClientError {
     RestoreFailed { count: usize, files: String },
     #[error("invalid --include pattern {pattern:?}: {reason}")]
     BadPattern { pattern: String, reason: String },
-    #[error("backup input: {what}")]
+    #[error("invalid input: {what}")]
     BadInput { what: String },
     #[error("invalid --exclude pattern {pattern:?}: {reason}")]
     BadExclude { pattern: String, reason: String },

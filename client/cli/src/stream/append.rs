@@ -119,7 +119,8 @@ struct Acks {
 
 impl Acks {
     fn print(&mut self, last: bool) -> anyhow::Result<()> {
-        if self.printed == Some(self.acked) {
+        // Nothing durable yet is not news; the last line is always printed.
+        if self.printed == Some(self.acked) || (!last && self.acked == 0) {
             return Ok(());
         }
         if !last && self.at.is_some_and(|at| at.elapsed() < ACK_EVERY) {
@@ -135,7 +136,7 @@ impl Acks {
     }
 }
 
-/// A parse error without the SDK's "backup input:" prefix.
+/// A parse error without the SDK's "invalid input:" prefix.
 fn reason(error: &ClientError) -> String {
     match error {
         ClientError::BadInput { what } => what.clone(),

@@ -20,8 +20,8 @@ pub async fn run(repo: Arc<Repository>, args: &ExportArgs, json: bool) -> anyhow
         } else {
             args.room.clone()
         },
-        from_ms: args.from.as_deref().map(parse_time).transpose()?,
-        at_ms: args.at.as_deref().map(parse_time).transpose()?,
+        from_ms: time_flag("--from", args.from.as_deref())?,
+        at_ms: time_flag("--at", args.at.as_deref())?,
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
@@ -44,6 +44,17 @@ pub async fn run(repo: Arc<Repository>, args: &ExportArgs, json: bool) -> anyhow
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// A time flag as Unix ms; the error names the flag.
+fn time_flag(flag: &str, text: Option<&str>) -> anyhow::Result<Option<i64>> {
+    text.map(|t| {
+        parse_time(t).map_err(|e| match e {
+            ClientError::BadInput { what } => anyhow::anyhow!("{flag}: {what}"),
+            other => anyhow::anyhow!("{flag}: {other}"),
+        })
+    })
+    .transpose()
 }
 
 fn stdout_error(error: std::io::Error) -> ClientError {
