@@ -12,19 +12,26 @@
 //! - **list lengths**: counted on the wire ([`check_lists`]) before prost
 //!   turns each 2-byte empty entry into a value ten times its size;
 //! - **a deadline on every call**, streams and concurrent calls per
-//!   connection, and the size of a request's headers.
+//!   connection, and the size of a request's headers;
+//! - **`AppendStream`**, a long-lived call: each message reserved in the
+//!   gateway pool from its prefix until it is answered ([`CheckedFrames`]),
+//!   and at most [`OPEN_STREAMS_MAX`] calls open per node.
 //!
 //! An undecodable message is `InvalidArgument` (see `cairn_proto::codec`),
 //! an oversized one or an exhausted budget `ResourceExhausted`. Handlers
 //! check the caps again on the decoded values (`gateway`, `shard_store`).
 //!
 //! Not bounded here: the number of connections (each may hold up to
-//! [`CONNECTION_WINDOW_BYTES`] unread), and postcard's expansion of a Raft
-//! payload, which only cluster members may send once TLS is on.
+//! [`CONNECTION_WINDOW_BYTES`] unread), postcard's expansion of a Raft
+//! payload, which only cluster members may send once TLS is on, and the
+//! capacity tonic's decode buffer of an open `AppendStream` call keeps after
+//! its largest message (until the call ends).
 
-use std::future::poll_fn;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -85,6 +92,12 @@ pub const CONTROL_POOL_BYTES: usize = 32 * MIB;
 /// 4 MiB; the reply is read, then encoded).
 pub const GET_SHARD_REPLY_WEIGHT: usize = 16 * MIB;
 
+/// `AppendStream` calls open at once on one node; one more is refused with
+/// `Unavailable` (the writer reconnects elsewhere). Bounds what each open
+/// call costs whatever its messages (its state, its frame buffers); the
+/// messages themselves are reserved in the gateway pool.
+pub const OPEN_STREAMS_MAX: usize = 64;
+
 /// HTTP/2 streams one connection may open.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 64;
 /// Calls one connection runs at once; the rest queue (their bytes stay
@@ -110,6 +123,11 @@ const _: () = {
     assert!(cairn_proto::PACK_BYTES_MAX < PUT_PACK_MESSAGE_BYTES);
     assert!(cairn_proto::PACK_BYTES_MAX < SHARD_MESSAGE_BYTES);
     assert!(PUT_PACK_MESSAGE_BYTES <= MAX_MESSAGE_BYTES);
+    // A full pack's weight (pack, shards, buffers) fits the gateway pool,
+    // for `PutPack` and for each `AppendStream` message alike: a reservation
+    // is never clamped to the pool, so never under-counted.
+    assert!(PUT_PACK_MESSAGE_BYTES * 3 <= GATEWAY_POOL_BYTES);
+    assert!(APPEND_STREAM_LIMITS.request * APPEND_STREAM_LIMITS.factor <= GATEWAY_POOL_BYTES);
     // 512 MiB per node: the pools, the windows of the streams waiting for
     // them, and about 100 MiB for the runtime, sled's cache and the state.
     let pools = GATEWAY_POOL_BYTES + STORE_POOL_BYTES + RAFT_POOL_BYTES + CONTROL_POOL_BYTES;
@@ -403,14 +421,17 @@ const LISTS: &[(&str, &[u64], &str, usize)] = &[
 ];
 
 /// `AppendStream`: a long-lived bidirectional call, so neither one message
-/// read up front nor a call deadline applies. Each message is bounded by
-/// the decoder (a full pack), each batch reserves its bytes in the gateway
-/// pool before it is stored, and a call holds at most one batch at a time;
-/// open calls are bounded by the streams per connection.
+/// read up front nor a call deadline applies. Each message is refused from
+/// its prefix over a full pack, and its weight (the pack, its shards and
+/// buffers, as `PutPack`) is reserved in the gateway pool before its body
+/// is read and until the handler has answered it ([`CheckedFrames`],
+/// [`StreamReservations`]); a call holds one message at a time, and a node
+/// at most [`OPEN_STREAMS_MAX`] calls.
 const APPEND_STREAM_PATH: &str = "/cairn.v1.Cairn/AppendStream";
 const APPEND_STREAM_LIMITS: MethodLimits = MethodLimits {
     request: PUT_PACK_MESSAGE_BYTES,
     reply: CONTROL_MESSAGE_BYTES,
+    factor: 3,
     ..CONTROL
 };
 
@@ -576,10 +597,16 @@ pub fn routes(
             )
         };
     }
+    // Behind the caller's resolution: an unauthenticated client takes
+    // neither an open-call slot nor pool bytes.
     router = router.route_service(
         APPEND_STREAM_PATH,
         AuthService::new(
-            streaming(limited_cairn(&cairn, APPEND_STREAM_LIMITS)),
+            streaming(
+                limited_cairn(&cairn, APPEND_STREAM_LIMITS),
+                pool(PoolKind::Gateway),
+                Arc::new(Semaphore::new(OPEN_STREAMS_MAX)),
+            ),
             auth.clone(),
         ),
     );
@@ -635,37 +662,128 @@ fn limited_cairn(svc: &CairnServer<Gateway>, limits: MethodLimits) -> CairnServe
 
 /// A streaming method: the call goes to `svc` as it arrives, without a
 /// deadline on the whole call; each message is checked by [`CheckedFrames`]
-/// before the decoder sees it.
-fn streaming(svc: CairnServer<Gateway>) -> axum::routing::MethodRouter {
+/// and its bytes reserved in `pool` before the decoder sees it. At most
+/// `open` calls run at once; the call holds its slot until its reply
+/// stream ends.
+fn streaming(
+    svc: CairnServer<Gateway>,
+    pool: Arc<Pool>,
+    open: Arc<Semaphore>,
+) -> axum::routing::MethodRouter {
     any(move |request: Request| {
         let mut svc = svc.clone();
+        let pool = pool.clone();
+        let open = open.clone();
         async move {
+            let Ok(slot) = open.try_acquire_owned() else {
+                return status_response(Status::unavailable(
+                    "too many open record streams on this node; retry on another node",
+                ));
+            };
             let path = request.uri().path().to_string();
-            let request = request.map(|body| {
-                Body::new(CheckedFrames {
-                    inner: body,
-                    path,
-                    limit: APPEND_STREAM_LIMITS.request,
-                    buf: Vec::new(),
-                })
-            });
-            match svc.call(request).await {
-                Ok(response) => response.map(Body::new).into_response(),
+            let reservations = StreamReservations::default();
+            let (mut parts, body) = request.into_parts();
+            parts.extensions.insert(reservations.clone());
+            let body = Body::new(CheckedFrames::new(
+                body,
+                path,
+                APPEND_STREAM_LIMITS,
+                pool,
+                reservations,
+            ));
+            match svc.call(http::Request::from_parts(parts, body)).await {
+                Ok(response) => response
+                    .map(move |body| {
+                        Body::new(ReplyBody {
+                            body: Box::pin(body),
+                            _permit: Some(slot),
+                        })
+                    })
+                    .into_response(),
                 Err(never) => match never {},
             }
         }
     })
 }
 
+/// The pool reservations of one streaming call's messages, in arrival
+/// order: [`CheckedFrames`] pushes one per message once its prefix is read
+/// (before its body), the handler takes the front one as it takes that
+/// message and drops it once the message is answered. The request's
+/// extensions carry it from the route to the handler.
+#[derive(Clone, Default)]
+pub struct StreamReservations(Arc<Mutex<VecDeque<OwnedSemaphorePermit>>>);
+
+impl StreamReservations {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<OwnedSemaphorePermit>> {
+        // A panic elsewhere cannot leave a queue of permits inconsistent.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, permit: OwnedSemaphorePermit) {
+        self.queue().push_back(permit);
+    }
+
+    /// The reservation of the message the handler takes next.
+    pub fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.queue().pop_front()
+    }
+
+    /// Messages read and not yet taken by the handler (tests).
+    pub fn len(&self) -> usize {
+        self.queue().len()
+    }
+
+    /// Whether no reservation waits for the handler (tests).
+    pub fn is_empty(&self) -> bool {
+        self.queue().is_empty()
+    }
+}
+
+type Reserving = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, Status>> + Send>>;
+
 /// A streaming request body passed on one whole gRPC message at a time,
-/// each refused from its prefix when over `limit` or compressed, and its
-/// lists counted on the wire ([`check_lists`]) before prost decodes it, as
-/// [`read_message`] does for unary calls.
+/// each refused from its prefix when over `limit` or compressed, its weight
+/// reserved in `pool` before its body is read (while the reservation
+/// waits nothing more is read, so HTTP/2's window holds the sender back),
+/// and its lists counted on the wire ([`check_lists`]) before prost decodes
+/// it, as [`read_message`] does for unary calls.
 struct CheckedFrames {
     inner: Body,
     path: String,
     limit: usize,
+    /// Bytes reserved per message byte.
+    factor: usize,
+    pool: Arc<Pool>,
+    /// Where each message's reservation goes for the handler.
+    reservations: StreamReservations,
+    /// The reservation being waited for, for the message whose prefix is read.
+    reserving: Option<Reserving>,
+    /// Whether the message at the front of `buf` has its reservation.
+    reserved: bool,
     buf: Vec<u8>,
+}
+
+impl CheckedFrames {
+    fn new(
+        inner: Body,
+        path: String,
+        limits: MethodLimits,
+        pool: Arc<Pool>,
+        reservations: StreamReservations,
+    ) -> Self {
+        Self {
+            inner,
+            path,
+            limit: limits.request,
+            factor: limits.factor.max(1),
+            pool,
+            reservations,
+            reserving: None,
+            reserved: false,
+            buf: Vec::new(),
+        }
+    }
 }
 
 impl http_body::Body for CheckedFrames {
@@ -702,10 +820,35 @@ impl http_body::Body for CheckedFrames {
                         this.limit
                     )))));
                 }
+                if !this.reserved {
+                    let reserving = this.reserving.get_or_insert_with(|| {
+                        let pool = this.pool.clone();
+                        let weight = len.saturating_mul(this.factor);
+                        Box::pin(async move { pool.reserve(weight).await })
+                    });
+                    match reserving.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(status)) => {
+                            this.reserving = None;
+                            return Poll::Ready(Some(Err(status)));
+                        }
+                        Poll::Ready(Ok(permit)) => {
+                            this.reserving = None;
+                            this.reserved = true;
+                            this.reservations.push(permit);
+                            // The message's exact size, not a doubling Vec's.
+                            this.buf
+                                .reserve_exact((5 + len).saturating_sub(this.buf.len()));
+                        }
+                    }
+                }
                 if this.buf.len() >= 5 + len {
                     let rest = this.buf.split_off(5 + len);
                     let message = std::mem::replace(&mut this.buf, rest);
+                    this.reserved = false;
                     if let Err(status) = check_lists(path, &message[5..]) {
+                        // Refused here: the handler never takes it.
+                        drop(this.reservations.queue().pop_back());
                         return Poll::Ready(Some(Err(status)));
                     }
                     return Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(message)))));
@@ -1076,6 +1219,124 @@ mod tests {
         // Malformed wire data is the caller's error too.
         let bad = check_lists("/cairn.v1.Cairn/FindBlobs", &[0x0a, 0xff]).expect_err("bad");
         assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    }
+
+    /// One gRPC message (prefix and body) of an `AppendStream` batch
+    /// carrying `data_len` bytes.
+    fn stream_message(data_len: usize) -> Vec<u8> {
+        use cairn_proto::v1 as pb;
+        use prost::Message;
+        let body = pb::AppendStreamRequest {
+            msg: Some(pb::append_stream_request::Msg::Batch(pb::StreamBatch {
+                data: vec![7; data_len],
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec();
+        let mut message = vec![0];
+        message.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        message.extend_from_slice(&body);
+        message
+    }
+
+    /// A request body of `chunks`, counting how many were read.
+    fn counted_body(chunks: Vec<Vec<u8>>) -> (Body, Arc<AtomicUsize>) {
+        let read = Arc::new(AtomicUsize::new(0));
+        let counter = read.clone();
+        let stream = futures::stream::iter(chunks).map(move |chunk| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Bytes::from(chunk))
+        });
+        (Body::from_stream(stream), read)
+    }
+
+    fn poll_once(frames: &mut CheckedFrames) -> Option<Option<Result<Bytes, Status>>> {
+        use futures::FutureExt;
+        use http_body::Body as _;
+        poll_fn(|cx| Pin::new(&mut *frames).poll_frame(cx))
+            .now_or_never()
+            .map(|frame| frame.map(|f| f.map(|f| f.into_data().unwrap_or_default())))
+    }
+
+    #[tokio::test]
+    async fn stream_messages_wait_for_their_bytes_before_their_body_is_read() {
+        let (one, two) = (stream_message(10 * KIB), stream_message(10 * KIB));
+        // Each message weighs three times its size: 31 KiB of a 32 KiB pool.
+        let weight = (one.len() - 5) * APPEND_STREAM_LIMITS.factor;
+        assert!(weight <= 31 * KIB && weight > 30 * KIB, "{weight}");
+        let pool = Pool::new("test", 32 * KIB, WAITERS_PER_POOL_MAX);
+        let (prefix1, body1) = one.split_at(5);
+        let (prefix2, body2) = two.split_at(5);
+        let chunks = [prefix1, body1, prefix2, body2]
+            .map(<[u8]>::to_vec)
+            .to_vec();
+        let (body, read) = counted_body(chunks);
+        let reservations = StreamReservations::default();
+        let mut frames = CheckedFrames::new(
+            body,
+            APPEND_STREAM_PATH.into(),
+            APPEND_STREAM_LIMITS,
+            pool.clone(),
+            reservations.clone(),
+        );
+        // The pool is in use: the prefix is read, the body is not.
+        let all = pool.reserve(32 * KIB).await.expect("whole pool");
+        assert!(poll_once(&mut frames).is_none(), "waits for the pool");
+        assert_eq!(read.load(Ordering::SeqCst), 1, "only the prefix was read");
+        assert!(reservations.is_empty());
+        // Freed: the message is reserved, then read, and its reservation
+        // waits for the handler.
+        drop(all);
+        let message = poll_once(&mut frames).expect("reserved").expect("a frame");
+        assert_eq!(message.expect("checked").as_ref(), one.as_slice());
+        assert_eq!(reservations.len(), 1);
+        assert_eq!(
+            pool.available_bytes(),
+            32 * KIB - weight.div_ceil(KIB) * KIB
+        );
+        // The next message waits while the first is not answered: a call
+        // never holds more than the pool.
+        assert!(poll_once(&mut frames).is_none(), "waits for the first");
+        assert_eq!(read.load(Ordering::SeqCst), 3, "the second's prefix only");
+        let first = reservations.take().expect("the first message's bytes");
+        drop(first);
+        let message = poll_once(&mut frames).expect("reserved").expect("a frame");
+        assert_eq!(message.expect("checked").as_ref(), two.as_slice());
+        drop(reservations.take());
+        assert_eq!(pool.available_bytes(), 32 * KIB);
+        assert!(
+            matches!(poll_once(&mut frames), Some(None)),
+            "end of stream"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_message_the_pool_refuses_ends_the_call_unread() {
+        // No room and no queue: refused as a unary call would be.
+        let pool = Pool::new("test", 32 * KIB, 0);
+        let _all = pool.reserve(32 * KIB).await.expect("whole pool");
+        let message = stream_message(KIB);
+        let (prefix, rest) = message.split_at(5);
+        let (body, read) = counted_body(vec![prefix.to_vec(), rest.to_vec()]);
+        let reservations = StreamReservations::default();
+        let mut frames = CheckedFrames::new(
+            body,
+            APPEND_STREAM_PATH.into(),
+            APPEND_STREAM_LIMITS,
+            pool.clone(),
+            reservations.clone(),
+        );
+        let refused = poll_once(&mut frames)
+            .expect("answered at once")
+            .expect("a frame")
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("test memory budget"),
+            "{refused}"
+        );
+        assert_eq!(read.load(Ordering::SeqCst), 1, "the body was never read");
+        assert!(reservations.is_empty());
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use super::{Gateway, GatewayError};
 use crate::auth::Caller;
 use crate::auth::audit::actor_of;
 use crate::auth::permission::{Denied, Op, authorize};
+use crate::limits::StreamReservations;
 use crate::peers::addressed;
 
 /// The caller's `authorization` header, to forward with a call to the leader.
@@ -493,13 +494,20 @@ impl Cairn for Gateway {
         use pb::append_stream_request::Msg;
         // The caller comes from the headers, before the stream is read.
         let caller = Caller::of(&request)?;
+        // Each message's pool reservation, made by the route from its
+        // length prefix; taken here with the message, dropped once it is
+        // answered. Without it the call would be unbounded: refuse it.
+        let reservations = request
+            .extensions()
+            .get::<StreamReservations>()
+            .cloned()
+            .ok_or_else(|| {
+                Status::internal("AppendStream is served only behind its memory budget")
+            })?;
         let mut inbound = request.into_inner();
-        let open = match inbound
-            .message()
-            .await
-            .map_err(inbound_error)?
-            .and_then(|m| m.msg)
-        {
+        let first = inbound.message().await.map_err(inbound_error)?;
+        drop(reservations.take());
+        let open = match first.and_then(|m| m.msg) {
             Some(Msg::Open(open)) => open,
             _ => {
                 return Err(Status::invalid_argument(
@@ -528,6 +536,7 @@ impl Cairn for Gateway {
             closing: gateway.closing(),
             writer: WriterGuard::new(gateway),
             inbound,
+            reservations,
             stream,
             opened: Some(opened),
             done: false,
@@ -550,6 +559,8 @@ impl Cairn for Gateway {
                 );
                 return Some((Err(closing), st));
             };
+            // Held until this message is answered (at the end of this step).
+            let _reserved = st.reservations.take();
             let answer = match next {
                 Ok(None) => return None,
                 Err(status) => Err(inbound_error(status)),
@@ -604,6 +615,8 @@ struct AppendState {
     closing: tokio::sync::watch::Receiver<bool>,
     writer: WriterGuard,
     inbound: tonic::Streaming<pb::AppendStreamRequest>,
+    /// The pool reservations of the messages `inbound` reads.
+    reservations: StreamReservations,
     stream: OpenStream,
     opened: Option<pb::AppendStreamReply>,
     done: bool,

@@ -6,7 +6,9 @@
 //! its segments in one Raft entry that deduplicates by sequence number.
 //! Batches of one call are handled one at a time, in order, each answered
 //! before the next is read: with HTTP/2's windows, that is the flow
-//! control (a slow cluster slows its writers, nothing queues here).
+//! control (a slow cluster slows its writers, nothing queues here). Each
+//! message's bytes are reserved in the gateway pool from its length prefix
+//! until it is answered (`limits::CheckedFrames`).
 //! Nodes never see room names or record text: segments arrive as sealed
 //! blobs named by keyed room hashes.
 
@@ -331,14 +333,9 @@ impl Gateway {
                 reply(Wire::Duplicate, batch.last_seq, seq),
             ));
         }
-        let _reserved = self
-            .budget
-            .gateway
-            .reserve(batch.data.len().saturating_mul(3))
-            .await
-            .map_err(|status| GatewayError::Busy {
-                what: status.message().to_string(),
-            })?;
+        // The batch's bytes (pack, shards, buffers) are reserved already,
+        // from its length prefix, by the route (`limits::CheckedFrames`),
+        // and held by the caller until this batch is answered.
         let record = self
             .store_pack(&stream.tenant, batch.pack_id, batch.data)
             .await?;
