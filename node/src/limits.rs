@@ -23,9 +23,10 @@
 //!
 //! Not bounded here: the number of connections (each may hold up to
 //! [`CONNECTION_WINDOW_BYTES`] unread), postcard's expansion of a Raft
-//! payload, which only cluster members may send once TLS is on, and the
+//! payload, which only cluster members may send once TLS is on. (The
 //! capacity tonic's decode buffer of an open `AppendStream` call keeps after
-//! its largest message (until the call ends).
+//! its largest message is counted: [`CheckedFrames`] keeps that many bytes
+//! of the gateway pool reserved until the call ends.)
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
@@ -127,7 +128,8 @@ const _: () = {
     // for `PutPack` and for each `AppendStream` message alike: a reservation
     // is never clamped to the pool, so never under-counted.
     assert!(PUT_PACK_MESSAGE_BYTES * 3 <= GATEWAY_POOL_BYTES);
-    assert!(APPEND_STREAM_LIMITS.request * APPEND_STREAM_LIMITS.factor <= GATEWAY_POOL_BYTES);
+    // A stream message's weight plus the capacity its call retains.
+    assert!(APPEND_STREAM_LIMITS.request * (APPEND_STREAM_LIMITS.factor + 1) <= GATEWAY_POOL_BYTES);
     // 512 MiB per node: the pools, the windows of the streams waiting for
     // them, and about 100 MiB for the runtime, sled's cache and the state.
     let pools = GATEWAY_POOL_BYTES + STORE_POOL_BYTES + RAFT_POOL_BYTES + CONTROL_POOL_BYTES;
@@ -427,9 +429,15 @@ const LISTS: &[(&str, &[u64], &str, usize)] = &[
 /// is read and until the handler has answered it ([`CheckedFrames`],
 /// [`StreamReservations`]); a call holds one message at a time, and a node
 /// at most [`OPEN_STREAMS_MAX`] calls.
+///
+/// tonic's decode buffer of a call keeps the capacity of its largest message
+/// until the call ends, so a call also holds that many bytes of the pool for
+/// its lifetime; a batch is a fraction of a second of records (a few MiB),
+/// so its message limit is well below a backup's pack.
 const APPEND_STREAM_PATH: &str = "/cairn.v1.Cairn/AppendStream";
+pub const APPEND_STREAM_MESSAGE_BYTES: usize = 24 * MIB;
 const APPEND_STREAM_LIMITS: MethodLimits = MethodLimits {
-    request: PUT_PACK_MESSAGE_BYTES,
+    request: APPEND_STREAM_MESSAGE_BYTES,
     reply: CONTROL_MESSAGE_BYTES,
     factor: 3,
     ..CONTROL
@@ -761,6 +769,10 @@ struct CheckedFrames {
     reserving: Option<Reserving>,
     /// Whether the message at the front of `buf` has its reservation.
     reserved: bool,
+    /// The pool bytes held for the call's lifetime: the capacity of its
+    /// largest message, which tonic's decode buffer keeps until the call ends.
+    retained: Option<OwnedSemaphorePermit>,
+    retained_len: usize,
     buf: Vec<u8>,
 }
 
@@ -781,6 +793,8 @@ impl CheckedFrames {
             reservations,
             reserving: None,
             reserved: false,
+            retained: None,
+            retained_len: 0,
             buf: Vec::new(),
         }
     }
@@ -821,9 +835,10 @@ impl http_body::Body for CheckedFrames {
                     )))));
                 }
                 if !this.reserved {
+                    let growth = len.saturating_sub(this.retained_len);
                     let reserving = this.reserving.get_or_insert_with(|| {
                         let pool = this.pool.clone();
-                        let weight = len.saturating_mul(this.factor);
+                        let weight = len.saturating_mul(this.factor) + growth;
                         Box::pin(async move { pool.reserve(weight).await })
                     });
                     match reserving.as_mut().poll(cx) {
@@ -832,9 +847,21 @@ impl http_body::Body for CheckedFrames {
                             this.reserving = None;
                             return Poll::Ready(Some(Err(status)));
                         }
-                        Poll::Ready(Ok(permit)) => {
+                        Poll::Ready(Ok(mut permit)) => {
                             this.reserving = None;
                             this.reserved = true;
+                            if growth > 0 {
+                                // The growth stays with the call, the rest
+                                // goes with the message to its handler.
+                                let units = growth.div_ceil(KIB).min(permit.num_permits());
+                                if let Some(kept) = permit.split(units) {
+                                    match this.retained.as_mut() {
+                                        Some(retained) => retained.merge(kept),
+                                        None => this.retained = Some(kept),
+                                    }
+                                }
+                                this.retained_len = len;
+                            }
                             this.reservations.push(permit);
                             // The message's exact size, not a doubling Vec's.
                             this.buf
@@ -1168,7 +1195,7 @@ mod tests {
         )
         .expect_err("segments");
         assert!(refused.message().contains("segments"), "{refused:?}");
-        assert_eq!(limits_of(path).request, PUT_PACK_MESSAGE_BYTES);
+        assert_eq!(limits_of(path).request, APPEND_STREAM_MESSAGE_BYTES);
     }
 
     #[test]
@@ -1261,10 +1288,17 @@ mod tests {
     #[tokio::test]
     async fn stream_messages_wait_for_their_bytes_before_their_body_is_read() {
         let (one, two) = (stream_message(10 * KIB), stream_message(10 * KIB));
-        // Each message weighs three times its size: 31 KiB of a 32 KiB pool.
-        let weight = (one.len() - 5) * APPEND_STREAM_LIMITS.factor;
-        assert!(weight <= 31 * KIB && weight > 30 * KIB, "{weight}");
-        let pool = Pool::new("test", 32 * KIB, WAITERS_PER_POOL_MAX);
+        let len = one.len() - 5;
+        // The first message weighs three times its size for its handler,
+        // plus its size for the call's lifetime (tonic's decode buffer).
+        let units = |bytes: usize| bytes.div_ceil(KIB) * KIB;
+        let first_weight = units(len * APPEND_STREAM_LIMITS.factor + len);
+        let kept = units(len);
+        let pool = Pool::new("test", 48 * KIB, WAITERS_PER_POOL_MAX);
+        assert!(
+            first_weight <= 48 * KIB && first_weight > 40 * KIB,
+            "{first_weight}"
+        );
         let (prefix1, body1) = one.split_at(5);
         let (prefix2, body2) = two.split_at(5);
         let chunks = [prefix1, body1, prefix2, body2]
@@ -1280,7 +1314,7 @@ mod tests {
             reservations.clone(),
         );
         // The pool is in use: the prefix is read, the body is not.
-        let all = pool.reserve(32 * KIB).await.expect("whole pool");
+        let all = pool.reserve(48 * KIB).await.expect("whole pool");
         assert!(poll_once(&mut frames).is_none(), "waits for the pool");
         assert_eq!(read.load(Ordering::SeqCst), 1, "only the prefix was read");
         assert!(reservations.is_empty());
@@ -1290,10 +1324,7 @@ mod tests {
         let message = poll_once(&mut frames).expect("reserved").expect("a frame");
         assert_eq!(message.expect("checked").as_ref(), one.as_slice());
         assert_eq!(reservations.len(), 1);
-        assert_eq!(
-            pool.available_bytes(),
-            32 * KIB - weight.div_ceil(KIB) * KIB
-        );
+        assert_eq!(pool.available_bytes(), 48 * KIB - first_weight);
         // The next message waits while the first is not answered: a call
         // never holds more than the pool.
         assert!(poll_once(&mut frames).is_none(), "waits for the first");
@@ -1303,10 +1334,17 @@ mod tests {
         let message = poll_once(&mut frames).expect("reserved").expect("a frame");
         assert_eq!(message.expect("checked").as_ref(), two.as_slice());
         drop(reservations.take());
-        assert_eq!(pool.available_bytes(), 32 * KIB);
+        // Both answered: the call still holds its largest message's size.
+        assert_eq!(pool.available_bytes(), 48 * KIB - kept);
         assert!(
             matches!(poll_once(&mut frames), Some(None)),
             "end of stream"
+        );
+        drop(frames);
+        assert_eq!(
+            pool.available_bytes(),
+            48 * KIB,
+            "all back when the call ends"
         );
     }
 

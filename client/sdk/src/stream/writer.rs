@@ -645,7 +645,9 @@ enum Broken {
 }
 
 fn from_status(status: Status) -> Broken {
-    if retryable(&status) {
+    // A node whose memory budget is in use (or that holds too many open
+    // streams) refuses the batch unread: another node may take it.
+    if retryable(&status) || status.code() == Code::ResourceExhausted {
         Broken::Retry(format!("{:?}: {}", status.code(), status.message()))
     } else {
         Broken::Fatal(match status.code() {
