@@ -313,32 +313,11 @@ fn drop_pack(pack: &PackRecord, batch: &mut WriteBatch, stats: &mut MetaStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::state::testing::{run_at, view};
-    use crate::meta::types::{RefSegment, ShardPlacement, SnapshotRecord};
+    use crate::meta::state::testing::{id, pack, run_at, view};
+    use crate::meta::types::{RefSegment, SnapshotRecord};
 
     fn run(view: &StateView, cmd: Command) -> CommandResult {
         run_at(view, 1_000, cmd)
-    }
-
-    fn id(n: u8) -> Id32 {
-        [n; 32]
-    }
-
-    fn pack(n: u8) -> PackRecord {
-        PackRecord {
-            id: id(n),
-            tenant: "t".into(),
-            data_shards: 2,
-            parity_shards: 1,
-            pack_len: 100,
-            shard_len: 50,
-            shards: vec![ShardPlacement {
-                index: 0,
-                node: 1,
-                checksum: id(0),
-            }],
-            needs_rebalance: false,
-        }
     }
 
     fn at(pack: u8, offset: u64) -> BlobLocation {

@@ -185,34 +185,18 @@ pub(super) fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::state::testing::{run_at, view};
-    use crate::meta::types::{
-        BlobLocation, KeepRules, PackRecord, ShardPlacement, SnapshotLife, SnapshotRecord,
-    };
+    use crate::meta::state::testing::{id, pack, run_at, view};
+    use crate::meta::types::{BlobLocation, KeepRules, PackRecord, SnapshotLife, SnapshotRecord};
 
     const T: &str = "tenant";
     const DAY: i64 = 86_400_000;
-
-    fn id(n: u8) -> Id32 {
-        [n; 32]
-    }
 
     /// A view with a tenant root tree indexed and snapshots 1..=n committed.
     fn with_snapshots(n: u8) -> StateView {
         let v = view();
         let pack = PackRecord {
-            id: id(200),
             tenant: T.into(),
-            data_shards: 2,
-            parity_shards: 1,
-            pack_len: 100,
-            shard_len: 50,
-            shards: vec![ShardPlacement {
-                index: 0,
-                node: 1,
-                checksum: id(0),
-            }],
-            needs_rebalance: false,
+            ..pack(200)
         };
         let location = BlobLocation {
             pack_id: id(200),

@@ -969,6 +969,29 @@ pub(super) mod testing {
         result
     }
 
+    /// An id made of one repeated byte.
+    pub fn id(n: u8) -> Id32 {
+        [n; 32]
+    }
+
+    /// A small pack of tenant `t` with one shard on node 1.
+    pub fn pack(n: u8) -> PackRecord {
+        PackRecord {
+            id: id(n),
+            tenant: "t".into(),
+            data_shards: 2,
+            parity_shards: 1,
+            pack_len: 100,
+            shard_len: 50,
+            shards: vec![crate::meta::types::ShardPlacement {
+                index: 0,
+                node: 1,
+                checksum: id(0),
+            }],
+            needs_rebalance: false,
+        }
+    }
+
     /// [`run`] with `cmd` stamped at cluster time `at`, as the leader stamps it.
     pub fn run_at(view: &StateView, at: i64, cmd: Command) -> CommandResult {
         run(

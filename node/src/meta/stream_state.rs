@@ -389,31 +389,8 @@ pub(super) fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::state::testing::{run_at, view};
-    use crate::meta::types::{
-        PackRecord, RefSegment, ShardPlacement, SnapshotRecord, StreamSegment,
-    };
-
-    fn id(n: u8) -> Id32 {
-        [n; 32]
-    }
-
-    fn pack(n: u8) -> PackRecord {
-        PackRecord {
-            id: id(n),
-            tenant: "t".into(),
-            data_shards: 2,
-            parity_shards: 1,
-            pack_len: 100,
-            shard_len: 50,
-            shards: vec![ShardPlacement {
-                index: 0,
-                node: 1,
-                checksum: id(0),
-            }],
-            needs_rebalance: false,
-        }
-    }
+    use crate::meta::state::testing::{id, pack, run_at, view};
+    use crate::meta::types::{RefSegment, SnapshotRecord, StreamSegment};
 
     /// A batch in pack `p` with one segment per `(room, blob, first_ts, last_ts)`.
     fn batch(first: u64, last: u64, p: u8, segs: &[(u8, u8, i64, i64)]) -> Command {
