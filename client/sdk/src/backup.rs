@@ -48,7 +48,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::warn;
 
-use crate::chunker::Chunker;
+use crate::chunker::{Chunker, chunk_bytes_with_seed};
 use crate::error::{ClientError, Result};
 use crate::pack::{BlobKind, PACK_TARGET_BYTES, Pack, PackBuilder};
 use crate::path_guard::{check_name, display_name};
@@ -56,8 +56,17 @@ use crate::repo::{Repository, Snapshot, SnapshotInfo};
 use crate::seal::BlobId;
 use crate::tree::{ChunkRef, EntryKind, Tree, TreeEntry};
 
-/// Chunks looked up in the index per request while reading a file.
+/// Chunks a file worker hands over at once while reading a file.
 const DEDUP_BATCH_CHUNKS: usize = 64;
+/// Chunks looked up in the index per request: new chunks of every file
+/// worker wait in one shared batch, so a tree of small files costs one
+/// look-up per thousand files instead of one per file.
+const LOOKUP_BATCH_CHUNKS: usize = 1024;
+/// Plaintext bytes a look-up batch holds at most (bounds client memory).
+const LOOKUP_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Files read whole (then cut in memory) rather than streamed: below this a
+/// streaming chunker's buffer costs more than the file.
+const READ_WHOLE_BYTES_MAX: u64 = 1024 * 1024;
 /// Packs waiting for upload (each up to a pack of memory).
 const PACKS_QUEUED_MAX: usize = 1;
 /// Packs uploading at once.
@@ -313,6 +322,8 @@ struct Session {
     runtime: tokio::runtime::Handle,
     /// Blob ids claimed by this session: the first claimant uploads.
     seen: Mutex<HashSet<BlobId>>,
+    /// Claimed blobs waiting for their index look-up (see [`LOOKUP_BATCH_CHUNKS`]).
+    pending: Mutex<LookupBatch>,
     /// File chunks.
     data_builder: Mutex<PackBuilder>,
     /// Trees only: a lost data pack must not take the listings with it.
@@ -329,30 +340,44 @@ struct Session {
 }
 
 impl Session {
-    /// Dedups a batch of chunks and seals the new ones into the pack.
+    /// Claims the chunks this session has not seen yet and queues them for
+    /// the shared index look-up; the worker that fills the batch looks it
+    /// up and seals the new ones into the pack. A chunk's id is known before
+    /// its look-up, so the file (or tree) referencing it need not wait.
     fn store_chunks(&self, chunks: &mut Vec<(BlobId, Vec<u8>)>, kind: BlobKind) -> Result<()> {
         if chunks.is_empty() {
             return Ok(());
         }
-        let claimed: Vec<usize> = {
+        let full = {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            (0..chunks.len())
-                .filter(|&i| seen.insert(chunks[i].0))
-                .collect()
-        };
-        if !claimed.is_empty() {
-            let ids: Vec<BlobId> = claimed.iter().map(|&i| chunks[i].0).collect();
-            let present = self.runtime.block_on(self.repo.find_blobs(&ids))?;
-            for (&i, known) in claimed.iter().zip(present) {
-                if known {
-                    continue;
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, data) in chunks.drain(..) {
+                if seen.insert(id) {
+                    pending.push(id, data, kind);
                 }
-                let (id, data) = &chunks[i];
-                let encoded = self.repo.key().encode_blob(id, data)?;
-                self.add_to_pack(*id, kind, &encoded)?;
+            }
+            pending.is_full().then(|| std::mem::take(&mut *pending))
+        };
+        match full {
+            Some(batch) => self.look_up_and_store(batch),
+            None => Ok(()),
+        }
+    }
+
+    /// One index look-up for the batch; the blobs the cluster lacks are
+    /// sealed into their pack.
+    fn look_up_and_store(&self, batch: LookupBatch) -> Result<()> {
+        if batch.blobs.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<BlobId> = batch.blobs.iter().map(|(id, _, _)| *id).collect();
+        let present = self.runtime.block_on(self.repo.find_blobs(&ids))?;
+        for ((id, data, kind), known) in batch.blobs.into_iter().zip(present) {
+            if !known {
+                let encoded = self.repo.key().encode_blob(&id, &data)?;
+                self.add_to_pack(id, kind, &encoded)?;
             }
         }
-        chunks.clear();
         Ok(())
     }
 
@@ -394,11 +419,40 @@ impl Session {
 
     /// Chunks a reader, storing new chunks; returns the chunk ids and size.
     fn chunk_reader(&self, reader: impl Read, path: &Path) -> Result<(Vec<ChunkRef>, u64)> {
+        let mut chunks = Chunker::with_seed(reader, self.repo.key().chunker_seed())
+            .map(|chunk| chunk.map_err(|e| ClientError::io(path, std::io::Error::other(e))));
+        self.store_file_chunks(&mut chunks)
+    }
+
+    /// Chunks data already in memory (same boundaries as [`Self::chunk_reader`]).
+    fn chunk_bytes(&self, data: &[u8]) -> Result<(Vec<ChunkRef>, u64)> {
+        let ranges = chunk_bytes_with_seed(data, self.repo.key().chunker_seed());
+        self.store_file_chunks(&mut ranges.into_iter().map(|r| Ok(data[r].to_vec())))
+    }
+
+    /// Chunks one file: small files are read whole and cut in memory.
+    fn chunk_file(&self, path: &Path, len: u64) -> Result<(Vec<ChunkRef>, u64)> {
+        let mut file = std::fs::File::open(path).map_err(|e| ClientError::io(path, e))?;
+        if len > READ_WHOLE_BYTES_MAX {
+            return self.chunk_reader(file, path);
+        }
+        let mut data = Vec::with_capacity(len as usize + 1);
+        file.read_to_end(&mut data)
+            .map_err(|e| ClientError::io(path, e))?;
+        self.chunk_bytes(&data)
+    }
+
+    /// Ids the chunks, hands the new ones to the look-up batch; returns the
+    /// chunk references and the size.
+    fn store_file_chunks(
+        &self,
+        chunks: &mut dyn Iterator<Item = Result<Vec<u8>>>,
+    ) -> Result<(Vec<ChunkRef>, u64)> {
         let mut ids = Vec::new();
         let mut size = 0u64;
         let mut batch = Vec::with_capacity(DEDUP_BATCH_CHUNKS);
-        for chunk in Chunker::with_seed(reader, self.repo.key().chunker_seed()) {
-            let chunk = chunk.map_err(|e| ClientError::io(path, std::io::Error::other(e)))?;
+        for chunk in chunks {
+            let chunk = chunk?;
             let id = self.repo.key().blob_id(&chunk);
             size += chunk.len() as u64;
             self.progress
@@ -475,8 +529,10 @@ impl Session {
         Ok(segments.iter().map(|s| s.to_wire()).collect())
     }
 
-    /// Sends whatever the builders hold.
+    /// Looks up what is still queued, then sends whatever the builders hold.
     fn flush_packs(&self) -> Result<()> {
+        let last = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        self.look_up_and_store(last)?;
         for builder in [&self.tree_builder, &self.data_builder, &self.refs_builder] {
             let last = std::mem::replace(
                 &mut *builder.lock().unwrap_or_else(|p| p.into_inner()),
@@ -487,6 +543,24 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+/// New blobs of one session waiting for their index look-up.
+#[derive(Default)]
+struct LookupBatch {
+    blobs: Vec<(BlobId, Vec<u8>, BlobKind)>,
+    bytes: usize,
+}
+
+impl LookupBatch {
+    fn push(&mut self, id: BlobId, data: Vec<u8>, kind: BlobKind) {
+        self.bytes += data.len();
+        self.blobs.push((id, data, kind));
+    }
+
+    fn is_full(&self) -> bool {
+        self.blobs.len() >= LOOKUP_BATCH_CHUNKS || self.bytes >= LOOKUP_BATCH_BYTES
     }
 }
 
@@ -668,9 +742,7 @@ impl TreeWriter {
     /// Stores one file's content (chunked with the tenant's chunker, new
     /// chunks sealed and packed) and returns its tree entry kind.
     pub fn file(&self, data: &[u8]) -> Result<EntryKind> {
-        let (chunks, size) = self
-            .session
-            .chunk_reader(data, Path::new("<in-memory file>"))?;
+        let (chunks, size) = self.session.chunk_bytes(data)?;
         self.session.files.fetch_add(1, Ordering::Relaxed);
         self.session.progress.files.fetch_add(1, Ordering::Relaxed);
         Ok(EntryKind::File {
@@ -902,6 +974,7 @@ where
         repo: repo.clone(),
         runtime: tokio::runtime::Handle::current(),
         seen: Mutex::new(HashSet::new()),
+        pending: Mutex::new(LookupBatch::default()),
         data_builder: Mutex::new(PackBuilder::new(PACK_TARGET_BYTES)),
         tree_builder: Mutex::new(PackBuilder::new(PACK_TARGET_BYTES)),
         refs_builder: Mutex::new(PackBuilder::new(PACK_TARGET_BYTES)),
@@ -1138,15 +1211,13 @@ fn backup_entry(
                 .expect("the file semaphore is never closed");
             let worker = session.clone();
             let file_path = path.clone();
-            let (chunks, size) = tokio::task::spawn_blocking(move || {
-                let file =
-                    std::fs::File::open(&file_path).map_err(|e| ClientError::io(&file_path, e))?;
-                worker.chunk_reader(file, &file_path)
-            })
-            .await
-            .map_err(|e| ClientError::BadInput {
-                what: format!("file task: {e}"),
-            })??;
+            let len = meta.len();
+            let (chunks, size) =
+                tokio::task::spawn_blocking(move || worker.chunk_file(&file_path, len))
+                    .await
+                    .map_err(|e| ClientError::BadInput {
+                        what: format!("file task: {e}"),
+                    })??;
             session.progress.files.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(base(EntryKind::File {
                 size,
