@@ -13,7 +13,9 @@ use tracing::{debug, warn};
 
 use super::{Gateway, GatewayError, id32, invalid};
 use crate::erasure::encode_pack;
-use crate::meta::types::{BlobLocation, Command, Id32, NodeId, PackRecord, ShardPlacement};
+use crate::meta::types::{
+    BlobIndex, BlobLocation, Command, Id32, NodeId, PackRecord, ShardPlacement,
+};
 use crate::placement::{Candidate, ack_allowed, complete, fully_protected};
 
 /// Rounds of re-placement for shards whose node failed.
@@ -92,9 +94,9 @@ impl Gateway {
         self.meta
             .write(Command::Timed {
                 at: 0,
-                cmd: Box::new(Command::AddPackInSession {
+                cmd: Box::new(Command::AddPackIndexed {
+                    index: BlobIndex::new(&blobs),
                     pack: record,
-                    blobs,
                     session,
                 }),
             })

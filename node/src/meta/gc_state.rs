@@ -148,6 +148,34 @@ fn put_u64(
     Ok(())
 }
 
+/// A pack uploaded in a backup session: its record and index, its life
+/// (creation time, session, blob bytes), and the session kept alive.
+fn add_pack_in_session(
+    view: &StateView,
+    pack: &PackRecord,
+    blobs: &[(Id32, BlobLocation)],
+    session: Option<&SessionId>,
+    now: i64,
+    batch: &mut WriteBatch,
+    stats: &mut MetaStats,
+) -> Result<CommandResult, StateError> {
+    let result = add_pack(view, pack, blobs, batch, stats)?;
+    if result == CommandResult::Ok {
+        let life = PackLife {
+            created_unix_ms: now,
+            session: session.copied(),
+            blob_bytes: blobs.iter().map(|(_, l)| u64::from(l.length)).sum(),
+            repacked: false,
+        };
+        batch.put(pack_life_key(&pack.id), codec::encode("pack life", &life)?);
+    }
+    // A retried upload still shows the session alive.
+    if let Some(session) = session {
+        touch_session(view, session, now, false, batch)?;
+    }
+    Ok(result)
+}
+
 /// Applies the garbage-collection commands (see [`Command`]).
 pub(super) fn apply(
     view: &StateView,
@@ -161,22 +189,14 @@ pub(super) fn apply(
             pack,
             blobs,
             session,
+        } => add_pack_in_session(view, pack, blobs, session.as_ref(), now, batch, stats),
+        Command::AddPackIndexed {
+            pack,
+            index,
+            session,
         } => {
-            let result = add_pack(view, pack, blobs, batch, stats)?;
-            if result == CommandResult::Ok {
-                let life = PackLife {
-                    created_unix_ms: now,
-                    session: *session,
-                    blob_bytes: blobs.iter().map(|(_, l)| u64::from(l.length)).sum(),
-                    repacked: false,
-                };
-                batch.put(pack_life_key(&pack.id), codec::encode("pack life", &life)?);
-            }
-            // A retried upload still shows the session alive.
-            if let Some(session) = session {
-                touch_session(view, session, now, false, batch)?;
-            }
-            Ok(result)
+            let blobs = index.locations(pack.id);
+            add_pack_in_session(view, pack, &blobs, session.as_ref(), now, batch, stats)
         }
         Command::CommitSnapshotWithRefs {
             tenant,
@@ -314,7 +334,7 @@ fn drop_pack(pack: &PackRecord, batch: &mut WriteBatch, stats: &mut MetaStats) {
 mod tests {
     use super::*;
     use crate::meta::state::testing::{id, pack, run_at, view};
-    use crate::meta::types::{RefSegment, SnapshotRecord};
+    use crate::meta::types::{BlobIndex, RefSegment, SnapshotRecord};
 
     fn run(view: &StateView, cmd: Command) -> CommandResult {
         run_at(view, 1_000, cmd)
@@ -393,6 +413,82 @@ mod tests {
             stats.snapshots,
             v.snapshots("t", None).expect("snapshots").len() as u64
         );
+    }
+
+    #[test]
+    fn a_packed_blob_index_applies_like_the_listed_one() {
+        let listed = view();
+        let packed = view();
+        let Command::AddPackInSession {
+            pack,
+            blobs,
+            session,
+        } = add(1, &[10, 11, 12, 11], Some([7; 16]))
+        else {
+            unreachable!("add builds AddPackInSession")
+        };
+        let indexed = Command::AddPackIndexed {
+            index: BlobIndex::new(&blobs),
+            pack: pack.clone(),
+            session,
+        };
+        // Through the log's encoding, as a follower receives it.
+        let indexed: Command = codec::decode(
+            "command",
+            &codec::encode("command", &indexed).expect("encode"),
+        )
+        .expect("decode");
+        let Command::AddPackIndexed { index, .. } = &indexed else {
+            unreachable!("decoded as encoded")
+        };
+        assert_eq!(index.len(), 4);
+        assert_eq!(index.locations(pack.id), blobs);
+        assert_eq!(
+            run(&listed, add(1, &[10, 11, 12, 11], Some([7; 16]))),
+            CommandResult::Ok
+        );
+        assert_eq!(run(&packed, indexed.clone()), CommandResult::Ok);
+        for n in [10, 11, 12] {
+            assert_eq!(
+                packed.locate_blob("t", &id(n)).expect("read"),
+                listed.locate_blob("t", &id(n)).expect("read"),
+            );
+        }
+        // The first location of a blob listed twice wins, as before.
+        assert_eq!(
+            packed.locate_blob("t", &id(11)).expect("read"),
+            Some(at(1, 10))
+        );
+        assert_eq!(
+            packed.pack_life(&id(1)).expect("read"),
+            listed.pack_life(&id(1)).expect("read")
+        );
+        assert_eq!(
+            packed.stats().expect("stats"),
+            listed.stats().expect("stats")
+        );
+        assert_eq!(run(&packed, indexed), CommandResult::AlreadyExists);
+        assert_stats_exact(&packed);
+    }
+
+    #[test]
+    fn a_blob_index_of_partial_records_is_refused() {
+        let bytes = codec::encode("bytes", &serde_bytes_of(45)).expect("encode");
+        assert!(codec::decode::<BlobIndex>("blob index", &bytes).is_err());
+        let bytes = codec::encode("bytes", &serde_bytes_of(88)).expect("encode");
+        let index: BlobIndex = codec::decode("blob index", &bytes).expect("two records");
+        assert_eq!(index.len(), 2);
+    }
+
+    /// `len` bytes serialized as a byte string, as [`BlobIndex`] is.
+    fn serde_bytes_of(len: usize) -> impl serde::Serialize {
+        struct Raw(Vec<u8>);
+        impl serde::Serialize for Raw {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(&self.0)
+            }
+        }
+        Raw(vec![3; len])
     }
 
     #[test]

@@ -842,6 +842,7 @@ pub(super) fn apply_at(
             apply_at(view, inner, now, batch, stats)
         }
         Command::AddPackInSession { .. }
+        | Command::AddPackIndexed { .. }
         | Command::CommitSnapshotWithRefs { .. }
         | Command::SweepBlobs { .. } => super::gc_state::apply(view, cmd, now, batch, stats),
         Command::DropPack { id } | Command::Repack { old: id, .. } => {
