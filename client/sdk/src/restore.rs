@@ -34,9 +34,11 @@
 //! directory is refused with everything below it.
 //!
 //! Resources are bounded independently of the snapshot's size: at most
-//! [`PACKS_IN_FLIGHT_MAX`] packs are written at once, each by at most
-//! [`FILE_WRITERS_PER_PACK_MAX`] threads holding one file open each. Memory
-//! per file is a few words.
+//! [`RESTORE_BYTES_IN_FLIGHT_MAX`] sealed bytes are fetched and not yet
+//! written, chunks are decrypted one at a time just before their write (no
+//! pack's plaintext is held whole), at most [`PACKS_IN_FLIGHT_MAX`] packs
+//! are in progress, each written by at most [`FILE_WRITERS_PER_PACK_MAX`]
+//! threads holding one file open each. Memory per file is a few words.
 //!
 //! Paths come from the snapshot, which may be hostile: every name is
 //! checked, no write follows a symlink, and symlinks are created only after
@@ -64,8 +66,13 @@ use crate::repo::{Located, Repository, Snapshot};
 use crate::seal::BlobId;
 use crate::tree::{EntryKind, TreeEntry};
 
-/// Packs fetched at once during a restore; also the most files open at once.
-pub const PACKS_IN_FLIGHT_MAX: usize = 6;
+/// Packs being fetched, written or synced at once during a restore (each
+/// also bounded by [`RESTORE_BYTES_IN_FLIGHT_MAX`]).
+pub const PACKS_IN_FLIGHT_MAX: usize = 12;
+/// Sealed bytes fetched and not yet written, at most, during a restore:
+/// what bounds the restore's memory, whatever the snapshot's size. (The
+/// transport may hold a reply twice while decoding it.)
+pub const RESTORE_BYTES_IN_FLIGHT_MAX: usize = 64 * 1024 * 1024;
 /// Threads writing the files of one pack at once (when it holds many files).
 pub const FILE_WRITERS_PER_PACK_MAX: usize = 8;
 /// Files in a pack from which it is written by several threads.
@@ -1088,8 +1095,26 @@ fn plan_packs(
     packs
 }
 
+/// Units of [`RESTORE_BYTES_IN_FLIGHT_MAX`] the byte budget counts in.
+const BUDGET_UNIT: u64 = 64 * 1024;
+
+/// Budget units a pack read of `bytes` takes: never more than the whole
+/// budget, so that one read larger than the budget still runs (alone).
+fn budget_units(bytes: u64) -> u32 {
+    let total = (RESTORE_BYTES_IN_FLIGHT_MAX as u64 / BUDGET_UNIT).max(1);
+    bytes.div_ceil(BUDGET_UNIT).clamp(1, total) as u32
+}
+
 /// Reads every pack once and writes its checked chunks; files that cannot
 /// be completed are marked failed in `writer`.
+///
+/// Memory is bounded by bytes, not packs: a pack's sealed bytes take their
+/// share of [`RESTORE_BYTES_IN_FLIGHT_MAX`] before they are asked for and
+/// give it back as soon as the pack's chunks are written, before the
+/// batch's sync. Chunks are decrypted, checked and written one at a time
+/// by the threads writing the pack's files, so no pack's plaintext is ever
+/// held whole. Fetches of further packs overlap the writing and syncing of
+/// earlier ones.
 async fn fetch_and_write(
     repo: &Repository,
     packs: PackPlan,
@@ -1099,11 +1124,15 @@ async fn fetch_and_write(
     started: Instant,
     first_byte: Arc<OnceLock<f64>>,
 ) {
+    let budget = Arc::new(tokio::sync::Semaphore::new(budget_units(
+        RESTORE_BYTES_IN_FLIGHT_MAX as u64,
+    ) as usize));
     futures::stream::iter(packs)
         .map(|(pack_id, blobs)| {
             let progress = progress.clone();
             let first_byte = first_byte.clone();
             let writer = writer.clone();
+            let budget = budget.clone();
             async move {
                 let ranges: Vec<(u64, u64)> = blobs
                     .iter()
@@ -1116,6 +1145,19 @@ async fn fetch_and_write(
                         }
                     }
                 };
+                let sealed_bytes: u64 = ranges.iter().map(|r| r.1).sum();
+                // The semaphore is never closed: an error cannot happen,
+                // but would only fail this pack's files.
+                let permit = match budget.acquire_many_owned(budget_units(sealed_bytes)).await {
+                    Ok(permit) => permit,
+                    Err(e) => {
+                        fail_all(&writer, &format!("restore memory budget: {e}"));
+                        return;
+                    }
+                };
+                if writer.is_cancelled() {
+                    return;
+                }
                 let data = match repo
                     .read_ranges(&pack_id, &ranges, &options.exclude_regions)
                     .await
@@ -1148,6 +1190,7 @@ async fn fetch_and_write(
                         &progress,
                         started,
                         &first_byte,
+                        permit,
                     )
                 })
                 .await;
@@ -1162,9 +1205,12 @@ async fn fetch_and_write(
         .await;
 }
 
-/// Decrypts and checks the chunks of one pack, then writes them file by
-/// file, one file open at a time. A chunk that fails its check is not
-/// written; its files fail.
+/// Writes the chunks of one pack file by file, each writer thread holding
+/// one file open and decrypting and checking each chunk just before
+/// writing it. A chunk that fails its check is not written; its files
+/// fail. `budget` (the pack's share of the memory budget) is released once
+/// the sealed chunks are dropped, before the batch is synced.
+#[allow(clippy::too_many_arguments)]
 fn write_chunks(
     key: &crate::seal::MasterKey,
     work: Vec<(BlobId, Destinations, Vec<u8>)>,
@@ -1173,34 +1219,18 @@ fn write_chunks(
     progress: &Progress,
     started: Instant,
     first_byte: &OnceLock<f64>,
+    budget: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let mut plain: Vec<Vec<u8>> = Vec::with_capacity(work.len());
     let mut by_file: BTreeMap<usize, Vec<(u64, usize)>> = BTreeMap::new();
-    for (id, destinations, sealed) in work {
-        match key.decode_blob(&id, &sealed) {
-            Ok(data) => {
-                for &(file, offset) in &destinations {
-                    by_file.entry(file).or_default().push((offset, plain.len()));
-                }
-                plain.push(data);
-            }
-            Err(e) => {
-                tracing::error!(blob = %hex::encode(id), pack_id = %pack_hex, error = %e,
-                    "chunk failed its check; not written");
-                for &(file, _) in &destinations {
-                    writer.fail(file, || {
-                        format!(
-                            "chunk {} of pack {pack_hex} failed its check: {e}",
-                            hex::encode(id)
-                        )
-                    });
-                }
-            }
+    for (chunk, (_, destinations, _)) in work.iter().enumerate() {
+        for &(file, offset) in destinations {
+            by_file.entry(file).or_default().push((offset, chunk));
         }
     }
     // Many small files: a few writers share the pack's files, so their
     // fsyncs overlap (the file system commits them together) instead of
-    // queueing one behind another. Each writer holds one file open.
+    // queueing one behind another, and their chunks are decoded on every
+    // core. Each writer holds one file open.
     let by_file: Vec<(usize, Vec<(u64, usize)>)> = by_file.into_iter().collect();
     let writers = if by_file.len() >= FILES_PER_PARALLEL_WRITER_MIN {
         FILE_WRITERS_PER_PACK_MAX
@@ -1211,12 +1241,19 @@ fn write_chunks(
     // Files this pack writes whole are made durable together after all of
     // them are written; files spanning packs are synced one by one.
     let batch = writer.open_batch(by_file.iter().map(|(file, _)| *file));
+    let chunks = Chunks {
+        key,
+        work: &work,
+        pack_hex,
+    };
     let write_files = |files: &[(usize, Vec<(u64, usize)>)]| {
         for (file, writes) in files {
             if writer.is_cancelled() {
                 return;
             }
-            let handle = write_file(writer, *file, writes, &plain, progress, started, first_byte);
+            let handle = write_file(
+                writer, *file, writes, &chunks, progress, started, first_byte,
+            );
             if let Some(handle) = handle {
                 writer.written(*file, handle, writes.len(), batch.as_ref());
             }
@@ -1231,18 +1268,46 @@ fn write_chunks(
             }
         });
     }
+    // Everything of this pack is on its way to disk: its memory goes back
+    // to the budget before the (slow) sync.
+    drop(work);
+    drop(budget);
     if let Some(batch) = batch {
         writer.commit_batch(batch);
     }
 }
 
-/// Writes one file's chunks of a pack into its temporary file and returns
-/// it for [`Writer::written`] (`None`: nothing to do, or the file failed).
+/// The sealed chunks of one pack, opened one at a time on demand.
+struct Chunks<'a> {
+    key: &'a crate::seal::MasterKey,
+    work: &'a [(BlobId, Destinations, Vec<u8>)],
+    pack_hex: &'a str,
+}
+
+impl Chunks<'_> {
+    /// Chunk `index` decrypted and checked against its id, or why not.
+    fn open(&self, index: usize) -> std::result::Result<Vec<u8>, String> {
+        let (id, _, sealed) = &self.work[index];
+        self.key.decode_blob(id, sealed).map_err(|e| {
+            tracing::error!(blob = %hex::encode(id), pack_id = %self.pack_hex, error = %e,
+                "chunk failed its check; not written");
+            format!(
+                "chunk {} of pack {} failed its check: {e}",
+                hex::encode(id),
+                self.pack_hex
+            )
+        })
+    }
+}
+
+/// Writes one file's chunks of a pack into its temporary file, each
+/// decrypted and checked just before, and returns it for
+/// [`Writer::written`] (`None`: nothing to do, or the file failed).
 fn write_file(
     writer: &Writer,
     file: usize,
     writes: &[(u64, usize)],
-    plain: &[Vec<u8>],
+    chunks: &Chunks<'_>,
     progress: &Progress,
     started: Instant,
     first_byte: &OnceLock<f64>,
@@ -1256,12 +1321,19 @@ fn write_file(
         }
     };
     for &(offset, chunk) in writes {
-        let data = &plain[chunk];
+        let data = match chunks.open(chunk) {
+            Ok(data) => data,
+            Err(e) => {
+                drop(handle);
+                writer.fail(file, || e);
+                return None;
+            }
+        };
         // The temporary file is pre-sized: zeros can stay a hole.
         if data.iter().all(|&b| b == 0) {
             continue;
         }
-        if let Err(e) = handle.write_all_at(data, offset) {
+        if let Err(e) = handle.write_all_at(&data, offset) {
             drop(handle);
             writer.fail(file, || format!("writing: {e}"));
             return None;
