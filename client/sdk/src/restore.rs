@@ -1174,7 +1174,7 @@ async fn fetch_and_write(
                     }
                 };
                 let key = repo.key().clone();
-                let work: Vec<(BlobId, Destinations, Vec<u8>)> = blobs
+                let work: Vec<(BlobId, Destinations, prost::bytes::Bytes)> = blobs
                     .iter()
                     .zip(data)
                     .map(|((id, _, d), sealed)| (*id, d.clone(), sealed))
@@ -1213,7 +1213,7 @@ async fn fetch_and_write(
 #[allow(clippy::too_many_arguments)]
 fn write_chunks(
     key: &crate::seal::MasterKey,
-    work: Vec<(BlobId, Destinations, Vec<u8>)>,
+    work: Vec<(BlobId, Destinations, prost::bytes::Bytes)>,
     writer: &Writer,
     pack_hex: &str,
     progress: &Progress,
@@ -1280,7 +1280,7 @@ fn write_chunks(
 /// The sealed chunks of one pack, opened one at a time on demand.
 struct Chunks<'a> {
     key: &'a crate::seal::MasterKey,
-    work: &'a [(BlobId, Destinations, Vec<u8>)],
+    work: &'a [(BlobId, Destinations, prost::bytes::Bytes)],
     pack_hex: &'a str,
 }
 
@@ -1401,18 +1401,28 @@ mod tests {
     use super::*;
 
     fn writer_for(dir: &Path, names: &[&str], sync_fs: fn(&File) -> std::io::Result<()>) -> Writer {
-        let files = names
+        let files: Vec<(&str, u64, usize)> = names.iter().map(|name| (*name, 5, 1)).collect();
+        writer_with(dir, &files, sync_fs)
+    }
+
+    /// A writer for files (name, size, chunk writes).
+    fn writer_with(
+        dir: &Path,
+        files: &[(&str, u64, usize)],
+        sync_fs: fn(&File) -> std::io::Result<()>,
+    ) -> Writer {
+        let files = files
             .iter()
-            .map(|name| FileSlot {
+            .map(|&(name, size, writes)| FileSlot {
                 final_path: dir.join(name),
                 dir: dir.to_path_buf(),
                 display: name.to_string(),
-                size: 5,
+                size,
                 mode: 0o644,
                 mtime_ns: 0,
-                writes_total: 1,
+                writes_total: writes,
                 state: Mutex::new(SlotState {
-                    remaining: 1,
+                    remaining: writes,
                     ..SlotState::default()
                 }),
             })
@@ -1489,5 +1499,78 @@ mod tests {
             b"old"
         );
         assert_eq!(names_in(dir.path()), ["a"]);
+    }
+
+    #[test]
+    fn budget_units_round_up_and_never_exceed_the_budget() {
+        let total = (RESTORE_BYTES_IN_FLIGHT_MAX as u64 / BUDGET_UNIT) as u32;
+        assert_eq!(budget_units(0), 1);
+        assert_eq!(budget_units(1), 1);
+        assert_eq!(budget_units(BUDGET_UNIT), 1);
+        assert_eq!(budget_units(BUDGET_UNIT + 1), 2);
+        assert_eq!(budget_units(RESTORE_BYTES_IN_FLIGHT_MAX as u64), total);
+        // A read larger than the whole budget still gets to run, alone.
+        assert_eq!(budget_units(u64::MAX), total);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_chunk_failing_its_check_fails_only_its_files_and_the_budget_comes_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("b"), b"old").expect("old content");
+        // a = hello; b = world + (a chunk that fails its check); c = world.
+        let writer = writer_with(
+            dir.path(),
+            &[("a", 5, 1), ("b", 10, 2), ("c", 5, 1)],
+            sync_file_system,
+        );
+        let key = crate::seal::MasterKey::generate();
+        let sealed = |plain: &[u8]| {
+            let id = key.blob_id(plain);
+            (id, key.encode_blob(&id, plain).expect("encodes"))
+        };
+        let (hello, hello_sealed) = sealed(b"hello");
+        let (world, world_sealed) = sealed(b"world");
+        let (bad, mut bad_sealed) = sealed(b"again");
+        let last = bad_sealed.len() - 1;
+        bad_sealed[last] ^= 1;
+        let work = vec![
+            (hello, vec![(0, 0)], prost::bytes::Bytes::from(hello_sealed)),
+            (
+                world,
+                vec![(1, 0), (2, 0)],
+                prost::bytes::Bytes::from(world_sealed),
+            ),
+            (bad, vec![(1, 5)], prost::bytes::Bytes::from(bad_sealed)),
+        ];
+        let budget = Arc::new(tokio::sync::Semaphore::new(4));
+        let permit = budget
+            .clone()
+            .try_acquire_many_owned(4)
+            .expect("free budget");
+        let progress = Progress::default();
+        write_chunks(
+            &key,
+            work,
+            &writer,
+            "pack",
+            &progress,
+            Instant::now(),
+            &OnceLock::new(),
+            permit,
+        );
+        assert_eq!(
+            budget.available_permits(),
+            4,
+            "the pack's budget is released"
+        );
+        assert_eq!(std::fs::read(dir.path().join("a")).expect("a"), b"hello");
+        assert_eq!(std::fs::read(dir.path().join("c")).expect("c"), b"world");
+        // b keeps its old content and says which chunk of which pack failed.
+        assert_eq!(std::fs::read(dir.path().join("b")).expect("b"), b"old");
+        let reason = writer.slot(1).failed.clone().expect("b failed");
+        assert!(reason.contains(&hex::encode(bad)), "{reason}");
+        assert!(reason.contains("of pack pack failed its check"), "{reason}");
+        assert_eq!(names_in(dir.path()), ["a", "b", "c"]);
     }
 }
