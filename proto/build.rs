@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Packs are cloned on every retry: share the buffer instead of copying 16 MiB.
         .bytes(".cairn.v1.PutPackRequest.data")
+        // Read ranges stay slices of the received message instead of copies.
+        .bytes(".cairn.v1.ReadPackReply.ranges")
         // Undecodable messages are the caller's error (InvalidArgument), not INTERNAL.
         .codec_path("crate::codec::CairnCodec")
         .build_server(true)

@@ -159,7 +159,7 @@ async fn read_blob(c: &mut CairnClient<Channel>, id: [u8; 32]) -> (Vec<u8>, Vec<
         .into_inner()
         .ranges
         .remove(0);
-    (location.pack_id, bytes)
+    (location.pack_id, bytes.to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

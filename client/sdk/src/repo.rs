@@ -864,12 +864,13 @@ impl Repository {
     }
 
     /// Reads byte ranges of one pack (split into requests of bounded size).
+    /// Each range is a slice of the received reply, not a copy.
     pub(crate) async fn read_ranges(
         &self,
         pack_id: &[u8; 32],
         ranges: &[(u64, u64)],
         exclude_regions: &[String],
-    ) -> Result<Vec<Vec<u8>>> {
+    ) -> Result<Vec<prost::bytes::Bytes>> {
         let mut out = Vec::with_capacity(ranges.len());
         let mut start = 0;
         while start < ranges.len() {

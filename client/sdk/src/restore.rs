@@ -34,9 +34,11 @@
 //! directory is refused with everything below it.
 //!
 //! Resources are bounded independently of the snapshot's size: at most
-//! [`PACKS_IN_FLIGHT_MAX`] packs are written at once, each by at most
-//! [`FILE_WRITERS_PER_PACK_MAX`] threads holding one file open each. Memory
-//! per file is a few words.
+//! [`RESTORE_BYTES_IN_FLIGHT_MAX`] sealed bytes are fetched and not yet
+//! written, chunks are decrypted one at a time just before their write (no
+//! pack's plaintext is held whole), at most [`PACKS_IN_FLIGHT_MAX`] packs
+//! are in progress, each written by at most [`FILE_WRITERS_PER_PACK_MAX`]
+//! threads holding one file open each. Memory per file is a few words.
 //!
 //! Paths come from the snapshot, which may be hostile: every name is
 //! checked, no write follows a symlink, and symlinks are created only after
@@ -64,8 +66,13 @@ use crate::repo::{Located, Repository, Snapshot};
 use crate::seal::BlobId;
 use crate::tree::{EntryKind, TreeEntry};
 
-/// Packs fetched at once during a restore; also the most files open at once.
-pub const PACKS_IN_FLIGHT_MAX: usize = 6;
+/// Packs being fetched, written or synced at once during a restore (each
+/// also bounded by [`RESTORE_BYTES_IN_FLIGHT_MAX`]).
+pub const PACKS_IN_FLIGHT_MAX: usize = 12;
+/// Sealed bytes fetched and not yet written, at most, during a restore:
+/// what bounds the restore's memory, whatever the snapshot's size. (The
+/// transport may hold a reply twice while decoding it.)
+pub const RESTORE_BYTES_IN_FLIGHT_MAX: usize = 64 * 1024 * 1024;
 /// Threads writing the files of one pack at once (when it holds many files).
 pub const FILE_WRITERS_PER_PACK_MAX: usize = 8;
 /// Files in a pack from which it is written by several threads.
@@ -1088,8 +1095,26 @@ fn plan_packs(
     packs
 }
 
+/// Units of [`RESTORE_BYTES_IN_FLIGHT_MAX`] the byte budget counts in.
+const BUDGET_UNIT: u64 = 64 * 1024;
+
+/// Budget units a pack read of `bytes` takes: never more than the whole
+/// budget, so that one read larger than the budget still runs (alone).
+fn budget_units(bytes: u64) -> u32 {
+    let total = (RESTORE_BYTES_IN_FLIGHT_MAX as u64 / BUDGET_UNIT).max(1);
+    bytes.div_ceil(BUDGET_UNIT).clamp(1, total) as u32
+}
+
 /// Reads every pack once and writes its checked chunks; files that cannot
 /// be completed are marked failed in `writer`.
+///
+/// Memory is bounded by bytes, not packs: a pack's sealed bytes take their
+/// share of [`RESTORE_BYTES_IN_FLIGHT_MAX`] before they are asked for and
+/// give it back as soon as the pack's chunks are written, before the
+/// batch's sync. Chunks are decrypted, checked and written one at a time
+/// by the threads writing the pack's files, so no pack's plaintext is ever
+/// held whole. Fetches of further packs overlap the writing and syncing of
+/// earlier ones.
 async fn fetch_and_write(
     repo: &Repository,
     packs: PackPlan,
@@ -1099,11 +1124,15 @@ async fn fetch_and_write(
     started: Instant,
     first_byte: Arc<OnceLock<f64>>,
 ) {
+    let budget = Arc::new(tokio::sync::Semaphore::new(budget_units(
+        RESTORE_BYTES_IN_FLIGHT_MAX as u64,
+    ) as usize));
     futures::stream::iter(packs)
         .map(|(pack_id, blobs)| {
             let progress = progress.clone();
             let first_byte = first_byte.clone();
             let writer = writer.clone();
+            let budget = budget.clone();
             async move {
                 let ranges: Vec<(u64, u64)> = blobs
                     .iter()
@@ -1116,6 +1145,19 @@ async fn fetch_and_write(
                         }
                     }
                 };
+                let sealed_bytes: u64 = ranges.iter().map(|r| r.1).sum();
+                // The semaphore is never closed: an error cannot happen,
+                // but would only fail this pack's files.
+                let permit = match budget.acquire_many_owned(budget_units(sealed_bytes)).await {
+                    Ok(permit) => permit,
+                    Err(e) => {
+                        fail_all(&writer, &format!("restore memory budget: {e}"));
+                        return;
+                    }
+                };
+                if writer.is_cancelled() {
+                    return;
+                }
                 let data = match repo
                     .read_ranges(&pack_id, &ranges, &options.exclude_regions)
                     .await
@@ -1132,7 +1174,7 @@ async fn fetch_and_write(
                     }
                 };
                 let key = repo.key().clone();
-                let work: Vec<(BlobId, Destinations, Vec<u8>)> = blobs
+                let work: Vec<(BlobId, Destinations, prost::bytes::Bytes)> = blobs
                     .iter()
                     .zip(data)
                     .map(|((id, _, d), sealed)| (*id, d.clone(), sealed))
@@ -1148,6 +1190,7 @@ async fn fetch_and_write(
                         &progress,
                         started,
                         &first_byte,
+                        permit,
                     )
                 })
                 .await;
@@ -1162,45 +1205,32 @@ async fn fetch_and_write(
         .await;
 }
 
-/// Decrypts and checks the chunks of one pack, then writes them file by
-/// file, one file open at a time. A chunk that fails its check is not
-/// written; its files fail.
+/// Writes the chunks of one pack file by file, each writer thread holding
+/// one file open and decrypting and checking each chunk just before
+/// writing it. A chunk that fails its check is not written; its files
+/// fail. `budget` (the pack's share of the memory budget) is released once
+/// the sealed chunks are dropped, before the batch is synced.
+#[allow(clippy::too_many_arguments)]
 fn write_chunks(
     key: &crate::seal::MasterKey,
-    work: Vec<(BlobId, Destinations, Vec<u8>)>,
+    work: Vec<(BlobId, Destinations, prost::bytes::Bytes)>,
     writer: &Writer,
     pack_hex: &str,
     progress: &Progress,
     started: Instant,
     first_byte: &OnceLock<f64>,
+    budget: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let mut plain: Vec<Vec<u8>> = Vec::with_capacity(work.len());
     let mut by_file: BTreeMap<usize, Vec<(u64, usize)>> = BTreeMap::new();
-    for (id, destinations, sealed) in work {
-        match key.decode_blob(&id, &sealed) {
-            Ok(data) => {
-                for &(file, offset) in &destinations {
-                    by_file.entry(file).or_default().push((offset, plain.len()));
-                }
-                plain.push(data);
-            }
-            Err(e) => {
-                tracing::error!(blob = %hex::encode(id), pack_id = %pack_hex, error = %e,
-                    "chunk failed its check; not written");
-                for &(file, _) in &destinations {
-                    writer.fail(file, || {
-                        format!(
-                            "chunk {} of pack {pack_hex} failed its check: {e}",
-                            hex::encode(id)
-                        )
-                    });
-                }
-            }
+    for (chunk, (_, destinations, _)) in work.iter().enumerate() {
+        for &(file, offset) in destinations {
+            by_file.entry(file).or_default().push((offset, chunk));
         }
     }
     // Many small files: a few writers share the pack's files, so their
     // fsyncs overlap (the file system commits them together) instead of
-    // queueing one behind another. Each writer holds one file open.
+    // queueing one behind another, and their chunks are decoded on every
+    // core. Each writer holds one file open.
     let by_file: Vec<(usize, Vec<(u64, usize)>)> = by_file.into_iter().collect();
     let writers = if by_file.len() >= FILES_PER_PARALLEL_WRITER_MIN {
         FILE_WRITERS_PER_PACK_MAX
@@ -1211,12 +1241,19 @@ fn write_chunks(
     // Files this pack writes whole are made durable together after all of
     // them are written; files spanning packs are synced one by one.
     let batch = writer.open_batch(by_file.iter().map(|(file, _)| *file));
+    let chunks = Chunks {
+        key,
+        work: &work,
+        pack_hex,
+    };
     let write_files = |files: &[(usize, Vec<(u64, usize)>)]| {
         for (file, writes) in files {
             if writer.is_cancelled() {
                 return;
             }
-            let handle = write_file(writer, *file, writes, &plain, progress, started, first_byte);
+            let handle = write_file(
+                writer, *file, writes, &chunks, progress, started, first_byte,
+            );
             if let Some(handle) = handle {
                 writer.written(*file, handle, writes.len(), batch.as_ref());
             }
@@ -1231,18 +1268,46 @@ fn write_chunks(
             }
         });
     }
+    // Everything of this pack is on its way to disk: its memory goes back
+    // to the budget before the (slow) sync.
+    drop(work);
+    drop(budget);
     if let Some(batch) = batch {
         writer.commit_batch(batch);
     }
 }
 
-/// Writes one file's chunks of a pack into its temporary file and returns
-/// it for [`Writer::written`] (`None`: nothing to do, or the file failed).
+/// The sealed chunks of one pack, opened one at a time on demand.
+struct Chunks<'a> {
+    key: &'a crate::seal::MasterKey,
+    work: &'a [(BlobId, Destinations, prost::bytes::Bytes)],
+    pack_hex: &'a str,
+}
+
+impl Chunks<'_> {
+    /// Chunk `index` decrypted and checked against its id, or why not.
+    fn open(&self, index: usize) -> std::result::Result<Vec<u8>, String> {
+        let (id, _, sealed) = &self.work[index];
+        self.key.decode_blob(id, sealed).map_err(|e| {
+            tracing::error!(blob = %hex::encode(id), pack_id = %self.pack_hex, error = %e,
+                "chunk failed its check; not written");
+            format!(
+                "chunk {} of pack {} failed its check: {e}",
+                hex::encode(id),
+                self.pack_hex
+            )
+        })
+    }
+}
+
+/// Writes one file's chunks of a pack into its temporary file, each
+/// decrypted and checked just before, and returns it for
+/// [`Writer::written`] (`None`: nothing to do, or the file failed).
 fn write_file(
     writer: &Writer,
     file: usize,
     writes: &[(u64, usize)],
-    plain: &[Vec<u8>],
+    chunks: &Chunks<'_>,
     progress: &Progress,
     started: Instant,
     first_byte: &OnceLock<f64>,
@@ -1256,12 +1321,19 @@ fn write_file(
         }
     };
     for &(offset, chunk) in writes {
-        let data = &plain[chunk];
+        let data = match chunks.open(chunk) {
+            Ok(data) => data,
+            Err(e) => {
+                drop(handle);
+                writer.fail(file, || e);
+                return None;
+            }
+        };
         // The temporary file is pre-sized: zeros can stay a hole.
         if data.iter().all(|&b| b == 0) {
             continue;
         }
-        if let Err(e) = handle.write_all_at(data, offset) {
+        if let Err(e) = handle.write_all_at(&data, offset) {
             drop(handle);
             writer.fail(file, || format!("writing: {e}"));
             return None;
@@ -1329,18 +1401,28 @@ mod tests {
     use super::*;
 
     fn writer_for(dir: &Path, names: &[&str], sync_fs: fn(&File) -> std::io::Result<()>) -> Writer {
-        let files = names
+        let files: Vec<(&str, u64, usize)> = names.iter().map(|name| (*name, 5, 1)).collect();
+        writer_with(dir, &files, sync_fs)
+    }
+
+    /// A writer for files (name, size, chunk writes).
+    fn writer_with(
+        dir: &Path,
+        files: &[(&str, u64, usize)],
+        sync_fs: fn(&File) -> std::io::Result<()>,
+    ) -> Writer {
+        let files = files
             .iter()
-            .map(|name| FileSlot {
+            .map(|&(name, size, writes)| FileSlot {
                 final_path: dir.join(name),
                 dir: dir.to_path_buf(),
                 display: name.to_string(),
-                size: 5,
+                size,
                 mode: 0o644,
                 mtime_ns: 0,
-                writes_total: 1,
+                writes_total: writes,
                 state: Mutex::new(SlotState {
-                    remaining: 1,
+                    remaining: writes,
                     ..SlotState::default()
                 }),
             })
@@ -1417,5 +1499,78 @@ mod tests {
             b"old"
         );
         assert_eq!(names_in(dir.path()), ["a"]);
+    }
+
+    #[test]
+    fn budget_units_round_up_and_never_exceed_the_budget() {
+        let total = (RESTORE_BYTES_IN_FLIGHT_MAX as u64 / BUDGET_UNIT) as u32;
+        assert_eq!(budget_units(0), 1);
+        assert_eq!(budget_units(1), 1);
+        assert_eq!(budget_units(BUDGET_UNIT), 1);
+        assert_eq!(budget_units(BUDGET_UNIT + 1), 2);
+        assert_eq!(budget_units(RESTORE_BYTES_IN_FLIGHT_MAX as u64), total);
+        // A read larger than the whole budget still gets to run, alone.
+        assert_eq!(budget_units(u64::MAX), total);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_chunk_failing_its_check_fails_only_its_files_and_the_budget_comes_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("b"), b"old").expect("old content");
+        // a = hello; b = world + (a chunk that fails its check); c = world.
+        let writer = writer_with(
+            dir.path(),
+            &[("a", 5, 1), ("b", 10, 2), ("c", 5, 1)],
+            sync_file_system,
+        );
+        let key = crate::seal::MasterKey::generate();
+        let sealed = |plain: &[u8]| {
+            let id = key.blob_id(plain);
+            (id, key.encode_blob(&id, plain).expect("encodes"))
+        };
+        let (hello, hello_sealed) = sealed(b"hello");
+        let (world, world_sealed) = sealed(b"world");
+        let (bad, mut bad_sealed) = sealed(b"again");
+        let last = bad_sealed.len() - 1;
+        bad_sealed[last] ^= 1;
+        let work = vec![
+            (hello, vec![(0, 0)], prost::bytes::Bytes::from(hello_sealed)),
+            (
+                world,
+                vec![(1, 0), (2, 0)],
+                prost::bytes::Bytes::from(world_sealed),
+            ),
+            (bad, vec![(1, 5)], prost::bytes::Bytes::from(bad_sealed)),
+        ];
+        let budget = Arc::new(tokio::sync::Semaphore::new(4));
+        let permit = budget
+            .clone()
+            .try_acquire_many_owned(4)
+            .expect("free budget");
+        let progress = Progress::default();
+        write_chunks(
+            &key,
+            work,
+            &writer,
+            "pack",
+            &progress,
+            Instant::now(),
+            &OnceLock::new(),
+            permit,
+        );
+        assert_eq!(
+            budget.available_permits(),
+            4,
+            "the pack's budget is released"
+        );
+        assert_eq!(std::fs::read(dir.path().join("a")).expect("a"), b"hello");
+        assert_eq!(std::fs::read(dir.path().join("c")).expect("c"), b"world");
+        // b keeps its old content and says which chunk of which pack failed.
+        assert_eq!(std::fs::read(dir.path().join("b")).expect("b"), b"old");
+        let reason = writer.slot(1).failed.clone().expect("b failed");
+        assert!(reason.contains(&hex::encode(bad)), "{reason}");
+        assert!(reason.contains("of pack pack failed its check"), "{reason}");
+        assert_eq!(names_in(dir.path()), ["a", "b", "c"]);
     }
 }

@@ -129,7 +129,11 @@ impl Cairn for FakeNode {
         let ranges = request
             .ranges
             .iter()
-            .map(|r| pack[r.offset as usize..(r.offset + r.length) as usize].to_vec())
+            .map(|r| {
+                prost::bytes::Bytes::copy_from_slice(
+                    &pack[r.offset as usize..(r.offset + r.length) as usize],
+                )
+            })
             .collect();
         Ok(Response::new(pb::ReadPackReply {
             ranges,

@@ -250,7 +250,11 @@ impl Gateway {
             let ranges = req
                 .ranges
                 .iter()
-                .map(|r| whole[r.offset as usize..(r.offset + r.length) as usize].to_vec())
+                .map(|r| {
+                    prost::bytes::Bytes::copy_from_slice(
+                        &whole[r.offset as usize..(r.offset + r.length) as usize],
+                    )
+                })
                 .collect();
             return Ok(pb::ReadPackReply {
                 ranges,
@@ -269,7 +273,7 @@ impl Gateway {
                 }
             })?);
         }
-        let ranges = out;
+        let ranges = out.into_iter().map(prost::bytes::Bytes::from).collect();
         Ok(pb::ReadPackReply {
             ranges,
             shards_repaired_around: repaired_around,
@@ -301,7 +305,8 @@ impl Gateway {
                     ranges: std::mem::take(&mut batch),
                     ..Default::default()
                 };
-                out.extend(self.read_pack_inner(req, None).await?.ranges);
+                let reply = self.read_pack_inner(req, None).await?;
+                out.extend(reply.ranges.into_iter().map(Vec::from));
                 bytes = 0;
             }
         }

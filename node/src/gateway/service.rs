@@ -171,7 +171,7 @@ impl Cairn for Gateway {
         let scope = (!tenant.is_empty()).then_some(tenant.as_str());
         let outcome = self.read_pack_inner(request.into_inner(), scope).await;
         if let Ok(reply) = &outcome {
-            let bytes: usize = reply.ranges.iter().map(Vec::len).sum();
+            let bytes: usize = reply.ranges.iter().map(|r| r.len()).sum();
             self.traffic()
                 .read_bytes_total
                 .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
