@@ -326,6 +326,8 @@ struct Session {
     packs: mpsc::Sender<Pack>,
     progress: Arc<Progress>,
     files: AtomicU64,
+    /// The dataset's compression dictionary for data chunks.
+    dictionary: crate::dictionary::DatasetDictionary,
 }
 
 impl Session {
@@ -348,7 +350,13 @@ impl Session {
                     continue;
                 }
                 let (id, data) = &chunks[i];
-                let encoded = self.repo.key().encode_blob(id, data)?;
+                let encoded = match kind {
+                    BlobKind::Data => {
+                        self.dictionary
+                            .encode(&self.repo, &self.runtime, id, data)?
+                    }
+                    _ => self.repo.key().encode_blob(id, data)?,
+                };
                 self.add_to_pack(*id, kind, &encoded)?;
             }
         }
@@ -911,6 +919,7 @@ where
         packs: tx,
         progress: progress.clone(),
         files: AtomicU64::new(0),
+        dictionary: crate::dictionary::DatasetDictionary::new(&repo, &options.dataset),
     });
     let uploader = {
         let repo = repo.clone();
