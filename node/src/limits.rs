@@ -347,6 +347,25 @@ const ROUTES: &[(&str, MethodLimits, PoolKind)] = &[
     ("/cairn.v1.Cairn/Prune", LONG, PoolKind::Control),
     ("/cairn.v1.Cairn/Forget", LONG, PoolKind::Control),
     ("/cairn.v1.Cairn/Stats", LONG, PoolKind::Control),
+    (
+        // One sealed dictionary, a dataset name and an id.
+        "/cairn.v1.Cairn/PutDictionary",
+        MethodLimits {
+            request: cairn_proto::DICTIONARY_SEALED_BYTES_MAX + 16 * KIB,
+            ..CONTROL
+        },
+        PoolKind::Control,
+    ),
+    (
+        // Every dictionary of a tenant, each capped, their number capped.
+        "/cairn.v1.Cairn/ListDictionaries",
+        MethodLimits {
+            reply: cairn_proto::DICTIONARIES_PER_TENANT_MAX
+                * (cairn_proto::DICTIONARY_SEALED_BYTES_MAX + KIB),
+            ..CONTROL
+        },
+        PoolKind::Control,
+    ),
 ];
 
 /// Occurrences of any top-level field a request may carry unless

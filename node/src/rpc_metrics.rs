@@ -64,6 +64,8 @@ pub const METHODS: &[&str] = &[
     "Stats",
     "AppendStream",
     "ListSegments",
+    "PutDictionary",
+    "ListDictionaries",
 ];
 
 /// Histogram buckets (seconds): a millisecond Raft call up to a long repair.

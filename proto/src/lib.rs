@@ -63,6 +63,14 @@ pub const CONTROL_MESSAGE_BYTES: usize = 4 * MIB;
 /// Most faults one `ReportFaults` may carry.
 pub const FAULTS_PER_REPORT_MAX: usize = 10_000;
 
+/// Largest sealed compression dictionary `PutDictionary` accepts.
+pub const DICTIONARY_SEALED_BYTES_MAX: usize = 128 * 1024;
+
+/// Most compression dictionaries a tenant may hold (one per dataset); past
+/// it `PutDictionary` stores nothing and clients compress without one. So a
+/// `ListDictionaries` reply is at most 32 MiB.
+pub const DICTIONARIES_PER_TENANT_MAX: usize = 256;
+
 pub mod audit;
 pub mod codec;
 pub mod refs;

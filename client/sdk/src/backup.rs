@@ -337,6 +337,8 @@ struct Session {
     packs: mpsc::Sender<Pack>,
     progress: Arc<Progress>,
     files: AtomicU64,
+    /// The dataset's compression dictionary for data chunks.
+    dictionary: crate::dictionary::DatasetDictionary,
 }
 
 impl Session {
@@ -374,7 +376,12 @@ impl Session {
         let present = self.runtime.block_on(self.repo.find_blobs(&ids))?;
         for ((id, data, kind), known) in batch.blobs.into_iter().zip(present) {
             if !known {
-                let encoded = self.repo.key().encode_blob(&id, &data)?;
+                let encoded = match kind {
+                    BlobKind::Data => self
+                        .dictionary
+                        .encode(&self.repo, &self.runtime, &id, &data)?,
+                    _ => self.repo.key().encode_blob(&id, &data)?,
+                };
                 self.add_to_pack(id, kind, &encoded)?;
             }
         }
@@ -984,6 +991,7 @@ where
         packs: tx,
         progress: progress.clone(),
         files: AtomicU64::new(0),
+        dictionary: crate::dictionary::DatasetDictionary::new(&repo, &options.dataset),
     });
     let uploader = {
         let repo = repo.clone();

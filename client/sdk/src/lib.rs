@@ -31,6 +31,7 @@ pub mod admin;
 pub mod backup;
 pub mod chunker;
 pub mod connection;
+pub mod dictionary;
 pub mod error;
 pub mod lifecycle;
 pub mod pack;

@@ -16,7 +16,8 @@ use crate::connection::Cluster;
 use crate::error::{ClientError, Result};
 use crate::pack::Pack;
 use crate::seal::{
-    BlobId, KdfParams, MasterKey, SnapshotAuth, SnapshotFields, create_key_slot, open_key_slot,
+    BlobId, Dictionary, KdfParams, MasterKey, SealError, SnapshotAuth, SnapshotFields,
+    create_key_slot, open_key_slot,
 };
 use crate::tree::Tree;
 
@@ -291,6 +292,9 @@ pub struct Repository {
     /// Records already warned about, so a listing repeated by one command
     /// (backup's parent, then restore) warns once.
     warned: Mutex<HashSet<String>>,
+    /// Each dataset's compression dictionary (the dictionaries themselves
+    /// are loaded into the key, for decoding).
+    dataset_dictionaries: Mutex<HashMap<String, Arc<Dictionary>>>,
 }
 
 fn log_warning(warning: &CatalogWarning) {
@@ -471,6 +475,7 @@ impl Repository {
             region: String::new(),
             warn: Arc::new(log_warning),
             warned: Mutex::new(HashSet::new()),
+            dataset_dictionaries: Mutex::new(HashMap::new()),
         }
     }
 
@@ -491,12 +496,124 @@ impl Repository {
                 .await
                 .map_err(|e| ClientError::integrity(format!("key derivation task: {e}")))?;
             match opened {
-                Ok(key) => return Ok(Self::unlocked(cluster, tenant, key, Some(info.id))),
+                Ok(key) => {
+                    let repo = Self::unlocked(cluster, tenant, key, Some(info.id));
+                    repo.refresh_dictionaries().await?;
+                    return Ok(repo);
+                }
                 Err(crate::seal::SealError::WrongPassword) => {}
                 Err(e) => last_error = e.into(),
             }
         }
         Err(last_error)
+    }
+
+    /// Loads the tenant's compression dictionaries (again): each is opened
+    /// with the key and checked against its id, then serves every decode.
+    /// Called on open; call it again when a blob names a dictionary stored
+    /// since ([`SealError::UnknownDictionary`]). A node without dictionaries
+    /// (an older version) lists none.
+    pub async fn refresh_dictionaries(&self) -> Result<()> {
+        let tenant = self.tenant.clone();
+        let reply = self
+            .cluster
+            .call("list dictionaries", |mut c| {
+                let request = pb::ListDictionariesRequest {
+                    tenant: tenant.clone(),
+                };
+                async move { c.list_dictionaries(request).await }
+            })
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(ClientError::Server {
+                code: tonic::Code::Unimplemented,
+                ..
+            }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut by_dataset = HashMap::new();
+        for info in reply.dictionaries {
+            let opened = id32(&info.id, "dictionary id")
+                .and_then(|id| Ok(self.key.open_dictionary(&id, &info.sealed)?));
+            match opened {
+                Ok(dictionary) => {
+                    self.key.add_dictionary(dictionary.clone());
+                    by_dataset.insert(info.dataset, dictionary);
+                }
+                // Blobs naming it fail with an error that names it; the
+                // rest of the tenant stays readable.
+                Err(e) => tracing::warn!(
+                    dataset = %info.dataset,
+                    dictionary = %hex::encode(&info.id),
+                    error = %e,
+                    "compression dictionary skipped"
+                ),
+            }
+        }
+        *self
+            .dataset_dictionaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = by_dataset;
+        Ok(())
+    }
+
+    /// The dataset's compression dictionary, as last loaded.
+    pub(crate) fn dataset_dictionary(&self, dataset: &str) -> Option<Arc<Dictionary>> {
+        self.dataset_dictionaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(dataset)
+            .cloned()
+    }
+
+    /// Stores `dictionary` as the dataset's unless it has one already, and
+    /// returns the dataset's dictionary to compress with: this one, the one
+    /// another client stored first, or `None` (the tenant holds the most
+    /// dictionaries allowed, or the cluster predates dictionaries).
+    pub(crate) async fn put_dictionary(
+        &self,
+        dataset: &str,
+        dictionary: Arc<Dictionary>,
+    ) -> Result<Option<Arc<Dictionary>>> {
+        let sealed = self.key.seal_dictionary(&dictionary);
+        let request = pb::PutDictionaryRequest {
+            tenant: self.tenant.clone(),
+            dataset: dataset.to_string(),
+            id: dictionary.id().to_vec(),
+            sealed,
+        };
+        let reply = self
+            .cluster
+            .call("put dictionary", |mut c| {
+                let request = request.clone();
+                async move { c.put_dictionary(request).await }
+            })
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(ClientError::Server {
+                code: tonic::Code::Unimplemented,
+                ..
+            }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if reply.id.is_empty() {
+            return Ok(None);
+        }
+        if reply.id == dictionary.id() {
+            self.key.add_dictionary(dictionary.clone());
+            self.dataset_dictionaries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(dataset.to_string(), dictionary.clone());
+            return Ok(Some(dictionary));
+        }
+        // Another backup of the dataset stored one first: use that one.
+        self.refresh_dictionaries().await?;
+        Ok(self
+            .dataset_dictionary(dataset)
+            .filter(|d| d.id()[..] == reply.id[..]))
     }
 
     /// Prefer reading shards from this region (the client's own).
@@ -974,7 +1091,14 @@ impl Repository {
                 .collect();
             let data = self.read_ranges(&pack_id, &ranges, exclude_regions).await?;
             for ((id, _), sealed) in blobs.into_iter().zip(data) {
-                let plain = self.key.decode_blob(&id, &sealed)?;
+                let plain = match self.key.decode_blob(&id, &sealed) {
+                    // Stored by another client since this one listed them.
+                    Err(SealError::UnknownDictionary { .. }) => {
+                        self.refresh_dictionaries().await?;
+                        self.key.decode_blob(&id, &sealed)?
+                    }
+                    other => other?,
+                };
                 out.insert(id, plain);
             }
         }

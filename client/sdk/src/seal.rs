@@ -46,7 +46,9 @@
 //! outside our reach.) The `Debug` impl never prints a key.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, RwLock};
 
 use rand::RngCore;
 use rand::rngs::OsRng;
@@ -90,7 +92,14 @@ const SNAPSHOT_AAD_CONTEXT: &[u8] = b"cairn 2026 snapshot record v2\0";
 /// Codec byte at the start of a blob's inner frame.
 const CODEC_STORED: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
+/// zstd with a compression dictionary: the dictionary's id (32 bytes)
+/// follows the length, then the zstd frame.
+const CODEC_ZSTD_DICT: u8 = 2;
 const BLOB_FRAME_LEN: usize = 1 + 4;
+/// Associated data of a sealed dictionary: this context, then its id.
+const DICTIONARY_AAD_CONTEXT: &[u8] = b"cairn 2026 compression dictionary v1\0";
+/// Dictionaries' prepared decompression contexts kept per thread.
+const DICT_DECOMPRESSORS_PER_THREAD: usize = 8;
 /// zstd level: level 1 is the fast end; backups are CPU-bound on 2 cores.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -192,6 +201,22 @@ pub enum SealError {
         expected: String,
         /// Hex of the id of the content.
         actual: String,
+    },
+    /// A blob was compressed with a dictionary this client has not loaded.
+    #[error(
+        "blob needs compression dictionary {id}, which is not loaded: the tenant's dictionaries do not include it (stored by another client after this one listed them, or lost from the metadata group)"
+    )]
+    UnknownDictionary {
+        /// Hex of the dictionary id the blob names.
+        id: String,
+    },
+    /// A sealed dictionary whose bytes do not hash to its id.
+    #[error(
+        "compression dictionary {id} does not match its id; the metadata group served a wrong or damaged record"
+    )]
+    DictionaryMismatch {
+        /// Hex of the id it was stored under.
+        id: String,
     },
     /// The passphrase did not open the key slot (or the slot is damaged).
     #[error("wrong password")]
@@ -308,6 +333,44 @@ pub enum SnapshotAuth {
 pub struct MasterKey {
     id_key: [u8; 32],
     enc_key: [u8; 32],
+    /// Compression dictionaries loaded for this tenant, by id; shared by
+    /// the clones of the key (a repository's workers), so one loaded or
+    /// trained by any of them serves every decode.
+    dictionaries: Arc<RwLock<HashMap<DictionaryId, Arc<Dictionary>>>>,
+}
+
+/// A compression dictionary's id: blake3 keyed with the tenant's id key
+/// over the dictionary bytes ([`MasterKey::blob_id`]).
+pub type DictionaryId = [u8; 32];
+
+/// A zstd compression dictionary of a tenant (plaintext: trained on its
+/// data; stored only sealed, see [`MasterKey::seal_dictionary`]).
+pub struct Dictionary {
+    id: DictionaryId,
+    bytes: Vec<u8>,
+}
+
+impl Dictionary {
+    /// The dictionary's id.
+    pub fn id(&self) -> &DictionaryId {
+        &self.id
+    }
+
+    /// The raw dictionary.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl fmt::Debug for Dictionary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Dictionary({}, {} bytes)",
+            hex::encode(&self.id[..8]),
+            self.bytes.len()
+        )
+    }
 }
 
 impl Zeroize for MasterKey {
@@ -344,6 +407,7 @@ impl MasterKey {
         let mut key = Self {
             id_key: [0; 32],
             enc_key: [0; 32],
+            dictionaries: Arc::default(),
         };
         key.id_key.copy_from_slice(id);
         key.enc_key.copy_from_slice(enc);
@@ -513,6 +577,20 @@ impl MasterKey {
     /// a chunk or tree under its id. `id` must be `self.blob_id(plaintext)`;
     /// this is checked, so a wrong id fails here rather than at restore.
     pub fn encode_blob(&self, id: &BlobId, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+        self.encode_blob_with(id, plaintext, None)
+            .map(|(blob, _)| blob)
+    }
+
+    /// [`MasterKey::encode_blob`], compressing with `dictionary` if given
+    /// (which must be stored for the tenant before the blob is: a reader
+    /// needs it). Also says whether the blob was compressed (false: stored
+    /// raw, as incompressible).
+    pub fn encode_blob_with(
+        &self,
+        id: &BlobId,
+        plaintext: &[u8],
+        dictionary: Option<&Arc<Dictionary>>,
+    ) -> Result<(Vec<u8>, bool), SealError> {
         if plaintext.len() > MAX_BLOB_BYTES {
             return Err(SealError::BlobTooLarge {
                 size: plaintext.len(),
@@ -520,27 +598,40 @@ impl MasterKey {
             });
         }
         self.check_id(id, plaintext)?;
-        let compressed = zstd_compress(plaintext).map_err(|error| SealError::Compress { error })?;
-        // Keep zstd only when it saves at least 1/64: decompression is not
-        // free, and already-compressed media would gain nothing.
-        let worth_it = compressed.len() < plaintext.len() - plaintext.len() / 64;
-        let (codec, payload) = if worth_it {
-            (CODEC_ZSTD, &compressed[..])
+        let (codec, compressed) = match dictionary {
+            Some(dictionary) => (CODEC_ZSTD_DICT, zstd_compress_with(plaintext, dictionary)),
+            None => (CODEC_ZSTD, zstd_compress(plaintext)),
+        };
+        let compressed = compressed.map_err(|error| SealError::Compress { error })?;
+        let dictionary_id = match dictionary {
+            Some(dictionary) => &dictionary.id[..],
+            None => &[][..],
+        };
+        // Keep zstd only when it saves at least 1/64 (counting the
+        // dictionary id): decompression is not free, and already-compressed
+        // media would gain nothing.
+        let worth_it =
+            compressed.len() + dictionary_id.len() < plaintext.len() - plaintext.len() / 64;
+        let (codec, prefix, payload) = if worth_it {
+            (codec, dictionary_id, &compressed[..])
         } else {
-            (CODEC_STORED, plaintext)
+            (CODEC_STORED, &[][..], plaintext)
         };
         let stated = u32::try_from(plaintext.len())
             .expect("MAX_BLOB_BYTES fits in u32 and was checked above");
-        let mut frame = Vec::with_capacity(BLOB_FRAME_LEN + payload.len());
+        let mut frame = Vec::with_capacity(BLOB_FRAME_LEN + prefix.len() + payload.len());
         frame.push(codec);
         frame.extend_from_slice(&stated.to_le_bytes());
+        frame.extend_from_slice(prefix);
         frame.extend_from_slice(payload);
-        Ok(self.seal(&frame, id))
+        Ok((self.seal(&frame, id), worth_it))
     }
 
     /// Open, decompress (bounded by [`MAX_BLOB_BYTES`]) and verify a blob
     /// made by [`MasterKey::encode_blob`]. Fails with
-    /// [`SealError::IdMismatch`] if the content does not hash to `id`.
+    /// [`SealError::IdMismatch`] if the content does not hash to `id`, and
+    /// with [`SealError::UnknownDictionary`] if it was compressed with a
+    /// dictionary this key has not loaded ([`MasterKey::add_dictionary`]).
     pub fn decode_blob(&self, id: &BlobId, blob: &[u8]) -> Result<Vec<u8>, SealError> {
         let frame = self.open(blob, id)?;
         if frame.len() < BLOB_FRAME_LEN {
@@ -571,6 +662,21 @@ impl MasterKey {
             CODEC_ZSTD => {
                 zstd_decompress(payload, stated).map_err(|error| SealError::Decompress { error })?
             }
+            CODEC_ZSTD_DICT => {
+                let Some((dictionary_id, payload)) = payload.split_first_chunk::<32>() else {
+                    return Err(SealError::Truncated {
+                        len: frame.len(),
+                        min: BLOB_FRAME_LEN + 32,
+                    });
+                };
+                let dictionary =
+                    self.dictionary(dictionary_id)
+                        .ok_or_else(|| SealError::UnknownDictionary {
+                            id: hex::encode(dictionary_id),
+                        })?;
+                zstd_decompress_with(payload, stated, &dictionary)
+                    .map_err(|error| SealError::Decompress { error })?
+            }
             codec => return Err(SealError::UnknownCodec { codec }),
         };
         if plaintext.len() != stated {
@@ -581,6 +687,54 @@ impl MasterKey {
         }
         self.check_id(id, &plaintext)?;
         Ok(plaintext)
+    }
+
+    /// A dictionary of raw zstd dictionary bytes, named by this key.
+    pub fn make_dictionary(&self, bytes: Vec<u8>) -> Arc<Dictionary> {
+        Arc::new(Dictionary {
+            id: self.blob_id(&bytes),
+            bytes,
+        })
+    }
+
+    /// The dictionary sealed for the metadata group, bound to its id.
+    pub fn seal_dictionary(&self, dictionary: &Dictionary) -> Vec<u8> {
+        self.seal(&dictionary.bytes, &dictionary_aad(&dictionary.id))
+    }
+
+    /// Opens a dictionary sealed by [`MasterKey::seal_dictionary`] under
+    /// `id`, checking its bytes against the id.
+    pub fn open_dictionary(
+        &self,
+        id: &DictionaryId,
+        sealed: &[u8],
+    ) -> Result<Arc<Dictionary>, SealError> {
+        let bytes = self.open(sealed, &dictionary_aad(id))?;
+        let dictionary = self.make_dictionary(bytes);
+        if &dictionary.id != id {
+            return Err(SealError::DictionaryMismatch {
+                id: hex::encode(id),
+            });
+        }
+        Ok(dictionary)
+    }
+
+    /// Makes `dictionary` available to [`MasterKey::decode_blob`] of this
+    /// key and its clones.
+    pub fn add_dictionary(&self, dictionary: Arc<Dictionary>) {
+        self.dictionaries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dictionary.id, dictionary);
+    }
+
+    /// The loaded dictionary with this id.
+    pub fn dictionary(&self, id: &DictionaryId) -> Option<Arc<Dictionary>> {
+        self.dictionaries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     fn check_id(&self, id: &BlobId, plaintext: &[u8]) -> Result<(), SealError> {
@@ -602,6 +756,61 @@ thread_local! {
         const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { RefCell::new(None) };
+    // With a dictionary: the context keeps the dictionary loaded (zstd
+    // prepares it once, on first use), so each chunk pays only its own
+    // compression. Keyed by the dictionary itself (pointer), not its id.
+    static DICT_COMPRESSOR: RefCell<Option<(Arc<Dictionary>, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    static DICT_DECOMPRESSORS: RefCell<Vec<(Arc<Dictionary>, zstd::bulk::Decompressor<'static>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+fn dictionary_aad(id: &DictionaryId) -> Vec<u8> {
+    [DICTIONARY_AAD_CONTEXT, &id[..]].concat()
+}
+
+/// [`zstd_compress`] with `dictionary`, on this thread's context for it.
+fn zstd_compress_with(data: &[u8], dictionary: &Arc<Dictionary>) -> std::io::Result<Vec<u8>> {
+    DICT_COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if !matches!(&*slot, Some((d, _)) if Arc::ptr_eq(d, dictionary)) {
+            *slot = None;
+            let compressor =
+                zstd::bulk::Compressor::with_dictionary(ZSTD_LEVEL, &dictionary.bytes)?;
+            *slot = Some((dictionary.clone(), compressor));
+        }
+        match &mut *slot {
+            Some((_, compressor)) => compressor.compress(data),
+            None => Err(std::io::Error::other("no compression context")),
+        }
+    })
+}
+
+/// [`zstd_decompress`] with `dictionary`, on this thread's context for it
+/// (a few kept per thread, the oldest dropped first).
+fn zstd_decompress_with(
+    data: &[u8],
+    capacity: usize,
+    dictionary: &Arc<Dictionary>,
+) -> std::io::Result<Vec<u8>> {
+    DICT_DECOMPRESSORS.with(|cell| {
+        let mut contexts = cell.borrow_mut();
+        let index = match contexts
+            .iter()
+            .position(|(d, _)| Arc::ptr_eq(d, dictionary))
+        {
+            Some(index) => index,
+            None => {
+                if contexts.len() >= DICT_DECOMPRESSORS_PER_THREAD {
+                    contexts.remove(0);
+                }
+                let decompressor = zstd::bulk::Decompressor::with_dictionary(&dictionary.bytes)?;
+                contexts.push((dictionary.clone(), decompressor));
+                contexts.len() - 1
+            }
+        };
+        contexts[index].1.decompress(data, capacity)
+    })
 }
 
 /// `zstd::bulk::compress(data, ZSTD_LEVEL)` on this thread's reused context.
@@ -1282,6 +1491,120 @@ pub(crate) mod tests {
             key.decode_blob(&id, &blob),
             Err(SealError::IdMismatch { .. })
         ));
+    }
+
+    fn chat_lines(n: usize, seed: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..n as u64 {
+            let x = i.wrapping_mul(2654435761).wrapping_add(seed);
+            out.extend_from_slice(
+                format!(
+                    "{{\"ts\":{},\"room\":\"room-{}\",\"user\":\"u{}\",\"type\":\"message\",\"text\":\"hello {} there\"}}\n",
+                    1_700_000_000 + x % 100_000,
+                    x % 17,
+                    x % 1000,
+                    x % 7919
+                )
+                .as_bytes(),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn dictionary_blobs_round_trip_and_name_their_dictionary() {
+        let key = MasterKey::generate();
+        // Raw-content dictionary: zstd takes any bytes as one.
+        let dictionary = key.make_dictionary(chat_lines(600, 99));
+        assert_eq!(dictionary.id(), &key.blob_id(dictionary.bytes()));
+        let plain = chat_lines(300, 1);
+        let id = key.blob_id(&plain);
+        let (with, compressed) = key
+            .encode_blob_with(&id, &plain, Some(&dictionary))
+            .expect("encodes");
+        assert!(compressed);
+        let without = key.encode_blob(&id, &plain).expect("encodes");
+        let frame = key.open(&with, &id).expect("opens");
+        assert_eq!(frame[0], CODEC_ZSTD_DICT);
+        assert_eq!(&frame[BLOB_FRAME_LEN..BLOB_FRAME_LEN + 32], dictionary.id());
+
+        // Not loaded: a clear error naming the dictionary.
+        match key.decode_blob(&id, &with) {
+            Err(SealError::UnknownDictionary { id: named }) => {
+                assert_eq!(named, hex::encode(dictionary.id()));
+                assert!(
+                    SealError::UnknownDictionary { id: named.clone() }
+                        .to_string()
+                        .contains(&named)
+                );
+            }
+            other => panic!("expected UnknownDictionary, got {other:?}"),
+        }
+        // Loaded in a clone: every clone of the key sees it.
+        let clone = key.clone();
+        clone.add_dictionary(dictionary.clone());
+        assert_eq!(key.decode_blob(&id, &with).expect("decodes"), plain);
+        // Plain zstd blobs (codec 1) still decode alongside.
+        assert_eq!(key.decode_blob(&id, &without).expect("decodes"), plain);
+        // Incompressible data is stored raw, without naming the dictionary.
+        let noise = noise(40_000, 3);
+        let noise_id = key.blob_id(&noise);
+        let (raw, compressed) = key
+            .encode_blob_with(&noise_id, &noise, Some(&dictionary))
+            .expect("encodes");
+        assert!(!compressed);
+        assert_eq!(key.open(&raw, &noise_id).expect("opens")[0], CODEC_STORED);
+        assert_eq!(key.decode_blob(&noise_id, &raw).expect("decodes"), noise);
+    }
+
+    #[test]
+    fn a_wrong_dictionary_under_the_right_id_fails() {
+        let key = MasterKey::generate();
+        let right = key.make_dictionary(chat_lines(600, 99));
+        let plain = chat_lines(300, 1);
+        let id = key.blob_id(&plain);
+        let (blob, _) = key
+            .encode_blob_with(&id, &plain, Some(&right))
+            .expect("encodes");
+        // Another key (tenant) that somehow holds other bytes under this id:
+        // decoding fails (zstd's dictionary check or the content id), never
+        // returns wrong bytes.
+        let other = MasterKey::from_bytes(&key.to_bytes());
+        other.add_dictionary(Arc::new(Dictionary {
+            id: *right.id(),
+            bytes: chat_lines(600, 12345),
+        }));
+        assert!(other.decode_blob(&id, &blob).is_err());
+        // A truncated dictionary frame is refused by its length.
+        let mut frame = vec![CODEC_ZSTD_DICT];
+        frame.extend_from_slice(&(plain.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&[7u8; 10]);
+        assert!(matches!(
+            key.decode_blob(&id, &key.seal(&frame, &id)),
+            Err(SealError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn sealed_dictionaries_are_bound_to_their_id() {
+        let key = MasterKey::generate();
+        let a = key.make_dictionary(chat_lines(100, 1));
+        let b = key.make_dictionary(chat_lines(100, 2));
+        let sealed = key.seal_dictionary(&a);
+        assert!(!sealed.windows(40).any(|w| w == &a.bytes()[..40]));
+        let opened = key.open_dictionary(a.id(), &sealed).expect("opens");
+        assert_eq!(opened.bytes(), a.bytes());
+        // Moved under another id: refused.
+        assert!(matches!(
+            key.open_dictionary(b.id(), &sealed),
+            Err(SealError::Authentication)
+        ));
+        // Another tenant's key cannot open it.
+        assert!(
+            MasterKey::generate()
+                .open_dictionary(a.id(), &sealed)
+                .is_err()
+        );
     }
 
     #[test]

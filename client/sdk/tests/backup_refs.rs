@@ -238,6 +238,18 @@ impl Cairn for FakeNode {
     ) -> Reply<pb::ListSegmentsReply> {
         unimplemented()
     }
+    async fn put_dictionary(
+        &self,
+        _: Request<pb::PutDictionaryRequest>,
+    ) -> Reply<pb::PutDictionaryReply> {
+        unimplemented()
+    }
+    async fn list_dictionaries(
+        &self,
+        _: Request<pb::ListDictionariesRequest>,
+    ) -> Reply<pb::ListDictionariesReply> {
+        unimplemented()
+    }
     async fn check_packs(&self, _: Request<pb::CheckPacksRequest>) -> Reply<pb::CheckPacksReply> {
         unimplemented()
     }

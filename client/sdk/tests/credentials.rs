@@ -188,6 +188,18 @@ impl Cairn for Shared {
     ) -> Reply<pb::ListSegmentsReply> {
         unimplemented()
     }
+    async fn put_dictionary(
+        &self,
+        _: Request<pb::PutDictionaryRequest>,
+    ) -> Reply<pb::PutDictionaryReply> {
+        unimplemented()
+    }
+    async fn list_dictionaries(
+        &self,
+        _: Request<pb::ListDictionariesRequest>,
+    ) -> Reply<pb::ListDictionariesReply> {
+        unimplemented()
+    }
     async fn who_am_i(&self, r: Request<pb::WhoAmIRequest>) -> Reply<pb::WhoAmIReply> {
         self.check(&r)?;
         Ok(Response::new(pb::WhoAmIReply {

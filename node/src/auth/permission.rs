@@ -57,6 +57,8 @@ pub enum Op {
     Stats,
     AppendStream,
     ListSegments,
+    PutDictionary,
+    ListDictionaries,
 }
 
 impl Op {
@@ -94,6 +96,8 @@ impl Op {
             Op::Stats => "Stats",
             Op::AppendStream => "AppendStream",
             Op::ListSegments => "ListSegments",
+            Op::PutDictionary => "PutDictionary",
+            Op::ListDictionaries => "ListDictionaries",
         }
     }
 
@@ -132,6 +136,8 @@ impl Op {
             "Stats" => Op::Stats,
             "AppendStream" => Op::AppendStream,
             "ListSegments" => Op::ListSegments,
+            "PutDictionary" => Op::PutDictionary,
+            "ListDictionaries" => Op::ListDictionaries,
             _ => return None,
         })
     }
@@ -177,6 +183,8 @@ pub fn role_allows(role: Role, op: Op) -> bool {
                 | Stats
                 | AppendStream
                 | ListSegments
+                | PutDictionary
+                | ListDictionaries
         ),
         // Append-only: never deletes, never changes keys or tokens.
         Role::Backup => matches!(
@@ -191,10 +199,18 @@ pub fn role_allows(role: Role, op: Op) -> bool {
                 | WhoAmI
                 | AppendStream
                 | ListSegments
+                | PutDictionary
+                | ListDictionaries
         ),
         Role::Restore => matches!(
             op,
-            GetKeySlots | LocateBlobs | ReadPack | ListSnapshots | WhoAmI | ListSegments
+            GetKeySlots
+                | LocateBlobs
+                | ReadPack
+                | ListSnapshots
+                | WhoAmI
+                | ListSegments
+                | ListDictionaries
         ),
         Role::Monitor => matches!(
             op,
@@ -309,6 +325,26 @@ mod tests {
         assert!(authorize(&restore, Op::CommitSnapshot, "a").is_err());
         assert!(authorize(&restore, Op::PutPack, "a").is_err());
         assert_eq!(authorize(&restore, Op::ReadPack, ""), Ok("a".into()));
+    }
+
+    #[test]
+    fn dictionaries_are_stored_by_backups_and_listed_by_readers() {
+        let backup = token(Role::Backup, Some("a"));
+        let restore = token(Role::Restore, Some("a"));
+        let monitor = token(Role::Monitor, Some("a"));
+        let admin = token(Role::Admin, Some("a"));
+        for caller in [&backup, &admin] {
+            assert_eq!(authorize(caller, Op::PutDictionary, ""), Ok("a".into()));
+            assert_eq!(authorize(caller, Op::ListDictionaries, ""), Ok("a".into()));
+        }
+        assert!(authorize(&restore, Op::PutDictionary, "a").is_err());
+        assert_eq!(
+            authorize(&restore, Op::ListDictionaries, "a"),
+            Ok("a".into())
+        );
+        assert!(authorize(&monitor, Op::ListDictionaries, "a").is_err());
+        assert!(authorize(&monitor, Op::PutDictionary, "a").is_err());
+        assert!(authorize(&backup, Op::ListDictionaries, "b").is_err());
     }
 
     #[test]

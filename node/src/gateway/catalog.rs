@@ -133,6 +133,77 @@ impl Gateway {
         }
     }
 
+    /// `PutDictionary`: the first dictionary of a dataset stays; the reply
+    /// names the dataset's dictionary either way.
+    pub(super) async fn put_dictionary_inner(
+        &self,
+        req: pb::PutDictionaryRequest,
+        caller: &Caller,
+    ) -> Result<pb::PutDictionaryReply, GatewayError> {
+        check_name(&req.tenant, "tenant")?;
+        check_name(&req.dataset, "dataset")?;
+        let id = id32(&req.id, "id")?;
+        if req.sealed.is_empty() || req.sealed.len() > cairn_proto::DICTIONARY_SEALED_BYTES_MAX {
+            return Err(invalid(format!(
+                "sealed dictionary must be 1 byte to {} KiB",
+                cairn_proto::DICTIONARY_SEALED_BYTES_MAX / 1024
+            )));
+        }
+        let target = format!(
+            "tenant {}, dataset {}, dictionary {}",
+            req.tenant,
+            req.dataset,
+            hex::encode(&id[..8])
+        );
+        let cmd = Command::PutDictionary {
+            tenant: req.tenant,
+            dataset: req.dataset,
+            id,
+            sealed: req.sealed,
+        };
+        match self
+            .write_audited(caller, "PutDictionary", target, cmd)
+            .await?
+        {
+            CommandResult::Dictionary { id, stored } => Ok(pb::PutDictionaryReply {
+                id: id.to_vec(),
+                stored,
+            }),
+            CommandResult::TooManyDictionaries => Ok(pb::PutDictionaryReply {
+                id: Vec::new(),
+                stored: false,
+            }),
+            CommandResult::UnknownTenant => Err(GatewayError::NotFound {
+                what: "a key for this tenant (run init first)".into(),
+            }),
+            other => Err(invalid(format!(
+                "dictionary not stored: {}",
+                other.audit_text()
+            ))),
+        }
+    }
+
+    /// `ListDictionaries`: every dictionary of the tenant, after a read
+    /// barrier (a dictionary stored through another node is listed).
+    pub(super) async fn list_dictionaries_inner(
+        &self,
+        req: pb::ListDictionariesRequest,
+    ) -> Result<pb::ListDictionariesReply, GatewayError> {
+        check_name(&req.tenant, "tenant")?;
+        self.catch_up().await;
+        let entries = self.meta.dictionaries(&req.tenant)?;
+        Ok(pb::ListDictionariesReply {
+            dictionaries: entries
+                .into_iter()
+                .map(|e| pb::DictionaryInfo {
+                    dataset: e.dataset,
+                    id: e.record.id.to_vec(),
+                    sealed: e.record.sealed,
+                })
+                .collect(),
+        })
+    }
+
     pub(super) async fn remove_key_slot_inner(
         &self,
         req: pb::RemoveKeySlotRequest,

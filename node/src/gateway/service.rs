@@ -360,6 +360,30 @@ impl Cairn for Gateway {
         self.answer(self.add_key_slot_inner(req, &caller).await)
     }
 
+    async fn put_dictionary(
+        &self,
+        request: Request<pb::PutDictionaryRequest>,
+    ) -> Result<Response<pb::PutDictionaryReply>, Status> {
+        let (caller, tenant) =
+            self.admit(&request, Op::PutDictionary, &request.get_ref().tenant)?;
+        let req = pb::PutDictionaryRequest {
+            tenant,
+            ..request.into_inner()
+        };
+        self.answer(self.put_dictionary_inner(req, &caller).await)
+    }
+
+    async fn list_dictionaries(
+        &self,
+        request: Request<pb::ListDictionariesRequest>,
+    ) -> Result<Response<pb::ListDictionariesReply>, Status> {
+        let (_, tenant) = self.admit(&request, Op::ListDictionaries, &request.get_ref().tenant)?;
+        self.answer(
+            self.list_dictionaries_inner(pb::ListDictionariesRequest { tenant })
+                .await,
+        )
+    }
+
     async fn remove_key_slot(
         &self,
         request: Request<pb::RemoveKeySlotRequest>,

@@ -36,6 +36,7 @@
 pub mod admission;
 mod audit;
 pub mod codec;
+pub mod dict_state;
 mod error;
 mod gc_state;
 mod lifecycle_state;
@@ -139,6 +140,14 @@ impl Meta {
         // Only `shutdown` writes it, and it cannot panic while holding it.
         let state = self.inner.state.read().unwrap_or_else(|p| p.into_inner());
         state.clone().ok_or(MetaError::ShuttingDown)
+    }
+
+    /// The tenant's compression dictionaries (local, possibly stale).
+    pub fn dictionaries(
+        &self,
+        tenant: &str,
+    ) -> Result<Vec<dict_state::DictionaryEntry>, MetaError> {
+        Ok(self.view()?.dictionaries(tenant)?)
     }
 
     /// The tenant's key slots (local, possibly stale).

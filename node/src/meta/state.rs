@@ -858,6 +858,12 @@ pub(super) fn apply_at(
         Command::AppendStream { .. }
         | Command::RetiringSegments { .. }
         | Command::DropSegments { .. } => super::stream_state::apply(view, cmd, now, batch, stats),
+        Command::PutDictionary {
+            tenant,
+            dataset,
+            id,
+            sealed,
+        } => super::dict_state::put(view, tenant, dataset, id, sealed, batch),
         Command::ForgetSnapshots { .. }
         | Command::SetLock { .. }
         | Command::RemoveLock { .. }

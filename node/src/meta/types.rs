@@ -379,6 +379,18 @@ pub enum Command {
         dataset: String,
         committed_before_ms: i64,
     },
+    /// Stores the dataset's compression dictionary (sealed by the client)
+    /// unless it has one: the first writer wins, and the result names the
+    /// dataset's dictionary either way ([`CommandResult::Dictionary`]).
+    /// Refused with [`CommandResult::TooManyDictionaries`] when the tenant
+    /// holds [`cairn_proto::DICTIONARIES_PER_TENANT_MAX`]. Dictionaries are
+    /// tenant metadata: never swept by garbage collection.
+    PutDictionary {
+        tenant: String,
+        dataset: String,
+        id: Id32,
+        sealed: Vec<u8>,
+    },
     /// [`Command::AddPackInSession`] with its blob index as a [`BlobIndex`]
     /// (what `PutPack` commits; the older variant still applies from logs).
     AddPackIndexed {
@@ -753,6 +765,12 @@ pub enum CommandResult {
     /// `RetiringSegments` naming a segment that is gone (another compaction
     /// or a max-age drop ran). Nothing changes.
     SegmentsChanged,
+    /// `PutDictionary`: the dataset's dictionary now, and whether this
+    /// command stored it (false: an earlier one stays).
+    Dictionary { id: Id32, stored: bool },
+    /// `PutDictionary` for a tenant that holds the most dictionaries
+    /// allowed. Nothing changes.
+    TooManyDictionaries,
 }
 
 impl CommandResult {
@@ -778,6 +796,9 @@ impl CommandResult {
             CommandResult::StreamDuplicate => "failed: stream batch already committed",
             CommandResult::StreamOverlap => "failed: stream batch overlaps committed records",
             CommandResult::SegmentsChanged => "failed: stream segments changed",
+            CommandResult::Dictionary { stored: true, .. } => "ok",
+            CommandResult::Dictionary { stored: false, .. } => "failed: already exists",
+            CommandResult::TooManyDictionaries => "refused: too many dictionaries",
         }
     }
 }
