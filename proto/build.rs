@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Packs are cloned on every retry: share the buffer instead of copying 16 MiB.
         .bytes(".cairn.v1.PutPackRequest.data")
+        // Shard files are shared by the gateway's writes and retries, and the
+        // receiving node keeps the decode buffer's bytes instead of a copy.
+        .bytes(".cairn.v1.PutShardRequest.shard")
         // Undecodable messages are the caller's error (InvalidArgument), not INTERNAL.
         .codec_path("crate::codec::CairnCodec")
         .build_server(true)
