@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".cairn.v1.PutPackRequest.data")
         // Read ranges stay slices of the received message instead of copies.
         .bytes(".cairn.v1.ReadPackReply.ranges")
+        // Shard files are shared by the gateway's writes and retries, and the
+        // receiving node keeps the decode buffer's bytes instead of a copy.
+        .bytes(".cairn.v1.PutShardRequest.shard")
         // Undecodable messages are the caller's error (InvalidArgument), not INTERNAL.
         .codec_path("crate::codec::CairnCodec")
         .build_server(true)

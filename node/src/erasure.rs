@@ -501,6 +501,76 @@ pub fn encode_pack(code: Code, pack_id: Id32, pack: &[u8]) -> Vec<EncodedShard> 
         .collect()
 }
 
+/// One shard of an encoded pack as the file that is stored: header followed
+/// by payload in one shared buffer, sent to every node without a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardFile {
+    /// Header describing the shard (its `checksum` is the payload's blake3).
+    pub header: ShardHeader,
+    /// The whole shard file, `HEADER_LEN + header.shard_len` bytes.
+    pub bytes: prost::bytes::Bytes,
+}
+
+/// Erasure-codes a pack straight into its `k + m` shard files (indices
+/// `0..k+m`), the bytes [`EncodedShard::to_file_bytes`] would give for each
+/// shard of [`encode_pack`], without the copy from payload to file: each
+/// buffer is allocated once at its final size, the pack is copied into the
+/// data files, parity is computed in place, and each payload is hashed once.
+///
+/// # Panics
+///
+/// If `code` is invalid (see [`encode_pack`]).
+pub fn encode_pack_files(code: Code, pack_id: Id32, pack: &[u8]) -> Vec<ShardFile> {
+    let codec = code
+        .codec()
+        .expect("encode_pack_files is only given validated codes (Code::new, FromStr, config)");
+    let k = code.data as usize;
+    let shard_len = pack.len().div_ceil(k).max(1);
+    debug_assert_eq!(shard_len as u64, code.shard_len(pack.len() as u64));
+    let file_len = HEADER_LEN + shard_len;
+
+    let mut data: Vec<Vec<u8>> = Vec::with_capacity(k);
+    for i in 0..k {
+        let start = (i * shard_len).min(pack.len());
+        let end = ((i + 1) * shard_len).min(pack.len());
+        let mut file = Vec::with_capacity(file_len);
+        file.resize(HEADER_LEN, 0);
+        file.extend_from_slice(&pack[start..end]);
+        file.resize(file_len, 0);
+        data.push(file);
+    }
+    let mut parity: Vec<Vec<u8>> = (0..code.parity).map(|_| vec![0u8; file_len]).collect();
+    {
+        let payloads: Vec<&[u8]> = data.iter().map(|f| &f[HEADER_LEN..]).collect();
+        let mut parity_payloads: Vec<&mut [u8]> =
+            parity.iter_mut().map(|f| &mut f[HEADER_LEN..]).collect();
+        codec.encode_sep(&payloads, &mut parity_payloads).expect(
+            "k data and m parity buffers of one non-zero length meet every precondition of the codec",
+        );
+    }
+
+    data.into_iter()
+        .chain(parity)
+        .enumerate()
+        .map(|(index, mut file)| {
+            let header = ShardHeader {
+                code,
+                // Below MAX_TOTAL_SHARDS (validated above), so the cast is exact.
+                index: index as u32,
+                pack_id,
+                pack_len: pack.len() as u64,
+                shard_len: shard_len as u64,
+                checksum: *blake3::hash(&file[HEADER_LEN..]).as_bytes(),
+            };
+            file[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+            ShardFile {
+                header,
+                bytes: file.into(),
+            }
+        })
+        .collect()
+}
+
 /// Checks the slots handed to decoding: one per shard, every present payload
 /// `shard_len` long, `shard_len` consistent with `pack_len`, at least k present.
 fn check_slots(
@@ -866,6 +936,30 @@ mod tests {
             ShardHeader::decode(&v2),
             Err(ShardFormatError::UnsupportedVersion { version: 2 })
         );
+    }
+
+    #[test]
+    fn shard_files_equal_the_encoded_shards_as_files() {
+        for (code, len) in [
+            (Code::default(), 1usize),
+            (Code::default(), 4097),
+            (Code::default(), 100_003),
+            (Code::new(3, 1).expect("code"), 9),
+            (Code::new(10, 4).expect("code"), 65_537),
+        ] {
+            let pack = pack_of(len, 7);
+            let id = *blake3::hash(&pack).as_bytes();
+            let files = encode_pack_files(code, id, &pack);
+            let shards = encode_pack(code, id, &pack);
+            assert_eq!(files.len(), shards.len());
+            for (file, shard) in files.iter().zip(&shards) {
+                assert_eq!(file.header, shard.header);
+                assert_eq!(&file.bytes[..], &shard.to_file_bytes()[..]);
+                let (header, payload) = parse_shard_file(&file.bytes).expect("parses");
+                assert_eq!(header, file.header);
+                assert_eq!(payload, &shard.payload[..]);
+            }
+        }
     }
 
     #[test]

@@ -102,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         return run_ca(command);
     }
     cairn_node::malloc::limit_arenas();
+    let buffers_kept = cairn_node::malloc::keep_large_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -109,6 +110,11 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if !buffers_kept {
+        tracing::warn!(
+            "the C library refused the malloc thresholds; large buffers stay mapped per use"
+        );
+    }
     // Defaults < --config file < CAIRN_NODE_* environment < flags.
     let config = cli.node.load(std::env::vars())?;
 

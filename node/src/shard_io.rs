@@ -207,9 +207,10 @@ impl ShardIo {
     pub async fn put(
         &self,
         node: NodeId,
-        file: Vec<u8>,
+        file: impl Into<prost::bytes::Bytes>,
         members: &Members,
     ) -> Result<(), ShardIoError> {
+        let file = file.into();
         if node == self.node_id {
             return self
                 .store

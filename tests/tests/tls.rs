@@ -130,7 +130,7 @@ async fn node_services_accept_only_member_certificates_of_the_cluster_ca() {
         .put_shard(addressed(
             1,
             PutShardRequest {
-                shard: shard_file(pack_id),
+                shard: shard_file(pack_id).into(),
             },
             CALL,
         ))

@@ -377,9 +377,10 @@ impl Session {
         for ((id, data, kind), known) in batch.blobs.into_iter().zip(present) {
             if !known {
                 let encoded = match kind {
-                    BlobKind::Data => self
-                        .dictionary
-                        .encode(&self.repo, &self.runtime, &id, &data)?,
+                    BlobKind::Data => {
+                        self.dictionary
+                            .encode(&self.repo, &self.runtime, &id, &data)?
+                    }
                     _ => self.repo.key().encode_blob(&id, &data)?,
                 };
                 self.add_to_pack(id, kind, &encoded)?;

@@ -12,7 +12,7 @@ use futures::future::join_all;
 use tracing::{debug, warn};
 
 use super::{Gateway, GatewayError, id32, invalid};
-use crate::erasure::encode_pack;
+use crate::erasure::encode_pack_files;
 use crate::meta::types::{
     BlobIndex, BlobLocation, Command, Id32, NodeId, PackRecord, ShardPlacement,
 };
@@ -128,7 +128,7 @@ impl Gateway {
                 what: "the node is shutting down".into(),
             })?;
         let code = self.config.code;
-        let shards = tokio::task::spawn_blocking(move || encode_pack(code, pack_id, &data))
+        let shards = tokio::task::spawn_blocking(move || encode_pack_files(code, pack_id, &data))
             .await
             .map_err(|e| GatewayError::Busy {
                 what: format!(
@@ -171,7 +171,8 @@ impl Gateway {
                 .filter(|(index, _)| !durable.contains_key(index))
                 .map(|&(index, node)| {
                     let shard = &shards[index as usize];
-                    let file = shard.to_file_bytes();
+                    // A shared handle on the encoded file: no copy per write or retry.
+                    let file = shard.bytes.clone();
                     let checksum = shard.header.checksum;
                     let members = &members;
                     async move {

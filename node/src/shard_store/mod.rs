@@ -229,7 +229,11 @@ impl ShardStore {
     /// Idempotent: storing a shard that is already present byte for byte
     /// succeeds (and re-syncs it). A present file that fails verification is
     /// replaced; a present *valid* but different shard is a `Conflict`.
-    pub async fn put(&self, file_bytes: Vec<u8>) -> Result<ShardHeader, ShardStoreError> {
+    pub async fn put(
+        &self,
+        file_bytes: impl Into<prost::bytes::Bytes>,
+    ) -> Result<ShardHeader, ShardStoreError> {
+        let file_bytes = file_bytes.into();
         let inner = self.inner.clone();
         blocking(move || inner.put(&file_bytes)).await
     }

@@ -281,7 +281,7 @@ mod tests {
             .put_shard(to_node(
                 NODE,
                 PutShardRequest {
-                    shard: file.clone(),
+                    shard: file.clone().into(),
                 },
             ))
             .await
@@ -327,7 +327,7 @@ mod tests {
         let (mut client, _stop, _dir) = serve().await;
         let garbage = client
             .put_shard(PutShardRequest {
-                shard: b"definitely not a shard".to_vec(),
+                shard: b"definitely not a shard".to_vec().into(),
             })
             .await
             .expect_err("garbage refused");
@@ -337,7 +337,9 @@ mod tests {
         let last = tampered.len() - 1;
         tampered[last] ^= 0xff;
         let status = client
-            .put_shard(PutShardRequest { shard: tampered })
+            .put_shard(PutShardRequest {
+                shard: tampered.into(),
+            })
             .await
             .expect_err("tampered refused");
         assert_eq!(status.code(), GrpcCode::InvalidArgument);
@@ -383,7 +385,7 @@ mod tests {
         // Still serving after all of that.
         let good = encode_pack(Code::default(), [3; 32], b"pack")[0].to_file_bytes();
         client
-            .put_shard(to_node(NODE, PutShardRequest { shard: good }))
+            .put_shard(to_node(NODE, PutShardRequest { shard: good.into() }))
             .await
             .expect("good put after bad ones");
     }
