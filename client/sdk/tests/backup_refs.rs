@@ -35,6 +35,8 @@ struct Store {
     gc_epoch: u64,
     /// Commits still to refuse, each after "sweeping" the whole index.
     abort_commits: usize,
+    /// FindBlobs calls answered.
+    lookups: usize,
 }
 
 #[derive(Default, Clone)]
@@ -67,7 +69,8 @@ impl Cairn for FakeNode {
         }))
     }
     async fn find_blobs(&self, r: Request<pb::FindBlobsRequest>) -> Reply<pb::FindBlobsReply> {
-        let store = self.store();
+        let mut store = self.store();
+        store.lookups += 1;
         Ok(Response::new(pb::FindBlobsReply {
             present: r
                 .into_inner()
@@ -519,4 +522,43 @@ async fn blobs_collected_during_a_backup_make_it_rerun_once_as_full() {
         "{error}"
     );
     assert_eq!(node.store().commits.len(), 5, "one rerun, no more");
+}
+
+#[tokio::test]
+async fn small_files_share_index_look_ups_and_deduplicate() {
+    let node = FakeNode::default();
+    let repo = repo(&node).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    for d in 0..10 {
+        let sub = dir.path().join(format!("room={d}"));
+        std::fs::create_dir(&sub).expect("dir");
+        for f in 0..300 {
+            let line = format!(
+                "{{\"room\":{d},\"file\":{f},\"text\":\"gg {}\"}}\n",
+                d * 1000 + f
+            );
+            std::fs::write(sub.join(format!("{f:03}.jsonl")), line.repeat(1 + f % 7))
+                .expect("file");
+        }
+    }
+    let first = run(&repo, dir.path(), Level::Full).await.expect("backup");
+    assert_eq!(first.files, 3_000);
+    // 3,000 new chunks and 12 trees: a handful of look-ups, not one a file.
+    let lookups = node.store().lookups;
+    assert!(
+        lookups <= 8,
+        "{lookups} index look-ups for 3,000 small files"
+    );
+    let uploaded: usize = node.store().uploads.iter().map(|(_, ids)| ids.len()).sum();
+    assert!(
+        uploaded > 3_000,
+        "every file's chunk uploaded: {uploaded} blobs"
+    );
+
+    // Everything is in the index now: a full backup of the same tree
+    // uploads nothing.
+    let before = node.store().uploads.len();
+    let second = run(&repo, dir.path(), Level::Full).await.expect("again");
+    assert_eq!(second.bytes_added, 0);
+    assert_eq!(node.store().uploads.len(), before, "nothing uploaded twice");
 }
