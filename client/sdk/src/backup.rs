@@ -60,10 +60,10 @@ use crate::tree::{ChunkRef, EntryKind, Tree, TreeEntry};
 const DEDUP_BATCH_CHUNKS: usize = 64;
 /// Chunks looked up in the index per request: new chunks of every file
 /// worker wait in one shared batch, so a tree of small files costs one
-/// look-up per thousand files instead of one per file.
-const LOOKUP_BATCH_CHUNKS: usize = 1024;
+/// look-up per five hundred files instead of one per file.
+const LOOKUP_BATCH_CHUNKS: usize = 512;
 /// Plaintext bytes a look-up batch holds at most (bounds client memory).
-const LOOKUP_BATCH_BYTES: usize = 8 * 1024 * 1024;
+const LOOKUP_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Files read whole (then cut in memory) rather than streamed: below this a
 /// streaming chunker's buffer costs more than the file.
 const READ_WHOLE_BYTES_MAX: u64 = 1024 * 1024;
