@@ -113,7 +113,7 @@ if [ -n "$GEN" ]; then
     same "$SCRATCH/rdata" "$SCRATCH/rrestore/rdata"
   fi
 fi
-shards=$(du -sb "$SCRATCH"/cluster/node-*/shards | awk '{s+=$1} END {print s}')
+shards=$(du -sb "$SCRATCH"/cluster/node-*/shards | awk '{s+=$1} END {printf "%d", s}')
 echo "stored: Cairn $((shards / 1000000)) MB of 4+2 shards"
 echo "cairn stored $shards" >>"$RESULTS"
 if [ "$RESTIC" = 1 ]; then

