@@ -6,12 +6,10 @@
 //! metadata, never garbage collected).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_client::backup::{BackupOptions, Level, Progress, backup_paths};
 use cairn_client::lifecycle::ForgetOptions;
-use cairn_client::{ClientError, Repository};
+use cairn_client::Repository;
 use cairn_proto::v1 as pb;
 use cairn_tests::*;
 
@@ -62,22 +60,6 @@ async fn dictionaries(repo: &Repository) -> Vec<pb::DictionaryInfo> {
         .dictionaries
 }
 
-async fn backup(repo: &Arc<Repository>, source: &Path, dataset: &str) -> Result<(), ClientError> {
-    let options = BackupOptions {
-        dataset: dataset.into(),
-        level: Level::Full,
-        ..BackupOptions::default()
-    };
-    backup_paths(
-        repo.clone(),
-        &[source.to_path_buf()],
-        &options,
-        Arc::new(Progress::default()),
-    )
-    .await
-    .map(|_| ())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dataset_dictionary_is_stored_used_and_outlives_its_dataset() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -90,7 +72,7 @@ async fn a_dataset_dictionary_is_stored_used_and_outlives_its_dataset() {
     // First backup of "a": trains, stores, then compresses with it.
     let source = dir.path().join("chat");
     write_chat(&source, 24, 1);
-    backup(&repo, &source, "a").await.expect("backup a");
+    must_backup(&repo, &source, "a").await;
     let listed = dictionaries(&repo).await;
     assert_eq!(listed.len(), 1, "one dictionary, for dataset a");
     assert_eq!(listed[0].dataset, "a");
@@ -102,7 +84,7 @@ async fn a_dataset_dictionary_is_stored_used_and_outlives_its_dataset() {
     // A second backup of "a" with new data uses the same dictionary.
     let more = dir.path().join("more");
     write_chat(&more, 8, 2);
-    backup(&repo, &more, "a").await.expect("backup a again");
+    must_backup(&repo, &more, "a").await;
     assert_eq!(dictionaries(&repo).await.len(), 1);
 
     // A fresh process (a new repository handle) restores byte for byte.
@@ -113,7 +95,7 @@ async fn a_dataset_dictionary_is_stored_used_and_outlives_its_dataset() {
 
     // Dataset "b" holds the same files: its chunks deduplicate into the
     // ones compressed with a's dictionary.
-    backup(&fresh, &source, "b").await.expect("backup b");
+    must_backup(&fresh, &source, "b").await;
     // Forget every snapshot of "a" and prune with no grace: a's dictionary
     // must survive, as b's chunks need it.
     let report = fresh
