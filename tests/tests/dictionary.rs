@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cairn_client::lifecycle::ForgetOptions;
 use cairn_client::Repository;
+use cairn_client::lifecycle::ForgetOptions;
 use cairn_proto::v1 as pb;
 use cairn_tests::*;
 

@@ -372,17 +372,21 @@ impl Inner {
                 // Same shard again (a retried write, or a repair rewriting a
                 // leftover copy): make sure it is durable, and refresh its
                 // mtime so the orphan sweep treats it as just written.
-                File::options()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|f| {
-                        f.set_modified(std::time::SystemTime::now())?;
-                        f.sync_all()
-                    })
-                    .map_err(|e| io_error("fsync", &path, e, &self.root))?;
-                fsync_dir(&sub, &self.root)?;
-                debug!(pack_id = %pack_hex, shard_idx = index, "shard already stored");
-                return Ok(header);
+                let synced = File::options().write(true).open(&path).and_then(|f| {
+                    f.set_modified(std::time::SystemTime::now())?;
+                    f.sync_all()
+                });
+                match synced {
+                    Ok(()) => {
+                        fsync_dir(&sub, &self.root)?;
+                        debug!(pack_id = %pack_hex, shard_idx = index, "shard already stored");
+                        return Ok(header);
+                    }
+                    // Deleted since it was read (a concurrent delete): the
+                    // caller still wants it stored, so it is written afresh.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_error("fsync", &path, e, &self.root)),
+                }
             }
             Ok(existing) => match parse_shard_file(&existing) {
                 Ok((found, _)) if found.pack_id != pack_id || found.index != index => {
