@@ -1109,6 +1109,138 @@ fn find_entry(tree: &Tree, name: &[u8]) -> Option<TreeEntry> {
         .map(|i| tree.entries[i].clone())
 }
 
+/// The tree entry of `meta` holding `kind`.
+fn base_entry(name: Vec<u8>, meta: &std::fs::Metadata, kind: EntryKind) -> TreeEntry {
+    TreeEntry {
+        name,
+        kind,
+        mode: meta.mode(),
+        mtime_ns: mtime_ns(meta),
+        uid: meta.uid(),
+        gid: meta.gid(),
+    }
+}
+
+/// The parent snapshot's entry of a file unchanged since (same size, mode
+/// and mtime), reused without reading the file.
+fn reused_file(
+    session: &Session,
+    meta: &std::fs::Metadata,
+    parent: Option<&TreeEntry>,
+) -> Option<EntryKind> {
+    let Some(TreeEntry {
+        kind: EntryKind::File { size, chunks, .. },
+        mode,
+        mtime_ns: old_mtime,
+        ..
+    }) = parent
+    else {
+        return None;
+    };
+    if *size != meta.len() || *mode != meta.mode() || *old_mtime != mtime_ns(meta) {
+        return None;
+    }
+    session.progress.bytes.fetch_add(*size, Ordering::Relaxed);
+    session.progress.files.fetch_add(1, Ordering::Relaxed);
+    Some(EntryKind::File {
+        size: *size,
+        chunks: chunks.clone(),
+        hardlink: hardlink_group(meta),
+    })
+}
+
+/// Reads and chunks one regular file (blocking); the caller holds a permit.
+fn read_file(session: &Session, path: &Path, meta: &std::fs::Metadata) -> Result<EntryKind> {
+    let (chunks, size) = session.chunk_file(path, meta.len())?;
+    session.progress.files.fetch_add(1, Ordering::Relaxed);
+    Ok(EntryKind::File {
+        size,
+        chunks,
+        hardlink: hardlink_group(meta),
+    })
+}
+
+/// One entry of a directory listing, with what the walk knows of it.
+struct Child {
+    name: Vec<u8>,
+    path: PathBuf,
+    meta: std::fs::Metadata,
+    parent: Option<TreeEntry>,
+}
+
+impl Child {
+    /// A regular file read whole (see [`READ_WHOLE_BYTES_MAX`]): such files
+    /// go through [`backup_small_files`] in groups.
+    fn is_small_file(&self) -> bool {
+        self.meta.file_type().is_file() && self.meta.len() <= READ_WHOLE_BYTES_MAX
+    }
+}
+
+/// Small files of one directory handled by one blocking task: at most this
+/// many files...
+const SMALL_FILES_PER_TASK: usize = 64;
+/// ...or this many bytes. A task per file costs two thread hand-overs, more
+/// than reading and chunking a file of a few hundred bytes.
+const SMALL_FILE_BYTES_PER_TASK: u64 = 4 * 1024 * 1024;
+
+/// Backs up a group of small regular files of one directory in one
+/// blocking task holding one permit; returns their entries.
+async fn backup_small_files(
+    session: Arc<Session>,
+    permits: Arc<Semaphore>,
+    files: Vec<Child>,
+) -> Result<Vec<TreeEntry>> {
+    let _permit = permits
+        .acquire_owned()
+        .await
+        .expect("the file semaphore is never closed");
+    tokio::task::spawn_blocking(move || {
+        let mut entries = Vec::with_capacity(files.len());
+        for file in files {
+            if let Err(e) = check_name(&file.name) {
+                session.skip(&file.path, format!("name refused: {e}"));
+                continue;
+            }
+            session.files.fetch_add(1, Ordering::Relaxed);
+            let kind = match reused_file(&session, &file.meta, file.parent.as_ref()) {
+                Some(kind) => kind,
+                None => read_file(&session, &file.path, &file.meta)?,
+            };
+            entries.push(base_entry(file.name, &file.meta, kind));
+        }
+        Ok(entries)
+    })
+    .await
+    .map_err(|e| ClientError::BadInput {
+        what: format!("file task: {e}"),
+    })?
+}
+
+/// Lists a directory (blocking): every entry not excluded, with its
+/// metadata and its entry in the parent snapshot's tree.
+fn list_dir(session: &Session, path: &Path, parent_tree: Option<&Tree>) -> Result<Vec<Child>> {
+    let mut children = Vec::new();
+    let read = std::fs::read_dir(path).map_err(|e| ClientError::io(path, e))?;
+    for item in read {
+        let item = item.map_err(|e| ClientError::io(path, e))?;
+        let name = item.file_name().into_vec();
+        let child_path = item.path();
+        if session.excluded(&child_path) {
+            continue;
+        }
+        let meta =
+            std::fs::symlink_metadata(&child_path).map_err(|e| ClientError::io(&child_path, e))?;
+        let parent = parent_tree.and_then(|t| find_entry(t, &name));
+        children.push(Child {
+            name,
+            path: child_path,
+            meta,
+            parent,
+        });
+    }
+    Ok(children)
+}
+
 /// Backs up one filesystem entry; `None` for kinds that are skipped.
 fn backup_entry(
     session: Arc<Session>,
@@ -1127,14 +1259,7 @@ fn backup_entry(
             return Ok(None);
         }
         let file_type = meta.file_type();
-        let base = |kind| TreeEntry {
-            name: name.clone(),
-            kind,
-            mode: meta.mode(),
-            mtime_ns: mtime_ns(&meta),
-            uid: meta.uid(),
-            gid: meta.gid(),
-        };
+        let base = |kind| base_entry(name.clone(), &meta, kind);
         if file_type.is_symlink() {
             let target = std::fs::read_link(&path).map_err(|e| ClientError::io(&path, e))?;
             let target = target.into_os_string().into_vec();
@@ -1151,36 +1276,63 @@ fn backup_entry(
                     .map(|tree| (*subtree, tree.clone())),
                 _ => None,
             };
-            let mut children = Vec::new();
-            let read = std::fs::read_dir(&path).map_err(|e| ClientError::io(&path, e))?;
-            for item in read {
-                let item = item.map_err(|e| ClientError::io(&path, e))?;
-                let child_name = item.file_name().into_vec();
-                let child_path = item.path();
-                if session.excluded(&child_path) {
+            let listed = {
+                let worker = session.clone();
+                let dir = path.clone();
+                let tree = parent_tree.as_ref().map(|(_, t)| t.clone());
+                tokio::task::spawn_blocking(move || list_dir(&worker, &dir, tree.as_ref()))
+                    .await
+                    .map_err(|e| ClientError::BadInput {
+                        what: format!("directory task: {e}"),
+                    })??
+            };
+            // Small files go in groups, anything else in a task of its own.
+            let mut tasks: Vec<tokio::task::JoinHandle<Result<Vec<TreeEntry>>>> = Vec::new();
+            let mut group: Vec<Child> = Vec::new();
+            let mut group_bytes = 0u64;
+            for child in listed {
+                if child.is_small_file() {
+                    group_bytes += child.meta.len();
+                    group.push(child);
+                    if group.len() >= SMALL_FILES_PER_TASK
+                        || group_bytes >= SMALL_FILE_BYTES_PER_TASK
+                    {
+                        let files = std::mem::take(&mut group);
+                        group_bytes = 0;
+                        tasks.push(tokio::spawn(backup_small_files(
+                            session.clone(),
+                            permits.clone(),
+                            files,
+                        )));
+                    }
                     continue;
                 }
-                let child_meta = std::fs::symlink_metadata(&child_path)
-                    .map_err(|e| ClientError::io(&child_path, e))?;
-                let child_parent = parent_tree
-                    .as_ref()
-                    .and_then(|(_, t)| find_entry(t, &child_name));
-                children.push(tokio::spawn(backup_entry(
+                let entry = backup_entry(
                     session.clone(),
                     permits.clone(),
                     parent_trees.clone(),
-                    child_name,
-                    child_path,
-                    child_meta,
-                    child_parent,
+                    child.name,
+                    child.path,
+                    child.meta,
+                    child.parent,
+                );
+                tasks.push(tokio::spawn(async move {
+                    entry.await.map(|e| e.into_iter().collect())
+                }));
+            }
+            if !group.is_empty() {
+                tasks.push(tokio::spawn(backup_small_files(
+                    session.clone(),
+                    permits.clone(),
+                    group,
                 )));
             }
-            let mut entries = Vec::with_capacity(children.len());
-            for child in children {
-                let entry = child.await.map_err(|e| ClientError::BadInput {
+            let mut entries = Vec::new();
+            for task in tasks {
+                let done = task.await.map_err(|e| ClientError::BadInput {
                     what: format!("backup task: {e}"),
                 })??;
-                entries.extend(entry);
+                entries.extend(done);
             }
             entries.sort_by(|a, b| a.name.cmp(&b.name));
             let tree = Tree { entries };
@@ -1195,24 +1347,8 @@ fn backup_entry(
         }
         if file_type.is_file() {
             session.files.fetch_add(1, Ordering::Relaxed);
-            let hardlink = hardlink_group(&meta);
-            if let Some(TreeEntry {
-                kind: EntryKind::File { size, chunks, .. },
-                mode,
-                mtime_ns: old_mtime,
-                ..
-            }) = &parent
-                && *size == meta.len()
-                && *mode == meta.mode()
-                && *old_mtime == mtime_ns(&meta)
-            {
-                session.progress.bytes.fetch_add(*size, Ordering::Relaxed);
-                session.progress.files.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(base(EntryKind::File {
-                    size: *size,
-                    chunks: chunks.clone(),
-                    hardlink,
-                })));
+            if let Some(kind) = reused_file(&session, &meta, parent.as_ref()) {
+                return Ok(Some(base(kind)));
             }
             let _permit = permits
                 .acquire_owned()
@@ -1220,19 +1356,14 @@ fn backup_entry(
                 .expect("the file semaphore is never closed");
             let worker = session.clone();
             let file_path = path.clone();
-            let len = meta.len();
-            let (chunks, size) =
-                tokio::task::spawn_blocking(move || worker.chunk_file(&file_path, len))
+            let file_meta = meta.clone();
+            let kind =
+                tokio::task::spawn_blocking(move || read_file(&worker, &file_path, &file_meta))
                     .await
                     .map_err(|e| ClientError::BadInput {
                         what: format!("file task: {e}"),
                     })??;
-            session.progress.files.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(base(EntryKind::File {
-                size,
-                chunks,
-                hardlink,
-            })));
+            return Ok(Some(base(kind)));
         }
         if file_type.is_fifo() {
             return Ok(Some(base(EntryKind::Fifo)));

@@ -562,3 +562,98 @@ async fn small_files_share_index_look_ups_and_deduplicate() {
     assert_eq!(second.bytes_added, 0);
     assert_eq!(node.store().uploads.len(), before, "nothing uploaded twice");
 }
+
+#[tokio::test]
+async fn grouped_small_files_keep_every_entry_and_reuse_unchanged_ones() {
+    let node = FakeNode::default();
+    let repo = repo(&node).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // More small files than one group holds, beside a file streamed on its
+    // own (over the read-whole limit) and a subdirectory.
+    for f in 0..150 {
+        std::fs::write(
+            dir.path().join(format!("{f:03}.log")),
+            format!("line {f}\n").repeat(1 + f % 5),
+        )
+        .expect("small file");
+    }
+    let big: Vec<u8> = (0..1_500_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(dir.path().join("big.bin"), &big).expect("big file");
+    std::fs::create_dir(dir.path().join("sub")).expect("dir");
+    std::fs::write(dir.path().join("sub/inner.log"), b"inner").expect("inner");
+
+    let first = run(&repo, dir.path(), Level::Incremental)
+        .await
+        .expect("full");
+    assert_eq!(first.files, 152);
+    // One small file changes size: it is read again. Another changes its
+    // bytes but keeps size and mtime: it is reused unread, as in restic.
+    std::fs::write(dir.path().join("007.log"), b"edited\n").expect("edit");
+    let same = dir.path().join("042.log");
+    let mtime = std::fs::metadata(&same)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let bytes = std::fs::read(&same).expect("read");
+    std::fs::write(&same, bytes.to_ascii_uppercase()).expect("rewrite");
+    std::fs::File::options()
+        .write(true)
+        .open(&same)
+        .and_then(|f| f.set_modified(mtime))
+        .expect("keep mtime");
+    let second = run(&repo, dir.path(), Level::Incremental)
+        .await
+        .expect("incremental");
+    assert_eq!(second.level, "incremental");
+    assert_eq!(second.files, 152);
+
+    let snapshots = repo.snapshots(Some("chat")).await.expect("list");
+    let entries = |root| {
+        let repo = repo.clone();
+        async move {
+            let trees = repo.load_trees(&root, &[]).await.expect("trees");
+            let top = &trees[&root].entries;
+            assert_eq!(top.len(), 1, "the source directory");
+            let EntryKind::Dir { subtree } = &top[0].kind else {
+                panic!("a directory")
+            };
+            trees[subtree].entries.clone()
+        }
+    };
+    let before = entries(snapshots[0].root_tree).await;
+    let after = entries(snapshots[1].root_tree).await;
+    let names: Vec<String> = after
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+        .collect();
+    let mut expected: Vec<String> = (0..150).map(|f| format!("{f:03}.log")).collect();
+    expected.extend(["big.bin".to_string(), "sub".to_string()]);
+    expected.sort();
+    assert_eq!(names, expected, "every entry, sorted by name");
+    for (old, new) in before.iter().zip(&after) {
+        let (
+            EntryKind::File {
+                size: old_size,
+                chunks: old_chunks,
+                ..
+            },
+            EntryKind::File { size, chunks, .. },
+        ) = (&old.kind, &new.kind)
+        else {
+            continue;
+        };
+        let path = dir.path().join(String::from_utf8_lossy(&new.name).as_ref());
+        assert_eq!(
+            *size,
+            std::fs::metadata(&path).expect("stat").len(),
+            "{path:?}"
+        );
+        if new.name == b"007.log" {
+            assert_ne!(chunks, old_chunks, "the edited file is read again");
+        } else {
+            // 042.log too: same size and mtime, so not read.
+            assert_eq!((size, chunks), (old_size, old_chunks), "{path:?} reused");
+        }
+    }
+}
