@@ -1169,19 +1169,23 @@ struct Child {
 }
 
 impl Child {
-    /// A regular file read whole (see [`READ_WHOLE_BYTES_MAX`]): such files
-    /// go through [`backup_small_files`] in groups.
+    /// A regular file small enough to go through [`backup_small_files`] in
+    /// a group.
     fn is_small_file(&self) -> bool {
-        self.meta.file_type().is_file() && self.meta.len() <= READ_WHOLE_BYTES_MAX
+        self.meta.file_type().is_file() && self.meta.len() <= SMALL_FILE_BYTES_MAX
     }
 }
 
+/// Files up to this size are backed up in groups: a task per file costs
+/// two thread hand-overs (tens of microseconds), more than reading and
+/// chunking a file of a few hundred bytes. Larger files keep a task each,
+/// so the cores share a directory's work evenly.
+const SMALL_FILE_BYTES_MAX: u64 = 64 * 1024;
 /// Small files of one directory handled by one blocking task: at most this
 /// many files...
 const SMALL_FILES_PER_TASK: usize = 64;
-/// ...or this many bytes. A task per file costs two thread hand-overs, more
-/// than reading and chunking a file of a few hundred bytes.
-const SMALL_FILE_BYTES_PER_TASK: u64 = 4 * 1024 * 1024;
+/// ...or this many bytes.
+const SMALL_FILE_BYTES_PER_TASK: u64 = 1024 * 1024;
 
 /// Backs up a group of small regular files of one directory in one
 /// blocking task holding one permit; returns their entries.
