@@ -48,7 +48,6 @@
 //! batch, so the stored state is always exactly "every entry up to `applied`";
 //! `stats` always equals the counts of the records it describes.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -357,9 +356,15 @@ impl StateView {
 
     /// For each id, whether the tenant's blob index has it.
     pub fn find_blobs(&self, tenant: &str, ids: &[Id32]) -> Result<Vec<bool>, StateError> {
-        ids.iter()
-            .map(|id| Ok(self.kv.get(&blob_key(tenant, id))?.is_some()))
-            .collect()
+        // Looked up in id order, so the index pages stay warm from one
+        // look-up to the next; answered in the order asked.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_unstable_by_key(|&i| ids[i]);
+        let mut found = vec![false; ids.len()];
+        for i in order {
+            found[i] = self.kv.get(&blob_key(tenant, &ids[i]))?.is_some();
+        }
+        Ok(found)
     }
 
     /// Where the tenant's blob is stored.
@@ -914,13 +919,22 @@ pub(super) fn add_pack(
     if pack.needs_rebalance {
         stats.packs_needing_rebalance += 1;
     }
-    let mut seen = BTreeSet::new();
-    for (blob_id, location) in blobs {
+    // In id order, the look-ups below walk the index tree in key order
+    // (its pages stay warm from one to the next) and a repeated id sits
+    // beside its first listing; the sort is stable, so that one is kept.
+    let mut sorted: Vec<&(Id32, BlobLocation)> = blobs.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut previous: Option<&Id32> = None;
+    for (blob_id, location) in sorted {
+        if previous == Some(blob_id) {
+            continue;
+        }
+        previous = Some(blob_id);
         let key = blob_key(&pack.tenant, blob_id);
         // A blob already indexed (a concurrent upload of the same
         // chunk) keeps its first location: both packs are durable, and
         // keeping the first makes the index independent of retries.
-        if !seen.insert(*blob_id) || view.kv.get(&key)?.is_some() {
+        if view.kv.get(&key)?.is_some() {
             continue;
         }
         batch.put(key, codec::encode("blob location", location)?);
