@@ -33,6 +33,10 @@ pub const ENV_CONFIG: &str = "CAIRN_NODE_CONFIG";
 pub const DEFAULT_ERASURE: &str = "4+2";
 /// Unreachable this long and a node counts as down, when not given.
 pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(600);
+/// How long a stopping node may take to drain calls and close its stores.
+/// Shorter than the stop timeouts of `deploy/` (compose 30 s, systemd and
+/// Kubernetes 60 s), so the node, not a SIGKILL, says why it stopped.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -308,7 +312,7 @@ const SECTIONS: [&str; 7] = [
     "tiering",
 ];
 /// Top-level keys and their variables (`CAIRN_NODE_ID` is `node_id`).
-const TOP_LEVEL: [(&str, &str); 11] = [
+const TOP_LEVEL: [(&str, &str); 12] = [
     ("STORAGE_CLASS", "storage_class"),
     ("ID", "node_id"),
     ("REGION", "region"),
@@ -317,6 +321,7 @@ const TOP_LEVEL: [(&str, &str); 11] = [
     ("INITIAL_CLUSTER", "initial_cluster"),
     ("ERASURE", "erasure"),
     ("DOWN_AFTER", "down_after"),
+    ("SHUTDOWN_GRACE", "shutdown_grace"),
     ("METRICS_LISTEN", "metrics_listen"),
     ("INSECURE", "insecure"),
     ("BOOTSTRAP_TOKEN_FILE", "bootstrap_token_file"),
@@ -344,6 +349,8 @@ pub struct NodeFile {
     pub erasure: Option<String>,
     #[serde(with = "humantime_serde::option")]
     pub down_after: Option<Duration>,
+    #[serde(with = "humantime_serde::option")]
+    pub shutdown_grace: Option<Duration>,
     pub metrics_listen: Option<SocketAddr>,
     /// Plaintext and no authentication: tests and experiments only.
     pub insecure: bool,
@@ -506,6 +513,11 @@ pub struct NodeArgs {
     /// [default: 10m]. [env: CAIRN_NODE_DOWN_AFTER]
     #[arg(long, value_parser = humantime::parse_duration)]
     pub down_after: Option<Duration>,
+    /// How long a stop (SIGTERM, Ctrl-C) may take to drain calls and close
+    /// the stores before the process exits anyway; a second signal exits at
+    /// once [default: 25s]. [env: CAIRN_NODE_SHUTDOWN_GRACE]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Option<Duration>,
     /// Address for Prometheus metrics. [env: CAIRN_NODE_METRICS_LISTEN]
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -553,6 +565,7 @@ impl NodeArgs {
         set(self.initial_cluster, &mut file.initial_cluster);
         set(self.erasure, &mut file.erasure);
         set(self.down_after, &mut file.down_after);
+        set(self.shutdown_grace, &mut file.shutdown_grace);
         set(self.metrics_listen, &mut file.metrics_listen);
         set(self.tls_ca, &mut file.tls.ca);
         set(self.tls_cert, &mut file.tls.cert);
@@ -587,6 +600,8 @@ pub struct NodeConfig {
     pub code: Code,
     /// Unreachable this long and a node counts as down.
     pub down_after: Duration,
+    /// A stop that takes longer ends the process anyway (see `main`).
+    pub shutdown_grace: Duration,
     pub metrics_listen: Option<SocketAddr>,
     pub security: Security,
     pub raft: RaftSection,
@@ -658,6 +673,9 @@ fn check_sections(file: &NodeFile) -> Result<(), ConfigError> {
     }
     if let Some(down_after) = file.down_after {
         positive("down_after", down_after)?;
+    }
+    if let Some(grace) = file.shutdown_grace {
+        positive("shutdown_grace", grace)?;
     }
     positive("tiering.interval", file.tiering.interval)?;
     if file.tiering.packs_per_pass == 0 {
@@ -742,6 +760,7 @@ impl NodeConfig {
             initial_cluster,
             code,
             down_after: file.down_after.unwrap_or(DEFAULT_DOWN_AFTER),
+            shutdown_grace: file.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             metrics_listen: file.metrics_listen,
             security: Security {
                 insecure: file.insecure,
@@ -935,6 +954,7 @@ mod tests {
             ("CAIRN_NODE_REPAIR_RATE_BYTES_PER_S", "1GiB"),
             ("CAIRN_NODE_RAFT_SNAPSHOT_EVERY_LOGS", "77"),
             ("CAIRN_NODE_DOWN_AFTER", "45s"),
+            ("CAIRN_NODE_SHUTDOWN_GRACE", "5s"),
         ]);
         let config = args(&[]).load(vars.clone()).expect("file and environment");
         assert_eq!(config.data_dir, PathBuf::from("/srv/b"));
@@ -947,6 +967,7 @@ mod tests {
         assert_eq!(config.repair.rate_bytes_per_s, 1 << 30);
         assert_eq!(config.raft.snapshot_every_logs, 77);
         assert_eq!(config.down_after, Duration::from_secs(45));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(5));
 
         // Flags over the environment.
         let config = args(&["--data-dir", "/srv/c", "--down-after", "1m"])
@@ -1085,6 +1106,7 @@ mod tests {
         .expect("valid");
         assert_eq!(config.meta_config(), crate::meta::MetaConfig::default());
         assert_eq!(config.down_after, DEFAULT_DOWN_AFTER);
+        assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
         let repair: crate::repair::RepairConfig = (&RepairSection::default()).into();
         assert_eq!(
             repair.rate_bytes_per_s,

@@ -127,13 +127,46 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        cairn_node::server::run(config, listener, shutdown_signal()).await?;
+        let grace = config.shutdown_grace;
+        cairn_node::server::run(config, listener, stop_requested(grace)).await?;
         Ok(())
     })
 }
 
+/// Resolves at the first SIGTERM or Ctrl-C and bounds the stop it starts:
+/// draining calls and closing the stores may take `grace`, after which, or
+/// at a second signal, the process exits at once. Nothing acknowledged is
+/// lost by that exit (every acknowledged write is already fsync'd, as after
+/// a power loss), and a stalled client or a store whose disk is gone can no
+/// longer hold a node in its stop until the service manager kills it.
+async fn stop_requested(grace: std::time::Duration) {
+    stop_signal().await;
+    tracing::info!(
+        grace_s = grace.as_secs_f64(),
+        "stopping: draining calls and closing the stores; a second signal stops at once"
+    );
+    let watchdog = std::thread::Builder::new()
+        .name("stop-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(grace);
+            tracing::error!(
+                grace_s = grace.as_secs_f64(),
+                "stop did not finish within its grace; exiting now"
+            );
+            std::process::exit(1);
+        });
+    if let Err(e) = watchdog {
+        tracing::warn!(error = %e, "no stop watchdog: the stop is not bounded");
+    }
+    tokio::spawn(async {
+        stop_signal().await;
+        tracing::warn!("second stop signal: exiting now");
+        std::process::exit(1);
+    });
+}
+
 /// SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
+async fn stop_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -128,6 +128,8 @@ pub struct ProcessOptions {
     /// bootstrap token; `false` runs `--insecure`.
     pub secure: bool,
     pub erasure: String,
+    /// More flags every node starts with.
+    pub node_args: Vec<String>,
 }
 
 impl Default for ProcessOptions {
@@ -135,6 +137,7 @@ impl Default for ProcessOptions {
         Self {
             secure: false,
             erasure: "4+2".into(),
+            node_args: Vec::new(),
         }
     }
 }
@@ -357,7 +360,8 @@ impl ProcessCluster {
                 &self.options.erasure,
                 "--down-after",
                 down_after,
-            ]);
+            ])
+            .args(&self.options.node_args);
         match node.tls.clone().or(own_tls) {
             Some(files) => {
                 command

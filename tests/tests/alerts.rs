@@ -578,6 +578,7 @@ async fn the_dashboard_and_the_rules_query_only_metrics_that_exist() {
         ProcessOptions {
             secure: true,
             erasure: "1+2".into(),
+            ..ProcessOptions::default()
         },
     );
     cluster.wait_ready(Duration::from_secs(60)).await;

@@ -1,8 +1,9 @@
 //! A hostile client against real `cairn-node` processes: malformed bytes on
 //! every RPC of every service are the caller's error (`InvalidArgument`,
 //! never `Internal`), messages over a method's limit are refused from their
-//! length prefix, and a flood of large requests leaves the node inside its
-//! 512 MiB memory budget and answering a well-behaved client.
+//! length prefix, a flood of large requests leaves the node inside its
+//! 512 MiB memory budget and answering a well-behaved client, and a call
+//! that never sends its message cannot hold a stopping node past its grace.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cairn_node::limits::limits_of;
 use cairn_proto::v1 as pb;
-use cairn_tests::process::{ProcessCluster, status};
+use cairn_tests::process::{ProcessCluster, ProcessOptions, status};
 use http_body_util::{BodyExt, Full};
 use tonic::Code;
 use tonic::codegen::Service;
@@ -398,4 +399,96 @@ async fn a_flood_of_large_requests_keeps_the_node_in_its_memory_budget_and_servi
         peak >> 20
     );
     status(&addr).await.expect("node still answers");
+}
+
+/// Starts a call to `addr` whose message never arrives: its frame header
+/// announces 1,000 bytes and the body then waits forever. The call stays
+/// in flight until the node gives up on it.
+fn stall_a_call(addr: &str) -> tokio::task::JoinHandle<()> {
+    let addr = addr.to_string();
+    tokio::spawn(async move {
+        let header = Bytes::from(vec![0, 0, 0, 0x03, 0xe8]);
+        let body = http_body_util::StreamBody::new(futures::StreamExt::chain(
+            futures::stream::once(
+                async move { Ok::<_, tonic::Status>(http_body::Frame::data(header)) },
+            ),
+            futures::stream::pending(),
+        ));
+        let request = tonic::codegen::http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/cairn.v1.Cairn/ClusterStatus"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(body))
+            .expect("request");
+        let mut channel = channel(&addr);
+        if std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .is_ok()
+        {
+            let _ = channel.call(request).await;
+        }
+    })
+}
+
+fn signal_stop(pid: u32) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a process id");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_call_cannot_hold_a_stopping_node_past_its_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let grace = Duration::from_secs(3);
+    let mut cluster = ProcessCluster::start_with(
+        &dir.path().join("cluster"),
+        &[2, 2, 2],
+        "10m",
+        ProcessOptions {
+            node_args: vec!["--shutdown-grace".into(), "3s".into()],
+            ..ProcessOptions::default()
+        },
+    );
+    cluster.wait_ready(Duration::from_secs(60)).await;
+
+    // The stop drains calls in flight: the stalled one holds it for the
+    // whole grace (its own deadline is far longer), then the node exits.
+    let stalled = stall_a_call(cluster.addr(1));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = Instant::now();
+    signal_stop(cluster.pid(1).expect("node 1 runs"));
+    let exit = cluster.must_exit(1, Duration::from_secs(30)).await;
+    let took = asked.elapsed();
+    stalled.abort();
+    assert!(
+        took >= grace - Duration::from_millis(500),
+        "the stalled call held the stop only {took:?}: the test no longer stalls it"
+    );
+    assert!(!exit.success(), "a stop cut short says so: {exit:?}");
+    assert!(
+        cluster
+            .log_tail(1)
+            .contains("stop did not finish within its grace"),
+        "{}",
+        cluster.log_tail(1)
+    );
+
+    // A second signal does not wait for the grace.
+    let stalled = stall_a_call(cluster.addr(2));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = cluster.pid(2).expect("node 2 runs");
+    signal_stop(pid);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    signal_stop(pid);
+    let exit = cluster.must_exit(2, Duration::from_secs(30)).await;
+    let took = asked.elapsed();
+    stalled.abort();
+    assert!(took < grace, "the second signal waited {took:?}");
+    assert!(!exit.success(), "{exit:?}");
+    assert!(
+        cluster.log_tail(2).contains("second stop signal"),
+        "{}",
+        cluster.log_tail(2)
+    );
 }

@@ -36,6 +36,7 @@ fn three_regions(dir: &Path) -> ProcessCluster {
         ProcessOptions {
             secure: true,
             erasure: "1+2".into(),
+            ..ProcessOptions::default()
         },
     )
 }

@@ -923,7 +923,7 @@ pub(super) fn add_pack(
     // (its pages stay warm from one to the next) and a repeated id sits
     // beside its first listing; the sort is stable, so that one is kept.
     let mut sorted: Vec<&(Id32, BlobLocation)> = blobs.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted.sort_by_key(|a| a.0);
     let mut previous: Option<&Id32> = None;
     for (blob_id, location) in sorted {
         if previous == Some(blob_id) {
