@@ -4,7 +4,7 @@
 #   deploy/local/cluster.sh start [DIR]   # builds release binaries first
 #   deploy/local/cluster.sh stop-region r1
 #   deploy/local/cluster.sh start-region r1
-#   deploy/local/cluster.sh stop
+#   deploy/local/cluster.sh stop           # returns once the nodes have exited
 # CAIRN_BUILD=0 uses the binaries already in target/release; CAIRN_NODE_CONFIG
 # (a TOML file), CAIRN_DOWN_AFTER and CAIRN_METRICS_BASE (metrics on port
 # base+id) pass settings to every node. Nodes speak mutual TLS with a CA and
@@ -57,7 +57,22 @@ start_node() { # id=region@addr
   echo $! >"$DIR/node-$id.pid"
   echo "node $id ($region) on $addr, log $DIR/node-$id.log"
 }
-stop_node() { local id=$1; if [ -f "$DIR/node-$id.pid" ]; then kill "$(cat "$DIR/node-$id.pid")" 2>/dev/null || true; fi; rm -f "$DIR/node-$id.pid"; }
+stop_node() { # SIGTERM; prints the pid so the caller can wait for the exit
+  local id=$1
+  if [ -f "$DIR/node-$id.pid" ]; then
+    local pid; pid=$(cat "$DIR/node-$id.pid")
+    if kill "$pid" 2>/dev/null; then echo "$pid"; fi
+  fi
+  rm -f "$DIR/node-$id.pid"
+}
+# Returns once every pid has exited, so the ports are free for the next
+# start. A node's stop is bounded by its shutdown_grace (25 s by default).
+wait_exited() {
+  local pid
+  for pid in "$@"; do
+    for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  done
+}
 
 case "${1:-}" in
   start)
@@ -73,7 +88,9 @@ case "${1:-}" in
     fi
     ;;
   stop-region)
-    for spec in "${NODES[@]}"; do if [[ $spec == *"=$2@"* ]]; then stop_node "${spec%%=*}"; fi; done ;;
+    pids=$(for spec in "${NODES[@]}"; do if [[ $spec == *"=$2@"* ]]; then stop_node "${spec%%=*}"; fi; done)
+    # shellcheck disable=SC2086 # one pid per word
+    wait_exited $pids ;;
   kill-region) # SIGKILL: no clean shutdown, as when a datacenter loses power
     for spec in "${NODES[@]}"; do
       [[ $spec == *"=$2@"* ]] || continue
@@ -84,6 +101,8 @@ case "${1:-}" in
   start-region)
     for spec in "${NODES[@]}"; do if [[ $spec == *"=$2@"* ]]; then start_node "$spec"; fi; done ;;
   stop)
-    for spec in "${NODES[@]}"; do stop_node "${spec%%=*}"; done ;;
+    pids=$(for spec in "${NODES[@]}"; do stop_node "${spec%%=*}"; done)
+    # shellcheck disable=SC2086 # one pid per word
+    wait_exited $pids ;;
   *) echo "usage: $0 start [DIR] | stop-region R | kill-region R | kill-node ID | start-region R | stop" >&2; exit 2 ;;
 esac
