@@ -449,54 +449,19 @@ fn to_usize(n: u64) -> Result<usize, ErasureError> {
     usize::try_from(n).map_err(|_| ErasureError::TooLarge { bytes: n })
 }
 
-/// Erasure-codes a pack into `k + m` shards, indices `0..k+m`.
-///
-/// The pack is copied once, straight into the data shard buffers (the last
-/// one zero-padded); parity is computed in place. No intermediate padded copy
-/// of the pack is made.
+/// Erasure-codes a pack into `k + m` shards, indices `0..k+m`, as separate
+/// header and payload: [`encode_pack_files`] (what ingest stores) split up,
+/// for callers that handle shards one part at a time.
 ///
 /// # Panics
 ///
-/// If `code` is invalid. Codes are validated where they enter the system
-/// ([`Code::new`], [`FromStr`], configuration), so an invalid code here is a
-/// programmer error, not an operating one.
+/// If `code` is invalid (see [`encode_pack_files`]).
 pub fn encode_pack(code: Code, pack_id: Id32, pack: &[u8]) -> Vec<EncodedShard> {
-    let codec = code
-        .codec()
-        .expect("encode_pack is only given validated codes (Code::new, FromStr, config)");
-    let k = code.data as usize;
-    // An in-memory pack's length fits usize, and so does every shard of it.
-    let shard_len = pack.len().div_ceil(k).max(1);
-    debug_assert_eq!(shard_len as u64, code.shard_len(pack.len() as u64));
-
-    let mut data: Vec<Vec<u8>> = Vec::with_capacity(k);
-    for i in 0..k {
-        let start = (i * shard_len).min(pack.len());
-        let end = ((i + 1) * shard_len).min(pack.len());
-        let mut shard = Vec::with_capacity(shard_len);
-        shard.extend_from_slice(&pack[start..end]);
-        shard.resize(shard_len, 0);
-        data.push(shard);
-    }
-    let mut parity: Vec<Vec<u8>> = (0..code.parity).map(|_| vec![0u8; shard_len]).collect();
-    codec.encode_sep(&data, &mut parity).expect(
-        "k data and m parity buffers of one non-zero length meet every precondition of the codec",
-    );
-
-    data.into_iter()
-        .chain(parity)
-        .enumerate()
-        .map(|(index, payload)| EncodedShard {
-            header: ShardHeader {
-                code,
-                // Below MAX_TOTAL_SHARDS (validated above), so the cast is exact.
-                index: index as u32,
-                pack_id,
-                pack_len: pack.len() as u64,
-                shard_len: shard_len as u64,
-                checksum: *blake3::hash(&payload).as_bytes(),
-            },
-            payload,
+    encode_pack_files(code, pack_id, pack)
+        .into_iter()
+        .map(|file| EncodedShard {
+            header: file.header,
+            payload: file.bytes[HEADER_LEN..].to_vec(),
         })
         .collect()
 }
@@ -512,14 +477,15 @@ pub struct ShardFile {
 }
 
 /// Erasure-codes a pack straight into its `k + m` shard files (indices
-/// `0..k+m`), the bytes [`EncodedShard::to_file_bytes`] would give for each
-/// shard of [`encode_pack`], without the copy from payload to file: each
-/// buffer is allocated once at its final size, the pack is copied into the
-/// data files, parity is computed in place, and each payload is hashed once.
+/// `0..k+m`): each buffer is allocated once at its final size, the pack is
+/// copied into the data files, parity is computed in place, and each
+/// payload is hashed once.
 ///
 /// # Panics
 ///
-/// If `code` is invalid (see [`encode_pack`]).
+/// If `code` is invalid. Codes are validated where they enter the system
+/// ([`Code::new`], [`FromStr`], configuration), so an invalid code here is a
+/// programmer error, not an operating one.
 pub fn encode_pack_files(code: Code, pack_id: Id32, pack: &[u8]) -> Vec<ShardFile> {
     let codec = code
         .codec()
