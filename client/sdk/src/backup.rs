@@ -1169,8 +1169,8 @@ struct Child {
 }
 
 impl Child {
-    /// A regular file small enough to go through [`backup_small_files`] in
-    /// a group.
+    /// A regular file small enough to go through [`backup_files`] in a
+    /// group.
     fn is_small_file(&self) -> bool {
         self.meta.file_type().is_file() && self.meta.len() <= SMALL_FILE_BYTES_MAX
     }
@@ -1187,37 +1187,50 @@ const SMALL_FILES_PER_TASK: usize = 64;
 /// ...or this many bytes.
 const SMALL_FILE_BYTES_PER_TASK: u64 = 1024 * 1024;
 
-/// Backs up a group of small regular files of one directory in one
-/// blocking task holding one permit; returns their entries.
-async fn backup_small_files(
+/// Backs up regular files of one directory: those unchanged since the
+/// parent snapshot are reused at once; the others are read in one blocking
+/// task holding one permit (a group of small files, or one file). Returns
+/// their entries.
+async fn backup_files(
     session: Arc<Session>,
     permits: Arc<Semaphore>,
     files: Vec<Child>,
 ) -> Result<Vec<TreeEntry>> {
+    let mut entries = Vec::with_capacity(files.len());
+    let mut to_read = Vec::new();
+    for file in files {
+        if let Err(e) = check_name(&file.name) {
+            session.skip(&file.path, format!("name refused: {e}"));
+            continue;
+        }
+        session.files.fetch_add(1, Ordering::Relaxed);
+        match reused_file(&session, &file.meta, file.parent.as_ref()) {
+            Some(kind) => entries.push(base_entry(file.name, &file.meta, kind)),
+            None => to_read.push(file),
+        }
+    }
+    if to_read.is_empty() {
+        return Ok(entries);
+    }
     let _permit = permits
         .acquire_owned()
         .await
         .expect("the file semaphore is never closed");
-    tokio::task::spawn_blocking(move || {
-        let mut entries = Vec::with_capacity(files.len());
-        for file in files {
-            if let Err(e) = check_name(&file.name) {
-                session.skip(&file.path, format!("name refused: {e}"));
-                continue;
-            }
-            session.files.fetch_add(1, Ordering::Relaxed);
-            let kind = match reused_file(&session, &file.meta, file.parent.as_ref()) {
-                Some(kind) => kind,
-                None => read_file(&session, &file.path, &file.meta)?,
-            };
-            entries.push(base_entry(file.name, &file.meta, kind));
-        }
-        Ok(entries)
+    let read = tokio::task::spawn_blocking(move || {
+        to_read
+            .into_iter()
+            .map(|file| {
+                let kind = read_file(&session, &file.path, &file.meta)?;
+                Ok(base_entry(file.name, &file.meta, kind))
+            })
+            .collect::<Result<Vec<_>>>()
     })
     .await
     .map_err(|e| ClientError::BadInput {
         what: format!("file task: {e}"),
-    })?
+    })??;
+    entries.extend(read);
+    Ok(entries)
 }
 
 /// Lists a directory (blocking): every entry not excluded, with its
@@ -1274,21 +1287,24 @@ fn backup_entry(
             return Ok(Some(base(EntryKind::Symlink { target })));
         }
         if file_type.is_dir() {
-            let parent_tree = match parent.as_ref().map(|p| &p.kind) {
-                Some(EntryKind::Dir { subtree }) => parent_trees
-                    .get(subtree)
-                    .map(|tree| (*subtree, tree.clone())),
+            // The parent snapshot's tree of this directory, if it has one.
+            let parent_id = match parent.as_ref().map(|p| &p.kind) {
+                Some(EntryKind::Dir { subtree }) if parent_trees.contains_key(subtree) => {
+                    Some(*subtree)
+                }
                 _ => None,
             };
             let listed = {
                 let worker = session.clone();
                 let dir = path.clone();
-                let tree = parent_tree.as_ref().map(|(_, t)| t.clone());
-                tokio::task::spawn_blocking(move || list_dir(&worker, &dir, tree.as_ref()))
-                    .await
-                    .map_err(|e| ClientError::BadInput {
-                        what: format!("directory task: {e}"),
-                    })??
+                let trees = parent_trees.clone();
+                tokio::task::spawn_blocking(move || {
+                    list_dir(&worker, &dir, parent_id.and_then(|id| trees.get(&id)))
+                })
+                .await
+                .map_err(|e| ClientError::BadInput {
+                    what: format!("directory task: {e}"),
+                })??
             };
             // Small files go in groups, anything else in a task of its own.
             let mut tasks: Vec<tokio::task::JoinHandle<Result<Vec<TreeEntry>>>> = Vec::new();
@@ -1303,7 +1319,7 @@ fn backup_entry(
                     {
                         let files = std::mem::take(&mut group);
                         group_bytes = 0;
-                        tasks.push(tokio::spawn(backup_small_files(
+                        tasks.push(tokio::spawn(backup_files(
                             session.clone(),
                             permits.clone(),
                             files,
@@ -1325,7 +1341,7 @@ fn backup_entry(
                 }));
             }
             if !group.is_empty() {
-                tasks.push(tokio::spawn(backup_small_files(
+                tasks.push(tokio::spawn(backup_files(
                     session.clone(),
                     permits.clone(),
                     group,
@@ -1341,7 +1357,6 @@ fn backup_entry(
             entries.sort_by(|a, b| a.name.cmp(&b.name));
             let tree = Tree { entries };
             let worker = session.clone();
-            let parent_id = parent_tree.map(|(id, _)| id);
             let subtree = tokio::task::spawn_blocking(move || worker.store_tree(&tree, parent_id))
                 .await
                 .map_err(|e| ClientError::BadInput {
@@ -1350,24 +1365,13 @@ fn backup_entry(
             return Ok(Some(base(EntryKind::Dir { subtree })));
         }
         if file_type.is_file() {
-            session.files.fetch_add(1, Ordering::Relaxed);
-            if let Some(kind) = reused_file(&session, &meta, parent.as_ref()) {
-                return Ok(Some(base(kind)));
-            }
-            let _permit = permits
-                .acquire_owned()
-                .await
-                .expect("the file semaphore is never closed");
-            let worker = session.clone();
-            let file_path = path.clone();
-            let file_meta = meta.clone();
-            let kind =
-                tokio::task::spawn_blocking(move || read_file(&worker, &file_path, &file_meta))
-                    .await
-                    .map_err(|e| ClientError::BadInput {
-                        what: format!("file task: {e}"),
-                    })??;
-            return Ok(Some(base(kind)));
+            let file = Child {
+                name: name.clone(),
+                path,
+                meta: meta.clone(),
+                parent,
+            };
+            return Ok(backup_files(session, permits, vec![file]).await?.pop());
         }
         if file_type.is_fifo() {
             return Ok(Some(base(EntryKind::Fifo)));
